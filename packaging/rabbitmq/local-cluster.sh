@@ -1,0 +1,401 @@
+#!/usr/bin/env bash
+# local-cluster.sh — a throwaway three-node RabbitMQ cluster on loopback, for
+# hakobu's tests and for trying the `rabbitmq` broker on one machine.
+#
+# Owns everything under $HAKOBU_RMQ_BASE: the nodes' data, logs, pid files and
+# configuration, the shared Erlang cookie ($BASE/home/.erlang.cookie) and, when
+# no epmd was running, the epmd it started. It never touches a system-wide
+# RabbitMQ (/etc/rabbitmq, /var/lib/rabbitmq) and never kills by name: only pids
+# from its own pid files, after checking that the process is the node it
+# expects.
+#
+# Usage: local-cluster.sh up|down|status|urls
+#        local-cluster.sh pid N | start N | stop N        (N = 1, 2 or 3)
+#
+# Environment (defaults in brackets):
+#   HAKOBU_RMQ_NAME        node name prefix [rabbit] -> rabbit1@localhost ...
+#   HAKOBU_RMQ_BASE        state directory [${TMPDIR:-/tmp}/hakobu-rmq]
+#   HAKOBU_RMQ_PORTS       three AMQP ports ["5672 5673 5674"]
+#   HAKOBU_RMQ_DIST_PORTS  three Erlang distribution ports [AMQP port + 20000]
+#   HAKOBU_RMQ_USER/PASS   user created with full rights [hakobu/secret]
+#   HAKOBU_RMQ_VHOST       vhost for that user, created if missing [/]
+#   HAKOBU_RMQ_TIMEOUT     seconds to wait for a node to boot [120]
+#   HAKOBU_RMQ_BIN         RabbitMQ scripts [/usr/lib/rabbitmq/bin]
+# Two clusters can run side by side given distinct NAME, PORTS and BASE. They
+# share one epmd (port 4369): if none runs, `up` starts one on 127.0.0.1 and
+# records its pid in ${TMPDIR:-/tmp}/hakobu-rmq-epmd.pid; `down` stops that
+# epmd once no node is registered with it. Another epmd (e.g. systemd's
+# epmd.socket) is used as is and never stopped.
+#
+# No plugins are enabled (enabled_plugins is `[].`), so there is no management
+# or prometheus port to clash. `up` prints the AMQP URLs on stdout, one a line;
+# progress goes to stderr.
+set -euo pipefail
+
+NAME=${HAKOBU_RMQ_NAME:-rabbit}
+BASE=${HAKOBU_RMQ_BASE:-${TMPDIR:-/tmp}/hakobu-rmq}
+RMQ_USER=${HAKOBU_RMQ_USER:-hakobu}
+RMQ_PASS=${HAKOBU_RMQ_PASS:-secret}
+VHOST=${HAKOBU_RMQ_VHOST:-/}
+TIMEOUT=${HAKOBU_RMQ_TIMEOUT:-120}
+BIN=${HAKOBU_RMQ_BIN:-/usr/lib/rabbitmq/bin}
+PORTS_SPEC=${HAKOBU_RMQ_PORTS:-5672 5673 5674}
+read -r -a PORTS <<<"${PORTS_SPEC//,/ }"
+
+log() { printf 'local-cluster [%2ds]: %s\n' "$SECONDS" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[[ ${#PORTS[@]} -eq 3 ]] || die "HAKOBU_RMQ_PORTS must hold three ports, got '${PORTS[*]}'"
+if [[ -n ${HAKOBU_RMQ_DIST_PORTS:-} ]]; then
+  read -r -a DIST_PORTS <<<"${HAKOBU_RMQ_DIST_PORTS//,/ }"
+  [[ ${#DIST_PORTS[@]} -eq 3 ]] || die "HAKOBU_RMQ_DIST_PORTS must hold three ports"
+else
+  DIST_PORTS=($((PORTS[0] + 20000)) $((PORTS[1] + 20000)) $((PORTS[2] + 20000)))
+fi
+[[ $NAME =~ ^[A-Za-z][A-Za-z0-9_-]*$ ]] || die "HAKOBU_RMQ_NAME must be a plain name, got '$NAME'"
+
+EPMD_PIDFILE=${TMPDIR:-/tmp}/hakobu-rmq-epmd.pid
+mkdir -p "$BASE"
+BASE=$(cd "$BASE" && pwd) # absolute: RabbitMQ resolves paths from its own cwd
+
+# Environment shared by the servers and by rabbitmqctl: the same HOME (hence
+# the same cookie), epmd and distribution on loopback only, and no
+# /etc/rabbitmq/rabbitmq-env.conf.
+export HOME=$BASE/home
+export LANG=C.UTF-8 LC_ALL=C.UTF-8
+export ERL_EPMD_ADDRESS=127.0.0.1
+export RABBITMQ_CONF_ENV_FILE=$BASE/rabbitmq-env.conf
+export RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+unset RABBITMQ_NODENAME RABBITMQ_NODE_PORT RABBITMQ_CONFIG_FILE RABBITMQ_CONFIG_FILES
+
+node() { echo "$NAME$1@localhost"; }
+ndir() { echo "$BASE/node$1"; }
+pidfile() { echo "$BASE/node$1/rabbit.pid"; }
+ctl() { local i=$1; shift; "$BIN/rabbitmqctl" -q -n "$(node "$i")" "$@" </dev/null; }
+# rabbitmqctl with its chatter (3.10 prints server-side warnings while joining)
+# kept in BASE/ctl.log, shown only on failure.
+ctl_logged() {
+  local out=$BASE/ctl.log shown=${*:2}
+  shown=${shown//"$RMQ_PASS"/***}
+  echo "+ rabbitmqctl -n $(node "$1") $shown" >>"$out"
+  if ! ctl "$@" >>"$out" 2>&1; then
+    tail -n 30 "$out" >&2
+    die "rabbitmqctl -n $(node "$1") $shown failed (see $out)"
+  fi
+}
+check_n() { [[ ${1:-} =~ ^[123]$ ]] || die "node number must be 1, 2 or 3, got '${1:-}'"; }
+
+# The OS pid of node N if it is alive and really is that node: its command
+# line carries our marker with the node name, and (when readable) its
+# environment names our pid file.
+node_pid() {
+  local i=$1 pf pid
+  pf=$(pidfile "$i")
+  [[ -s $pf ]] || return 1
+  pid=$(tr -dc 0-9 <"$pf")
+  [[ -n $pid ]] && alive "$pid" || return 1
+  tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qxF -- "$(node "$i")" || return 1
+  if [[ -r /proc/$pid/environ ]]; then
+    tr '\0' '\n' <"/proc/$pid/environ" | grep -qxF -- "RABBITMQ_PID_FILE=$pf" || return 1
+  fi
+  echo "$pid"
+}
+
+# Alive and not a zombie waiting to be reaped.
+alive() {
+  local st
+  kill -0 "$1" 2>/dev/null || return 1
+  st=$(sed -n 's/^[0-9]* (.*) \(.\).*/\1/p' "/proc/$1/stat" 2>/dev/null) || return 0
+  [[ $st != Z ]]
+}
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# epmd: if none is running, start one on loopback and record its pid in a
+# file shared by all clusters of this script ($EPMD_PIDFILE), so that whichever
+# `down` leaves it with no registered node stops it, even when two clusters
+# ran side by side. An epmd this script did not start is never stopped.
+is_our_epmd() {
+  [[ -n $1 ]] && alive "$1" &&
+    [[ $(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) == "epmd -address 127.0.0.1 " ]]
+}
+
+ensure_epmd() {
+  if epmd -names >/dev/null 2>&1; then return 0; fi
+  log "starting epmd on 127.0.0.1:4369"
+  setsid epmd -address 127.0.0.1 </dev/null >>"$BASE/epmd.log" 2>&1 &
+  local pid=$! t
+  for t in $(seq 50); do
+    epmd -names >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  epmd -names >/dev/null 2>&1 || die "epmd did not start (see $BASE/epmd.log)"
+  # Record it only if ours is the one serving (another `up` may have won a race).
+  sleep 0.2
+  if is_our_epmd "$pid"; then echo "$pid" >"$EPMD_PIDFILE"; fi
+}
+
+stop_epmd_if_ours() {
+  local pid
+  [[ -s $EPMD_PIDFILE ]] || return 0
+  pid=$(tr -dc 0-9 <"$EPMD_PIDFILE")
+  if is_our_epmd "$pid"; then
+    if epmd -names 2>/dev/null | grep -q '^name '; then
+      log "leaving epmd (pid $pid) running: other nodes are registered with it"
+      return 0
+    fi
+    log "stopping epmd (pid $pid)"
+    kill "$pid" 2>/dev/null || true
+  fi
+  rm -f "$EPMD_PIDFILE"
+}
+
+write_files() {
+  local i=$1 d
+  d=$(ndir "$i")
+  mkdir -p "$d/mnesia" "$d/log" "$HOME"
+  chmod 700 "$HOME"
+  if [[ ! -s $HOME/.erlang.cookie ]]; then
+    (umask 077 && od -An -N20 -tx1 /dev/urandom | tr -d ' \n' | tr a-f A-F >"$HOME/.erlang.cookie")
+  fi
+  chmod 400 "$HOME/.erlang.cookie"
+  [[ -f $RABBITMQ_CONF_ENV_FILE ]] || : >"$RABBITMQ_CONF_ENV_FILE"
+  echo '[].' >"$BASE/enabled_plugins"
+  cat >"$d/rabbitmq.conf" <<EOF
+# written by local-cluster.sh; rewritten on every start
+listeners.tcp.default = 127.0.0.1:${PORTS[i - 1]}
+loopback_users = none
+raft.segment_max_entries = 256
+disk_free_limit.absolute = 50MB
+log.console = false
+log.file.level = info
+EOF
+}
+
+# Launch node N detached (no waiting). No-op if it is already running.
+launch() {
+  local i=$1 d n pid
+  d=$(ndir "$i")
+  n=$(node "$i")
+  if pid=$(node_pid "$i"); then
+    log "$n already running (pid $pid)"
+    return 0
+  fi
+  port_busy "${PORTS[i - 1]}" && die "AMQP port ${PORTS[i - 1]} for $n is already in use"
+  port_busy "${DIST_PORTS[i - 1]}" && die "distribution port ${DIST_PORTS[i - 1]} for $n is already in use"
+  if epmd -names 2>/dev/null | grep -q "^name $NAME$i at port"; then
+    die "a node named $n is already registered with epmd but is not ours (choose another HAKOBU_RMQ_NAME)"
+  fi
+  write_files "$i"
+  rm -f "$(pidfile "$i")"
+  log "starting $n (amqp ${PORTS[i - 1]}, dist ${DIST_PORTS[i - 1]})"
+  env RABBITMQ_NODENAME="$n" \
+    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+    RABBITMQ_NODE_PORT="${PORTS[i - 1]}" \
+    RABBITMQ_DIST_PORT="${DIST_PORTS[i - 1]}" \
+    RABBITMQ_MNESIA_BASE="$d/mnesia" \
+    RABBITMQ_LOG_BASE="$d/log" \
+    RABBITMQ_PID_FILE="$(pidfile "$i")" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$BASE/enabled_plugins" \
+    RABBITMQ_CONFIG_FILE="$d/rabbitmq.conf" \
+    RABBITMQ_ADVANCED_CONFIG_FILE="$d/advanced.config" \
+    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1} -hakobu_rmq_node $n" \
+    "$BIN/rabbitmq-server" -detached </dev/null >>"$d/log/start.log" 2>&1
+}
+
+# Wait until node N has fully booted. (rabbitmqctl await_startup fails at once
+# on 3.10 until the node is registered with epmd, and once it is, re-checks
+# only every 10 s; check_running answers at once, so poll that.)
+await_node() {
+  local i=$1 n deadline
+  n=$(node "$i")
+  deadline=$((SECONDS + TIMEOUT))
+  until "$BIN/rabbitmq-diagnostics" -q -n "$n" check_running </dev/null >/dev/null 2>&1; do
+    if [[ -s $(pidfile "$i") ]] && ! node_pid "$i" >/dev/null; then
+      tail -n 20 "$(ndir "$i")/log/$n.log" >&2 2>/dev/null || true
+      die "$n exited while booting (logs in $(ndir "$i")/log)"
+    fi
+    if ((SECONDS >= deadline)); then
+      tail -n 20 "$(ndir "$i")/log/$n.log" >&2 2>/dev/null || true
+      die "$n did not boot within ${TIMEOUT}s (logs in $(ndir "$i")/log)"
+    fi
+    sleep 0.5
+  done
+  log "$n is running (pid $(node_pid "$i" || echo '?'))"
+}
+
+# Cluster members as node i sees them, one a line.
+members() { ctl "$1" eval 'rabbit_mnesia:cluster_nodes(all).' | tr -d "[]' \n" | tr ',' '\n'; }
+
+# Make sure node N (2 or 3) is clustered with a running peer (node 1 if it
+# runs). A node restarted with its data rejoins by itself; a fresh or
+# diverged one is reset and joined.
+ensure_joined() {
+  local i=$1 n j seed='' mine theirs
+  n=$(node "$i")
+  for j in 1 2 3; do
+    [[ $j -ne $i ]] && node_pid "$j" >/dev/null && { seed=$j; break; }
+  done
+  if [[ -z $seed ]]; then log "no other node running; $n stays alone for now"; return 0; fi
+  mine=$(members "$i")
+  theirs=$(members "$seed")
+  if grep -qxF "$(node "$seed")" <<<"$mine" && grep -qxF "$n" <<<"$theirs"; then
+    return 0
+  fi
+  log "joining $n to $(node "$seed")"
+  ctl_logged "$i" stop_app
+  ctl_logged "$i" reset
+  if grep -qxF "$n" <<<"$theirs"; then ctl_logged "$seed" forget_cluster_node "$n"; fi
+  ctl_logged "$i" join_cluster "$(node "$seed")"
+  ctl_logged "$i" start_app
+  await_node "$i"
+}
+
+ensure_user() {
+  local vhosts users
+  vhosts=$(ctl 1 list_vhosts -s)
+  grep -qxF -- "$VHOST" <<<"$vhosts" || ctl_logged 1 add_vhost "$VHOST"
+  users=$(ctl 1 list_users -s | cut -f1)
+  if grep -qxF -- "$RMQ_USER" <<<"$users"; then
+    ctl 1 authenticate_user "$RMQ_USER" "$RMQ_PASS" >/dev/null 2>&1 ||
+      ctl_logged 1 change_password "$RMQ_USER" "$RMQ_PASS"
+  else
+    ctl_logged 1 add_user "$RMQ_USER" "$RMQ_PASS"
+  fi
+  ctl_logged 1 set_user_tags "$RMQ_USER" administrator
+  ctl_logged 1 set_permissions -p "$VHOST" "$RMQ_USER" '.*' '.*' '.*'
+  if [[ $RMQ_USER != guest ]] && grep -qxF guest <<<"$users"; then
+    ctl_logged 1 delete_user guest
+  fi
+}
+
+urlencode() {
+  local s=$1 out='' c k
+  for ((k = 0; k < ${#s}; k++)); do
+    c=${s:k:1}
+    case $c in
+      [A-Za-z0-9._~-]) out+=$c ;;
+      *) out+=$(printf '%%%02x' "'$c") ;;
+    esac
+  done
+  echo "$out"
+}
+
+urls() {
+  local i
+  for i in 1 2 3; do
+    echo "amqp://$(urlencode "$RMQ_USER"):$(urlencode "$RMQ_PASS")@127.0.0.1:${PORTS[i - 1]}/$(urlencode "$VHOST")"
+  done
+}
+
+# Stop the given nodes by their pids: SIGTERM to all (RabbitMQ shuts down
+# cleanly, and deletes its pid file at once, so keep the pids), SIGKILL to any
+# still alive after 30 s.
+stop_nodes() {
+  local i pid t still pids=()
+  for i in "$@"; do
+    if pid=$(node_pid "$i"); then
+      log "stopping $(node "$i") (pid $pid)"
+      kill "$pid" 2>/dev/null || true
+      pids+=("$pid")
+    fi
+  done
+  for t in $(seq 300); do
+    still=0
+    for pid in ${pids[@]+"${pids[@]}"}; do
+      if alive "$pid"; then still=1; fi
+    done
+    ((still)) || break
+    sleep 0.1
+  done
+  for pid in ${pids[@]+"${pids[@]}"}; do
+    if alive "$pid"; then
+      log "pid $pid still alive after 30 s, sending SIGKILL"
+      kill -9 "$pid" 2>/dev/null || true
+      for t in $(seq 50); do alive "$pid" || break; sleep 0.1; done
+    fi
+  done
+  for i in "$@"; do rm -f "$(pidfile "$i")"; done
+}
+
+cmd_up() {
+  local i t0=$SECONDS
+  [[ -x $BIN/rabbitmq-server ]] || die "$BIN/rabbitmq-server not found (apt-get install rabbitmq-server)"
+  ensure_epmd
+  # Start all missing nodes at once: after a full stop, each waits for its
+  # peers' tables, so they must boot together.
+  for i in 1 2 3; do launch "$i"; done
+  for i in 1 2 3; do await_node "$i"; done
+  ensure_joined 2
+  ensure_joined 3
+  ensure_user
+  log "cluster up in $((SECONDS - t0)) s; base $BASE"
+  urls
+}
+
+cmd_start() {
+  local i=$1
+  ensure_epmd
+  launch "$i"
+  await_node "$i"
+  if [[ $i -ne 1 ]]; then ensure_joined "$i"; else
+    # node 1 is the seed; a fresh node 1 joins whichever peer runs.
+    local m
+    m=$(members 1)
+    if ! grep -qxF "$(node 2)" <<<"$m" && ! grep -qxF "$(node 3)" <<<"$m"; then
+      ensure_joined 1
+    fi
+  fi
+}
+
+cmd_down() {
+  stop_nodes 1 2 3
+  stop_epmd_if_ours
+  log "down"
+}
+
+cmd_status() {
+  local i pid rc=0 seed='' out members running partitions expected
+  for i in 1 2 3; do
+    if pid=$(node_pid "$i"); then
+      printf '%-24s running  pid %-8s amqp 127.0.0.1:%s\n' "$(node "$i")" "$pid" "${PORTS[i - 1]}"
+      [[ -n $seed ]] || seed=$i
+    else
+      printf '%-24s stopped\n' "$(node "$i")"
+      rc=1
+    fi
+  done
+  [[ -n $seed ]] || return 1
+  # One rabbitmqctl call: members, running nodes and partitions as seen by $seed.
+  if ! out=$(ctl "$seed" eval 'lists:flatten(io_lib:format("members=~w;running=~w;partitions=~w;",
+      [rabbit_mnesia:cluster_nodes(all), rabbit_nodes:all_running(), rabbit_node_monitor:partitions()])).' 2>/dev/null); then
+    echo "cluster: $(node "$seed") not answering"
+    return 1
+  fi
+  out=$(tr -d "\"' \n" <<<"$out")
+  field() { local v=${out#*"$1"=[}; v=${v%%]*}; echo "${v//,/ }"; }
+  members=$(field members)
+  running=$(field running)
+  partitions=$(field partitions)
+  echo "cluster members (seen from $(node "$seed")): $members"
+  echo "running nodes: $running"
+  echo "partitions: ${partitions:-none}"
+  expected=$(printf '%s\n' "$(node 1)" "$(node 2)" "$(node 3)")
+  [[ $(tr ' ' '\n' <<<"$running" | grep -cxF "$expected") -eq 3 ]] || rc=1
+  [[ -z $partitions ]] || rc=1
+  return "$rc"
+}
+
+case ${1:-} in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  urls) urls ;;
+  pid) check_n "${2:-}"; node_pid "$2" || die "$(node "$2") is not running" ;;
+  start) check_n "${2:-}"; cmd_start "$2" ;;
+  stop) check_n "${2:-}"; stop_nodes "$2" ;;
+  *)
+    echo "usage: $0 up|down|status|urls|pid N|start N|stop N" >&2
+    exit 2
+    ;;
+esac

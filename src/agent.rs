@@ -1,0 +1,113 @@
+//! `hakobu run`: wires the configuration, the state database, the broker, the
+//! sender and the receiver together, and dispatches what arrives on this
+//! node's queue.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use nix::fcntl::{Flock, FlockArg};
+use tracing::{info, warn};
+
+use crate::broker::{Broker, Delivery};
+use crate::config::{BrokerConfig, Config};
+use crate::receiver::Receiver;
+use crate::sender::Sender;
+use crate::store::Store;
+use crate::wire::Message;
+
+/// Holds the state directory for one agent at a time.
+pub struct StateLock(#[allow(dead_code)] Flock<std::fs::File>);
+
+impl StateLock {
+    pub fn lock_path(cfg: &Config) -> std::path::PathBuf {
+        cfg.state_dir.join("agent.lock")
+    }
+
+    /// Takes the lock, or says which state directory is taken.
+    pub fn acquire(cfg: &Config) -> anyhow::Result<StateLock> {
+        let path = Self::lock_path(cfg);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            anyhow::anyhow!("another agent is running on {} ({e}); stop it first or give this one its own state_dir", cfg.state_dir.display())
+        })?;
+        Ok(StateLock(lock))
+    }
+
+    /// True when an agent holds the state directory now.
+    pub fn held(cfg: &Config) -> bool {
+        let Ok(f) = std::fs::OpenOptions::new()
+            .write(true)
+            .open(Self::lock_path(cfg))
+        else {
+            return false;
+        };
+        Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err()
+    }
+}
+
+pub fn connect(cfg: &Config) -> anyhow::Result<(Arc<dyn Broker>, u64)> {
+    match &cfg.broker {
+        BrokerConfig::Rabbitmq(r) => Ok((
+            Arc::new(crate::broker::rabbitmq::RabbitMq::new(r.clone())),
+            r.window,
+        )),
+        BrokerConfig::Embedded(_) => anyhow::bail!(
+            "the embedded broker is not available in this build yet; use broker: {{ rabbitmq: ... }} (see profiles/)"
+        ),
+    }
+}
+
+/// Creates the state directory and its parts.
+pub fn prepare_state_dir(cfg: &Config) -> anyhow::Result<()> {
+    for dir in [cfg.state_dir.clone(), cfg.spool_dir(), cfg.log_dir()] {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    prepare_state_dir(&cfg)?;
+    let _lock = StateLock::acquire(&cfg)?;
+    let store = Store::open(&cfg.db_path())?;
+    let (broker, window) = connect(&cfg)?;
+    let receiver = Receiver::new(cfg.clone(), store.clone(), broker.clone());
+    let sender = Sender::new(cfg.clone(), store.clone(), broker.clone(), window);
+    receiver.recover().await?;
+    sender.recover().await?;
+    let mut deliveries = broker.subscribe(&cfg.node).await?;
+    sender.start_watchers();
+    tokio::spawn(sender.clone().poll_queued());
+    info!(message = "Agent running.", node = %cfg.node, send_profiles = cfg.send.len(), receive_profiles = cfg.receive.len());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            d = deliveries.recv() => match d {
+                Some(d) => dispatch(&receiver, &sender, d).await,
+                None => anyhow::bail!("the broker subscription ended"),
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    info!(message = "Agent stopping.");
+    Ok(())
+}
+
+async fn dispatch(receiver: &Arc<Receiver>, sender: &Arc<Sender>, d: Delivery) {
+    match Message::decode(d.payload.clone()) {
+        Ok(Message::Chunk(h, body)) => receiver.on_chunk(h, body, d).await,
+        Ok(Message::Receipt(r)) => sender.on_receipt(r, d).await,
+        Err(e) => {
+            warn!(message = "Dead-lettering a message that cannot be parsed.", error_code = e.code(), error = %e, bytes = d.payload.len());
+            let _ = d.dead_letter().await;
+        }
+    }
+}

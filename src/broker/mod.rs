@@ -1,0 +1,101 @@
+//! The broker seen by the sender and the receiver: one trait, two backends
+//! (`rabbitmq.rs`, the replicated cluster; the embedded broker is the second).
+//! Nothing outside `broker/` knows a wire protocol of a broker.
+//!
+//! # Guarantees every backend gives
+//! - **Confirm means durable.** The future returned by [`Broker::publish`]
+//!   resolves `Ok` only once the broker has the message on disk (on a quorum
+//!   of nodes for RabbitMQ). An error means *unknown*, not *lost*: publish again.
+//! - **Ack means done.** A delivery not acked is delivered again, to this or
+//!   another consumer, after the consumer or its connection goes away.
+//! - **Redelivery may reorder and duplicate.** Consumers must be idempotent.
+//! - **Messages for a node queue up while it is away.** Each node has one
+//!   long-lived queue; publishing to a node declares its queue if needed.
+//! - **What cannot be processed goes to the dead-letter queue**, by
+//!   [`Delivery::dead_letter`] or after too many deliveries.
+
+pub mod rabbitmq;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error(
+        "no broker reachable ({0}); check that the broker nodes run and the URLs and credentials are right"
+    )]
+    Unavailable(String),
+    #[error(
+        "the broker refused the message (nack); it may be out of disk or memory, or lost its quorum"
+    )]
+    Nack,
+    #[error("the broker did not confirm within {0:?}; the cluster may have lost its quorum")]
+    ConfirmTimeout(Duration),
+    #[error("the broker connection failed: {0}")]
+    Connection(String),
+}
+
+impl BrokerError {
+    pub const fn code(&self) -> &'static str {
+        match self {
+            BrokerError::Unavailable(_) => "broker_unavailable",
+            BrokerError::Nack => "broker_nack",
+            BrokerError::ConfirmTimeout(_) => "broker_confirm_timeout",
+            BrokerError::Connection(_) => "broker_connection_lost",
+        }
+    }
+}
+
+/// Resolves when a published message is durable (see the module docs).
+pub type Confirm = BoxFuture<'static, Result<(), BrokerError>>;
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Publishes `payload` to the queue of `node`. Returns once the message is
+    /// handed to the broker; the returned [`Confirm`] says when it is durable.
+    /// Cancel-safe: dropping the call leaves at most an unconfirmed message.
+    async fn publish(&self, node: &str, payload: Bytes) -> Result<Confirm, BrokerError>;
+
+    /// Consumes the queue of `node` for as long as the receiver is held,
+    /// reconnecting (with a fresh subscription) whenever the connection fails.
+    async fn subscribe(&self, node: &str) -> Result<mpsc::Receiver<Delivery>, BrokerError>;
+}
+
+/// Settles one delivery with the broker.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    async fn ack(&self) -> Result<(), BrokerError>;
+    /// Refuses the message for good: it goes to the dead-letter queue.
+    async fn dead_letter(&self) -> Result<(), BrokerError>;
+}
+
+pub struct Delivery {
+    pub payload: Bytes,
+    /// The broker has delivered this message before.
+    pub redelivered: bool,
+    /// The broker-authenticated user that published it, where the backend knows.
+    pub user_id: Option<String>,
+    pub acker: Box<dyn Acker>,
+}
+
+impl Delivery {
+    pub async fn ack(&self) -> Result<(), BrokerError> {
+        self.acker.ack().await
+    }
+
+    pub async fn dead_letter(&self) -> Result<(), BrokerError> {
+        self.acker.dead_letter().await
+    }
+}
+
+/// The name of a node's queue.
+pub fn queue_name(node: &str) -> String {
+    format!("hakobu.node.{node}")
+}
+
+/// Where messages that cannot be processed end up.
+pub const DEAD_LETTER_QUEUE: &str = "hakobu.dead-letter";

@@ -1,0 +1,498 @@
+//! The command line: parsed arguments, then one function per command. Exit
+//! codes: 0 success, 1 transfer or hook failure, 2 usage or configuration error.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::agent::{self, StateLock};
+use crate::config::{Config, is_valid_id};
+use crate::hooks::{self, Event, HookContext};
+use crate::sender::spool_path;
+use crate::store::{Direction, Row, Status, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "hakobu",
+    version,
+    about = "File-transfer integration hub: outboxes, a replicated broker, verified delivery, hooks."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: its send and receive profiles.
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate the configuration without starting anything.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Show transfer history from the state database.
+    History {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send one file now through a send profile (the agent must be running).
+    Send {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        file_id: String,
+        path: PathBuf,
+        /// Send to this node instead of the profile's `to` list.
+        #[arg(long)]
+        to: Option<String>,
+        /// Metadata for the receiver's hooks, as HAKOBU_META_K.
+        #[arg(long, value_name = "K=V")]
+        meta: Vec<String>,
+        /// Wait for the receipt; exit 0 only on success.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Run a transfer's hook again.
+    Rerun {
+        #[arg(short, long)]
+        config: PathBuf,
+        transfer_id: String,
+    },
+    /// Send a spooled file again, as a new transfer.
+    Resend {
+        #[arg(short, long)]
+        config: PathBuf,
+        transfer_id: String,
+    },
+    /// Run the embedded broker alone.
+    Broker {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+}
+
+/// A failure with the exit code it maps to.
+struct Exit(u8, anyhow::Error);
+
+fn usage(e: impl Into<anyhow::Error>) -> Exit {
+    Exit(2, e.into())
+}
+
+fn failure(e: impl Into<anyhow::Error>) -> Exit {
+    Exit(1, e.into())
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HAKOBU_LOG")
+        .unwrap_or_else(|_| "info,lapin=warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Exit(code, e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Config, Exit> {
+    Config::load(path).map_err(usage)
+}
+
+async fn dispatch(command: Command) -> Result<(), Exit> {
+    match command {
+        Command::Run { config } => agent::run(load(&config)?).await.map_err(failure),
+        Command::Check { config } => {
+            let cfg = load(&config)?;
+            println!(
+                "{}: ok (node {}, {} send and {} receive profiles)",
+                config.display(),
+                cfg.node,
+                cfg.send.len(),
+                cfg.receive.len()
+            );
+            Ok(())
+        }
+        Command::History {
+            config,
+            limit,
+            json,
+        } => history(&load(&config)?, limit, json),
+        Command::Send {
+            config,
+            file_id,
+            path,
+            to,
+            meta,
+            wait,
+        } => send(&load(&config)?, &file_id, &path, to, &meta, wait).await,
+        Command::Rerun {
+            config,
+            transfer_id,
+        } => rerun(&load(&config)?, &transfer_id).await,
+        Command::Resend {
+            config,
+            transfer_id,
+        } => resend(&load(&config)?, &transfer_id),
+        Command::Broker { .. } => Err(usage(anyhow::anyhow!(
+            "the embedded broker is not available in this build yet; run the RabbitMQ cluster (packaging/rabbitmq/local-cluster.sh up)"
+        ))),
+    }
+}
+
+fn open_store(cfg: &Config) -> Result<Store, Exit> {
+    agent::prepare_state_dir(cfg).map_err(usage)?;
+    Store::open(&cfg.db_path()).map_err(failure)
+}
+
+fn history(cfg: &Config, limit: usize, json: bool) -> Result<(), Exit> {
+    let rows = open_store(cfg)?.history(limit).map_err(failure)?;
+    if json {
+        for r in rows {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4}",
+        "STARTED", "DIR", "TRANSFER", "PEER", "FILE_ID", "FILE", "SIZE", "STATUS", "ERROR", "HOOK"
+    );
+    for r in rows {
+        println!(
+            "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4}",
+            r.started_at,
+            if r.direction == Direction::Send {
+                "send"
+            } else {
+                "receive"
+            },
+            r.transfer_id,
+            r.peer,
+            r.file_id,
+            r.file_name,
+            r.size,
+            r.status.as_str(),
+            r.error_code.as_deref().unwrap_or("-"),
+            r.hook_exit
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    Ok(())
+}
+
+fn parse_meta(items: &[String]) -> Result<BTreeMap<String, String>, Exit> {
+    let mut meta = BTreeMap::new();
+    for item in items {
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(usage(anyhow::anyhow!(
+                "--meta {item:?}: write it as KEY=VALUE"
+            )));
+        };
+        if k.is_empty()
+            || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            || v.contains('\0')
+        {
+            return Err(usage(anyhow::anyhow!(
+                "--meta {item:?}: keys are letters, digits and _"
+            )));
+        }
+        meta.insert(k.to_string(), v.to_string());
+    }
+    Ok(meta)
+}
+
+/// Copies a file into the spool as a queued transfer for the running agent.
+fn queue_copy(
+    cfg: &Config,
+    file_id: &str,
+    src: &Path,
+    to: Option<String>,
+    meta: &BTreeMap<String, String>,
+) -> Result<String, Exit> {
+    let mut profile = cfg.send_profile(file_id).cloned().ok_or_else(|| {
+        usage(anyhow::anyhow!(
+            "no send profile for file id `{file_id}` in {}",
+            cfg.file.display()
+        ))
+    })?;
+    if let Some(node) = to {
+        if !is_valid_id(&node) {
+            return Err(usage(anyhow::anyhow!("--to {node:?} is not a node name")));
+        }
+        profile.to = vec![node];
+    }
+    let name = src
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| crate::receiver::check_file_name(n).is_ok())
+        .ok_or_else(|| usage(anyhow::anyhow!("{} has no plain file name", src.display())))?
+        .to_string();
+    let store = open_store(cfg)?;
+    let tid = uuid::Uuid::now_v7().to_string();
+    let dst = spool_path(&cfg.spool_dir(), file_id, &tid, &name);
+    let copy = || -> anyhow::Result<()> {
+        std::fs::create_dir_all(dst.parent().context("spool path")?)?;
+        std::fs::copy(src, &dst)
+            .with_context(|| format!("cannot copy {} into the spool", src.display()))?;
+        std::fs::File::open(&dst)?.sync_all()?;
+        crate::durable::fsync_dir(dst.parent().context("spool path")?)?;
+        Ok(())
+    };
+    copy().map_err(failure)?;
+    crate::sender::record_claim(cfg, &store, &profile, &tid, &name, meta, Status::Queued)
+        .map_err(failure)?;
+    Ok(tid)
+}
+
+async fn send(
+    cfg: &Config,
+    file_id: &str,
+    path: &Path,
+    to: Option<String>,
+    meta: &[String],
+    wait: bool,
+) -> Result<(), Exit> {
+    let meta = parse_meta(meta)?;
+    if !path.is_file() {
+        return Err(usage(anyhow::anyhow!(
+            "{} is not a readable file",
+            path.display()
+        )));
+    }
+    let tid = queue_copy(cfg, file_id, path, to, &meta)?;
+    if !StateLock::held(cfg) {
+        eprintln!(
+            "note: no agent runs on {}; the file is queued and goes when `hakobu run -c {}` starts",
+            cfg.state_dir.display(),
+            cfg.file.display()
+        );
+    }
+    println!("{tid}");
+    if wait {
+        return wait_for(cfg, &tid).await;
+    }
+    Ok(())
+}
+
+/// Polls the state database until every receiver of `tid` has settled it.
+async fn wait_for(cfg: &Config, tid: &str) -> Result<(), Exit> {
+    let store = open_store(cfg)?;
+    let bar = Progress::new();
+    loop {
+        let rows = store.rows_of(Direction::Send, tid).map_err(failure)?;
+        bar.show(&rows);
+        if !rows.is_empty() && rows.iter().all(|r| r.status.is_final()) {
+            bar.finish();
+            let failed: Vec<&Row> = rows.iter().filter(|r| !r.delivered).collect();
+            for r in &rows {
+                println!(
+                    "{} {} {}",
+                    r.peer,
+                    r.status.as_str(),
+                    r.error_code.as_deref().unwrap_or("")
+                );
+            }
+            if failed.is_empty() {
+                return Ok(());
+            }
+            return Err(failure(anyhow::anyhow!(
+                "{}: {}",
+                failed[0].error_code.as_deref().unwrap_or("send_failed"),
+                failed[0].error.as_deref().unwrap_or("the transfer failed")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn rerun(cfg: &Config, tid: &str) -> Result<(), Exit> {
+    let store = open_store(cfg)?;
+    let rows = store.find(tid).map_err(failure)?;
+    let Some(row) = rows.first() else {
+        return Err(usage(anyhow::anyhow!(
+            "no transfer {tid} in the history of {}",
+            cfg.state_dir.display()
+        )));
+    };
+    let (event, specs) = match row.direction {
+        Direction::Receive => {
+            let p = cfg
+                .receive_profile(&row.file_id)
+                .ok_or_else(|| usage(anyhow::anyhow!("no receive profile for {}", row.file_id)))?;
+            if row.inode.is_some() {
+                (Event::Received, &p.on_success)
+            } else {
+                (Event::ReceiveFailed, &p.on_failure)
+            }
+        }
+        Direction::Send => {
+            let p = cfg
+                .send_profile(&row.file_id)
+                .ok_or_else(|| usage(anyhow::anyhow!("no send profile for {}", row.file_id)))?;
+            if row.delivered {
+                (Event::Sent, &p.on_success)
+            } else {
+                (Event::SendFailed, &p.on_failure)
+            }
+        }
+    };
+    let ctx = HookContext {
+        event,
+        node: cfg.node.clone(),
+        peer: row.peer.clone(),
+        file_id: row.file_id.clone(),
+        transfer_id: row.transfer_id.clone(),
+        file_name: row.file_name.clone(),
+        path: row.path.clone().unwrap_or_default(),
+        size: row.size,
+        sha256: row.sha256.clone().unwrap_or_default(),
+        started_at: row.started_at.clone(),
+        finished_at: row.finished_at.clone().unwrap_or_default(),
+        error_code: row
+            .error_code
+            .clone()
+            .filter(|_| matches!(event, Event::ReceiveFailed | Event::SendFailed)),
+        error: row
+            .error
+            .clone()
+            .filter(|_| matches!(event, Event::ReceiveFailed | Event::SendFailed)),
+        meta: row.meta.clone(),
+    };
+    let log = hooks::log_path(&cfg.log_dir(), tid, event);
+    let Some((argv0, outcome)) = hooks::run_all(specs, &ctx, &log).await else {
+        println!("no {} hook configured for {}", event.as_str(), row.file_id);
+        return Ok(());
+    };
+    store
+        .set_hook(
+            row.direction,
+            tid,
+            &row.peer,
+            outcome.exit,
+            outcome.duration.as_millis() as u64,
+            &outcome.tail,
+        )
+        .map_err(failure)?;
+    if outcome.ok() {
+        if event == Event::Received {
+            store
+                .set_status(row.direction, tid, &row.peer, Status::Received)
+                .map_err(failure)?;
+        }
+        println!("{} hook ran: exit 0", event.as_str());
+        Ok(())
+    } else {
+        Err(failure(anyhow::anyhow!(
+            "{}: {}",
+            outcome.error_code(),
+            outcome.describe(&argv0)
+        )))
+    }
+}
+
+fn resend(cfg: &Config, tid: &str) -> Result<(), Exit> {
+    let store = open_store(cfg)?;
+    let rows = store.rows_of(Direction::Send, tid).map_err(failure)?;
+    let Some(row) = rows.first() else {
+        return Err(usage(anyhow::anyhow!(
+            "no sent transfer {tid} in the history of {}",
+            cfg.state_dir.display()
+        )));
+    };
+    let src = PathBuf::from(row.path.clone().unwrap_or_default());
+    if !src.is_file() {
+        return Err(failure(anyhow::anyhow!(
+            "the spooled copy {} is gone (after_send removed or moved it); send the file again with `hakobu send`",
+            src.display()
+        )));
+    }
+    let peers: Vec<String> = rows.iter().map(|r| r.peer.clone()).collect();
+    let mut new_ids = Vec::new();
+    for peer in peers {
+        new_ids.push(queue_copy(cfg, &row.file_id, &src, Some(peer), &row.meta)?);
+    }
+    for id in new_ids {
+        println!("{id}");
+    }
+    if !StateLock::held(cfg) {
+        eprintln!(
+            "note: no agent runs on {}; the file goes when the agent starts",
+            cfg.state_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Shows where a waited-for transfer stands: a spinner on a terminal, a line
+/// per change otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    last: std::cell::RefCell<String>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.enable_steady_tick(Duration::from_millis(120));
+            b
+        });
+        Progress {
+            bar,
+            last: Default::default(),
+        }
+    }
+
+    fn show(&self, rows: &[Row]) {
+        let line = rows
+            .iter()
+            .map(|r| format!("{}: {}", r.peer, r.status.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if *self.last.borrow() == line {
+            return;
+        }
+        match &self.bar {
+            Some(b) => b.set_message(line.clone()),
+            None => eprintln!("{line}"),
+        }
+        *self.last.borrow_mut() = line;
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! The configuration file exactly as written: serde types that reject unknown
+//! keys. Nothing here is checked beyond its YAML shape; `config::validate`
+//! turns these into the checked types the rest of the agent uses.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// This agent's node name, unique in the cluster.
+    pub node: String,
+    /// History database, spool, logs.
+    pub state_dir: PathBuf,
+    /// Which broker carries the messages.
+    pub broker: RawBroker,
+    /// Send profiles.
+    #[serde(default)]
+    pub send: Vec<RawSend>,
+    /// Receive profiles.
+    #[serde(default)]
+    pub receive: Vec<RawReceive>,
+}
+
+/// Exactly one of the two backends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBroker {
+    pub rabbitmq: Option<RawRabbitmq>,
+    pub embedded: Option<RawEmbedded>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRabbitmq {
+    /// One URL per cluster node; a connection takes one and fails over to the next.
+    pub urls: Vec<String>,
+    /// How long a publish may wait for the broker's confirm (default 30s).
+    pub confirm_timeout: Option<String>,
+    /// Unacknowledged deliveries a consumer holds at most (default 16).
+    pub prefetch: Option<u16>,
+    /// Deliveries of one message before the broker dead-letters it (default 20).
+    pub delivery_limit: Option<u32>,
+    /// Unconfirmed bytes a sender keeps in flight per transfer (default 8MiB).
+    pub window: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmbedded {
+    pub listen: Option<String>,
+    pub connect: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSend {
+    pub file_id: String,
+    pub outbox: PathBuf,
+    pub include: Option<Vec<String>>,
+    pub to: Vec<String>,
+    pub ready: Option<RawReady>,
+    pub after_send: Option<RawAfterSend>,
+    pub on_success: Option<RawHook>,
+    pub on_failure: Option<RawHook>,
+    /// Bytes per chunk message, 64KiB to 8MiB (default 512KiB).
+    pub chunk_size: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReady {
+    pub stable_for: Option<String>,
+    pub done_marker: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawAfterSend {
+    Word(String),
+    Move(RawMoveTo),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMoveTo {
+    pub move_to: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawHook {
+    Argv(Vec<String>),
+    Full(RawHookFull),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHookFull {
+    pub run: Vec<String>,
+    pub timeout: Option<String>,
+    pub shell: Option<bool>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub cwd: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReceive {
+    pub file_id: String,
+    pub from: Vec<String>,
+    pub inbox: PathBuf,
+    pub mode: Option<String>,
+    /// Generations kept in `generations` mode (default 7).
+    pub keep: Option<u32>,
+    pub max_size: Option<String>,
+    pub on_success: Option<RawHook>,
+    pub on_failure: Option<RawHook>,
+}

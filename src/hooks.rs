@@ -1,0 +1,419 @@
+//! The hook runner: the only place that starts hook commands and builds their
+//! environment. Commands come from configuration alone; values from messages
+//! reach a hook only as whole argv elements or environment variables.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::Command;
+
+use crate::config::HookSpec;
+
+/// What happened, as `HAKOBU_EVENT` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Received,
+    ReceiveFailed,
+    Sent,
+    SendFailed,
+}
+
+impl Event {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Received => "received",
+            Event::ReceiveFailed => "receive_failed",
+            Event::Sent => "sent",
+            Event::SendFailed => "send_failed",
+        }
+    }
+}
+
+/// The transfer's context, handed to every hook of one event.
+#[derive(Debug, Clone)]
+pub struct HookContext {
+    pub event: Event,
+    pub node: String,
+    pub peer: String,
+    pub file_id: String,
+    pub transfer_id: String,
+    pub file_name: String,
+    /// The file's path on this node (inbox on the receiver, spool on the sender).
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub error_code: Option<String>,
+    pub error: Option<String>,
+    pub meta: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HookOutcome {
+    /// The exit code; `None` when killed by a signal or never started.
+    pub exit: Option<i32>,
+    pub timed_out: bool,
+    pub duration: Duration,
+    /// The end of what the hook printed, for history.
+    pub tail: String,
+}
+
+impl HookOutcome {
+    pub fn ok(&self) -> bool {
+        self.exit == Some(0)
+    }
+
+    /// A stable code for a failed hook.
+    pub fn error_code(&self) -> &'static str {
+        if self.timed_out {
+            "hook_timeout"
+        } else {
+            "hook_failed"
+        }
+    }
+
+    pub fn describe(&self, argv0: &str) -> String {
+        match (self.timed_out, self.exit) {
+            (true, _) => format!(
+                "hook {argv0} timed out after {:?} and was killed; raise its timeout or make it faster",
+                self.duration
+            ),
+            (false, Some(code)) => {
+                format!("hook {argv0} exited with code {code}; see its log for the output")
+            }
+            (false, None) => format!(
+                "hook {argv0} did not finish (killed by a signal or could not start); see its log"
+            ),
+        }
+    }
+}
+
+const TAIL_BYTES: u64 = 2048;
+
+/// Runs `specs` in order, stopping at the first that fails. Output goes to
+/// `log`; returns the outcome of the last hook run, `None` when there is none.
+pub async fn run_all(
+    specs: &[HookSpec],
+    ctx: &HookContext,
+    log: &Path,
+) -> Option<(String, HookOutcome)> {
+    let mut last = None;
+    for spec in specs {
+        let outcome = run(spec, ctx, log).await;
+        let ok = outcome.ok();
+        last = Some((spec.argv[0].clone(), outcome));
+        if !ok {
+            break;
+        }
+    }
+    last
+}
+
+/// Runs one hook in a process group of its own; a timeout kills the group.
+pub async fn run(spec: &HookSpec, ctx: &HookContext, log: &Path) -> HookOutcome {
+    let started = Instant::now();
+    let failed = |message: String| HookOutcome {
+        exit: None,
+        timed_out: false,
+        duration: started.elapsed(),
+        tail: message,
+    };
+    if let Some(dir) = log.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let (out, offset) = match OpenOptions::new().create(true).append(true).open(log) {
+        Ok(mut f) => {
+            let offset = f.seek(SeekFrom::End(0)).unwrap_or(0);
+            (f, offset)
+        }
+        Err(e) => return failed(format!("cannot open hook log {}: {e}", log.display())),
+    };
+    let err = match out.try_clone() {
+        Ok(f) => f,
+        Err(e) => return failed(format!("cannot open hook log {}: {e}", log.display())),
+    };
+    let mut cmd = command(spec, ctx);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .process_group(0);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return failed(format!("cannot start hook {}: {e}", spec.argv[0])),
+    };
+    let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+    let (exit, timed_out) = match tokio::time::timeout(spec.timeout, child.wait()).await {
+        Ok(Ok(status)) => (status.code(), false),
+        Ok(Err(_)) => (None, false),
+        Err(_) => {
+            if let Some(pgid) = pgid {
+                let _ = killpg(pgid, Signal::SIGKILL);
+            }
+            let _ = child.wait().await;
+            (None, true)
+        }
+    };
+    HookOutcome {
+        exit,
+        timed_out,
+        duration: started.elapsed(),
+        tail: tail_of(log, offset),
+    }
+}
+
+fn command(spec: &HookSpec, ctx: &HookContext) -> Command {
+    let mut cmd = if spec.shell {
+        // In a shell, values travel as variables, never as text the shell parses.
+        let line = spec
+            .argv
+            .iter()
+            .map(|a| substitute(a, |v| shell_var(v).to_string()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(line);
+        c
+    } else {
+        let argv: Vec<String> = spec
+            .argv
+            .iter()
+            .map(|a| substitute(a, |v| value(ctx, v).to_string()))
+            .collect();
+        let mut c = Command::new(&argv[0]);
+        c.args(&argv[1..]);
+        c
+    };
+    for (k, v) in environment(ctx) {
+        cmd.env(k, v);
+    }
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    if let Some(cwd) = &spec.cwd {
+        cmd.current_dir(cwd);
+    }
+    cmd
+}
+
+/// The `HAKOBU_*` variables of SPEC.md.
+pub fn environment(ctx: &HookContext) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("HAKOBU_EVENT".to_string(), ctx.event.as_str().to_string()),
+        ("HAKOBU_NODE".into(), ctx.node.clone()),
+        ("HAKOBU_PEER".into(), ctx.peer.clone()),
+        ("HAKOBU_FILE_ID".into(), ctx.file_id.clone()),
+        ("HAKOBU_TRANSFER_ID".into(), ctx.transfer_id.clone()),
+        ("HAKOBU_FILE_NAME".into(), ctx.file_name.clone()),
+        ("HAKOBU_PATH".into(), ctx.path.clone()),
+        ("HAKOBU_SIZE".into(), ctx.size.to_string()),
+        ("HAKOBU_SHA256".into(), ctx.sha256.clone()),
+        ("HAKOBU_STARTED_AT".into(), ctx.started_at.clone()),
+        ("HAKOBU_FINISHED_AT".into(), ctx.finished_at.clone()),
+    ];
+    if let Some(code) = &ctx.error_code {
+        env.push(("HAKOBU_ERROR_CODE".into(), code.clone()));
+    }
+    if let Some(error) = &ctx.error {
+        env.push(("HAKOBU_ERROR".into(), error.clone()));
+    }
+    for (k, v) in &ctx.meta {
+        env.push((format!("HAKOBU_META_{}", meta_key(k)), v.clone()));
+    }
+    // Environment values cannot hold NUL; a value with one is dropped whole.
+    env.retain(|(_, v)| !v.contains('\0'));
+    env
+}
+
+/// `HAKOBU_META_` suffix for a metadata key: upper case, other characters as `_`.
+pub fn meta_key(k: &str) -> String {
+    k.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn value<'a>(ctx: &'a HookContext, name: &str) -> &'a str {
+    match name {
+        "path" => &ctx.path,
+        "file_id" => &ctx.file_id,
+        "transfer_id" => &ctx.transfer_id,
+        "file_name" => &ctx.file_name,
+        "peer" => &ctx.peer,
+        _ => "",
+    }
+}
+
+fn shell_var(name: &str) -> &'static str {
+    match name {
+        "path" => "\"$HAKOBU_PATH\"",
+        "file_id" => "\"$HAKOBU_FILE_ID\"",
+        "transfer_id" => "\"$HAKOBU_TRANSFER_ID\"",
+        "file_name" => "\"$HAKOBU_FILE_NAME\"",
+        "peer" => "\"$HAKOBU_PEER\"",
+        _ => "",
+    }
+}
+
+/// Replaces `{name}` placeholders in one argument; the result stays one argument.
+fn substitute(arg: &str, with: impl Fn(&str) -> String) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        match after.find('}') {
+            Some(close) if is_placeholder(&after[..close]) => {
+                out.push_str(&with(&after[..close]));
+                rest = &after[close + 1..];
+            }
+            _ => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn is_placeholder(name: &str) -> bool {
+    matches!(
+        name,
+        "path" | "file_id" | "transfer_id" | "file_name" | "peer"
+    )
+}
+
+fn tail_of(log: &Path, from: u64) -> String {
+    let Ok(mut f) = std::fs::File::open(log) else {
+        return String::new();
+    };
+    let end = f.seek(SeekFrom::End(0)).unwrap_or(0);
+    let start = end.saturating_sub(TAIL_BYTES).max(from);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_ok() {
+        let _ = f.take(TAIL_BYTES).read_to_end(&mut buf);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The log file of one transfer's hooks for one event.
+pub fn log_path(log_dir: &Path, transfer_id: &str, event: Event) -> PathBuf {
+    log_dir.join(format!("{transfer_id}.{}.log", event.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> HookContext {
+        HookContext {
+            event: Event::Received,
+            node: "beta".into(),
+            peer: "alpha".into(),
+            file_id: "F".into(),
+            transfer_id: "T".into(),
+            file_name: "a b; rm -rf x.csv".into(),
+            path: "/in/a b; rm -rf x.csv".into(),
+            size: 3,
+            sha256: "ab".into(),
+            started_at: "s".into(),
+            finished_at: "f".into(),
+            error_code: None,
+            error: None,
+            meta: BTreeMap::from([("batch-no".into(), "7".into())]),
+        }
+    }
+
+    fn spec(argv: &[&str], shell: bool, timeout: Duration) -> HookSpec {
+        HookSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            timeout,
+            shell,
+            env: BTreeMap::new(),
+            cwd: None,
+        }
+    }
+
+    #[test]
+    fn placeholders_stay_one_argument() {
+        assert_eq!(
+            substitute("--in={path}", |v| value(&ctx(), v).to_string()),
+            "--in=/in/a b; rm -rf x.csv"
+        );
+        assert_eq!(substitute("{nope} {", |_| "X".into()), "{nope} {");
+    }
+
+    #[tokio::test]
+    async fn runs_with_environment_and_captures_output() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("h.log");
+        let s = spec(
+            &[
+                "/bin/sh",
+                "-c",
+                "printf '%s|%s|%s' \"$1\" \"$HAKOBU_EVENT\" \"$HAKOBU_META_BATCH_NO\"; exit 3",
+                "sh",
+                "{file_name}",
+            ],
+            false,
+            Duration::from_secs(10),
+        );
+        let o = run(&s, &ctx(), &log).await;
+        assert_eq!(o.exit, Some(3));
+        assert_eq!(o.tail, "a b; rm -rf x.csv|received|7");
+    }
+
+    #[tokio::test]
+    async fn shell_mode_passes_values_as_variables() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("h.log");
+        let s = spec(
+            &["printf", "'<%s>'", "{file_name}"],
+            true,
+            Duration::from_secs(10),
+        );
+        let o = run(&s, &ctx(), &log).await;
+        assert!(o.ok(), "{o:?}");
+        assert_eq!(o.tail, "<a b; rm -rf x.csv>");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("h.log");
+        let pidfile = d.path().join("child.pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let s = spec(
+            &["/bin/sh", "-c", &script],
+            false,
+            Duration::from_millis(500),
+        );
+        let o = run(&s, &ctx(), &log).await;
+        assert!(o.timed_out);
+        assert_eq!(o.error_code(), "hook_timeout");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The grandchild must be gone (or a zombie about to be reaped by init).
+        std::thread::sleep(Duration::from_millis(200));
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z"),
+            "grandchild still alive: {stat}"
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! Why a transfer failed on the receiving side, with the stable codes that
+//! become `HAKOBU_ERROR_CODE` and travel back in the receipt.
+
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error(
+        "no receive profile for file id `{0}` on this node; add one or fix the sender's file id"
+    )]
+    UnknownFileId(String),
+    #[error(
+        "node `{0}` may not send file id `{1}` here; add it to the profile's `from` list if it should"
+    )]
+    SenderNotAllowed(String, String),
+    #[error("the broker authenticated the sender as user `{user}`, which is not node `{node}`")]
+    SenderMismatch { user: String, node: String },
+    #[error(
+        "file name {0:?} is not a plain base name (separator, `..`, NUL or control character); rename it on the sender"
+    )]
+    BadFileName(String),
+    #[error(
+        "declared size {size} bytes exceeds the profile's max_size of {max} bytes; raise max_size or send a smaller file"
+    )]
+    TooLarge { size: u64, max: u64 },
+    #[error(
+        "chunk at offset {offset} with {len} bytes lies outside the declared size {size} or chunk grid"
+    )]
+    ChunkOutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("chunk disagrees with earlier chunks of the same transfer about {0}")]
+    Inconsistent(&'static str),
+    #[error("assembled file has {actual} bytes, {expected} were declared")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error(
+        "SHA-256 mismatch: the sender declared {expected}, the received bytes hash to {actual}; the file was not placed"
+    )]
+    DigestMismatch { expected: String, actual: String },
+    #[error("{0} exists and the profile's mode is `new`; remove it or use mode replace")]
+    FileExists(String),
+    #[error("the inbox filesystem is full ({0}); free space, then resend")]
+    DiskFull(String),
+    #[error("cannot write the file: {0}")]
+    Io(String),
+    #[error("{1}")]
+    Hook(&'static str, String),
+    #[error(
+        "the agent stopped while the success hook ran; run `hakobu rerun` if it should run again"
+    )]
+    HookInterrupted,
+}
+
+impl ReceiveError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ReceiveError::UnknownFileId(_) => "unknown_file_id",
+            ReceiveError::SenderNotAllowed(..) => "sender_not_allowed",
+            ReceiveError::SenderMismatch { .. } => "sender_mismatch",
+            ReceiveError::BadFileName(_) => "bad_file_name",
+            ReceiveError::TooLarge { .. } => "file_too_large",
+            ReceiveError::ChunkOutOfRange { .. } => "chunk_out_of_range",
+            ReceiveError::Inconsistent(_) => "inconsistent_chunk",
+            ReceiveError::SizeMismatch { .. } => "size_mismatch",
+            ReceiveError::DigestMismatch { .. } => "sha256_mismatch",
+            ReceiveError::FileExists(_) => "file_exists",
+            ReceiveError::DiskFull(_) => "disk_full",
+            ReceiveError::Io(_) => "io_error",
+            ReceiveError::Hook(code, _) => code,
+            ReceiveError::HookInterrupted => "hook_interrupted",
+        }
+    }
+
+    pub fn from_io(context: &str, e: io::Error) -> Self {
+        if e.raw_os_error() == Some(nix::libc::ENOSPC)
+            || e.raw_os_error() == Some(nix::libc::EDQUOT)
+        {
+            ReceiveError::DiskFull(format!("{context}: {e}"))
+        } else {
+            ReceiveError::Io(format!("{context}: {e}"))
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! The receiving side: consume → assemble → verify → place → record → hooks →
+//! receipt. Every step is driven by the transfer's status in the ledger, so a
+//! restart resumes where the last run stopped and nothing happens twice.
+
+mod assemble;
+mod error;
+mod place;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tracing::{error, info, warn};
+
+pub use assemble::{PARTIAL_DIR, check_file_name, partial_path, valid_transfer_id};
+pub use error::ReceiveError;
+
+use crate::broker::{Broker, Delivery};
+use crate::clock::now_rfc3339;
+use crate::config::{Config, ReceiveProfile, is_valid_id};
+use crate::hooks::{self, Event, HookContext};
+use crate::store::{Direction, Row, Status, Store};
+use crate::wire::{ChunkHeader, Message, Receipt};
+
+const RX: Direction = Direction::Receive;
+
+pub struct Receiver {
+    cfg: Arc<Config>,
+    store: Store,
+    broker: Arc<dyn Broker>,
+    /// Transfers whose completion runs now; their chunks are duplicates.
+    busy: Mutex<HashSet<String>>,
+}
+
+impl Receiver {
+    pub fn new(cfg: Arc<Config>, store: Store, broker: Arc<dyn Broker>) -> Arc<Self> {
+        Arc::new(Receiver {
+            cfg,
+            store,
+            broker,
+            busy: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Resumes what the last run left: placements, receipts not yet sent, and
+    /// hooks that were running when the agent died (never re-run silently).
+    pub async fn recover(self: &Arc<Self>) -> Result<(), crate::store::StoreError> {
+        for row in self.store.unfinished()? {
+            if row.direction != RX {
+                continue;
+            }
+            match row.status {
+                Status::HookRunning => {
+                    let e = ReceiveError::HookInterrupted;
+                    warn!(message = "A success hook was running when the agent stopped; not re-running it.", transfer_id = %row.transfer_id);
+                    self.store.fail(
+                        RX,
+                        &row.transfer_id,
+                        &row.peer,
+                        Status::HookInterrupted,
+                        e.code(),
+                        &e.to_string(),
+                    )?;
+                }
+                Status::Receiving => {
+                    let complete = row.sha256.is_some()
+                        && Some(self.store.chunk_count(&row.transfer_id)?)
+                            == crate::wire::chunk_count(row.size, row.chunk_size);
+                    if !complete {
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            if self.claim(&row.transfer_id) {
+                tokio::spawn(self.clone().complete(row.transfer_id.clone(), None));
+            }
+        }
+        Ok(())
+    }
+
+    fn claim(&self, transfer_id: &str) -> bool {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(transfer_id.to_string())
+    }
+
+    fn release(&self, transfer_id: &str) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(transfer_id);
+    }
+
+    /// Handles one chunk. Returns once the chunk is durable (and acked), or
+    /// handed to a completion task that will ack it.
+    pub async fn on_chunk(self: &Arc<Self>, h: ChunkHeader, body: Bytes, d: Delivery) {
+        if !valid_transfer_id(&h.transfer_id) || !is_valid_id(&h.from) || h.to != self.cfg.node {
+            warn!(message = "Dead-lettering a chunk with an unusable transfer id, sender or recipient.",
+                transfer_id = ?h.transfer_id, from = ?h.from, to = ?h.to, error_code = "malformed_message");
+            let _ = d.dead_letter().await;
+            return;
+        }
+        let tid = h.transfer_id.clone();
+        if self
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&tid)
+        {
+            let _ = d.ack().await;
+            return;
+        }
+        match self.accept_chunk(&h, body).await {
+            Ok(Progress::Partial) => {
+                let _ = d.ack().await;
+            }
+            Ok(Progress::Complete) | Ok(Progress::Settled) => {
+                if self.claim(&tid) {
+                    tokio::spawn(self.clone().complete(tid, Some(d)));
+                } else {
+                    let _ = d.ack().await;
+                }
+            }
+            Ok(Progress::Ignore) => {
+                let _ = d.ack().await;
+            }
+            Err(Failure::Store(e)) => {
+                // Not acked: the broker delivers it again after a reconnect.
+                error!(message = "State database failed while receiving a chunk.", error = %e, transfer_id = %tid);
+            }
+            Err(Failure::Transfer(e)) => {
+                warn!(message = "Rejecting transfer.", transfer_id = %tid, error_code = e.code(), error = %e);
+                let outcome = self.store.fail(
+                    RX,
+                    &tid,
+                    &h.from,
+                    Status::ReceiveFailed,
+                    e.code(),
+                    &e.to_string(),
+                );
+                if let Err(se) = outcome {
+                    error!(message = "State database failed while recording a rejection.", error = %se, transfer_id = %tid);
+                    return;
+                }
+                if let Some(p) = self.cfg.receive_profile(&h.file_id) {
+                    let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, &tid));
+                }
+                let _ = self.store.forget_chunks(&tid);
+                if self.claim(&tid) {
+                    tokio::spawn(self.clone().complete(tid, Some(d)));
+                }
+            }
+        }
+    }
+
+    async fn accept_chunk(&self, h: &ChunkHeader, body: Bytes) -> Result<Progress, Failure> {
+        let tid = &h.transfer_id;
+        let row = match self.store.received(tid)? {
+            Some(r) if r.peer != h.from => {
+                warn!(message = "Ignoring a chunk whose transfer id belongs to another sender.", transfer_id = %tid, from = %h.from);
+                return Ok(Progress::Ignore);
+            }
+            // Already settled, or resumed by recovery: make sure the sender heard.
+            Some(r) if r.status != Status::Receiving => return Ok(Progress::Settled),
+            Some(r) => r,
+            None => {
+                let profile = self.cfg.receive_profile(&h.file_id);
+                let row = new_row(h, profile);
+                self.store.insert(&row)?;
+                assemble::admit(h, profile)?;
+                info!(message = "Receiving.", transfer_id = %tid, from = %h.from, file_id = %h.file_id, file_name = %h.file_name, size = h.size);
+                row
+            }
+        };
+        let profile = self
+            .cfg
+            .receive_profile(&row.file_id)
+            .ok_or_else(|| ReceiveError::UnknownFileId(row.file_id.clone()))?;
+        let idx = assemble::check_chunk(h, &row, body.len() as u64)?;
+        if let Some(t) = &h.last {
+            if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ReceiveError::Inconsistent("the digest (not 64 hex digits)").into());
+            }
+        }
+        let partial = partial_path(&profile.inbox, tid);
+        let offset = h.offset;
+        tokio::task::spawn_blocking(move || assemble::write_chunk(&partial, offset, &body))
+            .await
+            .map_err(|e| ReceiveError::Io(e.to_string()))??;
+        if let Some(t) = &h.last {
+            self.store
+                .set_trailer(tid, &h.from, &t.sha256, &t.started_at, &t.meta)?;
+        }
+        let have = self.store.add_chunk(tid, idx)?;
+        let digest_known = h.last.is_some() || row.sha256.is_some();
+        if digest_known && Some(have) == h.chunk_count() {
+            Ok(Progress::Complete)
+        } else {
+            Ok(Progress::Partial)
+        }
+    }
+
+    /// Drives one transfer from its current status to a sent receipt, then
+    /// acks `d` (the delivery that completed it, if any).
+    async fn complete(self: Arc<Self>, tid: String, d: Option<Delivery>) {
+        if let Err(e) = self.advance(&tid).await {
+            error!(message = "State database failed while completing a transfer; it resumes at the next start.", error = %e, transfer_id = %tid);
+            self.release(&tid);
+            return;
+        }
+        if let Some(d) = d {
+            let _ = d.ack().await;
+        }
+        self.release(&tid);
+    }
+
+    async fn advance(&self, tid: &str) -> Result<(), crate::store::StoreError> {
+        loop {
+            let Some(row) = self.store.received(tid)? else {
+                return Ok(());
+            };
+            let profile = self.cfg.receive_profile(&row.file_id);
+            match (row.status, profile) {
+                (Status::Receiving, _) => {
+                    self.store
+                        .advance(RX, tid, &row.peer, Status::Receiving, Status::Placing)?;
+                }
+                (Status::Placing, Some(p)) => match self.place(&row, p).await {
+                    Ok(path) => {
+                        info!(message = "Placed.", transfer_id = %tid, path = %path.display());
+                        self.store.forget_chunks(tid)?;
+                        self.store.advance(
+                            RX,
+                            tid,
+                            &row.peer,
+                            Status::Placing,
+                            Status::HookRunning,
+                        )?;
+                    }
+                    Err(e) => {
+                        warn!(message = "Failed to place file.", transfer_id = %tid, error_code = e.code(), error = %e);
+                        let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, tid));
+                        self.store.forget_chunks(tid)?;
+                        self.store.fail(
+                            RX,
+                            tid,
+                            &row.peer,
+                            Status::ReceiveFailed,
+                            e.code(),
+                            &e.to_string(),
+                        )?;
+                    }
+                },
+                (Status::Placing, None) => {
+                    let e = ReceiveError::UnknownFileId(row.file_id.clone());
+                    self.store.fail(
+                        RX,
+                        tid,
+                        &row.peer,
+                        Status::ReceiveFailed,
+                        e.code(),
+                        &e.to_string(),
+                    )?;
+                }
+                (Status::HookRunning, Some(p)) => self.run_success_hooks(&row, p).await?,
+                (Status::ReceiveFailed, _)
+                    if !row.receipt_sent && self.failure_hook_pending(&row) =>
+                {
+                    self.run_failure_hooks(tid).await?;
+                }
+                (status, _) if status.is_final() => {
+                    if !row.receipt_sent {
+                        self.send_receipt(&row).await?;
+                    }
+                    return Ok(());
+                }
+                (status, _) => {
+                    warn!(message = "Transfer in an unexpected state; leaving it.", transfer_id = %tid, status = status.as_str());
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// A rejected transfer whose failure hooks have not run yet.
+    fn failure_hook_pending(&self, row: &Row) -> bool {
+        row.hook_exit.is_none()
+            && self
+                .cfg
+                .receive_profile(&row.file_id)
+                .is_some_and(|p| !p.on_failure.is_empty())
+    }
+
+    async fn place(&self, row: &Row, p: &ReceiveProfile) -> Result<PathBuf, ReceiveError> {
+        let partial = partial_path(&p.inbox, &row.transfer_id);
+        if let (Some(ino), Some(path)) = (row.inode, &row.path) {
+            let target = PathBuf::from(path);
+            if place::already_placed(&target, ino) {
+                // Placed before a restart; only the partial name may remain.
+                if partial.exists() && place::already_placed(&partial, ino) {
+                    let _ = crate::durable::remove_if_exists(&partial);
+                }
+                return Ok(target);
+            }
+        }
+        let (store, tid, peer) = (
+            self.store.clone(),
+            row.transfer_id.clone(),
+            row.peer.clone(),
+        );
+        let (inbox, name, mode, size) = (p.inbox.clone(), row.file_name.clone(), p.mode, row.size);
+        let sha = row.sha256.clone().unwrap_or_default();
+        tokio::task::spawn_blocking(move || {
+            place::verify(&partial, size, &sha)?;
+            place::place(&partial, &inbox, &name, mode, |target, ino| {
+                store
+                    .set_inode(&tid, &peer, &target.display().to_string(), ino)
+                    .map_err(|e| ReceiveError::Io(e.to_string()))
+            })
+        })
+        .await
+        .map_err(|e| ReceiveError::Io(e.to_string()))?
+    }
+
+    async fn run_success_hooks(
+        &self,
+        row: &Row,
+        p: &ReceiveProfile,
+    ) -> Result<(), crate::store::StoreError> {
+        let ctx = self.context(row, Event::Received, None);
+        let log = hooks::log_path(&self.cfg.log_dir(), &row.transfer_id, Event::Received);
+        match hooks::run_all(&p.on_success, &ctx, &log).await {
+            None => {
+                self.store.advance(
+                    RX,
+                    &row.transfer_id,
+                    &row.peer,
+                    Status::HookRunning,
+                    Status::Received,
+                )?;
+            }
+            Some((argv0, outcome)) => {
+                let ms = outcome.duration.as_millis() as u64;
+                self.store.set_hook(
+                    RX,
+                    &row.transfer_id,
+                    &row.peer,
+                    outcome.exit,
+                    ms,
+                    &outcome.tail,
+                )?;
+                if outcome.ok() {
+                    info!(message = "Success hook finished.", transfer_id = %row.transfer_id, ms);
+                    self.store.advance(
+                        RX,
+                        &row.transfer_id,
+                        &row.peer,
+                        Status::HookRunning,
+                        Status::Received,
+                    )?;
+                } else {
+                    let e = ReceiveError::Hook(outcome.error_code(), outcome.describe(&argv0));
+                    warn!(message = "Success hook failed.", transfer_id = %row.transfer_id, error_code = e.code(), error = %e);
+                    self.store.fail(
+                        RX,
+                        &row.transfer_id,
+                        &row.peer,
+                        Status::HookFailed,
+                        e.code(),
+                        &e.to_string(),
+                    )?;
+                    self.run_failure_hooks(&row.transfer_id).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the profile's failure hooks for a failed transfer, once.
+    async fn run_failure_hooks(&self, tid: &str) -> Result<(), crate::store::StoreError> {
+        let Some(row) = self.store.received(tid)? else {
+            return Ok(());
+        };
+        let Some(p) = self.cfg.receive_profile(&row.file_id) else {
+            return Ok(());
+        };
+        if p.on_failure.is_empty() {
+            return Ok(());
+        }
+        let ctx = self.context(&row, Event::ReceiveFailed, row.error_code.clone());
+        let log = hooks::log_path(&self.cfg.log_dir(), tid, Event::ReceiveFailed);
+        if let Some((_, outcome)) = hooks::run_all(&p.on_failure, &ctx, &log).await {
+            // A success hook's exit code, if any, stays; the failure hook's is logged.
+            if row.hook_exit.is_none() {
+                self.store.set_hook(
+                    RX,
+                    tid,
+                    &row.peer,
+                    outcome.exit,
+                    outcome.duration.as_millis() as u64,
+                    &outcome.tail,
+                )?;
+            }
+            if !outcome.ok() {
+                warn!(message = "Failure hook failed too.", transfer_id = %tid, exit = ?outcome.exit);
+            }
+        }
+        Ok(())
+    }
+
+    fn context(&self, row: &Row, event: Event, error_code: Option<String>) -> HookContext {
+        HookContext {
+            event,
+            node: self.cfg.node.clone(),
+            peer: row.peer.clone(),
+            file_id: row.file_id.clone(),
+            transfer_id: row.transfer_id.clone(),
+            file_name: row.file_name.clone(),
+            path: row.path.clone().unwrap_or_default(),
+            size: row.size,
+            sha256: row.sha256.clone().unwrap_or_default(),
+            started_at: row.started_at.clone(),
+            finished_at: row.finished_at.clone().unwrap_or_else(now_rfc3339),
+            error: error_code.as_ref().and(row.error.clone()),
+            error_code,
+            meta: row.meta.clone(),
+        }
+    }
+
+    /// Publishes the receipt until the broker confirms it.
+    async fn send_receipt(&self, row: &Row) -> Result<(), crate::store::StoreError> {
+        let ok = row.status == Status::Received;
+        let receipt = Receipt {
+            transfer_id: row.transfer_id.clone(),
+            file_id: row.file_id.clone(),
+            from: self.cfg.node.clone(),
+            to: row.peer.clone(),
+            ok,
+            error_code: row.error_code.clone(),
+            error: row.error.clone(),
+            path: row.inode.and(row.path.clone()),
+            hook_exit: row.hook_exit,
+            finished_at: row.finished_at.clone().unwrap_or_else(now_rfc3339),
+        };
+        let payload = Message::Receipt(receipt).encode();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let sent = match self.broker.publish(&row.peer, payload.clone()).await {
+                Ok(confirm) => confirm.await,
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(message = "Receipt not confirmed; retrying.", transfer_id = %row.transfer_id, error = %e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        self.store.set_receipt_sent(&row.transfer_id, &row.peer)?;
+        info!(message = "Receipt sent.", transfer_id = %row.transfer_id, to = %row.peer, ok, error_code = ?row.error_code);
+        Ok(())
+    }
+}
+
+enum Progress {
+    /// Chunk stored; more to come.
+    Partial,
+    /// Every chunk and the digest are here: time to verify and place.
+    Complete,
+    /// The transfer is already past assembly.
+    Settled,
+    /// Not ours to process; ack and forget.
+    Ignore,
+}
+
+enum Failure {
+    Store(crate::store::StoreError),
+    Transfer(ReceiveError),
+}
+
+impl From<crate::store::StoreError> for Failure {
+    fn from(e: crate::store::StoreError) -> Self {
+        Failure::Store(e)
+    }
+}
+
+impl From<ReceiveError> for Failure {
+    fn from(e: ReceiveError) -> Self {
+        Failure::Transfer(e)
+    }
+}
+
+fn new_row(h: &ChunkHeader, profile: Option<&ReceiveProfile>) -> Row {
+    Row {
+        direction: RX,
+        transfer_id: h.transfer_id.clone(),
+        peer: h.from.clone(),
+        file_id: h.file_id.clone(),
+        file_name: h.file_name.clone(),
+        size: h.size,
+        sha256: None,
+        chunk_size: h.chunk_size,
+        status: Status::Receiving,
+        error_code: None,
+        error: None,
+        path: profile
+            .map(|p| p.inbox.join(&h.file_name).display().to_string())
+            .filter(|_| check_file_name(&h.file_name).is_ok()),
+        remote_path: None,
+        remote_hook_exit: None,
+        meta: Default::default(),
+        started_at: now_rfc3339(),
+        finished_at: None,
+        hook_exit: None,
+        hook_ms: None,
+        hook_tail: None,
+        receipt_sent: false,
+        delivered: false,
+        inode: None,
+    }
+}

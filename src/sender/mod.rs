@@ -1,0 +1,461 @@
+//! The sending side: watch → claim → chunk/publish → await receipt → hooks →
+//! `after_send`. A claimed file lives in the spool until a receipt settles it;
+//! the ledger's status says which step comes next after a restart.
+
+mod publish;
+mod watch;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tracing::{error, info, warn};
+
+pub use publish::spool_path;
+pub use watch::ignored;
+
+use crate::broker::{Broker, Delivery};
+use crate::clock::now_rfc3339;
+use crate::config::{AfterSend, Config, Ready, SendProfile};
+use crate::durable;
+use crate::hooks::{self, Event, HookContext};
+use crate::store::{Direction, Row, Status, Store, StoreError};
+use crate::wire::Receipt;
+
+const TX: Direction = Direction::Send;
+/// Transfers published at once; more wait their turn.
+const PARALLEL_PUBLISHES: usize = 4;
+
+pub struct Sender {
+    cfg: Arc<Config>,
+    store: Store,
+    broker: Arc<dyn Broker>,
+    window: u64,
+    permits: Semaphore,
+    /// (transfer id, peer) pairs being published now.
+    publishing: Mutex<HashSet<(String, String)>>,
+}
+
+impl Sender {
+    pub fn new(cfg: Arc<Config>, store: Store, broker: Arc<dyn Broker>, window: u64) -> Arc<Self> {
+        Arc::new(Sender {
+            cfg,
+            store,
+            broker,
+            window,
+            permits: Semaphore::new(PARALLEL_PUBLISHES),
+            publishing: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Starts one watcher per send profile.
+    pub fn start_watchers(self: &Arc<Self>) {
+        for profile in &self.cfg.send {
+            tokio::spawn(watch::watch(self.clone(), profile.clone()));
+        }
+    }
+
+    /// Resumes the last run's work: files claimed but not recorded, transfers
+    /// mid-publish, hooks interrupted, spool files whose transfer is settled.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), StoreError> {
+        self.adopt_spool_orphans()?;
+        for row in self.store.unfinished()? {
+            if row.direction != TX {
+                continue;
+            }
+            match row.status {
+                Status::Sending => self.enqueue(row.transfer_id, row.peer),
+                Status::HookRunning => {
+                    warn!(message = "A sender hook was running when the agent stopped; not re-running it.", transfer_id = %row.transfer_id);
+                    self.store.fail(TX, &row.transfer_id, &row.peer, Status::HookInterrupted, "hook_interrupted",
+                        "the agent stopped while the hook ran; run `hakobu rerun` if it should run again")?;
+                    self.settle_spool(&row.transfer_id).await;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A crash between claiming (the rename into the spool) and recording
+    /// leaves a spool directory without rows: record it now.
+    fn adopt_spool_orphans(&self) -> Result<(), StoreError> {
+        let spool = self.cfg.spool_dir();
+        for profile in &self.cfg.send {
+            let Ok(dirs) = std::fs::read_dir(spool.join(&profile.file_id)) else {
+                continue;
+            };
+            for dir in dirs.flatten() {
+                let tid = dir.file_name().to_string_lossy().into_owned();
+                if !self.store.rows_of(TX, &tid)?.is_empty() {
+                    continue;
+                }
+                let Some(name) = std::fs::read_dir(dir.path())
+                    .ok()
+                    .and_then(|mut d| d.next())
+                    .and_then(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                else {
+                    let _ = std::fs::remove_dir(dir.path());
+                    continue;
+                };
+                info!(message = "Recording a file claimed before a crash.", transfer_id = %tid, file_name = %name);
+                record_claim(
+                    &self.cfg,
+                    &self.store,
+                    profile,
+                    &tid,
+                    &name,
+                    &Default::default(),
+                    Status::Sending,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims `name` from the profile's outbox: an atomic rename into the
+    /// spool, then one row per receiving node.
+    pub async fn claim(self: &Arc<Self>, profile: &SendProfile, name: &str) {
+        let tid = uuid::Uuid::now_v7().to_string();
+        let from = profile.outbox.join(name);
+        let to = spool_path(&self.cfg.spool_dir(), &profile.file_id, &tid, name);
+        let moved = to
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| durable::rename_durable(&from, &to));
+        if let Err(e) = moved {
+            let _ = to.parent().map(std::fs::remove_dir);
+            if e.kind() != std::io::ErrorKind::NotFound {
+                error!(message = "Cannot claim file into the spool; the spool must be on the outbox's filesystem.",
+                    file = %from.display(), spool = %to.display(), error = %e, error_code = "claim_failed");
+            }
+            return;
+        }
+        if let Ready::DoneMarker(marker) = &profile.ready {
+            let _ = durable::remove_if_exists(&profile.outbox.join(format!("{name}{marker}")));
+        }
+        match record_claim(
+            &self.cfg,
+            &self.store,
+            profile,
+            &tid,
+            name,
+            &Default::default(),
+            Status::Sending,
+        ) {
+            Ok(()) => {
+                info!(message = "Claimed.", transfer_id = %tid, file_id = %profile.file_id, file_name = %name);
+                for peer in &profile.to {
+                    self.enqueue(tid.clone(), peer.clone());
+                }
+            }
+            // The spool directory is adopted at the next start.
+            Err(e) => {
+                error!(message = "Cannot record a claimed file.", transfer_id = %tid, error = %e)
+            }
+        }
+    }
+
+    /// Picks up transfers queued by `hakobu send` and `hakobu resend`.
+    pub async fn poll_queued(self: Arc<Self>) {
+        loop {
+            match self.store.in_status(TX, Status::Queued) {
+                Ok(rows) => {
+                    for row in rows {
+                        if let Ok(true) = self.store.advance(
+                            TX,
+                            &row.transfer_id,
+                            &row.peer,
+                            Status::Queued,
+                            Status::Sending,
+                        ) {
+                            self.enqueue(row.transfer_id, row.peer);
+                        }
+                    }
+                }
+                Err(e) => warn!(message = "Cannot read queued transfers.", error = %e),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Publishes `(tid, peer)` in the background, retrying until confirmed.
+    fn enqueue(self: &Arc<Self>, tid: String, peer: String) {
+        let key = (tid, peer);
+        if !self
+            .publishing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+        {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.publish_until_confirmed(&key.0, &key.1).await;
+            this.publishing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        });
+    }
+
+    async fn publish_until_confirmed(&self, tid: &str, peer: &str) {
+        let Ok(_permit) = self.permits.acquire().await else {
+            return;
+        };
+        let mut resume = publish::Resume::default();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let row = match self.store.get(TX, tid, peer) {
+                Ok(Some(r)) if r.status == Status::Sending => r,
+                Ok(_) => return,
+                Err(e) => {
+                    error!(message = "State database failed; retrying.", error = %e);
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
+            match publish::publish(
+                &self.broker,
+                &self.cfg.node,
+                &row,
+                self.window,
+                &mut resume,
+                &|_| {},
+            )
+            .await
+            {
+                Ok(sha) => {
+                    let _ = self.store.set_sha256(TX, tid, &sha);
+                    let _ =
+                        self.store
+                            .advance(TX, tid, peer, Status::Sending, Status::AwaitingReceipt);
+                    info!(message = "Published; awaiting the receipt.", transfer_id = %tid, to = %peer, size = row.size);
+                    return;
+                }
+                Err(publish::PublishError::Spool(path, e)) => {
+                    error!(message = "Spooled file unreadable; failing the transfer.", transfer_id = %tid, path, error = %e);
+                    let msg =
+                        format!("cannot read the spooled file {path}: {e}; send the file again");
+                    let _ = self.store.fail(
+                        TX,
+                        tid,
+                        peer,
+                        Status::SendFailed,
+                        "spool_unreadable",
+                        &msg,
+                    );
+                    return;
+                }
+                Err(publish::PublishError::Broker(e)) => {
+                    warn!(message = "Publishing interrupted; resuming from the first unconfirmed chunk.",
+                        transfer_id = %tid, to = %peer, next_chunk = resume.next, error_code = e.code(), error = %e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// A receipt from a receiving node: record it, ack it, run the hooks.
+    pub async fn on_receipt(self: &Arc<Self>, r: Receipt, d: Delivery) {
+        if r.to != self.cfg.node {
+            warn!(message = "Ignoring a receipt addressed to another node.", to = %r.to, transfer_id = %r.transfer_id);
+            let _ = d.ack().await;
+            return;
+        }
+        match self.store.record_receipt(&r) {
+            Ok(true) => {
+                info!(message = "Receipt.", transfer_id = %r.transfer_id, from = %r.from, ok = r.ok, error_code = ?r.error_code);
+                let _ = d.ack().await;
+                let this = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = this.run_hooks(&r.transfer_id, &r.from).await {
+                        error!(message = "State database failed while running sender hooks.", error = %e);
+                    }
+                    this.settle_spool(&r.transfer_id).await;
+                });
+            }
+            Ok(false) => {
+                info!(message = "Duplicate or unknown receipt.", transfer_id = %r.transfer_id, from = %r.from);
+                let _ = d.ack().await;
+            }
+            // Not acked: delivered again after a reconnect.
+            Err(e) => {
+                error!(message = "State database failed while recording a receipt.", error = %e)
+            }
+        }
+    }
+
+    async fn run_hooks(&self, tid: &str, peer: &str) -> Result<(), StoreError> {
+        let Some(row) = self.store.get(TX, tid, peer)? else {
+            return Ok(());
+        };
+        let Some(profile) = self.cfg.send_profile(&row.file_id) else {
+            let status = if row.delivered {
+                Status::Sent
+            } else {
+                Status::SendFailed
+            };
+            return self.store.set_status(TX, tid, peer, status);
+        };
+        let (event, specs) = if row.delivered {
+            (Event::Sent, &profile.on_success)
+        } else {
+            (Event::SendFailed, &profile.on_failure)
+        };
+        let ctx = HookContext {
+            event,
+            node: self.cfg.node.clone(),
+            peer: peer.to_string(),
+            file_id: row.file_id.clone(),
+            transfer_id: tid.to_string(),
+            file_name: row.file_name.clone(),
+            path: row.path.clone().unwrap_or_default(),
+            size: row.size,
+            sha256: row.sha256.clone().unwrap_or_default(),
+            started_at: row.started_at.clone(),
+            finished_at: now_rfc3339(),
+            error_code: row.error_code.clone(),
+            error: row.error.clone(),
+            meta: row.meta.clone(),
+        };
+        let log = hooks::log_path(&self.cfg.log_dir(), tid, event);
+        let mut status = if row.delivered {
+            Status::Sent
+        } else {
+            Status::SendFailed
+        };
+        if let Some((argv0, outcome)) = hooks::run_all(specs, &ctx, &log).await {
+            self.store.set_hook(
+                TX,
+                tid,
+                peer,
+                outcome.exit,
+                outcome.duration.as_millis() as u64,
+                &outcome.tail,
+            )?;
+            if !outcome.ok() {
+                warn!(message = "Sender hook failed.", transfer_id = %tid, error = %outcome.describe(&argv0));
+                if row.delivered {
+                    status = Status::HookFailed;
+                }
+            }
+        }
+        self.store
+            .advance(TX, tid, peer, Status::HookRunning, status)?;
+        Ok(())
+    }
+
+    /// Once every receiver has settled a transfer, applies `after_send` to the
+    /// spooled file. A file any receiver failed stays in the spool for `resend`.
+    async fn settle_spool(&self, tid: &str) {
+        let Ok(rows) = self.store.rows_of(TX, tid) else {
+            return;
+        };
+        if rows.is_empty()
+            || !rows.iter().all(|r| r.status.is_final())
+            || !rows.iter().all(|r| r.delivered)
+        {
+            return;
+        }
+        let Some(path) = rows[0].path.as_ref().map(PathBuf::from) else {
+            return;
+        };
+        let Some(profile) = self.cfg.send_profile(&rows[0].file_id) else {
+            return;
+        };
+        let done = match &profile.after_send {
+            AfterSend::Keep => Ok(()),
+            AfterSend::Delete => {
+                durable::remove_if_exists(&path).and_then(|()| remove_spool_dir(&path))
+            }
+            AfterSend::MoveTo(dir) => {
+                move_to(&path, dir, tid).and_then(|()| remove_spool_dir(&path))
+            }
+        };
+        if let Err(e) = done {
+            error!(message = "after_send failed; the file stays in the spool.", transfer_id = %tid, path = %path.display(), error = %e);
+        }
+    }
+}
+
+/// Inserts one row per receiving node for a file already in the spool.
+pub fn record_claim(
+    cfg: &Config,
+    store: &Store,
+    profile: &SendProfile,
+    tid: &str,
+    name: &str,
+    meta: &std::collections::BTreeMap<String, String>,
+    status: Status,
+) -> Result<(), StoreError> {
+    let path = spool_path(&cfg.spool_dir(), &profile.file_id, tid, name);
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let started_at = now_rfc3339();
+    for peer in &profile.to {
+        store.insert(&Row {
+            direction: TX,
+            transfer_id: tid.to_string(),
+            peer: peer.clone(),
+            file_id: profile.file_id.clone(),
+            file_name: name.to_string(),
+            size,
+            sha256: None,
+            chunk_size: profile.chunk_size,
+            status,
+            error_code: None,
+            error: None,
+            path: Some(path.display().to_string()),
+            remote_path: None,
+            remote_hook_exit: None,
+            meta: meta.clone(),
+            started_at: started_at.clone(),
+            finished_at: None,
+            hook_exit: None,
+            hook_ms: None,
+            hook_tail: None,
+            receipt_sent: false,
+            delivered: false,
+            inode: None,
+        })?;
+    }
+    Ok(())
+}
+
+fn remove_spool_dir(file: &Path) -> std::io::Result<()> {
+    match file.parent().map(std::fs::remove_dir) {
+        Some(Err(e)) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Moves a sent file into `dir`; a taken name gets the transfer id appended.
+fn move_to(path: &Path, dir: &Path, tid: &str) -> std::io::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let mut target = dir.join(&name);
+    if target.exists() {
+        target = dir.join(format!("{name}.{tid}"));
+    }
+    match durable::rename_durable(path, &target) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
+            std::fs::copy(path, &target)?;
+            std::fs::File::open(&target)?.sync_all()?;
+            durable::fsync_dir(dir)?;
+            std::fs::remove_file(path)
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,169 @@
+//! Chunk and publish one spooled file to one receiving node: SHA-256 computed
+//! while streaming, publisher confirms pipelined in a window bounded in bytes.
+//! On a broker error the caller retries from the first unconfirmed chunk,
+//! re-read from the spooled file.
+
+use std::collections::VecDeque;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::broker::{Broker, BrokerError, Confirm};
+use crate::store::Row;
+use crate::wire::{ChunkHeader, Message, Trailer, chunk_count};
+
+/// Where to pick up after a failure: the first chunk not known to be durable,
+/// and the digest state just before it.
+#[derive(Clone, Default)]
+pub struct Resume {
+    pub next: u64,
+    pub hasher: Sha256,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("cannot read the spooled file {0}: {1}; it may have been removed by hand")]
+    Spool(String, std::io::Error),
+}
+
+struct InFlight {
+    idx: u64,
+    len: u64,
+    hasher_before: Sha256,
+    confirm: Confirm,
+}
+
+/// Publishes the chunks of `row`'s spooled file from `resume` on. Returns the
+/// file's SHA-256 once every chunk is confirmed; `on_progress` sees confirmed bytes.
+pub async fn publish(
+    broker: &Arc<dyn Broker>,
+    node: &str,
+    row: &Row,
+    window: u64,
+    resume: &mut Resume,
+    on_progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<String, PublishError> {
+    let path = row.path.clone().unwrap_or_default();
+    let file = std::fs::File::open(&path).map_err(|e| PublishError::Spool(path.clone(), e))?;
+    let file = Arc::new(file);
+    let count = chunk_count(row.size, row.chunk_size).unwrap_or(1);
+    let mut hasher = resume.hasher.clone();
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let mut bytes_in_flight = 0u64;
+    let mut idx = resume.next;
+    let mut confirmed = idx * row.chunk_size;
+
+    while idx < count {
+        let offset = idx * row.chunk_size;
+        let len = row.chunk_size.min(row.size - offset.min(row.size));
+        let body = read_at(&file, &path, offset, len).await?;
+        let hasher_before = hasher.clone();
+        hasher.update(&body);
+        let last = (idx + 1 == count).then(|| Trailer {
+            sha256: hex::encode(hasher.clone().finalize()),
+            started_at: row.started_at.clone(),
+            meta: row.meta.clone(),
+        });
+        let header = ChunkHeader {
+            transfer_id: row.transfer_id.clone(),
+            file_id: row.file_id.clone(),
+            from: node.to_string(),
+            to: row.peer.clone(),
+            file_name: row.file_name.clone(),
+            size: row.size,
+            chunk_size: row.chunk_size,
+            offset,
+            last,
+        };
+        let payload = Message::Chunk(header, body).encode();
+        while bytes_in_flight + len > window && !in_flight.is_empty() {
+            let done = settle(&mut in_flight, resume).await?;
+            bytes_in_flight -= done;
+            confirmed += done;
+            on_progress(confirmed);
+        }
+        match broker.publish(&row.peer, payload).await {
+            Ok(confirm) => in_flight.push_back(InFlight {
+                idx,
+                len,
+                hasher_before,
+                confirm,
+            }),
+            Err(e) => {
+                *resume = match in_flight.front() {
+                    Some(f) => Resume {
+                        next: f.idx,
+                        hasher: f.hasher_before.clone(),
+                    },
+                    None => Resume {
+                        next: idx,
+                        hasher: hasher_before,
+                    },
+                };
+                return Err(e.into());
+            }
+        }
+        bytes_in_flight += len;
+        idx += 1;
+    }
+    while !in_flight.is_empty() {
+        confirmed += settle(&mut in_flight, resume).await?;
+        on_progress(confirmed);
+    }
+    *resume = Resume::default();
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Awaits the oldest confirm; on failure, points `resume` at it.
+async fn settle(
+    in_flight: &mut VecDeque<InFlight>,
+    resume: &mut Resume,
+) -> Result<u64, PublishError> {
+    let Some(front) = in_flight.pop_front() else {
+        return Ok(0);
+    };
+    match front.confirm.await {
+        Ok(()) => Ok(front.len),
+        Err(e) => {
+            *resume = Resume {
+                next: front.idx,
+                hasher: front.hasher_before,
+            };
+            Err(e.into())
+        }
+    }
+}
+
+async fn read_at(
+    file: &Arc<std::fs::File>,
+    path: &str,
+    offset: u64,
+    len: u64,
+) -> Result<Bytes, PublishError> {
+    let f = file.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, offset).map(|()| Bytes::from(buf))
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()));
+    match read {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) | Err(e) => Err(PublishError::Spool(path.to_string(), e)),
+    }
+}
+
+/// The spool path of a claimed file: `spool/<file_id>/<transfer_id>/<name>`.
+pub fn spool_path(
+    spool: &Path,
+    file_id: &str,
+    transfer_id: &str,
+    name: &str,
+) -> std::path::PathBuf {
+    spool.join(file_id).join(transfer_id).join(name)
+}

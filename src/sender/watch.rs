@@ -1,0 +1,143 @@
+//! Watches one outbox: inotify as a wake-up hint, a periodic rescan as the
+//! fallback, and the readiness rule (`stable_for` or `done_marker`) decides
+//! when a file is complete and may be claimed.
+
+use std::collections::HashMap;
+use std::fs;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::Sender;
+use crate::config::{Ready, SendProfile};
+
+/// Names never picked up: hidden files and the usual temporary suffixes.
+pub fn ignored(name: &str) -> bool {
+    const SUFFIXES: [&str; 4] = [".tmp", ".part", ".filepart", ".swp"];
+    name.starts_with('.') || SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
+struct Seen {
+    size: u64,
+    mtime: SystemTime,
+    since: Instant,
+}
+
+pub async fn watch(sender: Arc<Sender>, profile: SendProfile) {
+    if let Err(e) = fs::create_dir_all(&profile.outbox) {
+        warn!(message = "Cannot create outbox; retrying at each rescan.", outbox = %profile.outbox.display(), error = %e);
+    }
+    let (tx, mut wake) = mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |_event| {
+        let _ = tx.try_send(());
+    })
+    .and_then(|mut w| {
+        w.watch(&profile.outbox, RecursiveMode::NonRecursive)
+            .map(|()| w)
+    });
+    if let Err(e) = &watcher {
+        warn!(message = "No inotify on the outbox; relying on the periodic rescan.", outbox = %profile.outbox.display(), error = %e);
+    }
+    let rescan = match profile.ready {
+        Ready::StableFor(d) => (d / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
+        Ready::DoneMarker(_) => Duration::from_secs(1),
+    };
+    let mut seen: HashMap<String, Seen> = HashMap::new();
+    loop {
+        for name in ready_files(&profile, &mut seen) {
+            sender.claim(&profile, &name).await;
+        }
+        // With stable_for, a file must be re-looked at when its time is up
+        // even if nothing else happens, hence the timeout.
+        let _ = tokio::time::timeout(rescan, wake.recv()).await;
+    }
+}
+
+/// Names in the outbox that are complete now.
+fn ready_files(profile: &SendProfile, seen: &mut HashMap<String, Seen>) -> Vec<String> {
+    let entries = match fs::read_dir(&profile.outbox) {
+        Ok(e) => e,
+        Err(e) => {
+            debug!(message = "Cannot read outbox.", outbox = %profile.outbox.display(), error = %e);
+            return Vec::new();
+        }
+    };
+    let mut present = Vec::new();
+    let mut ready = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.file_type().is_file() || ignored(&name) {
+            continue;
+        }
+        match &profile.ready {
+            Ready::DoneMarker(marker) => {
+                if let Some(target) = name.strip_suffix(marker.as_str()) {
+                    let is_file = profile
+                        .outbox
+                        .join(target)
+                        .symlink_metadata()
+                        .is_ok_and(|m| m.is_file());
+                    if !target.is_empty()
+                        && !ignored(target)
+                        && included(profile, target)
+                        && is_file
+                    {
+                        ready.push(target.to_string());
+                    }
+                }
+            }
+            Ready::StableFor(d) => {
+                if !included(profile, &name) {
+                    continue;
+                }
+                let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                let size = meta.len();
+                present.push(name.clone());
+                match seen.get(&name) {
+                    Some(s) if s.size == size && s.mtime == mtime => {
+                        if s.since.elapsed() >= *d {
+                            ready.push(name.clone());
+                            seen.remove(&name);
+                        }
+                    }
+                    _ => {
+                        seen.insert(
+                            name,
+                            Seen {
+                                size,
+                                mtime,
+                                since: Instant::now(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+    seen.retain(|name, _| present.contains(name));
+    ready.sort();
+    ready
+}
+
+fn included(profile: &SendProfile, name: &str) -> bool {
+    profile.include.is_empty() || profile.include.iter().any(|p| p.matches(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ignored_names() {
+        for n in [".x", "a.tmp", "a.part", "a.filepart", ".a.swp", "b.swp"] {
+            assert!(ignored(n), "{n}");
+        }
+        assert!(!ignored("sales.csv"));
+    }
+}

@@ -1,0 +1,524 @@
+//! The state database (SQLite in `state_dir`): the history of every transfer on
+//! both sides, and the ledger that makes placement and hooks happen once.
+//! Only this module knows SQL.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+#[error("state database: {0}")]
+pub struct StoreError(#[from] rusqlite::Error);
+
+impl StoreError {
+    pub const fn code(&self) -> &'static str {
+        "state_db_error"
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Send,
+    Receive,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Send => "send",
+            Direction::Receive => "receive",
+        }
+    }
+}
+
+/// Where a transfer stands. Sending: (`queued` →) `sending` → `awaiting_receipt` →
+/// `hook_running` → `sent` | `send_failed`. Receiving: `receiving` →
+/// `placing` → `hook_running` → `received` | `receive_failed`. Either side:
+/// `hook_failed`, and `hook_interrupted` when the agent died while a hook ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Waiting for the agent to pick it up (`hakobu send`, `hakobu resend`).
+    Queued,
+    Sending,
+    AwaitingReceipt,
+    Receiving,
+    Placing,
+    HookRunning,
+    Sent,
+    SendFailed,
+    Received,
+    ReceiveFailed,
+    HookFailed,
+    HookInterrupted,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Sending => "sending",
+            Status::AwaitingReceipt => "awaiting_receipt",
+            Status::Receiving => "receiving",
+            Status::Placing => "placing",
+            Status::HookRunning => "hook_running",
+            Status::Sent => "sent",
+            Status::SendFailed => "send_failed",
+            Status::Received => "received",
+            Status::ReceiveFailed => "receive_failed",
+            Status::HookFailed => "hook_failed",
+            Status::HookInterrupted => "hook_interrupted",
+        }
+    }
+
+    fn parse(s: &str) -> Status {
+        match s {
+            "queued" => Status::Queued,
+            "sending" => Status::Sending,
+            "awaiting_receipt" => Status::AwaitingReceipt,
+            "receiving" => Status::Receiving,
+            "placing" => Status::Placing,
+            "hook_running" => Status::HookRunning,
+            "sent" => Status::Sent,
+            "send_failed" => Status::SendFailed,
+            "received" => Status::Received,
+            "receive_failed" => Status::ReceiveFailed,
+            "hook_failed" => Status::HookFailed,
+            _ => Status::HookInterrupted,
+        }
+    }
+
+    /// Nothing more will happen to a transfer in this state without an operator.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Status::Sent
+                | Status::SendFailed
+                | Status::Received
+                | Status::ReceiveFailed
+                | Status::HookFailed
+                | Status::HookInterrupted
+        )
+    }
+}
+
+/// One transfer as seen from one side, toward one peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub direction: Direction,
+    pub transfer_id: String,
+    /// The other node: the receiver when sending, the sender when receiving.
+    pub peer: String,
+    pub file_id: String,
+    pub file_name: String,
+    pub size: u64,
+    pub sha256: Option<String>,
+    pub chunk_size: u64,
+    pub status: Status,
+    pub error_code: Option<String>,
+    pub error: Option<String>,
+    /// Sending: the spooled file. Receiving: where the file was placed.
+    pub path: Option<String>,
+    /// Sending: where the receiver placed it, from the receipt.
+    pub remote_path: Option<String>,
+    /// Sending: the receiver's hook exit code, from the receipt.
+    pub remote_hook_exit: Option<i32>,
+    pub meta: std::collections::BTreeMap<String, String>,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub hook_exit: Option<i32>,
+    pub hook_ms: Option<u64>,
+    pub hook_tail: Option<String>,
+    /// Receiving: the receipt has been confirmed by the broker.
+    pub receipt_sent: bool,
+    /// Sending: the receipt said the file was placed.
+    pub delivered: bool,
+    /// Receiving: inode of the file placed under the inbox name, recorded
+    /// before the rename so that recovery can tell whether it happened.
+    pub inode: Option<u64>,
+}
+
+const COLUMNS: &str = "direction, transfer_id, peer, file_id, file_name, size, sha256, chunk_size, \
+     status, error_code, error, path, remote_path, remote_hook_exit, meta, started_at, finished_at, \
+     hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode";
+
+fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    let dir: String = r.get(0)?;
+    let meta: String = r.get(14)?;
+    Ok(Row {
+        direction: if dir == "send" {
+            Direction::Send
+        } else {
+            Direction::Receive
+        },
+        transfer_id: r.get(1)?,
+        peer: r.get(2)?,
+        file_id: r.get(3)?,
+        file_name: r.get(4)?,
+        size: r.get::<_, i64>(5)? as u64,
+        sha256: r.get(6)?,
+        chunk_size: r.get::<_, i64>(7)? as u64,
+        status: Status::parse(&r.get::<_, String>(8)?),
+        error_code: r.get(9)?,
+        error: r.get(10)?,
+        path: r.get(11)?,
+        remote_path: r.get(12)?,
+        remote_hook_exit: r.get(13)?,
+        meta: serde_json::from_str(&meta).unwrap_or_default(),
+        started_at: r.get(15)?,
+        finished_at: r.get(16)?,
+        hook_exit: r.get(17)?,
+        hook_ms: r.get::<_, Option<i64>>(18)?.map(|v| v as u64),
+        hook_tail: r.get(19)?,
+        receipt_sent: r.get(20)?,
+        delivered: r.get(21)?,
+        inode: r.get::<_, Option<i64>>(22)?.map(|v| v as u64),
+    })
+}
+
+/// A handle on the state database, cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path)?;
+        // Status changes are the exactly-once ledger: FULL makes each commit durable.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS transfers (
+                direction TEXT NOT NULL, transfer_id TEXT NOT NULL, peer TEXT NOT NULL,
+                file_id TEXT NOT NULL, file_name TEXT NOT NULL, size INTEGER NOT NULL,
+                sha256 TEXT, chunk_size INTEGER NOT NULL, status TEXT NOT NULL,
+                error_code TEXT, error TEXT, path TEXT, remote_path TEXT, remote_hook_exit INTEGER,
+                meta TEXT NOT NULL DEFAULT '{}', started_at TEXT NOT NULL, finished_at TEXT,
+                hook_exit INTEGER, hook_ms INTEGER, hook_tail TEXT,
+                receipt_sent INTEGER NOT NULL DEFAULT 0,
+                delivered INTEGER NOT NULL DEFAULT 0, inode INTEGER,
+                seq INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (direction, transfer_id, peer));
+             CREATE INDEX IF NOT EXISTS transfers_status ON transfers(status);
+             CREATE INDEX IF NOT EXISTS transfers_seq ON transfers(seq);
+             CREATE TABLE IF NOT EXISTS chunks (
+                transfer_id TEXT NOT NULL, idx INTEGER NOT NULL,
+                PRIMARY KEY (transfer_id, idx)) WITHOUT ROWID;",
+        )?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn db(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a new transfer row; an existing row is left as it is.
+    pub fn insert(&self, row: &Row) -> Result<bool> {
+        let n = self.db().execute(
+            "INSERT OR IGNORE INTO transfers (direction, transfer_id, peer, file_id, file_name, size,
+                sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers))",
+            params![
+                row.direction.as_str(),
+                row.transfer_id,
+                row.peer,
+                row.file_id,
+                row.file_name,
+                row.size as i64,
+                row.sha256,
+                row.chunk_size as i64,
+                row.status.as_str(),
+                row.error_code,
+                row.error,
+                row.path,
+                serde_json::to_string(&row.meta).unwrap_or_else(|_| "{}".into()),
+                row.started_at,
+                row.finished_at,
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn get(&self, dir: Direction, transfer_id: &str, peer: &str) -> Result<Option<Row>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM transfers WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3"
+        );
+        Ok(self
+            .db()
+            .query_row(&sql, params![dir.as_str(), transfer_id, peer], row_from)
+            .optional()?)
+    }
+
+    /// Every row of one transfer on one side (one per peer when multicast).
+    pub fn rows_of(&self, dir: Direction, transfer_id: &str) -> Result<Vec<Row>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM transfers WHERE direction = ?1 AND transfer_id = ?2 ORDER BY peer"
+        );
+        let db = self.db();
+        let mut stmt = db.prepare(&sql)?;
+        let rows = stmt.query_map(params![dir.as_str(), transfer_id], row_from)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Any row with this transfer id received, whatever its sender.
+    pub fn received(&self, transfer_id: &str) -> Result<Option<Row>> {
+        Ok(self
+            .rows_of(Direction::Receive, transfer_id)?
+            .into_iter()
+            .next())
+    }
+
+    /// Rows not yet in a final state, or received rows whose receipt is unsent.
+    pub fn unfinished(&self) -> Result<Vec<Row>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM transfers WHERE status IN
+               ('queued','sending','awaiting_receipt','receiving','placing','hook_running')
+               OR (direction = 'receive' AND receipt_sent = 0) ORDER BY seq"
+        );
+        let db = self.db();
+        let mut stmt = db.prepare(&sql)?;
+        let rows = stmt.query_map([], row_from)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn set_status(
+        &self,
+        dir: Direction,
+        transfer_id: &str,
+        peer: &str,
+        status: Status,
+    ) -> Result<()> {
+        let finished = status.is_final().then(crate::clock::now_rfc3339);
+        self.db().execute(
+            "UPDATE transfers SET status = ?4, finished_at = IFNULL(?5, finished_at)
+             WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3",
+            params![dir.as_str(), transfer_id, peer, status.as_str(), finished],
+        )?;
+        Ok(())
+    }
+
+    /// Moves from `from` to `to`; false when the row was no longer in `from`.
+    pub fn advance(
+        &self,
+        dir: Direction,
+        transfer_id: &str,
+        peer: &str,
+        from: Status,
+        to: Status,
+    ) -> Result<bool> {
+        let finished = to.is_final().then(crate::clock::now_rfc3339);
+        let n = self.db().execute(
+            "UPDATE transfers SET status = ?5, finished_at = IFNULL(?6, finished_at)
+             WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = ?4",
+            params![
+                dir.as_str(),
+                transfer_id,
+                peer,
+                from.as_str(),
+                to.as_str(),
+                finished
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Rows in `status` on one side, oldest first.
+    pub fn in_status(&self, dir: Direction, status: Status) -> Result<Vec<Row>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM transfers WHERE direction = ?1 AND status = ?2 ORDER BY seq"
+        );
+        let db = self.db();
+        let mut stmt = db.prepare(&sql)?;
+        let rows = stmt.query_map(params![dir.as_str(), status.as_str()], row_from)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn delete(&self, dir: Direction, transfer_id: &str) -> Result<()> {
+        self.db().execute(
+            "DELETE FROM transfers WHERE direction = ?1 AND transfer_id = ?2",
+            params![dir.as_str(), transfer_id],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_inode(&self, transfer_id: &str, peer: &str, target: &str, inode: u64) -> Result<()> {
+        self.db().execute(
+            "UPDATE transfers SET path = ?3, inode = ?4 WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2",
+            params![transfer_id, peer, target, inode as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Moves to a failed state with a stable code and a sentence.
+    pub fn fail(
+        &self,
+        dir: Direction,
+        transfer_id: &str,
+        peer: &str,
+        status: Status,
+        code: &str,
+        error: &str,
+    ) -> Result<()> {
+        self.db().execute(
+            "UPDATE transfers SET status = ?4, error_code = ?5, error = ?6, finished_at = ?7
+             WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3",
+            params![
+                dir.as_str(),
+                transfer_id,
+                peer,
+                status.as_str(),
+                code,
+                error,
+                crate::clock::now_rfc3339()
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_path(
+        &self,
+        dir: Direction,
+        transfer_id: &str,
+        peer: &str,
+        path: &str,
+    ) -> Result<()> {
+        self.db().execute(
+            "UPDATE transfers SET path = ?4 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3",
+            params![dir.as_str(), transfer_id, peer, path],
+        )?;
+        Ok(())
+    }
+
+    /// Records the trailer of a received transfer: the digest, metadata and start time.
+    pub fn set_trailer(
+        &self,
+        transfer_id: &str,
+        peer: &str,
+        sha256: &str,
+        started_at: &str,
+        meta: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.db().execute(
+            "UPDATE transfers SET sha256 = ?3, started_at = ?4, meta = ?5
+             WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2",
+            params![
+                transfer_id,
+                peer,
+                sha256,
+                started_at,
+                serde_json::to_string(meta).unwrap_or_else(|_| "{}".into())
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_sha256(&self, dir: Direction, transfer_id: &str, sha256: &str) -> Result<()> {
+        self.db().execute(
+            "UPDATE transfers SET sha256 = ?3 WHERE direction = ?1 AND transfer_id = ?2",
+            params![dir.as_str(), transfer_id, sha256],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_hook(
+        &self,
+        dir: Direction,
+        transfer_id: &str,
+        peer: &str,
+        exit: Option<i32>,
+        ms: u64,
+        tail: &str,
+    ) -> Result<()> {
+        self.db().execute(
+            "UPDATE transfers SET hook_exit = ?4, hook_ms = ?5, hook_tail = ?6
+             WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3",
+            params![dir.as_str(), transfer_id, peer, exit, ms as i64, tail],
+        )?;
+        Ok(())
+    }
+
+    /// Records a receipt on the sending side. Returns false when no such
+    /// transfer waits for one (a duplicate or a stranger's receipt).
+    /// The row moves to `hook_running`: the sender's hooks are next.
+    pub fn record_receipt(&self, r: &crate::wire::Receipt) -> Result<bool> {
+        let n = self.db().execute(
+            "UPDATE transfers SET remote_path = ?3, remote_hook_exit = ?4, error_code = ?5, error = ?6,
+                delivered = ?7, status = 'hook_running'
+             WHERE direction = 'send' AND transfer_id = ?1 AND peer = ?2
+               AND status IN ('sending', 'awaiting_receipt')",
+            params![r.transfer_id, r.from, r.path, r.hook_exit, r.error_code, r.error, r.ok],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn set_receipt_sent(&self, transfer_id: &str, peer: &str) -> Result<()> {
+        self.db().execute(
+            "UPDATE transfers SET receipt_sent = 1 WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2",
+            params![transfer_id, peer],
+        )?;
+        Ok(())
+    }
+
+    /// Records that chunk `idx` is on disk; returns how many distinct chunks are.
+    pub fn add_chunk(&self, transfer_id: &str, idx: u64) -> Result<u64> {
+        let db = self.db();
+        db.execute(
+            "INSERT OR IGNORE INTO chunks (transfer_id, idx) VALUES (?1, ?2)",
+            params![transfer_id, idx as i64],
+        )?;
+        let n: i64 = db.query_row(
+            "SELECT COUNT(*) FROM chunks WHERE transfer_id = ?1",
+            params![transfer_id],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
+    pub fn chunk_count(&self, transfer_id: &str) -> Result<u64> {
+        let n: i64 = self.db().query_row(
+            "SELECT COUNT(*) FROM chunks WHERE transfer_id = ?1",
+            params![transfer_id],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
+    pub fn forget_chunks(&self, transfer_id: &str) -> Result<()> {
+        self.db().execute(
+            "DELETE FROM chunks WHERE transfer_id = ?1",
+            params![transfer_id],
+        )?;
+        Ok(())
+    }
+
+    /// The latest transfers, newest first.
+    pub fn history(&self, limit: usize) -> Result<Vec<Row>> {
+        let sql = format!("SELECT {COLUMNS} FROM transfers ORDER BY seq DESC LIMIT ?1");
+        let db = self.db();
+        let mut stmt = db.prepare(&sql)?;
+        let rows = stmt.query_map(params![limit as i64], row_from)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Every row with this transfer id, both directions.
+    pub fn find(&self, transfer_id: &str) -> Result<Vec<Row>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM transfers WHERE transfer_id = ?1 ORDER BY direction, peer"
+        );
+        let db = self.db();
+        let mut stmt = db.prepare(&sql)?;
+        let rows = stmt.query_map(params![transfer_id], row_from)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}

@@ -1,0 +1,292 @@
+//! The wire format: the one place that turns typed messages into bytes and
+//! back. Chunk bodies travel as raw bytes after a small versioned header;
+//! decoding never trusts a length it has not checked against the input.
+//!
+//! Frame layout (all integers big-endian):
+//! `"HKB"` · version `u8` · kind `u8` · header length `u32` · header (JSON) · body
+
+use std::collections::BTreeMap;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+const MAGIC: &[u8; 3] = b"HKB";
+pub const VERSION: u8 = 1;
+const KIND_CHUNK: u8 = 1;
+const KIND_RECEIPT: u8 = 2;
+const PREFIX: usize = 3 + 1 + 1 + 4;
+/// Headers are small; anything larger is hostile.
+pub const MAX_HEADER: usize = 64 * 1024;
+
+/// One slice of a file. Every chunk names its transfer completely, so the
+/// receiver can check it whatever order chunks arrive in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkHeader {
+    pub transfer_id: String,
+    pub file_id: String,
+    /// Sending node.
+    pub from: String,
+    /// Receiving node.
+    pub to: String,
+    /// Original base name.
+    pub file_name: String,
+    /// Size of the whole file.
+    pub size: u64,
+    /// Bytes per chunk for this transfer; the last chunk may be shorter.
+    pub chunk_size: u64,
+    pub offset: u64,
+    /// Only on the last chunk: what the whole file must verify against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<Trailer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trailer {
+    /// Lower-case hex SHA-256 of the whole file.
+    pub sha256: String,
+    /// RFC 3339 time the sender claimed the file.
+    pub started_at: String,
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+}
+
+/// The receiver's outcome, sent back to the sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Receipt {
+    pub transfer_id: String,
+    pub file_id: String,
+    /// The receiving node.
+    pub from: String,
+    /// The sender, to whom the receipt goes.
+    pub to: String,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Where the file was placed on the receiver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_exit: Option<i32>,
+    pub finished_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Chunk(ChunkHeader, Bytes),
+    Receipt(Receipt),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("message too short for a hakobu frame ({0} bytes)")]
+    Short(usize),
+    #[error("not a hakobu frame (bad magic)")]
+    Magic,
+    #[error("unsupported frame version {0}; upgrade this agent")]
+    Version(u8),
+    #[error("unknown message kind {0}")]
+    Kind(u8),
+    #[error("declared header length {declared} exceeds the frame ({available} bytes) or the limit")]
+    HeaderLength { declared: usize, available: usize },
+    #[error("malformed header: {0}")]
+    Header(String),
+    #[error("a receipt carries no body")]
+    ReceiptBody,
+}
+
+impl DecodeError {
+    pub const fn code(&self) -> &'static str {
+        "malformed_message"
+    }
+}
+
+impl Message {
+    pub fn encode(&self) -> Bytes {
+        let (kind, header, body): (u8, Vec<u8>, &[u8]) = match self {
+            Message::Chunk(h, body) => (KIND_CHUNK, to_json(h), body),
+            Message::Receipt(r) => (KIND_RECEIPT, to_json(r), &[]),
+        };
+        let mut out = BytesMut::with_capacity(PREFIX + header.len() + body.len());
+        out.put_slice(MAGIC);
+        out.put_u8(VERSION);
+        out.put_u8(kind);
+        out.put_u32(header.len() as u32);
+        out.put_slice(&header);
+        out.put_slice(body);
+        out.freeze()
+    }
+
+    /// Decodes a frame. The body is a zero-copy slice of `frame`.
+    pub fn decode(frame: Bytes) -> Result<Message, DecodeError> {
+        if frame.len() < PREFIX {
+            return Err(DecodeError::Short(frame.len()));
+        }
+        if &frame[..3] != MAGIC {
+            return Err(DecodeError::Magic);
+        }
+        if frame[3] != VERSION {
+            return Err(DecodeError::Version(frame[3]));
+        }
+        let kind = frame[4];
+        let declared = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) as usize;
+        let available = frame.len() - PREFIX;
+        if declared > available || declared > MAX_HEADER {
+            return Err(DecodeError::HeaderLength {
+                declared,
+                available,
+            });
+        }
+        let header = &frame[PREFIX..PREFIX + declared];
+        let body = frame.slice(PREFIX + declared..);
+        match kind {
+            KIND_CHUNK => Ok(Message::Chunk(from_json(header)?, body)),
+            KIND_RECEIPT if body.is_empty() => Ok(Message::Receipt(from_json(header)?)),
+            KIND_RECEIPT => Err(DecodeError::ReceiptBody),
+            other => Err(DecodeError::Kind(other)),
+        }
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing plain structs of strings and integers cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn from_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
+    serde_json::from_slice(bytes).map_err(|e| DecodeError::Header(e.to_string()))
+}
+
+impl ChunkHeader {
+    /// Number of chunks in this transfer; an empty file still travels as one.
+    pub fn chunk_count(&self) -> Option<u64> {
+        chunk_count(self.size, self.chunk_size)
+    }
+
+    /// Length the body of the chunk at `offset` must have.
+    pub fn expected_len(&self) -> Option<u64> {
+        if self.chunk_size == 0 || self.offset % self.chunk_size != 0 {
+            return None;
+        }
+        if self.size == 0 {
+            return (self.offset == 0).then_some(0);
+        }
+        if self.offset >= self.size {
+            return None;
+        }
+        Some(self.chunk_size.min(self.size - self.offset))
+    }
+
+    pub fn index(&self) -> u64 {
+        self.offset.checked_div(self.chunk_size).unwrap_or(0)
+    }
+}
+
+pub fn chunk_count(size: u64, chunk_size: u64) -> Option<u64> {
+    if chunk_size == 0 {
+        return None;
+    }
+    Some(size.div_ceil(chunk_size).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn chunk() -> Message {
+        Message::Chunk(
+            ChunkHeader {
+                transfer_id: "0190f6c4-0000-7000-8000-000000000000".into(),
+                file_id: "DAILY_SALES".into(),
+                from: "alpha".into(),
+                to: "beta".into(),
+                file_name: "sales.csv".into(),
+                size: 5,
+                chunk_size: 65536,
+                offset: 0,
+                last: Some(Trailer {
+                    sha256: "00".into(),
+                    started_at: "2026-01-01T00:00:00Z".into(),
+                    meta: BTreeMap::from([("k".into(), "v".into())]),
+                }),
+            },
+            Bytes::from_static(b"hello"),
+        )
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = chunk();
+        assert_eq!(Message::decode(m.encode()).unwrap(), m);
+        let r = Message::Receipt(Receipt {
+            transfer_id: "t".into(),
+            file_id: "F".into(),
+            from: "beta".into(),
+            to: "alpha".into(),
+            ok: false,
+            error_code: Some("sha256_mismatch".into()),
+            error: Some("x".into()),
+            path: None,
+            hook_exit: Some(3),
+            finished_at: "2026-01-01T00:00:00Z".into(),
+        });
+        assert_eq!(Message::decode(r.encode()).unwrap(), r);
+    }
+
+    #[test]
+    fn rejects_lying_lengths() {
+        let mut raw = chunk().encode().to_vec();
+        raw[5..9].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            Message::decode(Bytes::from(raw)),
+            Err(DecodeError::HeaderLength { .. })
+        ));
+        assert_eq!(
+            Message::decode(Bytes::from_static(b"HK")),
+            Err(DecodeError::Short(2))
+        );
+        assert_eq!(
+            Message::decode(Bytes::from_static(b"XXX\x01\x01\0\0\0\0")),
+            Err(DecodeError::Magic)
+        );
+    }
+
+    #[test]
+    fn expected_lengths() {
+        let Message::Chunk(mut h, _) = chunk() else {
+            unreachable!()
+        };
+        h.size = 150_000;
+        h.offset = 131072;
+        assert_eq!(h.expected_len(), Some(150_000 - 131072));
+        h.offset = 1;
+        assert_eq!(h.expected_len(), None);
+        h.offset = 196608;
+        assert_eq!(h.expected_len(), None);
+        assert_eq!(h.chunk_count(), Some(3));
+        h.size = 0;
+        h.offset = 0;
+        assert_eq!(h.expected_len(), Some(0));
+        assert_eq!(h.chunk_count(), Some(1));
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Message::decode(Bytes::from(data));
+        }
+
+        #[test]
+        fn decoding_mutated_frames_never_panics(pos in 0usize..200, byte in any::<u8>()) {
+            let mut raw = chunk().encode().to_vec();
+            let i = pos % raw.len();
+            raw[i] = byte;
+            let _ = Message::decode(Bytes::from(raw));
+        }
+    }
+}

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# tests/run.sh — the project's test command: `cargo test --release "$@"` run
+# against a throwaway three-node RabbitMQ cluster on loopback
+# (packaging/rabbitmq/local-cluster.sh), which is always brought down on exit.
+#
+# Installs rabbitmq-server with apt-get when it is missing (without letting the
+# package start its system-wide service). Exports for the tests:
+#   HAKOBU_TEST_AMQP_URLS   the three nodes' AMQP URLs, comma-separated
+#   HAKOBU_RMQ_BASE, HAKOBU_RMQ_NAME, HAKOBU_RMQ_PORTS
+#                           so a test can run `local-cluster.sh pid N|stop N|start N`
+#   HAKOBU_RMQ_CLUSTER      the path of local-cluster.sh
+# HAKOBU_RMQ_BASE defaults to a fresh temporary directory, removed after a
+# successful run and kept (for the nodes' logs) after a failed one.
+# The tests are built (`cargo test --release --no-run "$@"`) before the cluster
+# is started. Exit status: cargo's, or non-zero if the cluster did not start.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CLUSTER=$ROOT/packaging/rabbitmq/local-cluster.sh
+
+install_rabbitmq() {
+  local sudo='' policy=/usr/sbin/policy-rc.d own_policy=''
+  [[ $(id -u) -eq 0 ]] || sudo=sudo
+  echo "tests/run.sh: installing rabbitmq-server" >&2
+  # Keep the package from starting its own node (it would take ports 5672/25672).
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod 755 "$policy"
+    own_policy=1
+  fi
+  local rc=0
+  {
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get update -q &&
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q rabbitmq-server
+  } </dev/null || rc=$?
+  [[ -z $own_policy ]] || $sudo rm -f "$policy"
+  return "$rc"
+}
+
+[[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || install_rabbitmq
+
+# Build first, so that a compile error needs no cluster and the nodes do not
+# compete with the compiler for the CPU.
+rc=0
+cargo test --release --no-run "$@" || rc=$?
+[[ $rc -eq 0 ]] || exit "$rc"
+
+own_base=''
+if [[ -z ${HAKOBU_RMQ_BASE:-} ]]; then
+  HAKOBU_RMQ_BASE=$(mktemp -d "${TMPDIR:-/tmp}/hakobu-rmq.XXXXXX")
+  own_base=1
+fi
+export HAKOBU_RMQ_BASE
+export HAKOBU_RMQ_NAME=${HAKOBU_RMQ_NAME:-rabbit}
+export HAKOBU_RMQ_PORTS=${HAKOBU_RMQ_PORTS:-5672 5673 5674}
+export HAKOBU_RMQ_CLUSTER=$CLUSTER
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  "$CLUSTER" down || true
+  if [[ $rc -eq 0 && -n $own_base ]]; then
+    rm -rf "$HAKOBU_RMQ_BASE"
+  elif [[ -d $HAKOBU_RMQ_BASE ]]; then
+    echo "tests/run.sh: RabbitMQ logs kept in $HAKOBU_RMQ_BASE/node*/log" >&2
+  fi
+  exit "$rc"
+}
+# On SIGINT/SIGTERM, pass the signal on to cargo and its test binaries (their
+# own process group, see below), then exit through cleanup.
+on_signal() {
+  local t
+  if [[ -n ${cargo_pid:-} ]]; then
+    kill -"$1" -- "-$cargo_pid" 2>/dev/null || kill -"$1" "$cargo_pid" 2>/dev/null || true
+    for t in $(seq 100); do # up to 10 s; a zombie (state Z) has exited
+      [[ $(awk '{print $3}' "/proc/$cargo_pid/stat" 2>/dev/null || echo Z) != Z ]] || break
+      sleep 0.1
+    done
+    kill -KILL -- "-$cargo_pid" 2>/dev/null || true
+  fi
+  exit "$2"
+}
+cargo_pid=''
+trap cleanup EXIT
+trap 'on_signal INT 130' INT
+trap 'on_signal TERM 143' TERM
+
+urls=$("$CLUSTER" up </dev/null)
+HAKOBU_TEST_AMQP_URLS=$(paste -sd, <<<"$urls")
+export HAKOBU_TEST_AMQP_URLS
+echo "tests/run.sh: HAKOBU_TEST_AMQP_URLS=$HAKOBU_TEST_AMQP_URLS" >&2
+
+# In the background and in a process group of its own, so that a signal to
+# this script is handled at once (bash defers traps while a foreground command
+# runs) and can be passed on to the test binaries too.
+setsid cargo test --release "$@" &
+cargo_pid=$!
+wait "$cargo_pid" || rc=$?
+cargo_pid=''
+exit "$rc"
