@@ -56,6 +56,7 @@ export HAKOBU_RMQ_NAME=${HAKOBU_RMQ_NAME:-rabbit}
 export HAKOBU_RMQ_PORTS=${HAKOBU_RMQ_PORTS:-5672 5673 5674}
 export HAKOBU_RMQ_CLUSTER=$CLUSTER
 
+# shellcheck disable=SC2317 # (trap handlers)
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
@@ -69,11 +70,11 @@ cleanup() {
 }
 # On SIGINT/SIGTERM, pass the signal on to cargo and its test binaries (their
 # own process group, see below), then exit through cleanup.
+# shellcheck disable=SC2317
 on_signal() {
-  local t
   if [[ -n ${cargo_pid:-} ]]; then
     kill -"$1" -- "-$cargo_pid" 2>/dev/null || kill -"$1" "$cargo_pid" 2>/dev/null || true
-    for t in $(seq 100); do # up to 10 s; a zombie (state Z) has exited
+    for _ in $(seq 100); do # up to 10 s; a zombie (state Z) has exited
       [[ $(awk '{print $3}' "/proc/$cargo_pid/stat" 2>/dev/null || echo Z) != Z ]] || break
       sleep 0.1
     done

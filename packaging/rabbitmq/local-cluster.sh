@@ -109,7 +109,15 @@ alive() {
   [[ $st != Z ]]
 }
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# True if something still listens on 127.0.0.1:PORT after up to 5 s (a node
+# just killed with -9 can hold its ports for a moment).
+port_busy() {
+  local _
+  for _ in $(seq 50); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null || return 1
+    sleep 0.1
+  done
+}
 
 # epmd: if none is running, start one on loopback and record its pid in a
 # file shared by all clusters of this script ($EPMD_PIDFILE), so that whichever
@@ -124,8 +132,8 @@ ensure_epmd() {
   if epmd -names >/dev/null 2>&1; then return 0; fi
   log "starting epmd on 127.0.0.1:4369"
   setsid epmd -address 127.0.0.1 </dev/null >>"$BASE/epmd.log" 2>&1 &
-  local pid=$! t
-  for t in $(seq 50); do
+  local pid=$!
+  for _ in $(seq 50); do
     epmd -names >/dev/null 2>&1 && break
     sleep 0.1
   done
@@ -172,20 +180,23 @@ log.file.level = info
 EOF
 }
 
-# Launch node N detached (no waiting). No-op if it is already running.
-launch() {
-  local i=$1 d n pid
-  d=$(ndir "$i")
+# Checks before starting node N, made for all nodes before any is started so
+# that a clash does not leave half a cluster behind.
+preflight() {
+  local i=$1 n
   n=$(node "$i")
-  if pid=$(node_pid "$i"); then
-    log "$n already running (pid $pid)"
-    return 0
-  fi
   port_busy "${PORTS[i - 1]}" && die "AMQP port ${PORTS[i - 1]} for $n is already in use"
   port_busy "${DIST_PORTS[i - 1]}" && die "distribution port ${DIST_PORTS[i - 1]} for $n is already in use"
   if epmd -names 2>/dev/null | grep -q "^name $NAME$i at port"; then
-    die "a node named $n is already registered with epmd but is not ours (choose another HAKOBU_RMQ_NAME)"
+    die "a node named $n is registered with epmd but is not ours (choose another HAKOBU_RMQ_NAME)"
   fi
+}
+
+# Start node N detached; returns at once.
+launch() {
+  local i=$1 d n
+  d=$(ndir "$i")
+  n=$(node "$i")
   write_files "$i"
   rm -f "$(pidfile "$i")"
   log "starting $n (amqp ${PORTS[i - 1]}, dist ${DIST_PORTS[i - 1]})"
@@ -201,6 +212,37 @@ launch() {
     RABBITMQ_ADVANCED_CONFIG_FILE="$d/advanced.config" \
     RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1} -hakobu_rmq_node $n" \
     "$BIN/rabbitmq-server" -detached </dev/null >>"$d/log/start.log" 2>&1
+}
+
+# The detached node writes its pid file only a moment after it starts; wait
+# for it, so that `down` (or a caller's cleanup) can always find the node.
+await_pidfile() {
+  local i=$1 _
+  for _ in $(seq 300); do
+    node_pid "$i" >/dev/null && return 0
+    sleep 0.1
+  done
+  tail -n 20 "$(ndir "$i")/log/$(node "$i").log" >&2 2>/dev/null || true
+  die "$(node "$i") wrote no pid file within 30 s (logs in $(ndir "$i")/log)"
+}
+
+# Start the given nodes that are not running, all at once (after a full stop
+# each waits for its peers' tables, so they must boot together), and wait
+# until every given node has booted.
+start_nodes() {
+  local i pid todo=()
+  for i in "$@"; do
+    if pid=$(node_pid "$i"); then
+      log "$(node "$i") already running (pid $pid)"
+    else
+      preflight "$i"
+      todo+=("$i")
+    fi
+  done
+  ensure_epmd
+  for i in ${todo[@]+"${todo[@]}"}; do launch "$i"; done
+  for i in ${todo[@]+"${todo[@]}"}; do await_pidfile "$i"; done
+  for i in "$@"; do await_node "$i"; done
 }
 
 # Wait until node N has fully booted. (rabbitmqctl await_startup fails at once
@@ -292,7 +334,7 @@ urls() {
 # cleanly, and deletes its pid file at once, so keep the pids), SIGKILL to any
 # still alive after 30 s.
 stop_nodes() {
-  local i pid t still pids=()
+  local i pid still pids=()
   for i in "$@"; do
     if pid=$(node_pid "$i"); then
       log "stopping $(node "$i") (pid $pid)"
@@ -300,7 +342,7 @@ stop_nodes() {
       pids+=("$pid")
     fi
   done
-  for t in $(seq 300); do
+  for _ in $(seq 300); do
     still=0
     for pid in ${pids[@]+"${pids[@]}"}; do
       if alive "$pid"; then still=1; fi
@@ -312,20 +354,16 @@ stop_nodes() {
     if alive "$pid"; then
       log "pid $pid still alive after 30 s, sending SIGKILL"
       kill -9 "$pid" 2>/dev/null || true
-      for t in $(seq 50); do alive "$pid" || break; sleep 0.1; done
+      for _ in $(seq 50); do alive "$pid" || break; sleep 0.1; done
     fi
   done
   for i in "$@"; do rm -f "$(pidfile "$i")"; done
 }
 
 cmd_up() {
-  local i t0=$SECONDS
+  local t0=$SECONDS
   [[ -x $BIN/rabbitmq-server ]] || die "$BIN/rabbitmq-server not found (apt-get install rabbitmq-server)"
-  ensure_epmd
-  # Start all missing nodes at once: after a full stop, each waits for its
-  # peers' tables, so they must boot together.
-  for i in 1 2 3; do launch "$i"; done
-  for i in 1 2 3; do await_node "$i"; done
+  start_nodes 1 2 3
   ensure_joined 2
   ensure_joined 3
   ensure_user
@@ -335,9 +373,7 @@ cmd_up() {
 
 cmd_start() {
   local i=$1
-  ensure_epmd
-  launch "$i"
-  await_node "$i"
+  start_nodes "$i"
   if [[ $i -ne 1 ]]; then ensure_joined "$i"; else
     # node 1 is the seed; a fresh node 1 joins whichever peer runs.
     local m

@@ -1,0 +1,392 @@
+//! Test harness: real `hakobu` agents as child processes, real files, real
+//! hooks, and the real three-node RabbitMQ cluster that `tests/run.sh` starts
+//! (its URLs in `HAKOBU_TEST_AMQP_URLS`). Each test uses node names of its
+//! own, so tests share the cluster without seeing each other's queues.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// The cluster's AMQP URLs. A test that needs the cluster and finds none fails:
+/// a suite that silently checks nothing is worse than a red one.
+pub fn amqp_urls() -> Vec<String> {
+    let urls = std::env::var("HAKOBU_TEST_AMQP_URLS").unwrap_or_default();
+    let urls: Vec<String> = urls
+        .split(',')
+        .filter(|u| !u.is_empty())
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        urls.len(),
+        3,
+        "HAKOBU_TEST_AMQP_URLS must list the three cluster nodes: run the tests with tests/run.sh"
+    );
+    urls
+}
+
+/// A node name unique to this test process and call.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hakobu")
+}
+
+/// Polls `f` every 50 ms until it holds; panics with `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let mut f = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).unwrap();
+    hex::encode(h.finalize())
+}
+
+/// Writes `size` bytes of a deterministic, incompressible pattern.
+pub fn write_pattern(path: &Path, size: u64, seed: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(fs::File::create(path).unwrap());
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut left = size;
+    let mut buf = [0u8; 8192];
+    while left > 0 {
+        for chunk in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.flush().unwrap();
+}
+
+/// Drops a file into an outbox the way users should: written elsewhere, then
+/// renamed in, so that it is complete when it appears.
+pub fn drop_file(outbox: &Path, name: &str, write: impl FnOnce(&Path)) -> PathBuf {
+    fs::create_dir_all(outbox).unwrap();
+    let tmp = outbox.join(format!(".{name}.writing"));
+    write(&tmp);
+    let dst = outbox.join(name);
+    fs::rename(&tmp, &dst).unwrap();
+    dst
+}
+
+/// A hook script that records each run: one line `TRANSFER_ID EVENT` in
+/// `runs.log`, and the full HAKOBU_* environment in `<transfer>.<event>.env`.
+pub fn recording_hook(dir: &Path, name: &str) -> PathBuf {
+    fs::create_dir_all(dir).unwrap();
+    let path = dir.join(name);
+    let script = format!(
+        "#!/bin/sh\n\
+         out={dir}\n\
+         env | grep '^HAKOBU_' | sort > \"$out/$HAKOBU_TRANSFER_ID.$HAKOBU_EVENT.env\"\n\
+         printf '%s\\n' \"$@\" > \"$out/$HAKOBU_TRANSFER_ID.$HAKOBU_EVENT.args\"\n\
+         echo \"$HAKOBU_TRANSFER_ID $HAKOBU_EVENT\" >> \"$out/runs.log\"\n\
+         if [ -n \"${{HOOK_SLEEP:-}}\" ]; then sleep \"$HOOK_SLEEP\"; fi\n\
+         exit \"${{HOOK_EXIT:-0}}\"\n",
+        dir = dir.display()
+    );
+    fs::write(&path, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Lines of a recording hook's `runs.log`.
+pub fn hook_runs(dir: &Path) -> Vec<String> {
+    fs::read_to_string(dir.join("runs.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// The `HAKOBU_*` environment a recording hook saw.
+pub fn hook_env(dir: &Path, transfer_id: &str, event: &str) -> BTreeMap<String, String> {
+    let text =
+        fs::read_to_string(dir.join(format!("{transfer_id}.{event}.env"))).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// One agent process with its own directory and configuration.
+pub struct Agent {
+    pub node: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+    extra_env: Vec<(String, String)>,
+}
+
+impl Agent {
+    /// Writes `yaml` as the agent's configuration (in `dir`) without starting it.
+    pub fn new(node: &str, dir: &Path, yaml: &str) -> Agent {
+        fs::create_dir_all(dir).unwrap();
+        let config = dir.join(format!("{node}.yaml"));
+        fs::write(&config, yaml).unwrap();
+        Agent {
+            node: node.to_string(),
+            dir: dir.to_path_buf(),
+            config,
+            child: None,
+            extra_env: Vec::new(),
+        }
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.extra_env.push((k.to_string(), v.to_string()));
+        self
+    }
+
+    pub fn start(&mut self) -> &mut Self {
+        assert!(self.child.is_none(), "agent {} already running", self.node);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", self.node)))
+            .unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&self.config)
+            .current_dir(&self.dir);
+        cmd.env("HAKOBU_LOG", "info,lapin=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("start hakobu run"));
+        self
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// `kill -9` by pid, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    /// True while the process runs (it exits on a fatal error).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join(format!("{}.log", self.node))).unwrap_or_default()
+    }
+
+    /// Runs a `hakobu` subcommand against this agent's configuration.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(bin());
+        cmd.arg(args[0])
+            .arg("-c")
+            .arg(&self.config)
+            .args(&args[1..])
+            .current_dir(&self.dir);
+        cmd.output().expect("run hakobu")
+    }
+
+    /// History rows (`hakobu history --json`).
+    pub fn history(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(&["history", "--limit", "100000", "--json"]);
+        assert!(
+            out.status.success(),
+            "history failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("history JSON line"))
+            .collect()
+    }
+
+    /// History rows in a given status.
+    pub fn with_status(&self, status: &str) -> Vec<serde_json::Value> {
+        self.history()
+            .into_iter()
+            .filter(|r| r["status"] == status)
+            .collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The `broker:` section for the test cluster, URLs starting at node `first` (0-based).
+pub fn rabbit_broker(first: usize) -> String {
+    let urls = amqp_urls();
+    let ordered: Vec<String> = (0..3)
+        .map(|i| format!("\"{}\"", urls[(first + i) % 3]))
+        .collect();
+    format!(
+        "broker:\n  rabbitmq:\n    urls: [ {} ]\n    confirm_timeout: 20s\n",
+        ordered.join(", ")
+    )
+}
+
+/// The cluster control script, with the environment tests/run.sh exported.
+pub fn cluster(args: &[&str]) -> String {
+    let script = std::env::var("HAKOBU_RMQ_CLUSTER").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/packaging/rabbitmq/local-cluster.sh"
+        )
+        .to_string()
+    });
+    let out = Command::new(script)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run local-cluster.sh");
+    assert!(
+        out.status.success(),
+        "local-cluster.sh {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A sender/receiver pair on the test cluster, in one temporary directory.
+pub struct Pair {
+    pub tmp: tempfile::TempDir,
+    pub alpha: Agent,
+    pub beta: Agent,
+    pub outbox: PathBuf,
+    pub inbox: PathBuf,
+    pub hooks: PathBuf,
+    pub file_id: String,
+}
+
+/// Options for [`Pair::new`]: extra YAML lines for the send and receive profiles.
+#[derive(Default)]
+pub struct PairOpts {
+    pub send_extra: String,
+    pub receive_extra: String,
+    /// The first URL each agent tries (0-based), to control which node it uses.
+    pub alpha_first: usize,
+    pub beta_first: usize,
+    /// The send profile's `ready:` value; default `{ stable_for: 300ms }`.
+    pub ready: Option<String>,
+}
+
+impl Pair {
+    pub fn new(opts: PairOpts) -> Pair {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let a = unique("alpha");
+        let b = unique("beta");
+        let file_id = "DATA".to_string();
+        let hooks = root.join("hooks");
+        let hook = recording_hook(&hooks, "hook.sh");
+        let outbox = root.join("alpha/outbox");
+        let inbox = root.join("beta/inbox");
+        let alpha_yaml = format!(
+            "node: {a}\nstate_dir: {root}/alpha/state\n{broker}send:\n  - file_id: {file_id}\n    outbox: {outbox}\n    to: [ {b} ]\n    ready: {ready}\n    on_success: [ \"{hook}\", \"{{file_name}}\" ]\n    on_failure: [ \"{hook}\", \"{{file_name}}\" ]\n{extra}",
+            root = root.display(),
+            broker = rabbit_broker(opts.alpha_first),
+            outbox = outbox.display(),
+            hook = hook.display(),
+            extra = opts.send_extra,
+            ready = opts.ready.as_deref().unwrap_or("{ stable_for: 300ms }"),
+        );
+        let beta_yaml = format!(
+            "node: {b}\nstate_dir: {root}/beta/state\n{broker}receive:\n  - file_id: {file_id}\n    from: [ {a} ]\n    inbox: {inbox}\n    on_success: {{ run: [ \"{hook}\", \"{{path}}\" ], timeout: 5m }}\n    on_failure: [ \"{hook}\", \"{{file_name}}\" ]\n{extra}",
+            root = root.display(),
+            broker = rabbit_broker(opts.beta_first),
+            inbox = inbox.display(),
+            hook = hook.display(),
+            extra = opts.receive_extra,
+        );
+        let alpha = Agent::new(&a, &root.join("alpha"), &alpha_yaml);
+        let beta = Agent::new(&b, &root.join("beta"), &beta_yaml);
+        Pair {
+            tmp,
+            alpha,
+            beta,
+            outbox,
+            inbox,
+            hooks,
+            file_id,
+        }
+    }
+
+    pub fn start(&mut self) {
+        self.beta.start();
+        self.alpha.start();
+    }
+
+    /// Waits until `n` transfers are `sent` on alpha, failing fast if any fails.
+    pub fn wait_sent(&self, n: usize, limit: Duration) {
+        wait_until(limit, &format!("{n} transfers sent"), || {
+            let h = self.alpha.history();
+            let failed: Vec<_> = h
+                .iter()
+                .filter(|r| {
+                    r["status"] != "sent"
+                        && r["status"].as_str().is_some_and(|s| s.contains("fail"))
+                })
+                .collect();
+            assert!(
+                failed.is_empty(),
+                "a transfer failed: {failed:?}\nalpha log:\n{}\nbeta log:\n{}",
+                self.alpha.log(),
+                self.beta.log()
+            );
+            h.iter().filter(|r| r["status"] == "sent").count() >= n
+        });
+    }
+
+    /// Files under the inbox (not the partial directory), by name.
+    pub fn inbox_files(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(&self.inbox)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
