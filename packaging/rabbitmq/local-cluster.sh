@@ -32,6 +32,9 @@
 # progress goes to stderr.
 set -euo pipefail
 
+usage() { echo "usage: $0 up|down|status|urls|pid N|start N|stop N" >&2; exit 2; }
+case ${1:-} in up | down | status | urls | pid | start | stop) ;; *) usage ;; esac
+
 NAME=${HAKOBU_RMQ_NAME:-rabbit}
 BASE=${HAKOBU_RMQ_BASE:-${TMPDIR:-/tmp}/hakobu-rmq}
 RMQ_USER=${HAKOBU_RMQ_USER:-hakobu}
@@ -312,7 +315,7 @@ ensure_user() {
 }
 
 urlencode() {
-  local s=$1 out='' c k
+  local s=$1 out="" c k LC_ALL=C # bytes, for UTF-8 too
   for ((k = 0; k < ${#s}; k++)); do
     c=${s:k:1}
     case $c in
@@ -430,8 +433,5 @@ case ${1:-} in
   pid) check_n "${2:-}"; node_pid "$2" || die "$(node "$2") is not running" ;;
   start) check_n "${2:-}"; cmd_start "$2" ;;
   stop) check_n "${2:-}"; stop_nodes "$2" ;;
-  *)
-    echo "usage: $0 up|down|status|urls|pid N|start N|stop N" >&2
-    exit 2
-    ;;
+  *) usage ;;
 esac
