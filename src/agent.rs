@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use nix::fcntl::{Flock, FlockArg};
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::broker::{Broker, Delivery};
@@ -14,6 +15,9 @@ use crate::receiver::Receiver;
 use crate::sender::Sender;
 use crate::store::Store;
 use crate::wire::Message;
+
+/// How long a stopping agent waits for hooks and receipts under way.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Holds the state directory for one agent at a time.
 pub struct StateLock(#[allow(dead_code)] Flock<std::fs::File>);
@@ -77,8 +81,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _lock = StateLock::acquire(&cfg)?;
     let store = Store::open(&cfg.db_path())?;
     let (broker, window) = connect(&cfg)?;
-    let receiver = Receiver::new(cfg.clone(), store.clone(), broker.clone());
-    let sender = Sender::new(cfg.clone(), store.clone(), broker.clone(), window);
+    let tasks = TaskTracker::new();
+    let receiver = Receiver::new(cfg.clone(), store.clone(), broker.clone(), tasks.clone());
+    let sender = Sender::new(
+        cfg.clone(),
+        store.clone(),
+        broker.clone(),
+        window,
+        tasks.clone(),
+    );
     receiver.recover().await?;
     sender.recover().await?;
     let mut deliveries = broker.subscribe(&cfg.node).await?;
@@ -97,7 +108,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = term.recv() => break,
         }
     }
-    info!(message = "Agent stopping.");
+    // Stop taking deliveries; let placements, hooks and receipts under way
+    // finish. What does not finish in time resumes from the ledger at the
+    // next start (a hook cut off is recorded as interrupted, not re-run).
+    drop(deliveries);
+    tasks.close();
+    info!(
+        message = "Agent stopping; waiting for work under way.",
+        tasks = tasks.len()
+    );
+    if tokio::time::timeout(STOP_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            message = "Stopping with work still under way; it resumes at the next start.",
+            tasks = tasks.len()
+        );
+    }
     Ok(())
 }
 

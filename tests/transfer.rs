@@ -223,3 +223,62 @@ fn mode_new_refuses_to_overwrite_and_both_failure_hooks_run() {
     // The refused file stays in the sender's spool for `hakobu resend`.
     assert!(std::path::Path::new(failed["path"].as_str().unwrap()).exists());
 }
+
+#[test]
+fn multicast_delivers_to_every_receiver_then_settles_the_spool() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (a, b, g) = (
+        common::unique("alpha"),
+        common::unique("beta"),
+        common::unique("gamma"),
+    );
+    let hooks = root.join("hooks");
+    let hook = common::recording_hook(&hooks, "hook.sh");
+    let receiver = |node: &str| {
+        format!(
+            "node: {node}\nstate_dir: {r}/{node}/state\n{broker}receive:\n  - file_id: MULTI\n    from: [ {a} ]\n    inbox: {r}/{node}/inbox\n    on_success: [ \"{hook}\" ]\n",
+            r = root.display(),
+            broker = common::rabbit_broker(2),
+            hook = hook.display(),
+        )
+    };
+    let sender = format!(
+        "node: {a}\nstate_dir: {r}/{a}/state\n{broker}send:\n  - file_id: MULTI\n    outbox: {r}/outbox\n    to: [ {b}, {g} ]\n    ready: {{ stable_for: 200ms }}\n    after_send: {{ move_to: {r}/sent }}\n    on_success: [ \"{hook}\" ]\n",
+        r = root.display(),
+        broker = common::rabbit_broker(0),
+        hook = hook.display(),
+    );
+    let mut beta = common::Agent::new(&b, &root.join(&b), &receiver(&b));
+    let mut gamma = common::Agent::new(&g, &root.join(&g), &receiver(&g));
+    let mut alpha = common::Agent::new(&a, &root.join(&a), &sender);
+    beta.start();
+    gamma.start();
+    alpha.start();
+    common::drop_file(&root.join("outbox"), "all.txt", |t| {
+        fs::write(t, "to everyone\n").unwrap()
+    });
+    wait_until(Duration::from_secs(60), "both receipts", || {
+        alpha.with_status("sent").len() == 2
+    });
+    for node in [&b, &g] {
+        assert_eq!(
+            fs::read_to_string(root.join(node).join("inbox/all.txt")).unwrap(),
+            "to everyone\n"
+        );
+    }
+    // The spooled file moved to `sent` once, after both receipts.
+    wait_until(Duration::from_secs(10), "after_send", || {
+        root.join("sent/all.txt").exists()
+    });
+    let h = alpha.history();
+    let tids: std::collections::HashSet<_> = h.iter().map(|r| r["transfer_id"].clone()).collect();
+    assert_eq!(tids.len(), 1, "one transfer, two peers: {h:?}");
+    assert!(
+        h.iter()
+            .all(|r| r["path"] == root.join("sent/all.txt").display().to_string())
+    );
+    let runs = hook_runs(&hooks);
+    assert_eq!(runs.iter().filter(|l| l.ends_with(" received")).count(), 2);
+    assert_eq!(runs.iter().filter(|l| l.ends_with(" sent")).count(), 2);
+}

@@ -58,6 +58,8 @@ pub struct RabbitmqConfig {
     pub prefetch: u16,
     pub delivery_limit: u32,
     pub window: u64,
+    /// A chunk's `from` must equal the AMQP `user_id` the broker validated.
+    pub verify_sender: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +179,11 @@ impl Config {
 
     pub fn spool_dir(&self) -> PathBuf {
         self.state_dir.join("spool")
+    }
+
+    /// True when a chunk's sender must be the broker-authenticated user.
+    pub fn verify_sender(&self) -> bool {
+        matches!(&self.broker, BrokerConfig::Rabbitmq(r) if r.verify_sender)
     }
 
     pub fn log_dir(&self) -> PathBuf {
@@ -319,6 +326,7 @@ impl Validator<'_> {
                     prefetch,
                     delivery_limit: r.delivery_limit.unwrap_or(20),
                     window: window.max(MAX_CHUNK),
+                    verify_sender: r.verify_sender.unwrap_or(false),
                 }))
             }
             (None, Some(e)) => {

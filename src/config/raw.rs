@@ -45,6 +45,9 @@ pub struct RawRabbitmq {
     pub delivery_limit: Option<u32>,
     /// Unconfirmed bytes a sender keeps in flight per transfer (default 8MiB).
     pub window: Option<String>,
+    /// Refuse chunks whose `from` is not the broker user that published them
+    /// (each node logs in as a user named after itself).
+    pub verify_sender: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

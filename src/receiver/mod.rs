@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 pub use assemble::{PARTIAL_DIR, check_file_name, partial_path, valid_transfer_id};
@@ -32,15 +33,23 @@ pub struct Receiver {
     broker: Arc<dyn Broker>,
     /// Transfers whose completion runs now; their chunks are duplicates.
     busy: Mutex<HashSet<String>>,
+    /// Completion tasks, awaited on a graceful stop.
+    tasks: TaskTracker,
 }
 
 impl Receiver {
-    pub fn new(cfg: Arc<Config>, store: Store, broker: Arc<dyn Broker>) -> Arc<Self> {
+    pub fn new(
+        cfg: Arc<Config>,
+        store: Store,
+        broker: Arc<dyn Broker>,
+        tasks: TaskTracker,
+    ) -> Arc<Self> {
         Arc::new(Receiver {
             cfg,
             store,
             broker,
             busy: Mutex::new(HashSet::new()),
+            tasks,
         })
     }
 
@@ -75,7 +84,8 @@ impl Receiver {
                 _ => {}
             }
             if self.claim(&row.transfer_id) {
-                tokio::spawn(self.clone().complete(row.transfer_id.clone(), None));
+                self.tasks
+                    .spawn(self.clone().complete(row.transfer_id.clone(), None));
             }
         }
         Ok(())
@@ -120,7 +130,7 @@ impl Receiver {
             }
             Ok(Progress::Complete) | Ok(Progress::Settled) => {
                 if self.claim(&tid) {
-                    tokio::spawn(self.clone().complete(tid, Some(d)));
+                    self.tasks.spawn(self.clone().complete(tid, Some(d)));
                 } else {
                     let _ = d.ack().await;
                 }
@@ -151,7 +161,7 @@ impl Receiver {
                 }
                 let _ = self.store.forget_chunks(&tid);
                 if self.claim(&tid) {
-                    tokio::spawn(self.clone().complete(tid, Some(d)));
+                    self.tasks.spawn(self.clone().complete(tid, Some(d)));
                 }
             }
         }

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 pub use publish::spool_path;
@@ -36,10 +37,18 @@ pub struct Sender {
     permits: Semaphore,
     /// (transfer id, peer) pairs being published now.
     publishing: Mutex<HashSet<(String, String)>>,
+    /// Receipt hook tasks, awaited on a graceful stop.
+    tasks: TaskTracker,
 }
 
 impl Sender {
-    pub fn new(cfg: Arc<Config>, store: Store, broker: Arc<dyn Broker>, window: u64) -> Arc<Self> {
+    pub fn new(
+        cfg: Arc<Config>,
+        store: Store,
+        broker: Arc<dyn Broker>,
+        window: u64,
+        tasks: TaskTracker,
+    ) -> Arc<Self> {
         Arc::new(Sender {
             cfg,
             store,
@@ -47,6 +56,7 @@ impl Sender {
             window,
             permits: Semaphore::new(PARALLEL_PUBLISHES),
             publishing: Mutex::new(HashSet::new()),
+            tasks,
         })
     }
 
@@ -273,7 +283,7 @@ impl Sender {
                 info!(message = "Receipt.", transfer_id = %r.transfer_id, from = %r.from, ok = r.ok, error_code = ?r.error_code);
                 let _ = d.ack().await;
                 let this = self.clone();
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     if let Err(e) = this.run_hooks(&r.transfer_id, &r.from).await {
                         error!(message = "State database failed while running sender hooks.", error = %e);
                     }
@@ -374,9 +384,17 @@ impl Sender {
             AfterSend::Delete => {
                 durable::remove_if_exists(&path).and_then(|()| remove_spool_dir(&path))
             }
-            AfterSend::MoveTo(dir) => {
-                move_to(&path, dir, tid).and_then(|()| remove_spool_dir(&path))
-            }
+            AfterSend::MoveTo(dir) => move_to(&path, dir, tid).and_then(|target| {
+                // History shows where the sent file went.
+                if let Some(target) = target {
+                    for r in &rows {
+                        let _ =
+                            self.store
+                                .set_path(TX, tid, &r.peer, &target.display().to_string());
+                    }
+                }
+                remove_spool_dir(&path)
+            }),
         };
         if let Err(e) = done {
             error!(message = "after_send failed; the file stays in the spool.", transfer_id = %tid, path = %path.display(), error = %e);
@@ -435,9 +453,10 @@ fn remove_spool_dir(file: &Path) -> std::io::Result<()> {
 }
 
 /// Moves a sent file into `dir`; a taken name gets the transfer id appended.
-fn move_to(path: &Path, dir: &Path, tid: &str) -> std::io::Result<()> {
+/// Returns where it went (`None` when it was moved before).
+fn move_to(path: &Path, dir: &Path, tid: &str) -> std::io::Result<Option<PathBuf>> {
     if !path.exists() {
-        return Ok(());
+        return Ok(None);
     }
     std::fs::create_dir_all(dir)?;
     let name = path
@@ -454,8 +473,9 @@ fn move_to(path: &Path, dir: &Path, tid: &str) -> std::io::Result<()> {
             std::fs::copy(path, &target)?;
             std::fs::File::open(&target)?.sync_all()?;
             durable::fsync_dir(dir)?;
-            std::fs::remove_file(path)
+            std::fs::remove_file(path)?;
         }
-        other => other,
+        other => other?,
     }
+    Ok(Some(target))
 }
