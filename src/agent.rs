@@ -9,6 +9,7 @@ use nix::fcntl::{Flock, FlockArg};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::broker::embedded::{Embedded, server};
 use crate::broker::{Broker, Delivery};
 use crate::config::{BrokerConfig, Config};
 use crate::receiver::Receiver;
@@ -54,17 +55,54 @@ impl StateLock {
     }
 }
 
-pub fn connect(cfg: &Config) -> anyhow::Result<(Arc<dyn Broker>, u64)> {
+/// The broker client for `cfg`, and the embedded broker itself when this
+/// agent hosts it (kept alive by holding the returned handle).
+pub async fn open_broker(
+    cfg: &Config,
+) -> anyhow::Result<(Arc<dyn Broker>, u64, Option<server::Running>)> {
     match &cfg.broker {
         BrokerConfig::Rabbitmq(r) => Ok((
             Arc::new(crate::broker::rabbitmq::RabbitMq::new(r.clone())),
             r.window,
+            None,
         )),
-        BrokerConfig::Embedded(_) => anyhow::bail!(
-            "the embedded broker is not available in this build yet; use broker: {{ rabbitmq: ... }} (see profiles/)"
-        ),
+        BrokerConfig::Embedded(e) => {
+            let token = read_token(e.token_file.as_deref())?;
+            let (addr, hosted) = match (&e.listen, &e.connect) {
+                (Some(listen), _) => {
+                    let running =
+                        server::start(listen, &cfg.broker_data_dir(), token.clone(), e.max_queue)
+                            .await?;
+                    (running.addr.to_string(), Some(running))
+                }
+                (None, Some(connect)) => (connect.clone(), None),
+                (None, None) => anyhow::bail!("broker.embedded needs listen or connect"),
+            };
+            Ok((
+                Arc::new(Embedded::new(&addr, token, EMBEDDED_PREFETCH)),
+                EMBEDDED_WINDOW,
+                hosted,
+            ))
+        }
     }
 }
+
+/// Reads a shared-secret token file (surrounding white space ignored).
+pub fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let Some(path) = path else { return Ok(None) };
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = token.trim().to_string();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "the token file {} is empty",
+        path.display()
+    );
+    Ok(Some(token))
+}
+
+const EMBEDDED_PREFETCH: u32 = 16;
+const EMBEDDED_WINDOW: u64 = 8 << 20;
 
 /// Creates the state directory and its parts.
 pub fn prepare_state_dir(cfg: &Config) -> anyhow::Result<()> {
@@ -80,7 +118,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     prepare_state_dir(&cfg)?;
     let _lock = StateLock::acquire(&cfg)?;
     let store = Store::open(&cfg.db_path())?;
-    let (broker, window) = connect(&cfg)?;
+    let (broker, window, _hosted) = open_broker(&cfg).await?;
     let tasks = TaskTracker::new();
     let receiver = Receiver::new(cfg.clone(), store.clone(), broker.clone(), tasks.clone());
     let sender = Sender::new(

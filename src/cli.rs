@@ -85,6 +85,9 @@ enum Command {
         data: PathBuf,
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Bytes a queue may hold before its publishers wait.
+        #[arg(long, default_value = "1GiB")]
+        max_queue: String,
     },
 }
 
@@ -163,10 +166,38 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
             config,
             transfer_id,
         } => resend(&load(&config)?, &transfer_id),
-        Command::Broker { .. } => Err(usage(anyhow::anyhow!(
-            "the embedded broker is not available in this build yet; run the RabbitMQ cluster (packaging/rabbitmq/local-cluster.sh up)"
-        ))),
+        Command::Broker {
+            listen,
+            data,
+            token_file,
+            max_queue,
+        } => {
+            let max_queue = crate::config::parse_size(&max_queue)
+                .map_err(|e| usage(anyhow::anyhow!("--max-queue: {e}")))?;
+            broker(&listen, &data, token_file.as_deref(), max_queue).await
+        }
     }
+}
+
+/// `hakobu broker`: the embedded broker alone, until SIGINT or SIGTERM.
+async fn broker(
+    listen: &str,
+    data: &Path,
+    token_file: Option<&Path>,
+    max_queue: u64,
+) -> Result<(), Exit> {
+    let token = agent::read_token(token_file).map_err(usage)?;
+    let running = crate::broker::embedded::server::start(listen, data, token, max_queue)
+        .await
+        .map_err(usage)?;
+    println!("hakobu broker listening on {}", running.addr);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(failure)?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
 }
 
 fn open_store(cfg: &Config) -> Result<Store, Exit> {
@@ -262,10 +293,12 @@ fn queue_copy(
     let dst = spool_path(&cfg.spool_dir(), file_id, &tid, &name);
     let copy = || -> anyhow::Result<()> {
         std::fs::create_dir_all(dst.parent().context("spool path")?)?;
-        std::fs::copy(src, &dst)
+        // Copied under a hidden name, then renamed: the agent never sees half a copy.
+        let tmp = dst.with_file_name(format!(".{name}.tmp"));
+        std::fs::copy(src, &tmp)
             .with_context(|| format!("cannot copy {} into the spool", src.display()))?;
-        std::fs::File::open(&dst)?.sync_all()?;
-        crate::durable::fsync_dir(dst.parent().context("spool path")?)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        crate::durable::rename_durable(&tmp, &dst)?;
         Ok(())
     };
     copy().map_err(failure)?;
@@ -344,12 +377,19 @@ async fn rerun(cfg: &Config, tid: &str) -> Result<(), Exit> {
             cfg.state_dir.display()
         )));
     };
+    if !row.status.is_final() {
+        return Err(usage(anyhow::anyhow!(
+            "transfer {tid} is still {} and the agent is working on it; rerun it once it has settled",
+            row.status.as_str()
+        )));
+    }
     let (event, specs) = match row.direction {
         Direction::Receive => {
             let p = cfg
                 .receive_profile(&row.file_id)
                 .ok_or_else(|| usage(anyhow::anyhow!("no receive profile for {}", row.file_id)))?;
-            if row.inode.is_some() {
+            // Placed, whatever became of its hook: the success hook again.
+            if row.status != Status::ReceiveFailed {
                 (Event::Received, &p.on_success)
             } else {
                 (Event::ReceiveFailed, &p.on_failure)

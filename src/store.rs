@@ -141,11 +141,13 @@ pub struct Row {
     /// Receiving: inode of the file placed under the inbox name, recorded
     /// before the rename so that recovery can tell whether it happened.
     pub inode: Option<u64>,
+    /// The failure hooks were started (they run at most once).
+    pub failure_hook: bool,
 }
 
 const COLUMNS: &str = "direction, transfer_id, peer, file_id, file_name, size, sha256, chunk_size, \
      status, error_code, error, path, remote_path, remote_hook_exit, meta, started_at, finished_at, \
-     hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode";
+     hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode, failure_hook";
 
 fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     let dir: String = r.get(0)?;
@@ -178,6 +180,7 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         receipt_sent: r.get(20)?,
         delivered: r.get(21)?,
         inode: r.get::<_, Option<i64>>(22)?.map(|v| v as u64),
+        failure_hook: r.get(23)?,
     })
 }
 
@@ -204,6 +207,7 @@ impl Store {
                 hook_exit INTEGER, hook_ms INTEGER, hook_tail TEXT,
                 receipt_sent INTEGER NOT NULL DEFAULT 0,
                 delivered INTEGER NOT NULL DEFAULT 0, inode INTEGER,
+                failure_hook INTEGER NOT NULL DEFAULT 0,
                 seq INTEGER NOT NULL DEFAULT 0,
                 PRIMARY KEY (direction, transfer_id, peer));
              CREATE INDEX IF NOT EXISTS transfers_status ON transfers(status);
@@ -358,6 +362,30 @@ impl Store {
             params![transfer_id, peer, target, inode as i64],
         )?;
         Ok(())
+    }
+
+    /// Forgets a placement that did not happen (the name belongs to someone else).
+    pub fn clear_placement(&self, transfer_id: &str, peer: &str) -> Result<()> {
+        self.db().execute(
+            "UPDATE transfers SET path = NULL, inode = NULL WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2",
+            params![transfer_id, peer],
+        )?;
+        Ok(())
+    }
+
+    /// Claims the one run of a transfer's failure hooks; false if already claimed.
+    pub fn claim_failure_hook(
+        &self,
+        dir: Direction,
+        transfer_id: &str,
+        peer: &str,
+    ) -> Result<bool> {
+        let n = self.db().execute(
+            "UPDATE transfers SET failure_hook = 1
+             WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND failure_hook = 0",
+            params![dir.as_str(), transfer_id, peer],
+        )?;
+        Ok(n == 1)
     }
 
     /// Moves to a failed state with a stable code and a sentence.

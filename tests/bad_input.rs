@@ -122,6 +122,12 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with("[ \"{hook}\", \"{file_name}\" ]", &[])
+    }
+
+    /// A rig whose failure hook is `on_failure` (YAML; `{hook}` names the
+    /// recording hook), its agent started with `env`.
+    fn with(on_failure: &str, env: &[(&str, &str)]) -> Rig {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         let node = unique("rx");
@@ -130,14 +136,18 @@ impl Rig {
         let hook = recording_hook(&hooks, "hook.sh");
         let inbox = root.join("data/inbox");
         let yaml = format!(
-            "node: {node}\nstate_dir: {root}/state\n{broker}receive:\n  - file_id: {FILE_ID}\n    from: [ {allowed} ]\n    inbox: {inbox}\n    max_size: 1MiB\n    on_success: {{ run: [ \"{hook}\", \"{{path}}\" ], timeout: 5m }}\n    on_failure: [ \"{hook}\", \"{{file_name}}\" ]\n",
+            "node: {node}\nstate_dir: {root}/state\n{broker}receive:\n  - file_id: {FILE_ID}\n    from: [ {allowed} ]\n    inbox: {inbox}\n    max_size: 1MiB\n    on_success: {{ run: [ \"{hook}\", \"{{path}}\" ], timeout: 5m }}\n    on_failure: {on_failure}\n",
             root = root.display(),
             broker = rabbit_broker(0),
             inbox = inbox.display(),
             hook = hook.display(),
+            on_failure = on_failure.replace("{hook}", &hook.display().to_string()),
         );
         let etc_passwd = fingerprint(Path::new("/etc/passwd"));
         let mut agent = Agent::new(&node, &root.join("rx"), &yaml);
+        for (k, v) in env {
+            agent = agent.env(k, v);
+        }
         agent.start();
         let broker = RabbitMq::new(broker_config_of(&agent.config, &yaml));
         Rig {
@@ -155,6 +165,19 @@ impl Rig {
             etc_passwd,
             tmp,
         }
+    }
+
+    /// The end of the agent's log, for failure messages (a runaway loop can
+    /// make the whole log huge).
+    fn log_tail(&self) -> String {
+        let log = self.agent.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let skip = lines.len().saturating_sub(60);
+        let mut tail = lines[skip..].join("\n");
+        if skip > 0 {
+            tail = format!("[{skip} earlier lines]\n{tail}");
+        }
+        tail
     }
 
     fn root(&self) -> &Path {
@@ -238,7 +261,7 @@ impl Rig {
                 Err(_) => panic!(
                     "no receipt for {tid} on {from}'s queue within {WAIT:?}\nhistory: {:?}\nagent log:\n{}",
                     self.agent.history(),
-                    self.agent.log()
+                    self.log_tail()
                 ),
             };
             let msg = Message::decode(d.payload.clone()).expect("a receipt that decodes");
@@ -319,7 +342,7 @@ impl Rig {
             row["status"],
             "receive_failed",
             "transfer {tid}: {row}\nagent log:\n{}",
-            self.agent.log()
+            self.log_tail()
         );
         assert_eq!(row["error_code"], code, "transfer {tid}: {row}");
         assert_eq!(row["peer"], from, "transfer {tid}: {row}");
@@ -343,7 +366,7 @@ impl Rig {
                 runs,
                 vec![format!("{tid} receive_failed")],
                 "the failure hook must run exactly once, and no success hook\nagent log:\n{}",
-                self.agent.log()
+                self.log_tail()
             );
             let env = hook_env(&self.hooks, tid, "receive_failed");
             assert_eq!(
@@ -400,7 +423,7 @@ impl Rig {
         assert!(
             self.agent.alive(),
             "the agent died\nagent log:\n{}",
-            self.agent.log()
+            self.log_tail()
         );
         let tid = new_tid();
         let name = format!("good-{}.txt", self.placed.len());
@@ -412,7 +435,7 @@ impl Rig {
             row["status"],
             "received",
             "a good transfer after bad input: {row}\nagent log:\n{}",
-            self.agent.log()
+            self.log_tail()
         );
         assert_eq!(fs::read(self.inbox.join(&name)).unwrap(), body);
         let r = self.receipt(&from, &tid);
@@ -522,6 +545,23 @@ fn a_file_name_with_a_nul_is_refused() {
     let tid = new_tid();
     let body = b"nul\n";
     rig.inject_chunk(rig.header(&from, &tid, "a\0b", body), body);
+    rig.expect_refused(&from, &tid, "bad_file_name", true);
+    rig.finish(&[&tid]);
+}
+
+/// A failure hook that does not finish normally (here: it times out) still
+/// counts as run: it runs once, and the receipt goes back.
+#[test]
+fn a_failure_hook_that_times_out_runs_once_and_the_receipt_still_goes_back() {
+    let mut rig = Rig::with(
+        "{ run: [ \"{hook}\", \"{file_name}\" ], timeout: 1s }",
+        &[("HOOK_SLEEP", "3")],
+    );
+    let from = rig.allowed.clone();
+    rig.listen_as(&from);
+    let tid = new_tid();
+    let body = b"escape\n";
+    rig.inject_chunk(rig.header(&from, &tid, "../evil", body), body);
     rig.expect_refused(&from, &tid, "bad_file_name", true);
     rig.finish(&[&tid]);
 }

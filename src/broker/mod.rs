@@ -14,6 +14,7 @@
 //! - **What cannot be processed goes to the dead-letter queue**, by
 //!   [`Delivery::dead_letter`] or after too many deliveries.
 
+pub mod embedded;
 pub mod rabbitmq;
 
 use std::time::Duration;
@@ -71,6 +72,8 @@ pub trait Acker: Send + Sync {
     async fn ack(&self) -> Result<(), BrokerError>;
     /// Refuses the message for good: it goes to the dead-letter queue.
     async fn dead_letter(&self) -> Result<(), BrokerError>;
+    /// Gives the message back, to be delivered again (a local failure).
+    async fn requeue(&self) -> Result<(), BrokerError>;
 }
 
 pub struct Delivery {
@@ -89,6 +92,10 @@ impl Delivery {
 
     pub async fn dead_letter(&self) -> Result<(), BrokerError> {
         self.acker.dead_letter().await
+    }
+
+    pub async fn requeue(&self) -> Result<(), BrokerError> {
+        self.acker.requeue().await
     }
 }
 

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -40,8 +40,23 @@ struct PublisherState {
     /// Bumped on every new connection, so that an error seen on an old one
     /// does not tear down its successor.
     generation: u64,
-    live: Option<(Connection, Channel)>,
+    live: Option<Live>,
     declared: HashSet<String>,
+}
+
+struct Live {
+    conn: Connection,
+    ch: Channel,
+    /// The login, sent as `user_id`: the broker checks it.
+    user: Option<String>,
+}
+
+async fn publishing_channel(conn: &Connection) -> Result<Channel, BrokerError> {
+    let ch = conn.create_channel().await.map_err(conn_err)?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(conn_err)?;
+    Ok(ch)
 }
 
 impl RabbitMq {
@@ -58,7 +73,7 @@ impl RabbitMq {
 
 impl Inner {
     /// Connects to the first URL that answers, starting after the last one used.
-    async fn connect(&self) -> Result<(Connection, String), BrokerError> {
+    async fn connect(&self) -> Result<(Connection, String, Option<String>), BrokerError> {
         let n = self.cfg.urls.len();
         let start = self.next_url.load(Ordering::Relaxed);
         let mut errors = Vec::new();
@@ -70,7 +85,7 @@ impl Inner {
                 Ok(Ok(conn)) => {
                     // The next connection (after a failure) starts at the next node.
                     self.next_url.store(idx + 1, Ordering::Relaxed);
-                    return Ok((conn, redact(url)));
+                    return Ok((conn, redact(url), url_user(url)));
                 }
                 Ok(Err(e)) => errors.push(format!("{}: {e}", redact(url))),
                 Err(_) => errors.push(format!("{}: timed out", redact(url))),
@@ -80,45 +95,45 @@ impl Inner {
         Err(BrokerError::Unavailable(errors.join("; ")))
     }
 
-    /// The publishing channel, connecting when there is none.
-    async fn channel(&self, node: &str) -> Result<(u64, Channel), BrokerError> {
+    /// The publishing channel and its login, connecting when there is none.
+    async fn channel(&self, node: &str) -> Result<(u64, Channel, Option<String>), BrokerError> {
         let mut st = self.publisher.lock().await;
         if st.live.is_none() {
-            let (conn, url) = self.connect().await?;
-            let ch = conn.create_channel().await.map_err(conn_err)?;
-            ch.confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(conn_err)?;
+            let (conn, url, user) = self.connect().await?;
+            let ch = publishing_channel(&conn).await?;
             declare_dead_letter(&ch).await?;
             info!(message = "Connected to RabbitMQ for publishing.", url);
             st.generation += 1;
             st.declared.clear();
-            st.live = Some((conn, ch));
+            st.live = Some(Live { conn, ch, user });
         }
         let generation = st.generation;
-        let ch = st
-            .live
-            .as_ref()
-            .map(|(_, ch)| ch.clone())
-            .expect("set above");
-        if !st.declared.contains(node) {
-            if let Err(e) = declare_node_queue(&ch, node, self.cfg.delivery_limit).await {
-                drop(st);
-                self.invalidate(generation).await;
-                return Err(e);
+        let state = &mut *st;
+        let Some(live) = state.live.as_mut() else {
+            return Err(BrokerError::Connection("no publishing connection".into()));
+        };
+        if !state.declared.contains(node) {
+            match declare_node_queue(&live.conn, &live.ch, node, &self.cfg).await {
+                Ok(Some(ch)) => live.ch = ch,
+                Ok(None) => {}
+                Err(e) => {
+                    drop(st);
+                    self.invalidate(generation).await;
+                    return Err(e);
+                }
             }
-            st.declared.insert(node.to_string());
+            state.declared.insert(node.to_string());
         }
-        Ok((generation, ch))
+        Ok((generation, live.ch.clone(), live.user.clone()))
     }
 
     /// Drops the publishing connection if it is still `generation`.
     async fn invalidate(&self, generation: u64) {
         let mut st = self.publisher.lock().await;
         if st.generation == generation {
-            if let Some((conn, _)) = st.live.take() {
+            if let Some(live) = st.live.take() {
                 tokio::spawn(async move {
-                    let _ = conn.close(320, "hakobu fail-over".into()).await;
+                    let _ = live.conn.close(320, "hakobu fail-over".into()).await;
                 });
             }
         }
@@ -146,7 +161,32 @@ fn url_user(url: &str) -> Option<String> {
     let s = url.find("://")? + 3;
     let at = url.rfind('@')?;
     let user = url.get(s..at)?.split(':').next()?;
-    (!user.is_empty()).then(|| user.to_string())
+    (!user.is_empty()).then(|| percent_decode(user))
+}
+
+/// `%40` → `@`: user names in URLs are percent-encoded.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).and_then(|c| hex(*c)),
+            b.get(i + 2).and_then(|c| hex(*c)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, ..) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn quorum_args(extra: &[(&str, AMQPValue)]) -> FieldTable {
@@ -172,15 +212,20 @@ async fn declare_dead_letter(ch: &Channel) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// Declares a node's queue. When it exists with other arguments (another
+/// agent configured a different delivery limit or max_queue), RabbitMQ closes
+/// the channel with PRECONDITION_FAILED: then the queue is used as it is,
+/// checked passively on a new channel, which is returned.
 async fn declare_node_queue(
+    conn: &Connection,
     ch: &Channel,
     node: &str,
-    delivery_limit: u32,
-) -> Result<(), BrokerError> {
-    let args = quorum_args(&[
+    cfg: &RabbitmqConfig,
+) -> Result<Option<Channel>, BrokerError> {
+    let mut args = quorum_args(&[
         (
             "x-delivery-limit",
-            AMQPValue::LongInt(delivery_limit.min(i32::MAX as u32) as i32),
+            AMQPValue::LongInt(cfg.delivery_limit.min(i32::MAX as u32) as i32),
         ),
         (
             "x-dead-letter-exchange",
@@ -191,24 +236,49 @@ async fn declare_node_queue(
             AMQPValue::LongString(LongString::from(DEAD_LETTER_QUEUE)),
         ),
     ]);
-    ch.queue_declare(
-        queue_name(node).as_str().into(),
-        QueueDeclareOptions::durable(),
-        args,
-    )
-    .await
-    .map_err(conn_err)?;
-    Ok(())
+    if let Some(max) = cfg.max_queue {
+        // Backpressure: a full queue refuses publishes, and senders retry.
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(max.min(i64::MAX as u64) as i64),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString(LongString::from("reject-publish")),
+        );
+    }
+    let name: ShortString = queue_name(node).as_str().into();
+    match ch
+        .queue_declare(name.clone(), QueueDeclareOptions::durable(), args)
+        .await
+    {
+        Ok(_) => Ok(None),
+        Err(e) if e.to_string().contains("PRECONDITION_FAILED") => {
+            warn!(message = "Queue exists with other arguments; using it as it is. Give every agent the same delivery_limit and max_queue.", queue = %name);
+            let fresh = publishing_channel(conn).await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                durable: true,
+                ..QueueDeclareOptions::default()
+            };
+            fresh
+                .queue_declare(name, passive, FieldTable::default())
+                .await
+                .map_err(conn_err)?;
+            Ok(Some(fresh))
+        }
+        Err(e) => Err(conn_err(e)),
+    }
 }
 
 #[async_trait]
 impl Broker for RabbitMq {
     async fn publish(&self, node: &str, payload: Bytes) -> Result<Confirm, BrokerError> {
-        let (generation, ch) = self.inner.channel(node).await?;
+        let (generation, ch, user) = self.inner.channel(node).await?;
         let mut props = BasicProperties::default().with_delivery_mode(2);
         // The broker refuses a user_id that is not the connection's login, so a
         // receiver can trust it as the sender's identity.
-        if let Some(user) = self.inner.cfg.urls.first().and_then(|u| url_user(u)) {
+        if let Some(user) = user {
             props = props.with_user_id(ShortString::from(user));
         }
         let routing: ShortString = queue_name(node).as_str().into();
@@ -216,7 +286,11 @@ impl Broker for RabbitMq {
             .basic_publish(
                 "".into(),
                 routing,
-                BasicPublishOptions::default(),
+                // Mandatory: a message no queue takes comes back instead of vanishing.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 &payload,
                 props,
             )
@@ -232,12 +306,21 @@ impl Broker for RabbitMq {
         let timeout = inner.cfg.confirm_timeout;
         Ok(Box::pin(async move {
             let outcome = match tokio::time::timeout(timeout, confirm).await {
-                Ok(Ok(c)) if c.is_ack() => return Ok(()),
-                Ok(Ok(_)) => BrokerError::Nack,
+                Ok(Ok(c)) if c.is_ack() => match c.take_message() {
+                    None => return Ok(()),
+                    // Unroutable (the queue is gone): redeclare on a new connection.
+                    Some(_) => BrokerError::Connection(format!(
+                        "no queue took the message for {}",
+                        "the node"
+                    )),
+                },
+                // A full queue (x-overflow reject-publish) nacks: the
+                // connection is fine, the publisher backs off and retries.
+                Ok(Ok(_)) => return Err(BrokerError::Nack),
                 Ok(Err(e)) => conn_err(e),
                 Err(_) => BrokerError::ConfirmTimeout(timeout),
             };
-            // Whatever went wrong, the next publish goes through a new connection.
+            // The connection is suspect: the next publish goes through a new one.
             inner.invalidate(generation).await;
             Err(outcome)
         }))
@@ -250,7 +333,7 @@ impl Broker for RabbitMq {
         let node = node.to_string();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
-            loop {
+            while !tx.is_closed() {
                 match consume_once(&inner, &node, &tx).await {
                     Ok(()) => return, // the receiver was dropped
                     Err(e) => {
@@ -271,14 +354,19 @@ async fn consume_once(
     node: &str,
     tx: &mpsc::Sender<Delivery>,
 ) -> Result<(), BrokerError> {
-    let (conn, url) = inner.connect().await?;
+    let (conn, url, _) = inner.connect().await?;
     let result = async {
         let ch = conn.create_channel().await.map_err(conn_err)?;
         ch.basic_qos(inner.cfg.prefetch, BasicQosOptions::default())
             .await
             .map_err(conn_err)?;
         declare_dead_letter(&ch).await?;
-        declare_node_queue(&ch, node, inner.cfg.delivery_limit).await?;
+        let ch = declare_node_queue(&conn, &ch, node, &inner.cfg)
+            .await?
+            .unwrap_or(ch);
+        ch.basic_qos(inner.cfg.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(conn_err)?;
         // A fresh tag on every subscribe: RabbitMQ 3.10 can strand messages
         // when a consumer tag is reused.
         let tag = format!("hakobu-{node}-{}", uuid::Uuid::now_v7());
@@ -292,7 +380,14 @@ async fn consume_once(
             .await
             .map_err(conn_err)?;
         info!(message = "Consuming.", queue = %queue_name(node), url, tag);
-        while let Some(item) = consumer.next().await {
+        loop {
+            // Stop consuming as soon as nobody listens: the broker then
+            // requeues what this consumer held.
+            let item = tokio::select! {
+                item = consumer.next() => item,
+                _ = tx.closed() => return Ok(()),
+            };
+            let Some(item) = item else { break };
             let d = item.map_err(conn_err)?;
             let delivery = Delivery {
                 payload: Bytes::from(d.data),
@@ -329,6 +424,17 @@ impl Acker for RabbitAcker {
             })
     }
 
+    async fn requeue(&self) -> Result<(), BrokerError> {
+        self.0
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .map(|_| ())
+            .map_err(conn_err)
+    }
+
     async fn dead_letter(&self) -> Result<(), BrokerError> {
         self.0
             .reject(BasicRejectOptions { requeue: false })
@@ -353,5 +459,6 @@ mod tests {
             Some("hakobu")
         );
         assert_eq!(url_user("amqp://127.0.0.1:5672"), None);
+        assert_eq!(url_user("amqp://a%40b:x@h/").as_deref(), Some("a@b"));
     }
 }

@@ -60,10 +60,12 @@ pub struct RabbitmqConfig {
     pub window: u64,
     /// A chunk's `from` must equal the AMQP `user_id` the broker validated.
     pub verify_sender: bool,
+    pub max_queue: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedConfig {
+    pub max_queue: u64,
     pub listen: Option<String>,
     pub connect: Option<String>,
     pub token_file: Option<PathBuf>,
@@ -184,6 +186,11 @@ impl Config {
     /// True when a chunk's sender must be the broker-authenticated user.
     pub fn verify_sender(&self) -> bool {
         matches!(&self.broker, BrokerConfig::Rabbitmq(r) if r.verify_sender)
+    }
+
+    /// Where an agent that hosts the embedded broker keeps its messages.
+    pub fn broker_data_dir(&self) -> PathBuf {
+        self.state_dir.join("broker")
     }
 
     pub fn log_dir(&self) -> PathBuf {
@@ -327,9 +334,29 @@ impl Validator<'_> {
                     delivery_limit: r.delivery_limit.unwrap_or(20),
                     window: window.max(MAX_CHUNK),
                     verify_sender: r.verify_sender.unwrap_or(false),
+                    max_queue: r
+                        .max_queue
+                        .as_deref()
+                        .map(|m| self.size("broker.rabbitmq.max_queue", m))
+                        .transpose()?,
                 }))
             }
             (None, Some(e)) => {
+                for (key, addr) in [("listen", &e.listen), ("connect", &e.connect)] {
+                    let Some(addr) = addr else { continue };
+                    let Ok(sock) = addr.parse::<std::net::SocketAddr>() else {
+                        return Err(self.err(
+                            &format!("broker.embedded.{key}"),
+                            format!("`{addr}` is not an address such as 127.0.0.1:7800"),
+                        ));
+                    };
+                    if key == "listen" && !sock.ip().is_loopback() && e.token_file.is_none() {
+                        return Err(self.err(
+                            "broker.embedded.listen",
+                            "listening beyond loopback needs a token_file, or any host could connect",
+                        ));
+                    }
+                }
                 if e.listen.is_some() == e.connect.is_some() {
                     return Err(self.err(
                         "broker.embedded",
@@ -337,6 +364,10 @@ impl Validator<'_> {
                     ));
                 }
                 Ok(BrokerConfig::Embedded(EmbeddedConfig {
+                    max_queue: match &e.max_queue {
+                        Some(m) => self.size("broker.embedded.max_queue", m)?,
+                        None => crate::broker::embedded::server::DEFAULT_MAX_QUEUE,
+                    },
                     listen: e.listen,
                     connect: e.connect,
                     token_file: e.token_file.map(|p| absolute(&p)),

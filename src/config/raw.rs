@@ -48,11 +48,16 @@ pub struct RawRabbitmq {
     /// Refuse chunks whose `from` is not the broker user that published them
     /// (each node logs in as a user named after itself).
     pub verify_sender: Option<bool>,
+    /// Bytes a node's queue may hold before publishes to it are refused and
+    /// retried (RabbitMQ `x-max-length-bytes`). Every agent must agree.
+    pub max_queue: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEmbedded {
+    /// Bytes a queue may hold before its publishers wait (default 1GiB).
+    pub max_queue: Option<String>,
     pub listen: Option<String>,
     pub connect: Option<String>,
     pub token_file: Option<PathBuf>,

@@ -6,7 +6,7 @@ mod assemble;
 mod error;
 mod place;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,6 +35,10 @@ pub struct Receiver {
     busy: Mutex<HashSet<String>>,
     /// Completion tasks, awaited on a graceful stop.
     tasks: TaskTracker,
+    /// One lock per inbox name: two transfers of the same name (two
+    /// senders, or one name sent twice) are placed one after the other, so
+    /// `append` and `generations` never interleave.
+    names: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Receiver {
@@ -50,6 +54,7 @@ impl Receiver {
             broker,
             busy: Mutex::new(HashSet::new()),
             tasks,
+            names: Mutex::new(HashMap::new()),
         })
     }
 
@@ -85,7 +90,7 @@ impl Receiver {
             }
             if self.claim(&row.transfer_id) {
                 self.tasks
-                    .spawn(self.clone().complete(row.transfer_id.clone(), None));
+                    .spawn(self.clone().complete(row.transfer_id.clone()));
             }
         }
         Ok(())
@@ -105,12 +110,26 @@ impl Receiver {
             .remove(transfer_id);
     }
 
-    /// Handles one chunk. Returns once the chunk is durable (and acked), or
-    /// handed to a completion task that will ack it.
+    /// Handles one chunk: checks it, writes it, records it, acks it. The
+    /// chunk that completes a transfer hands it to a completion task; from
+    /// then on the ledger, not the broker, carries the transfer, so no
+    /// delivery stays unacked while hooks run.
     pub async fn on_chunk(self: &Arc<Self>, h: ChunkHeader, body: Bytes, d: Delivery) {
         if !valid_transfer_id(&h.transfer_id) || !is_valid_id(&h.from) || h.to != self.cfg.node {
             warn!(message = "Dead-lettering a chunk with an unusable transfer id, sender or recipient.",
                 transfer_id = ?h.transfer_id, from = ?h.from, to = ?h.to, error_code = "malformed_message");
+            let _ = d.dead_letter().await;
+            return;
+        }
+        if self.cfg.verify_sender() && d.user_id.as_deref() != Some(h.from.as_str()) {
+            // Not answered: the claimed sender cannot be trusted to be the one
+            // a receipt would reach, and its transfer must not be touched.
+            let e = ReceiveError::SenderMismatch {
+                user: d.user_id.clone().unwrap_or_default(),
+                node: h.from.clone(),
+            };
+            warn!(message = "Dead-lettering a chunk whose sender is not its broker user.",
+                transfer_id = %h.transfer_id, error_code = e.code(), error = %e);
             let _ = d.dead_letter().await;
             return;
         }
@@ -124,46 +143,38 @@ impl Receiver {
             let _ = d.ack().await;
             return;
         }
-        match self.accept_chunk(&h, body).await {
-            Ok(Progress::Partial) => {
-                let _ = d.ack().await;
-            }
-            Ok(Progress::Complete) | Ok(Progress::Settled) => {
-                if self.claim(&tid) {
-                    self.tasks.spawn(self.clone().complete(tid, Some(d)));
-                } else {
-                    let _ = d.ack().await;
-                }
-            }
-            Ok(Progress::Ignore) => {
-                let _ = d.ack().await;
-            }
+        let progress = match self.accept_chunk(&h, body).await {
+            Ok(p) => p,
             Err(Failure::Store(e)) => {
-                // Not acked: the broker delivers it again after a reconnect.
-                error!(message = "State database failed while receiving a chunk.", error = %e, transfer_id = %tid);
+                error!(message = "State database failed while receiving a chunk; requeueing it.", error = %e, transfer_id = %tid);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let _ = d.requeue().await;
+                return;
             }
             Err(Failure::Transfer(e)) => {
                 warn!(message = "Rejecting transfer.", transfer_id = %tid, error_code = e.code(), error = %e);
-                let outcome = self.store.fail(
+                if let Err(se) = self.store.fail(
                     RX,
                     &tid,
                     &h.from,
                     Status::ReceiveFailed,
                     e.code(),
                     &e.to_string(),
-                );
-                if let Err(se) = outcome {
-                    error!(message = "State database failed while recording a rejection.", error = %se, transfer_id = %tid);
+                ) {
+                    error!(message = "State database failed while recording a rejection; requeueing.", error = %se, transfer_id = %tid);
+                    let _ = d.requeue().await;
                     return;
                 }
                 if let Some(p) = self.cfg.receive_profile(&h.file_id) {
                     let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, &tid));
                 }
                 let _ = self.store.forget_chunks(&tid);
-                if self.claim(&tid) {
-                    self.tasks.spawn(self.clone().complete(tid, Some(d)));
-                }
+                Progress::Settled
             }
+        };
+        let _ = d.ack().await;
+        if matches!(progress, Progress::Complete | Progress::Settled) && self.claim(&tid) {
+            self.tasks.spawn(self.clone().complete(tid));
         }
     }
 
@@ -179,7 +190,7 @@ impl Receiver {
             Some(r) => r,
             None => {
                 let profile = self.cfg.receive_profile(&h.file_id);
-                let row = new_row(h, profile);
+                let row = new_row(h);
                 self.store.insert(&row)?;
                 assemble::admit(h, profile)?;
                 info!(message = "Receiving.", transfer_id = %tid, from = %h.from, file_id = %h.file_id, file_name = %h.file_name, size = h.size);
@@ -214,21 +225,22 @@ impl Receiver {
         }
     }
 
-    /// Drives one transfer from its current status to a sent receipt, then
-    /// acks `d` (the delivery that completed it, if any).
-    async fn complete(self: Arc<Self>, tid: String, d: Option<Delivery>) {
-        if let Err(e) = self.advance(&tid).await {
-            error!(message = "State database failed while completing a transfer; it resumes at the next start.", error = %e, transfer_id = %tid);
-            self.release(&tid);
-            return;
+    /// Drives one transfer from its current status to a sent receipt.
+    async fn complete(self: Arc<Self>, tid: String) {
+        match self.advance(&tid).await {
+            Ok(()) => self.release(&tid),
+            // Left busy: nothing re-runs this transfer before a restart, whose
+            // recovery resumes it from the ledger.
+            Err(e) => {
+                error!(message = "State database failed while completing a transfer; it resumes at the next start.", error = %e, transfer_id = %tid)
+            }
         }
-        if let Some(d) = d {
-            let _ = d.ack().await;
-        }
-        self.release(&tid);
     }
 
     async fn advance(&self, tid: &str) -> Result<(), crate::store::StoreError> {
+        // Success hooks run only right after this call placed the file; a
+        // transfer found already in `hook_running` was cut off mid-hook.
+        let mut placed_here = false;
         loop {
             let Some(row) = self.store.received(tid)? else {
                 return Ok(());
@@ -250,11 +262,13 @@ impl Receiver {
                             Status::Placing,
                             Status::HookRunning,
                         )?;
+                        placed_here = true;
                     }
                     Err(e) => {
                         warn!(message = "Failed to place file.", transfer_id = %tid, error_code = e.code(), error = %e);
                         let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, tid));
                         self.store.forget_chunks(tid)?;
+                        self.store.clear_placement(tid, &row.peer)?;
                         self.store.fail(
                             RX,
                             tid,
@@ -276,13 +290,24 @@ impl Receiver {
                         &e.to_string(),
                     )?;
                 }
-                (Status::HookRunning, Some(p)) => self.run_success_hooks(&row, p).await?,
-                (Status::ReceiveFailed, _)
-                    if !row.receipt_sent && self.failure_hook_pending(&row) =>
-                {
-                    self.run_failure_hooks(tid).await?;
+                (Status::HookRunning, Some(p)) if placed_here => {
+                    self.run_success_hooks(&row, p).await?;
+                }
+                (Status::HookRunning, _) => {
+                    let e = ReceiveError::HookInterrupted;
+                    self.store.fail(
+                        RX,
+                        tid,
+                        &row.peer,
+                        Status::HookInterrupted,
+                        e.code(),
+                        &e.to_string(),
+                    )?;
                 }
                 (status, _) if status.is_final() => {
+                    if matches!(status, Status::ReceiveFailed | Status::HookFailed) {
+                        self.run_failure_hooks(&row).await?;
+                    }
                     if !row.receipt_sent {
                         self.send_receipt(&row).await?;
                     }
@@ -296,24 +321,14 @@ impl Receiver {
         }
     }
 
-    /// A rejected transfer whose failure hooks have not run yet.
-    fn failure_hook_pending(&self, row: &Row) -> bool {
-        row.hook_exit.is_none()
-            && self
-                .cfg
-                .receive_profile(&row.file_id)
-                .is_some_and(|p| !p.on_failure.is_empty())
-    }
-
     async fn place(&self, row: &Row, p: &ReceiveProfile) -> Result<PathBuf, ReceiveError> {
         let partial = partial_path(&p.inbox, &row.transfer_id);
         if let (Some(ino), Some(path)) = (row.inode, &row.path) {
             let target = PathBuf::from(path);
             if place::already_placed(&target, ino) {
-                // Placed before a restart; only the partial name may remain.
-                if partial.exists() && place::already_placed(&partial, ino) {
-                    let _ = crate::durable::remove_if_exists(&partial);
-                }
+                // Placed before a restart; only the partial (ours, by its
+                // transfer id) may remain.
+                let _ = crate::durable::remove_if_exists(&partial);
                 return Ok(target);
             }
         }
@@ -324,8 +339,13 @@ impl Receiver {
         );
         let (inbox, name, mode, size) = (p.inbox.clone(), row.file_name.clone(), p.mode, row.size);
         let sha = row.sha256.clone().unwrap_or_default();
-        tokio::task::spawn_blocking(move || {
-            place::verify(&partial, size, &sha)?;
+        let verify_partial = partial.clone();
+        tokio::task::spawn_blocking(move || place::verify(&verify_partial, size, &sha))
+            .await
+            .map_err(|e| ReceiveError::Io(e.to_string()))??;
+        let name_lock = self.name_lock(&inbox.join(&name));
+        let _placing = name_lock.lock().await;
+        let placed = tokio::task::spawn_blocking(move || {
             place::place(&partial, &inbox, &name, mode, |target, ino| {
                 store
                     .set_inode(&tid, &peer, &target.display().to_string(), ino)
@@ -333,7 +353,31 @@ impl Receiver {
             })
         })
         .await
-        .map_err(|e| ReceiveError::Io(e.to_string()))?
+        .map_err(|e| ReceiveError::Io(e.to_string()))?;
+        drop(_placing);
+        self.prune_name_locks();
+        placed
+    }
+
+    fn name_lock(&self, target: &std::path::Path) -> Arc<tokio::sync::Mutex<()>> {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        names.entry(target.to_path_buf()).or_default().clone()
+    }
+
+    /// Drops the locks nobody holds, so the map stays as small as the work.
+    fn prune_name_locks(&self) {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        names.retain(|_, lock| Arc::strong_count(lock) > 1);
+    }
+
+    /// True for nodes this configuration names: only they get receipts, so
+    /// a forged `from` cannot make this agent create queues for strangers.
+    fn known_peer(&self, node: &str) -> bool {
+        self.cfg
+            .receive
+            .iter()
+            .any(|p| p.from.iter().any(|f| f == node))
+            || self.cfg.send.iter().any(|p| p.to.iter().any(|t| t == node))
     }
 
     async fn run_success_hooks(
@@ -383,32 +427,34 @@ impl Receiver {
                         e.code(),
                         &e.to_string(),
                     )?;
-                    self.run_failure_hooks(&row.transfer_id).await?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Runs the profile's failure hooks for a failed transfer, once.
-    async fn run_failure_hooks(&self, tid: &str) -> Result<(), crate::store::StoreError> {
-        let Some(row) = self.store.received(tid)? else {
-            return Ok(());
-        };
+    /// Runs the profile's failure hooks for a failed transfer, at most once:
+    /// the run is claimed in the ledger before it starts.
+    async fn run_failure_hooks(&self, row: &Row) -> Result<(), crate::store::StoreError> {
         let Some(p) = self.cfg.receive_profile(&row.file_id) else {
             return Ok(());
         };
-        if p.on_failure.is_empty() {
+        if p.on_failure.is_empty()
+            || row.failure_hook
+            || !self
+                .store
+                .claim_failure_hook(RX, &row.transfer_id, &row.peer)?
+        {
             return Ok(());
         }
-        let ctx = self.context(&row, Event::ReceiveFailed, row.error_code.clone());
-        let log = hooks::log_path(&self.cfg.log_dir(), tid, Event::ReceiveFailed);
+        let ctx = self.context(row, Event::ReceiveFailed, row.error_code.clone());
+        let log = hooks::log_path(&self.cfg.log_dir(), &row.transfer_id, Event::ReceiveFailed);
         if let Some((_, outcome)) = hooks::run_all(&p.on_failure, &ctx, &log).await {
             // A success hook's exit code, if any, stays; the failure hook's is logged.
             if row.hook_exit.is_none() {
                 self.store.set_hook(
                     RX,
-                    tid,
+                    &row.transfer_id,
                     &row.peer,
                     outcome.exit,
                     outcome.duration.as_millis() as u64,
@@ -416,7 +462,7 @@ impl Receiver {
                 )?;
             }
             if !outcome.ok() {
-                warn!(message = "Failure hook failed too.", transfer_id = %tid, exit = ?outcome.exit);
+                warn!(message = "Failure hook failed too.", transfer_id = %row.transfer_id, exit = ?outcome.exit);
             }
         }
         Ok(())
@@ -443,6 +489,10 @@ impl Receiver {
 
     /// Publishes the receipt until the broker confirms it.
     async fn send_receipt(&self, row: &Row) -> Result<(), crate::store::StoreError> {
+        if !self.known_peer(&row.peer) {
+            info!(message = "No receipt for a sender this configuration does not name.", transfer_id = %row.transfer_id, from = %row.peer);
+            return self.store.set_receipt_sent(&row.transfer_id, &row.peer);
+        }
         let ok = row.status == Status::Received;
         let receipt = Receipt {
             transfer_id: row.transfer_id.clone(),
@@ -506,7 +556,7 @@ impl From<ReceiveError> for Failure {
     }
 }
 
-fn new_row(h: &ChunkHeader, profile: Option<&ReceiveProfile>) -> Row {
+fn new_row(h: &ChunkHeader) -> Row {
     Row {
         direction: RX,
         transfer_id: h.transfer_id.clone(),
@@ -519,9 +569,8 @@ fn new_row(h: &ChunkHeader, profile: Option<&ReceiveProfile>) -> Row {
         status: Status::Receiving,
         error_code: None,
         error: None,
-        path: profile
-            .map(|p| p.inbox.join(&h.file_name).display().to_string())
-            .filter(|_| check_file_name(&h.file_name).is_ok()),
+        // Set when the file is placed: until then no inbox name is ours.
+        path: None,
         remote_path: None,
         remote_hook_exit: None,
         meta: Default::default(),
@@ -533,5 +582,6 @@ fn new_row(h: &ChunkHeader, profile: Option<&ReceiveProfile>) -> Row {
         receipt_sent: false,
         delivered: false,
         inode: None,
+        failure_hook: false,
     }
 }

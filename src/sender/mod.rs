@@ -70,7 +70,10 @@ impl Sender {
     /// Resumes the last run's work: files claimed but not recorded, transfers
     /// mid-publish, hooks interrupted, spool files whose transfer is settled.
     pub async fn recover(self: &Arc<Self>) -> Result<(), StoreError> {
-        self.adopt_spool_orphans()?;
+        // A crash between the last receipt and `after_send` left the file.
+        for tid in self.adopt_spool_orphans()? {
+            self.settle_spool(&tid).await;
+        }
         for row in self.store.unfinished()? {
             if row.direction != TX {
                 continue;
@@ -91,8 +94,10 @@ impl Sender {
 
     /// A crash between claiming (the rename into the spool) and recording
     /// leaves a spool directory without rows: record it now.
-    fn adopt_spool_orphans(&self) -> Result<(), StoreError> {
+    /// Returns the transfers that have rows, for `after_send` to look at.
+    fn adopt_spool_orphans(&self) -> Result<Vec<String>, StoreError> {
         let spool = self.cfg.spool_dir();
+        let mut settled = Vec::new();
         for profile in &self.cfg.send {
             let Ok(dirs) = std::fs::read_dir(spool.join(&profile.file_id)) else {
                 continue;
@@ -100,14 +105,15 @@ impl Sender {
             for dir in dirs.flatten() {
                 let tid = dir.file_name().to_string_lossy().into_owned();
                 if !self.store.rows_of(TX, &tid)?.is_empty() {
+                    settled.push(tid);
                     continue;
                 }
-                let Some(name) = std::fs::read_dir(dir.path())
-                    .ok()
-                    .and_then(|mut d| d.next())
-                    .and_then(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                else {
+                // A `hakobu send` still copying uses a hidden temporary name.
+                let Some(name) = std::fs::read_dir(dir.path()).ok().and_then(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .find(|n| !ignored(n))
+                }) else {
                     let _ = std::fs::remove_dir(dir.path());
                     continue;
                 };
@@ -123,12 +129,18 @@ impl Sender {
                 )?;
             }
         }
-        Ok(())
+        Ok(settled)
     }
 
     /// Claims `name` from the profile's outbox: an atomic rename into the
     /// spool, then one row per receiving node.
     pub async fn claim(self: &Arc<Self>, profile: &SendProfile, name: &str) {
+        // The marker goes first: a crash after it leaves the file in the
+        // outbox waiting for a new marker, never a stale marker that would
+        // let the next file of that name be claimed half-written.
+        if let Ready::DoneMarker(marker) = &profile.ready {
+            let _ = durable::remove_if_exists(&profile.outbox.join(format!("{name}{marker}")));
+        }
         let tid = uuid::Uuid::now_v7().to_string();
         let from = profile.outbox.join(name);
         let to = spool_path(&self.cfg.spool_dir(), &profile.file_id, &tid, name);
@@ -143,9 +155,6 @@ impl Sender {
                     file = %from.display(), spool = %to.display(), error = %e, error_code = "claim_failed");
             }
             return;
-        }
-        if let Ready::DoneMarker(marker) = &profile.ready {
-            let _ = durable::remove_if_exists(&profile.outbox.join(format!("{name}{marker}")));
         }
         match record_claim(
             &self.cfg,
@@ -273,6 +282,13 @@ impl Sender {
 
     /// A receipt from a receiving node: record it, ack it, run the hooks.
     pub async fn on_receipt(self: &Arc<Self>, r: Receipt, d: Delivery) {
+        if self.cfg.verify_sender() && d.user_id.as_deref() != Some(r.from.as_str()) {
+            // A forged receipt could make this agent delete the only copy.
+            warn!(message = "Dead-lettering a receipt whose sender is not its broker user.",
+                transfer_id = %r.transfer_id, from = %r.from, user = ?d.user_id, error_code = "sender_mismatch");
+            let _ = d.dead_letter().await;
+            return;
+        }
         if r.to != self.cfg.node {
             warn!(message = "Ignoring a receipt addressed to another node.", to = %r.to, transfer_id = %r.transfer_id);
             let _ = d.ack().await;
@@ -440,6 +456,7 @@ pub fn record_claim(
             receipt_sent: false,
             delivered: false,
             inode: None,
+            failure_hook: false,
         })?;
     }
     Ok(())

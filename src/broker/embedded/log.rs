@@ -1,0 +1,403 @@
+//! The embedded broker's durable storage: append-only segment files, each
+//! with a sidecar file of acked message ids. Many appends share one fsync
+//! (group commit, driven by the caller). A segment is deleted once every
+//! message in it is acked; a mostly-dead segment is compacted by the caller
+//! re-appending its live messages. Only the broker core uses this.
+//!
+//! Segment record: `len u32 · crc32 u32 · id u64 · queue_len u16 · queue · payload`,
+//! where `len` counts the bytes after the crc and the crc covers them. A torn
+//! record at the end of the last segment (a crash before its fsync, so never
+//! confirmed) is cut off on replay.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tracing::{error, warn};
+
+/// Segments roll over past this size.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+const HEADER: u64 = 4 + 4 + 8 + 2;
+
+/// Where a message's payload lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loc {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// A live message found on replay.
+#[derive(Debug)]
+pub struct Stored {
+    pub id: u64,
+    pub queue: String,
+    pub loc: Loc,
+}
+
+struct Segment {
+    file: Arc<File>,
+    acks: Option<File>,
+    size: u64,
+    live: u64,
+    live_bytes: u64,
+    dirty: bool,
+}
+
+pub struct Log {
+    dir: PathBuf,
+    segments: BTreeMap<u64, Segment>,
+    current: u64,
+}
+
+fn seg_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016}.seg"))
+}
+
+fn ack_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016}.acks"))
+}
+
+impl Log {
+    /// Opens `dir`, replays it, and starts a fresh segment for new appends.
+    /// Returns the live messages in id order and the next free id.
+    pub fn open(dir: &Path) -> io::Result<(Log, Vec<Stored>, u64)> {
+        fs::create_dir_all(dir)?;
+        let mut ids: Vec<u64> = fs::read_dir(dir)?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        let mut live: BTreeMap<u64, (String, Loc)> = BTreeMap::new();
+        let mut segments = BTreeMap::new();
+        let mut next_id = 1;
+        let last = ids.last().copied();
+        for &seg in &ids {
+            let path = seg_path(dir, seg);
+            let (records, good_len) = scan(&path)?;
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let size = file.metadata()?.len();
+            if good_len < size {
+                if Some(seg) == last {
+                    // Never confirmed: the fsync that would have confirmed it did not finish.
+                    warn!(
+                        message = "Cutting a torn record off the last segment.",
+                        segment = seg,
+                        at = good_len
+                    );
+                    file.set_len(good_len)?;
+                } else {
+                    error!(
+                        message =
+                            "Corrupt record inside a sealed segment; the rest of it is unreadable.",
+                        segment = seg,
+                        at = good_len
+                    );
+                }
+            }
+            for (id, queue, loc) in records {
+                next_id = next_id.max(id + 1);
+                live.insert(id, (queue, loc));
+            }
+            for id in read_acks(&ack_path(dir, seg))? {
+                if live.get(&id).is_some_and(|(_, loc)| loc.segment == seg) {
+                    live.remove(&id);
+                }
+            }
+            segments.insert(
+                seg,
+                Segment {
+                    file: Arc::new(file),
+                    acks: None,
+                    size: good_len,
+                    live: 0,
+                    live_bytes: 0,
+                    dirty: false,
+                },
+            );
+        }
+        for (_, loc) in live.values() {
+            if let Some(s) = segments.get_mut(&loc.segment) {
+                s.live += 1;
+                s.live_bytes += loc.len as u64;
+            }
+        }
+        let current = last.map_or(1, |l| l + 1);
+        let mut log = Log {
+            dir: dir.to_path_buf(),
+            segments,
+            current,
+        };
+        log.open_segment(current)?;
+        // Segments left with nothing live (acked before the restart) go now.
+        let empty: Vec<u64> = log
+            .segments
+            .iter()
+            .filter(|(id, s)| **id != current && s.live == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in empty {
+            log.drop_segment(id)?;
+        }
+        crate::durable::fsync_dir(dir)?;
+        let stored = live
+            .into_iter()
+            .map(|(id, (queue, loc))| Stored { id, queue, loc })
+            .collect();
+        Ok((log, stored, next_id))
+    }
+
+    fn open_segment(&mut self, id: u64) -> io::Result<()> {
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(seg_path(&self.dir, id))?;
+        self.segments.insert(
+            id,
+            Segment {
+                file: Arc::new(file),
+                acks: None,
+                size: 0,
+                live: 0,
+                live_bytes: 0,
+                dirty: true,
+            },
+        );
+        self.current = id;
+        Ok(())
+    }
+
+    /// Appends a message (not yet durable: call [`Log::sync`] before confirming).
+    pub fn append(&mut self, id: u64, queue: &str, payload: &[u8]) -> io::Result<Loc> {
+        if self
+            .segments
+            .get(&self.current)
+            .is_some_and(|s| s.size >= SEGMENT_BYTES)
+        {
+            let next = self.current + 1;
+            self.open_segment(next)?;
+            crate::durable::fsync_dir(&self.dir)?;
+        }
+        let q = queue.as_bytes();
+        let body_len = 8 + 2 + q.len() + payload.len();
+        let mut rec = Vec::with_capacity(8 + body_len);
+        rec.extend_from_slice(&(body_len as u32).to_be_bytes());
+        rec.extend_from_slice(&[0; 4]);
+        rec.extend_from_slice(&id.to_be_bytes());
+        rec.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        rec.extend_from_slice(q);
+        rec.extend_from_slice(payload);
+        let crc = crc32fast::hash(&rec[8..]);
+        rec[4..8].copy_from_slice(&crc.to_be_bytes());
+        let seg = self
+            .segments
+            .get_mut(&self.current)
+            .ok_or_else(|| io::Error::other("no current segment"))?;
+        (&*seg.file).write_all(&rec)?;
+        let loc = Loc {
+            segment: self.current,
+            offset: seg.size + HEADER + q.len() as u64,
+            len: payload.len() as u32,
+        };
+        seg.size += rec.len() as u64;
+        seg.live += 1;
+        seg.live_bytes += payload.len() as u64;
+        seg.dirty = true;
+        Ok(loc)
+    }
+
+    /// Records that a message is acked. Acks need no fsync of their own: a
+    /// lost ack only means a redelivery, which consumers tolerate.
+    pub fn ack(&mut self, id: u64, loc: Loc) -> io::Result<()> {
+        let dir = self.dir.clone();
+        let Some(seg) = self.segments.get_mut(&loc.segment) else {
+            return Ok(());
+        };
+        seg.live = seg.live.saturating_sub(1);
+        seg.live_bytes = seg.live_bytes.saturating_sub(loc.len as u64);
+        if seg.live == 0 && loc.segment != self.current {
+            return self.drop_segment(loc.segment);
+        }
+        if seg.acks.is_none() {
+            seg.acks = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(ack_path(&dir, loc.segment))?,
+            );
+        }
+        if let Some(f) = seg.acks.as_mut() {
+            f.write_all(&id.to_be_bytes())?;
+        }
+        seg.dirty = true;
+        Ok(())
+    }
+
+    /// Makes every append and ack so far durable: one fsync per dirty file.
+    pub fn sync(&mut self) -> io::Result<()> {
+        for seg in self.segments.values_mut().filter(|s| s.dirty) {
+            seg.file.sync_data()?;
+            if let Some(a) = &seg.acks {
+                a.sync_data()?;
+            }
+            seg.dirty = false;
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, loc: Loc) -> io::Result<Bytes> {
+        let seg = self
+            .segments
+            .get(&loc.segment)
+            .ok_or_else(|| io::Error::other("segment reclaimed"))?;
+        let mut buf = vec![0u8; loc.len as usize];
+        seg.file.read_exact_at(&mut buf, loc.offset)?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// A sealed segment more than half dead, worth compacting.
+    pub fn compaction_candidate(&self) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|(id, s)| **id != self.current && s.live > 0 && s.live_bytes * 2 < s.size)
+            .map(|(id, _)| *id)
+    }
+
+    /// Deletes a segment and its ack file (after its live messages moved).
+    pub fn drop_segment(&mut self, id: u64) -> io::Result<()> {
+        self.segments.remove(&id);
+        crate::durable::remove_if_exists(&seg_path(&self.dir, id))?;
+        crate::durable::remove_if_exists(&ack_path(&self.dir, id))
+    }
+
+    #[cfg(test)]
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+}
+
+/// Reads a segment's records; returns them and the length of the valid prefix.
+/// The records of one segment as `(id, queue, location)`.
+type Records = Vec<(u64, String, Loc)>;
+
+fn scan(path: &Path) -> io::Result<(Records, u64)> {
+    let seg: u64 = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut data = Vec::new();
+    File::open(path)?.read_to_end(&mut data)?;
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while data.len() - at >= HEADER as usize {
+        let body_len = u32::from_be_bytes(data[at..at + 4].try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_be_bytes(data[at + 4..at + 8].try_into().unwrap_or_default());
+        if body_len < 10 || data.len() - at - 8 < body_len {
+            break;
+        }
+        let body = &data[at + 8..at + 8 + body_len];
+        if crc32fast::hash(body) != crc {
+            break;
+        }
+        let id = u64::from_be_bytes(body[..8].try_into().unwrap_or_default());
+        let qlen = u16::from_be_bytes([body[8], body[9]]) as usize;
+        if 10 + qlen > body_len {
+            break;
+        }
+        let Ok(queue) = std::str::from_utf8(&body[10..10 + qlen]) else {
+            break;
+        };
+        let offset = (at + 8 + 10 + qlen) as u64;
+        out.push((
+            id,
+            queue.to_string(),
+            Loc {
+                segment: seg,
+                offset,
+                len: (body_len - 10 - qlen) as u32,
+            },
+        ));
+        at += 8 + body_len;
+    }
+    Ok((out, at as u64))
+}
+
+fn read_acks(path: &Path) -> io::Result<Vec<u64>> {
+    match fs::read(path) {
+        Ok(b) => Ok(b
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default()))
+            .collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_returns_unacked_messages_and_cuts_torn_tails() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (mut log, stored, next) = Log::open(d.path()).unwrap();
+            assert!(stored.is_empty());
+            assert_eq!(next, 1);
+            let a = log.append(1, "q", b"one").unwrap();
+            log.append(2, "q", b"two").unwrap();
+            log.append(3, "r", b"three").unwrap();
+            log.sync().unwrap();
+            assert_eq!(&log.read(a).unwrap()[..], b"one");
+            log.ack(1, a).unwrap();
+            log.sync().unwrap();
+        }
+        // A torn record at the end of the newest segment.
+        let newest = fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+            .max()
+            .unwrap();
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&newest)
+            .unwrap()
+            .write_all(&[0, 0, 0, 50, 1, 2])
+            .unwrap();
+        let (log, stored, next) = Log::open(d.path()).unwrap();
+        let ids: Vec<u64> = stored.iter().map(|s| s.id).collect();
+        assert_eq!(ids, vec![2, 3]);
+        assert_eq!(next, 4);
+        assert_eq!(&log.read(stored[1].loc).unwrap()[..], b"three");
+        assert_eq!(stored[1].queue, "r");
+    }
+
+    #[test]
+    fn fully_acked_segments_are_deleted() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, _, _) = Log::open(d.path()).unwrap();
+        let big = vec![7u8; 1 << 20];
+        let mut locs = Vec::new();
+        for id in 1..=70 {
+            locs.push((id, log.append(id, "q", &big).unwrap()));
+        }
+        log.sync().unwrap();
+        assert!(log.segment_count() >= 2);
+        for (id, loc) in locs {
+            log.ack(id, loc).unwrap();
+        }
+        log.sync().unwrap();
+        assert_eq!(log.segment_count(), 1, "only the current segment remains");
+        drop(log);
+        let (_, stored, _) = Log::open(d.path()).unwrap();
+        assert!(stored.is_empty());
+    }
+}
