@@ -268,16 +268,15 @@ fn multicast_delivers_to_every_receiver_then_settles_the_spool() {
         );
     }
     // The spooled file moved to `sent` once, after both receipts.
-    wait_until(Duration::from_secs(10), "after_send", || {
-        root.join("sent/all.txt").exists()
-    });
+    let moved = root.join("sent/all.txt").display().to_string();
+    wait_until(
+        Duration::from_secs(10),
+        "after_send and its history",
+        || root.join("sent/all.txt").exists() && alpha.history().iter().all(|r| r["path"] == moved),
+    );
     let h = alpha.history();
     let tids: std::collections::HashSet<_> = h.iter().map(|r| r["transfer_id"].clone()).collect();
     assert_eq!(tids.len(), 1, "one transfer, two peers: {h:?}");
-    assert!(
-        h.iter()
-            .all(|r| r["path"] == root.join("sent/all.txt").display().to_string())
-    );
     let runs = hook_runs(&hooks);
     assert_eq!(runs.iter().filter(|l| l.ends_with(" received")).count(), 2);
     assert_eq!(runs.iter().filter(|l| l.ends_with(" sent")).count(), 2);
