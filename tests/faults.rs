@@ -163,3 +163,35 @@ fn rabbitmq_node_killed_during_200_mib_transfer() {
         p.beta.log()
     );
 }
+
+/// The embedded broker killed with `kill -9` in the middle of a transfer and
+/// started again: the transfer completes, nothing lost, the hook run once.
+#[test]
+fn embedded_broker_killed_mid_transfer() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = common::BrokerProcess::start(dir.path());
+    let mut p = Pair::new(PairOpts {
+        broker: Some(broker.section()),
+        ..Default::default()
+    });
+    p.start();
+    let src = p.tmp.path().join("big.bin");
+    write_pattern(&src, 100 << 20, 5);
+    let want = sha256_file(&src);
+    common::drop_file(&p.outbox, "big.bin", |t| fs::rename(&src, t).unwrap());
+    wait_until(Duration::from_secs(60), "beta to start receiving", || {
+        !p.beta.with_status("receiving").is_empty()
+    });
+    broker.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    broker.restart();
+    p.wait_sent(1, Duration::from_secs(180));
+    assert_eq!(sha256_file(&p.inbox.join("big.bin")), want);
+    assert_eq!(received_runs(&p), 1);
+    assert_eq!(p.inbox_files(), vec!["big.bin"]);
+    assert!(
+        p.beta.log().contains("Consumer lost the embedded broker"),
+        "beta never noticed the crash"
+    );
+}

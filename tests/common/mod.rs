@@ -307,6 +307,8 @@ pub struct PairOpts {
     pub beta_first: usize,
     /// The send profile's `ready:` value; default `{ stable_for: 300ms }`.
     pub ready: Option<String>,
+    /// The whole `broker:` section for both agents; default the test cluster.
+    pub broker: Option<String>,
 }
 
 impl Pair {
@@ -323,7 +325,10 @@ impl Pair {
         let alpha_yaml = format!(
             "node: {a}\nstate_dir: {root}/alpha/state\n{broker}send:\n  - file_id: {file_id}\n    outbox: {outbox}\n    to: [ {b} ]\n    ready: {ready}\n    on_success: [ \"{hook}\", \"{{file_name}}\" ]\n    on_failure: [ \"{hook}\", \"{{file_name}}\" ]\n{extra}",
             root = root.display(),
-            broker = rabbit_broker(opts.alpha_first),
+            broker = opts
+                .broker
+                .clone()
+                .unwrap_or_else(|| rabbit_broker(opts.alpha_first)),
             outbox = outbox.display(),
             hook = hook.display(),
             extra = opts.send_extra,
@@ -332,7 +337,10 @@ impl Pair {
         let beta_yaml = format!(
             "node: {b}\nstate_dir: {root}/beta/state\n{broker}receive:\n  - file_id: {file_id}\n    from: [ {a} ]\n    inbox: {inbox}\n    on_success: {{ run: [ \"{hook}\", \"{{path}}\" ], timeout: 5m }}\n    on_failure: [ \"{hook}\", \"{{file_name}}\" ]\n{extra}",
             root = root.display(),
-            broker = rabbit_broker(opts.beta_first),
+            broker = opts
+                .broker
+                .clone()
+                .unwrap_or_else(|| rabbit_broker(opts.beta_first)),
             inbox = inbox.display(),
             hook = hook.display(),
             extra = opts.receive_extra,
@@ -388,5 +396,67 @@ impl Pair {
             .unwrap_or_default();
         names.sort();
         names
+    }
+}
+
+/// A `hakobu broker` process on a free loopback port, with its data in `dir`.
+pub struct BrokerProcess {
+    pub addr: String,
+    data: PathBuf,
+    child: Option<Child>,
+}
+
+impl BrokerProcess {
+    pub fn start(dir: &Path) -> BrokerProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut b = BrokerProcess {
+            addr: format!("127.0.0.1:{port}"),
+            data: dir.join("broker-data"),
+            child: None,
+        };
+        b.restart();
+        b
+    }
+
+    /// (Re)starts the broker on the same address and data, and waits for it.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let child = Command::new(bin())
+            .args(["broker", "--listen", &self.addr, "--data"])
+            .arg(&self.data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_until(Duration::from_secs(10), "the broker to listen", || {
+            std::net::TcpStream::connect(&self.addr).is_ok()
+        });
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    /// The `broker:` section that makes agents use this broker.
+    pub fn section(&self) -> String {
+        format!("broker:\n  embedded: {{ connect: \"{}\" }}\n", self.addr)
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        self.kill9();
     }
 }
