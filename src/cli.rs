@@ -493,8 +493,8 @@ fn resend(cfg: &Config, tid: &str) -> Result<(), Exit> {
     Ok(())
 }
 
-/// Shows where a waited-for transfer stands: a spinner on a terminal, a line
-/// per change otherwise.
+/// Shows where a waited-for transfer stands: a byte bar on a terminal, a
+/// line per change of status otherwise.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
     last: std::cell::RefCell<String>,
@@ -504,8 +504,12 @@ impl Progress {
     fn new() -> Self {
         use std::io::IsTerminal;
         let bar = std::io::stderr().is_terminal().then(|| {
-            let b = indicatif::ProgressBar::new_spinner();
-            b.enable_steady_tick(Duration::from_millis(120));
+            let b = indicatif::ProgressBar::new(0);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+            ) {
+                b.set_style(style);
+            }
             b
         });
         Progress {
@@ -520,12 +524,23 @@ impl Progress {
             .map(|r| format!("{}: {}", r.peer, r.status.as_str()))
             .collect::<Vec<_>>()
             .join(", ");
-        if *self.last.borrow() == line {
-            return;
-        }
-        match &self.bar {
-            Some(b) => b.set_message(line.clone()),
-            None => eprintln!("{line}"),
+        if let Some(b) = &self.bar {
+            let total: u64 = rows.iter().map(|r| r.size).sum();
+            let done: u64 = rows
+                .iter()
+                .map(|r| {
+                    if r.status == Status::Sending || r.status == Status::Queued {
+                        r.progress
+                    } else {
+                        r.size
+                    }
+                })
+                .sum();
+            b.set_length(total);
+            b.set_position(done);
+            b.set_message(line.clone());
+        } else if *self.last.borrow() != line {
+            eprintln!("{line}");
         }
         *self.last.borrow_mut() = line;
     }

@@ -143,11 +143,13 @@ pub struct Row {
     pub inode: Option<u64>,
     /// The failure hooks were started (they run at most once).
     pub failure_hook: bool,
+    /// Sending: bytes the broker has confirmed so far.
+    pub progress: u64,
 }
 
 const COLUMNS: &str = "direction, transfer_id, peer, file_id, file_name, size, sha256, chunk_size, \
      status, error_code, error, path, remote_path, remote_hook_exit, meta, started_at, finished_at, \
-     hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode, failure_hook";
+     hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode, failure_hook, progress";
 
 fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     let dir: String = r.get(0)?;
@@ -181,6 +183,7 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         delivered: r.get(21)?,
         inode: r.get::<_, Option<i64>>(22)?.map(|v| v as u64),
         failure_hook: r.get(23)?,
+        progress: r.get::<_, i64>(24)? as u64,
     })
 }
 
@@ -208,6 +211,7 @@ impl Store {
                 receipt_sent INTEGER NOT NULL DEFAULT 0,
                 delivered INTEGER NOT NULL DEFAULT 0, inode INTEGER,
                 failure_hook INTEGER NOT NULL DEFAULT 0,
+                progress INTEGER NOT NULL DEFAULT 0,
                 seq INTEGER NOT NULL DEFAULT 0,
                 PRIMARY KEY (direction, transfer_id, peer));
              CREATE INDEX IF NOT EXISTS transfers_status ON transfers(status);
@@ -360,6 +364,15 @@ impl Store {
         self.db().execute(
             "UPDATE transfers SET path = ?3, inode = ?4 WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2",
             params![transfer_id, peer, target, inode as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Records how many bytes of a transfer the broker has confirmed.
+    pub fn set_progress(&self, transfer_id: &str, peer: &str, bytes: u64) -> Result<()> {
+        self.db().execute(
+            "UPDATE transfers SET progress = ?3 WHERE direction = 'send' AND transfer_id = ?1 AND peer = ?2",
+            params![transfer_id, peer, bytes as i64],
         )?;
         Ok(())
     }

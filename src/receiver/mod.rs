@@ -583,5 +583,6 @@ fn new_row(h: &ChunkHeader) -> Row {
         delivered: false,
         inode: None,
         failure_hook: false,
+        progress: 0,
     }
 }

@@ -238,13 +238,22 @@ impl Sender {
                     continue;
                 }
             };
+            // Progress for `hakobu send --wait`, written at most twice a second.
+            let last = std::sync::Mutex::new(std::time::Instant::now());
+            let record = |bytes: u64| {
+                let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                if last.elapsed() >= Duration::from_millis(500) || bytes == row.size {
+                    *last = std::time::Instant::now();
+                    let _ = self.store.set_progress(tid, peer, bytes);
+                }
+            };
             match publish::publish(
                 &self.broker,
                 &self.cfg.node,
                 &row,
                 self.window,
                 &mut resume,
-                &|_| {},
+                &record,
             )
             .await
             {
@@ -457,6 +466,7 @@ pub fn record_claim(
             delivered: false,
             inode: None,
             failure_hook: false,
+            progress: 0,
         })?;
     }
     Ok(())
