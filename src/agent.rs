@@ -133,6 +133,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut deliveries = broker.subscribe(&cfg.node).await?;
     sender.start_watchers();
     tokio::spawn(sender.clone().poll_queued());
+    tokio::spawn(receiver.clone().expire_stale());
     info!(message = "Agent running.", node = %cfg.node, send_profiles = cfg.send.len(), receive_profiles = cfg.receive.len());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -187,6 +187,13 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     })
 }
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// A handle on the state database, cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -200,6 +207,8 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // The schema's version, for migrations when it changes.
+        conn.pragma_update(None, "user_version", 1)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS transfers (
                 direction TEXT NOT NULL, transfer_id TEXT NOT NULL, peer TEXT NOT NULL,
@@ -212,6 +221,8 @@ impl Store {
                 delivered INTEGER NOT NULL DEFAULT 0, inode INTEGER,
                 failure_hook INTEGER NOT NULL DEFAULT 0,
                 progress INTEGER NOT NULL DEFAULT 0,
+                chunks_have INTEGER NOT NULL DEFAULT 0,
+                touched_at INTEGER NOT NULL DEFAULT 0,
                 seq INTEGER NOT NULL DEFAULT 0,
                 PRIMARY KEY (direction, transfer_id, peer));
              CREATE INDEX IF NOT EXISTS transfers_status ON transfers(status);
@@ -234,8 +245,8 @@ impl Store {
     pub fn insert(&self, row: &Row) -> Result<bool> {
         let n = self.db().execute(
             "INSERT OR IGNORE INTO transfers (direction, transfer_id, peer, file_id, file_name, size,
-                sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, seq)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, touched_at, seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
                 (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers))",
             params![
                 row.direction.as_str(),
@@ -253,6 +264,7 @@ impl Store {
                 serde_json::to_string(&row.meta).unwrap_or_else(|_| "{}".into()),
                 row.started_at,
                 row.finished_at,
+                unix_now(),
             ],
         )?;
         Ok(n == 1)
@@ -513,17 +525,39 @@ impl Store {
 
     /// Records that chunk `idx` is on disk; returns how many distinct chunks are.
     pub fn add_chunk(&self, transfer_id: &str, idx: u64) -> Result<u64> {
-        let db = self.db();
-        db.execute(
+        // One transaction: the chunk row and the counter move together, so a
+        // crash between them cannot leave a transfer one chunk short forever.
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let inserted = tx.execute(
             "INSERT OR IGNORE INTO chunks (transfer_id, idx) VALUES (?1, ?2)",
             params![transfer_id, idx as i64],
         )?;
-        let n: i64 = db.query_row(
-            "SELECT COUNT(*) FROM chunks WHERE transfer_id = ?1",
+        tx.execute(
+            "UPDATE transfers SET chunks_have = chunks_have + ?2, touched_at = ?3
+             WHERE direction = 'receive' AND transfer_id = ?1",
+            params![transfer_id, inserted as i64, unix_now()],
+        )?;
+        let n: i64 = tx.query_row(
+            "SELECT chunks_have FROM transfers WHERE direction = 'receive' AND transfer_id = ?1",
             params![transfer_id],
             |r| r.get(0),
         )?;
+        tx.commit()?;
         Ok(n as u64)
+    }
+
+    /// Receiving transfers of `file_id` that no chunk has touched for `idle`.
+    pub fn stale_receiving(&self, file_id: &str, idle: std::time::Duration) -> Result<Vec<Row>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM transfers WHERE direction = 'receive' AND status = 'receiving'
+               AND file_id = ?1 AND touched_at < ?2 ORDER BY seq"
+        );
+        let before = unix_now() - idle.as_secs() as i64;
+        let db = self.db();
+        let mut stmt = db.prepare(&sql)?;
+        let rows = stmt.query_map(params![file_id, before], row_from)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn chunk_count(&self, transfer_id: &str) -> Result<u64> {

@@ -195,3 +195,42 @@ fn embedded_broker_killed_mid_transfer() {
         "beta never noticed the crash"
     );
 }
+
+/// A sender killed for good mid-transfer: after the profile's partial_ttl the
+/// receiver expires the transfer, removes the partial file and runs the
+/// failure hook; nothing appears under an inbox name.
+#[test]
+fn abandoned_transfer_expires_and_its_partial_is_removed() {
+    let _g = serial();
+    let mut p = Pair::new(PairOpts {
+        receive_extra: "    partial_ttl: 3s\n".into(),
+        ..Default::default()
+    });
+    p.start();
+    let src = p.tmp.path().join("big.bin");
+    write_pattern(&src, 150 << 20, 9);
+    common::drop_file(&p.outbox, "big.bin", |t| fs::rename(&src, t).unwrap());
+    wait_until(Duration::from_secs(60), "beta to start receiving", || {
+        !p.beta.with_status("receiving").is_empty()
+    });
+    p.alpha.kill9();
+    wait_until(Duration::from_secs(60), "the transfer to expire", || {
+        !p.beta.with_status("receive_failed").is_empty()
+    });
+    let row = &p.beta.with_status("receive_failed")[0];
+    assert_eq!(row["error_code"], "transfer_expired");
+    let tid = row["transfer_id"].as_str().unwrap();
+    wait_until(Duration::from_secs(10), "the failure hook", || {
+        common::hook_env(&p.hooks, tid, "receive_failed")
+            .get("HAKOBU_ERROR_CODE")
+            .map(String::as_str)
+            == Some("transfer_expired")
+    });
+    let partial = p.inbox.join(".hakobu-partial");
+    assert_eq!(
+        fs::read_dir(&partial).map(|d| d.count()).unwrap_or(0),
+        0,
+        "partial file left behind"
+    );
+    assert!(p.inbox_files().is_empty());
+}

@@ -105,6 +105,8 @@ pub struct ReceiveProfile {
     pub inbox: PathBuf,
     pub mode: Mode,
     pub max_size: u64,
+    /// An unfinished transfer idle this long expires.
+    pub partial_ttl: Duration,
     pub on_success: Vec<HookSpec>,
     pub on_failure: Vec<HookSpec>,
 }
@@ -134,6 +136,7 @@ pub struct HookSpec {
 
 const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(3600);
 const DEFAULT_STABLE_FOR: Duration = Duration::from_secs(2);
+const DEFAULT_PARTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
 const PLACEHOLDERS: [&str; 5] = ["path", "file_id", "transfer_id", "file_name", "peer"];
 
 impl Config {
@@ -506,6 +509,10 @@ impl Validator<'_> {
             inbox: absolute(&raw.inbox),
             mode,
             max_size,
+            partial_ttl: match &raw.partial_ttl {
+                Some(t) => self.duration(&format!("{key}.partial_ttl"), t)?,
+                None => DEFAULT_PARTIAL_TTL,
+            },
         })
     }
 

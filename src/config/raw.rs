@@ -125,6 +125,9 @@ pub struct RawReceive {
     /// Generations kept in `generations` mode (default 7).
     pub keep: Option<u32>,
     pub max_size: Option<String>,
+    /// A transfer no chunk has reached for this long is failed and its
+    /// partial file removed (default 24h).
+    pub partial_ttl: Option<String>,
     pub on_success: Option<RawHook>,
     pub on_failure: Option<RawHook>,
 }

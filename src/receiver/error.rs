@@ -47,6 +47,10 @@ pub enum ReceiveError {
         "the agent stopped while the success hook ran; run `hakobu rerun` if it should run again"
     )]
     HookInterrupted,
+    #[error(
+        "no chunk arrived for {0:?} (the profile's partial_ttl); the partial file was removed, send the file again"
+    )]
+    Expired(std::time::Duration),
 }
 
 impl ReceiveError {
@@ -66,6 +70,7 @@ impl ReceiveError {
             ReceiveError::Io(_) => "io_error",
             ReceiveError::Hook(code, _) => code,
             ReceiveError::HookInterrupted => "hook_interrupted",
+            ReceiveError::Expired(_) => "transfer_expired",
         }
     }
 

@@ -96,6 +96,57 @@ impl Receiver {
         Ok(())
     }
 
+    /// Expires transfers that stopped receiving chunks (a sender that died
+    /// for good, or a flood of transfers begun and never finished): their
+    /// partial files are removed, the failure hook runs, a receipt goes back.
+    pub async fn expire_stale(self: Arc<Self>) {
+        let shortest = self
+            .cfg
+            .receive
+            .iter()
+            .map(|p| p.partial_ttl)
+            .min()
+            .unwrap_or(Duration::from_secs(3600));
+        let period = (shortest / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            tokio::time::sleep(period).await;
+            for p in &self.cfg.receive {
+                let stale = match self.store.stale_receiving(&p.file_id, p.partial_ttl) {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        warn!(message = "Cannot look for stale transfers.", error = %e);
+                        continue;
+                    }
+                };
+                for row in stale {
+                    if !self.claim(&row.transfer_id) {
+                        continue;
+                    }
+                    let e = ReceiveError::Expired(p.partial_ttl);
+                    warn!(message = "Expiring a transfer that stopped.", transfer_id = %row.transfer_id, from = %row.peer, error_code = e.code());
+                    let _ =
+                        crate::durable::remove_if_exists(&partial_path(&p.inbox, &row.transfer_id));
+                    let recorded = self.store.forget_chunks(&row.transfer_id).and_then(|()| {
+                        self.store.fail(
+                            RX,
+                            &row.transfer_id,
+                            &row.peer,
+                            Status::ReceiveFailed,
+                            e.code(),
+                            &e.to_string(),
+                        )
+                    });
+                    match recorded {
+                        Ok(()) => {
+                            self.tasks.spawn(self.clone().complete(row.transfer_id));
+                        }
+                        Err(se) => error!(message = "Cannot record an expiry.", error = %se),
+                    }
+                }
+            }
+        }
+    }
+
     fn claim(&self, transfer_id: &str) -> bool {
         self.busy
             .lock()
