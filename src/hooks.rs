@@ -184,7 +184,8 @@ fn command(spec: &HookSpec, ctx: &HookContext) -> Command {
         let argv: Vec<String> = spec
             .argv
             .iter()
-            .map(|a| substitute(a, |v| value(ctx, v).to_string()))
+            // An argument cannot hold NUL: a hostile name must not stop the hook from starting.
+            .map(|a| substitute(a, |v| value(ctx, v).replace('\0', "\u{FFFD}")))
             .collect();
         let mut c = Command::new(&argv[0]);
         c.args(&argv[1..]);
