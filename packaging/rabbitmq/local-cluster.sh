@@ -11,6 +11,8 @@
 #
 # Usage: local-cluster.sh up|down|status|urls
 #        local-cluster.sh pid N | start N | stop N        (N = 1, 2 or 3)
+#        local-cluster.sh leader QUEUE    the number (1..3) of the node that
+#                                         leads quorum queue QUEUE in the vhost
 #
 # Environment (defaults in brackets):
 #   HAKOBU_RMQ_NAME        node name prefix [rabbit] -> rabbit1@localhost ...
@@ -32,8 +34,8 @@
 # progress goes to stderr.
 set -euo pipefail
 
-usage() { echo "usage: $0 up|down|status|urls|pid N|start N|stop N" >&2; exit 2; }
-case ${1:-} in up | down | status | urls | pid | start | stop) ;; *) usage ;; esac
+usage() { echo "usage: $0 up|down|status|urls|pid N|start N|stop N|leader QUEUE" >&2; exit 2; }
+case ${1:-} in up | down | status | urls | pid | start | stop | leader) ;; *) usage ;; esac
 
 NAME=${HAKOBU_RMQ_NAME:-rabbit}
 BASE=${HAKOBU_RMQ_BASE:-${TMPDIR:-/tmp}/hakobu-rmq}
@@ -425,6 +427,22 @@ cmd_status() {
   return "$rc"
 }
 
+# The number of the node that leads quorum queue $1, as a running node sees
+# it; fails when no node runs, the queue is unknown or it has no leader now.
+cmd_leader() {
+  local q=$1 i seed='' leader
+  for i in 1 2 3; do
+    if node_pid "$i" >/dev/null; then seed=$i; break; fi
+  done
+  [[ -n $seed ]] || die "no node is running"
+  leader=$(ctl "$seed" list_queues -p "$VHOST" -s name leader |
+    awk -F'\t' -v q="$q" '$1 == q { print $2 }')
+  for i in 1 2 3; do
+    if [[ $leader == "$(node "$i")" ]]; then echo "$i"; return 0; fi
+  done
+  die "no leader for queue '$q' seen from $(node "$seed") (got '$leader')"
+}
+
 case ${1:-} in
   up) cmd_up ;;
   down) cmd_down ;;
@@ -433,5 +451,6 @@ case ${1:-} in
   pid) check_n "${2:-}"; node_pid "$2" || die "$(node "$2") is not running" ;;
   start) check_n "${2:-}"; cmd_start "$2" ;;
   stop) check_n "${2:-}"; stop_nodes "$2" ;;
+  leader) [[ -n ${2:-} ]] || usage; cmd_leader "$2" ;;
   *) usage ;;
 esac
