@@ -406,28 +406,7 @@ async fn rerun(cfg: &Config, tid: &str) -> Result<(), Exit> {
             }
         }
     };
-    let ctx = HookContext {
-        event,
-        node: cfg.node.clone(),
-        peer: row.peer.clone(),
-        file_id: row.file_id.clone(),
-        transfer_id: row.transfer_id.clone(),
-        file_name: row.file_name.clone(),
-        path: row.path.clone().unwrap_or_default(),
-        size: row.size,
-        sha256: row.sha256.clone().unwrap_or_default(),
-        started_at: row.started_at.clone(),
-        finished_at: row.finished_at.clone().unwrap_or_default(),
-        error_code: row
-            .error_code
-            .clone()
-            .filter(|_| matches!(event, Event::ReceiveFailed | Event::SendFailed)),
-        error: row
-            .error
-            .clone()
-            .filter(|_| matches!(event, Event::ReceiveFailed | Event::SendFailed)),
-        meta: row.meta.clone(),
-    };
+    let ctx = HookContext::for_row(row, &cfg.node, event);
     let log = hooks::log_path(&cfg.log_dir(), tid, event);
     let Some((argv0, outcome)) = hooks::run_all(specs, &ctx, &log).await else {
         println!("no {} hook configured for {}", event.as_str(), row.file_id);

@@ -55,6 +55,33 @@ pub struct HookContext {
     pub meta: BTreeMap<String, String>,
 }
 
+impl HookContext {
+    /// The context of a transfer as its ledger row records it. The error
+    /// variables are set for the failure events only.
+    pub fn for_row(row: &crate::store::Row, node: &str, event: Event) -> Self {
+        let failed = matches!(event, Event::ReceiveFailed | Event::SendFailed);
+        HookContext {
+            event,
+            node: node.to_string(),
+            peer: row.peer.clone(),
+            file_id: row.file_id.clone(),
+            transfer_id: row.transfer_id.clone(),
+            file_name: row.file_name.clone(),
+            path: row.path.clone().unwrap_or_default(),
+            size: row.size,
+            sha256: row.sha256.clone().unwrap_or_default(),
+            started_at: row.started_at.clone(),
+            finished_at: row
+                .finished_at
+                .clone()
+                .unwrap_or_else(crate::clock::now_rfc3339),
+            error_code: row.error_code.clone().filter(|_| failed),
+            error: row.error.clone().filter(|_| failed),
+            meta: row.meta.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct HookOutcome {
     /// The exit code; `None` when killed by a signal or never started.

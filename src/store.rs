@@ -147,6 +147,47 @@ pub struct Row {
     pub progress: u64,
 }
 
+impl Row {
+    /// A new transfer row: what is known when a transfer begins, the rest empty.
+    pub fn begin(
+        direction: Direction,
+        transfer_id: &str,
+        peer: &str,
+        file_id: &str,
+        file_name: &str,
+        (size, chunk_size): (u64, u64),
+        status: Status,
+    ) -> Row {
+        Row {
+            direction,
+            transfer_id: transfer_id.to_string(),
+            peer: peer.to_string(),
+            file_id: file_id.to_string(),
+            file_name: file_name.to_string(),
+            size,
+            sha256: None,
+            chunk_size,
+            status,
+            error_code: None,
+            error: None,
+            path: None,
+            remote_path: None,
+            remote_hook_exit: None,
+            meta: Default::default(),
+            started_at: crate::clock::now_rfc3339(),
+            finished_at: None,
+            hook_exit: None,
+            hook_ms: None,
+            hook_tail: None,
+            receipt_sent: false,
+            delivered: false,
+            inode: None,
+            failure_hook: false,
+            progress: 0,
+        }
+    }
+}
+
 const COLUMNS: &str = "direction, transfer_id, peer, file_id, file_name, size, sha256, chunk_size, \
      status, error_code, error, path, remote_path, remote_hook_exit, meta, started_at, finished_at, \
      hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode, failure_hook, progress";

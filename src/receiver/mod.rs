@@ -436,7 +436,7 @@ impl Receiver {
         row: &Row,
         p: &ReceiveProfile,
     ) -> Result<(), crate::store::StoreError> {
-        let ctx = self.context(row, Event::Received, None);
+        let ctx = HookContext::for_row(row, &self.cfg.node, Event::Received);
         let log = hooks::log_path(&self.cfg.log_dir(), &row.transfer_id, Event::Received);
         match hooks::run_all(&p.on_success, &ctx, &log).await {
             None => {
@@ -498,7 +498,7 @@ impl Receiver {
         {
             return Ok(());
         }
-        let ctx = self.context(row, Event::ReceiveFailed, row.error_code.clone());
+        let ctx = HookContext::for_row(row, &self.cfg.node, Event::ReceiveFailed);
         let log = hooks::log_path(&self.cfg.log_dir(), &row.transfer_id, Event::ReceiveFailed);
         if let Some((_, outcome)) = hooks::run_all(&p.on_failure, &ctx, &log).await {
             // A success hook's exit code, if any, stays; the failure hook's is logged.
@@ -517,25 +517,6 @@ impl Receiver {
             }
         }
         Ok(())
-    }
-
-    fn context(&self, row: &Row, event: Event, error_code: Option<String>) -> HookContext {
-        HookContext {
-            event,
-            node: self.cfg.node.clone(),
-            peer: row.peer.clone(),
-            file_id: row.file_id.clone(),
-            transfer_id: row.transfer_id.clone(),
-            file_name: row.file_name.clone(),
-            path: row.path.clone().unwrap_or_default(),
-            size: row.size,
-            sha256: row.sha256.clone().unwrap_or_default(),
-            started_at: row.started_at.clone(),
-            finished_at: row.finished_at.clone().unwrap_or_else(now_rfc3339),
-            error: error_code.as_ref().and(row.error.clone()),
-            error_code,
-            meta: row.meta.clone(),
-        }
     }
 
     /// Publishes the receipt until the broker confirms it.
@@ -607,33 +588,16 @@ impl From<ReceiveError> for Failure {
     }
 }
 
+/// The ledger row of a transfer seen for the first time. Its path stays
+/// empty until the file is placed: until then no inbox name is its own.
 fn new_row(h: &ChunkHeader) -> Row {
-    Row {
-        direction: RX,
-        transfer_id: h.transfer_id.clone(),
-        peer: h.from.clone(),
-        file_id: h.file_id.clone(),
-        file_name: h.file_name.clone(),
-        size: h.size,
-        sha256: None,
-        chunk_size: h.chunk_size,
-        status: Status::Receiving,
-        error_code: None,
-        error: None,
-        // Set when the file is placed: until then no inbox name is ours.
-        path: None,
-        remote_path: None,
-        remote_hook_exit: None,
-        meta: Default::default(),
-        started_at: now_rfc3339(),
-        finished_at: None,
-        hook_exit: None,
-        hook_ms: None,
-        hook_tail: None,
-        receipt_sent: false,
-        delivered: false,
-        inode: None,
-        failure_hook: false,
-        progress: 0,
-    }
+    Row::begin(
+        RX,
+        &h.transfer_id,
+        &h.from,
+        &h.file_id,
+        &h.file_name,
+        (h.size, h.chunk_size),
+        Status::Receiving,
+    )
 }

@@ -343,22 +343,7 @@ impl Sender {
         } else {
             (Event::SendFailed, &profile.on_failure)
         };
-        let ctx = HookContext {
-            event,
-            node: self.cfg.node.clone(),
-            peer: peer.to_string(),
-            file_id: row.file_id.clone(),
-            transfer_id: tid.to_string(),
-            file_name: row.file_name.clone(),
-            path: row.path.clone().unwrap_or_default(),
-            size: row.size,
-            sha256: row.sha256.clone().unwrap_or_default(),
-            started_at: row.started_at.clone(),
-            finished_at: now_rfc3339(),
-            error_code: row.error_code.clone(),
-            error: row.error.clone(),
-            meta: row.meta.clone(),
-        };
+        let ctx = HookContext::for_row(&row, &self.cfg.node, event);
         let log = hooks::log_path(&self.cfg.log_dir(), tid, event);
         let mut status = if row.delivered {
             Status::Sent
@@ -442,31 +427,18 @@ pub fn record_claim(
     let started_at = now_rfc3339();
     for peer in &profile.to {
         store.insert(&Row {
-            direction: TX,
-            transfer_id: tid.to_string(),
-            peer: peer.clone(),
-            file_id: profile.file_id.clone(),
-            file_name: name.to_string(),
-            size,
-            sha256: None,
-            chunk_size: profile.chunk_size,
-            status,
-            error_code: None,
-            error: None,
             path: Some(path.display().to_string()),
-            remote_path: None,
-            remote_hook_exit: None,
             meta: meta.clone(),
             started_at: started_at.clone(),
-            finished_at: None,
-            hook_exit: None,
-            hook_ms: None,
-            hook_tail: None,
-            receipt_sent: false,
-            delivered: false,
-            inode: None,
-            failure_hook: false,
-            progress: 0,
+            ..Row::begin(
+                TX,
+                tid,
+                peer,
+                &profile.file_id,
+                name,
+                (size, profile.chunk_size),
+                status,
+            )
         })?;
     }
     Ok(())
