@@ -322,8 +322,16 @@ async fn send(
             path.display()
         )));
     }
+    let agent_running = StateLock::held(cfg);
+    if wait && !agent_running {
+        return Err(usage(anyhow::anyhow!(
+            "--wait needs the agent: none runs on {}; start it with `hakobu run -c {}`, or send without --wait to queue the file",
+            cfg.state_dir.display(),
+            cfg.file.display()
+        )));
+    }
     let tid = queue_copy(cfg, file_id, path, to, &meta)?;
-    if !StateLock::held(cfg) {
+    if !agent_running {
         eprintln!(
             "note: no agent runs on {}; the file is queued and goes when `hakobu run -c {}` starts",
             cfg.state_dir.display(),
