@@ -140,7 +140,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             d = deliveries.recv() => match d {
-                Some(d) => dispatch(&receiver, &sender, d).await,
+                Some(d) => dispatch(&receiver, &sender, d, &mut deliveries).await,
                 None => anyhow::bail!("the broker subscription ended"),
             },
             _ = tokio::signal::ctrl_c() => break,
@@ -168,13 +168,34 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn dispatch(receiver: &Arc<Receiver>, sender: &Arc<Sender>, d: Delivery) {
-    match Message::decode(d.payload.clone()) {
-        Ok(Message::Chunk(h, body)) => receiver.on_chunk(h, body, d).await,
-        Ok(Message::Receipt(r)) => sender.on_receipt(r, d).await,
-        Err(e) => {
-            warn!(message = "Dead-lettering a message that cannot be parsed.", error_code = e.code(), error = %e, bytes = d.payload.len());
-            let _ = d.dead_letter().await;
+/// Most chunks one batch takes: what arrived together shares one fsync per
+/// partial file and one ledger commit.
+const BATCH: usize = 64;
+
+/// Handles `first` and whatever else has already arrived: receipts one by
+/// one, chunks as one batch.
+async fn dispatch(
+    receiver: &Arc<Receiver>,
+    sender: &Arc<Sender>,
+    first: Delivery,
+    more: &mut tokio::sync::mpsc::Receiver<Delivery>,
+) {
+    let mut chunks = Vec::new();
+    let mut next = Some(first);
+    while let Some(d) = next.take() {
+        match Message::decode(d.payload.clone()) {
+            Ok(Message::Chunk(h, body)) => chunks.push((h, body, d)),
+            Ok(Message::Receipt(r)) => sender.on_receipt(r, d).await,
+            Err(e) => {
+                warn!(message = "Dead-lettering a message that cannot be parsed.", error_code = e.code(), error = %e, bytes = d.payload.len());
+                let _ = d.dead_letter().await;
+            }
         }
+        if chunks.len() < BATCH {
+            next = more.try_recv().ok();
+        }
+    }
+    if !chunks.is_empty() {
+        receiver.on_chunks(chunks).await;
     }
 }

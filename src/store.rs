@@ -566,26 +566,37 @@ impl Store {
 
     /// Records that chunk `idx` is on disk; returns how many distinct chunks are.
     pub fn add_chunk(&self, transfer_id: &str, idx: u64) -> Result<u64> {
-        // One transaction: the chunk row and the counter move together, so a
-        // crash between them cannot leave a transfer one chunk short forever.
+        Ok(self.add_chunks(&[(transfer_id, idx)])?[0])
+    }
+
+    /// Records chunks that are on disk, in one transaction (one fsync for the
+    /// batch); returns, per chunk, how many distinct chunks its transfer has.
+    /// The chunk rows and the counters move together, so a crash cannot leave
+    /// a transfer one chunk short forever.
+    pub fn add_chunks(&self, chunks: &[(&str, u64)]) -> Result<Vec<u64>> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        let inserted = tx.execute(
-            "INSERT OR IGNORE INTO chunks (transfer_id, idx) VALUES (?1, ?2)",
-            params![transfer_id, idx as i64],
-        )?;
-        tx.execute(
-            "UPDATE transfers SET chunks_have = chunks_have + ?2, touched_at = ?3
-             WHERE direction = 'receive' AND transfer_id = ?1",
-            params![transfer_id, inserted as i64, unix_now()],
-        )?;
-        let n: i64 = tx.query_row(
-            "SELECT chunks_have FROM transfers WHERE direction = 'receive' AND transfer_id = ?1",
-            params![transfer_id],
-            |r| r.get(0),
-        )?;
+        let now = unix_now();
+        let mut have = Vec::with_capacity(chunks.len());
+        for (transfer_id, idx) in chunks {
+            let inserted = tx.execute(
+                "INSERT OR IGNORE INTO chunks (transfer_id, idx) VALUES (?1, ?2)",
+                params![transfer_id, *idx as i64],
+            )?;
+            tx.execute(
+                "UPDATE transfers SET chunks_have = chunks_have + ?2, touched_at = ?3
+                 WHERE direction = 'receive' AND transfer_id = ?1",
+                params![transfer_id, inserted as i64, now],
+            )?;
+            let n: i64 = tx.query_row(
+                "SELECT chunks_have FROM transfers WHERE direction = 'receive' AND transfer_id = ?1",
+                params![transfer_id],
+                |r| r.get(0),
+            )?;
+            have.push(n as u64);
+        }
         tx.commit()?;
-        Ok(n as u64)
+        Ok(have)
     }
 
     /// Receiving transfers of `file_id` that no chunk has touched for `idle`.

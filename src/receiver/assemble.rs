@@ -85,8 +85,9 @@ pub fn check_chunk(h: &ChunkHeader, row: &Row, body_len: u64) -> Result<u64, Rec
     }
 }
 
-/// Writes `body` at `offset` of the partial file and makes it durable before
-/// the chunk is recorded (and acked).
+/// Writes `body` at `offset` of the partial file. Not yet durable: the
+/// caller syncs every partial file a batch touched ([`sync_partial`]) before
+/// recording (and acking) the batch's chunks.
 pub fn write_chunk(partial: &Path, offset: u64, body: &[u8]) -> Result<(), ReceiveError> {
     if let Some(dir) = partial.parent() {
         std::fs::create_dir_all(dir)
@@ -99,9 +100,14 @@ pub fn write_chunk(partial: &Path, offset: u64, body: &[u8]) -> Result<(), Recei
         .open(partial)
         .map_err(|e| ReceiveError::from_io("opening the partial file", e))?;
     f.write_all_at(body, offset)
-        .map_err(|e| ReceiveError::from_io("writing a chunk", e))?;
-    f.sync_data()
-        .map_err(|e| ReceiveError::from_io("syncing a chunk", e))
+        .map_err(|e| ReceiveError::from_io("writing a chunk", e))
+}
+
+/// Flushes a partial file's data (one fsync for all the chunks a batch wrote).
+pub fn sync_partial(partial: &Path) -> Result<(), ReceiveError> {
+    File::open(partial)
+        .and_then(|f| f.sync_data())
+        .map_err(|e| ReceiveError::from_io("syncing the partial file", e))
 }
 
 #[cfg(test)]

@@ -161,16 +161,80 @@ impl Receiver {
             .remove(transfer_id);
     }
 
-    /// Handles one chunk: checks it, writes it, records it, acks it. The
-    /// chunk that completes a transfer hands it to a completion task; from
-    /// then on the ledger, not the broker, carries the transfer, so no
-    /// delivery stays unacked while hooks run.
-    pub async fn on_chunk(self: &Arc<Self>, h: ChunkHeader, body: Bytes, d: Delivery) {
+    /// Handles a batch of chunks: checks and writes each, then one fsync per
+    /// partial file and one ledger transaction for the whole batch (group
+    /// commit), then the acks. A chunk that completes a transfer hands it to
+    /// a completion task; from then on the ledger, not the broker, carries the
+    /// transfer, so no delivery stays unacked while hooks run.
+    pub async fn on_chunks(self: &Arc<Self>, batch: Vec<(ChunkHeader, Bytes, Delivery)>) {
+        let mut written: Vec<Written> = Vec::new();
+        for (h, body, d) in batch {
+            if let Some(w) = self.stage(h, body, d).await {
+                written.push(w);
+            }
+        }
+        if written.is_empty() {
+            return;
+        }
+        // Durable before recorded: one fsync per partial file the batch touched.
+        let mut partials: Vec<PathBuf> = written.iter().map(|w| w.partial.clone()).collect();
+        partials.sort();
+        partials.dedup();
+        let synced = tokio::task::spawn_blocking(move || {
+            partials
+                .iter()
+                .map(|p| (p.clone(), assemble::sync_partial(p)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut failed: HashMap<PathBuf, ReceiveError> = HashMap::new();
+        for (path, result) in synced {
+            if let Err(e) = result {
+                failed.insert(path, e);
+            }
+        }
+        let (ok, bad): (Vec<Written>, Vec<Written>) = written
+            .into_iter()
+            .partition(|w| !failed.contains_key(&w.partial));
+        for w in bad {
+            let e = failed
+                .remove(&w.partial)
+                .unwrap_or_else(|| ReceiveError::Io("sync failed".into()));
+            self.reject(&w.h, e, w.d).await;
+        }
+        let keys: Vec<(&str, u64)> = ok
+            .iter()
+            .map(|w| (w.h.transfer_id.as_str(), w.idx))
+            .collect();
+        let have = match self.store.add_chunks(&keys) {
+            Ok(have) => have,
+            Err(e) => {
+                error!(message = "State database failed while recording chunks; requeueing them.", error = %e);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                for w in ok {
+                    let _ = w.d.requeue().await;
+                }
+                return;
+            }
+        };
+        for (w, have) in ok.into_iter().zip(have) {
+            let _ = w.d.ack().await;
+            if w.digest_known && Some(have) == w.h.chunk_count() && self.claim(&w.h.transfer_id) {
+                self.tasks
+                    .spawn(self.clone().complete(w.h.transfer_id.clone()));
+            }
+        }
+    }
+
+    /// Checks one chunk and writes it to its partial file. Returns it when it
+    /// still has to be synced, recorded and acked; settles it here otherwise.
+    async fn stage(self: &Arc<Self>, h: ChunkHeader, body: Bytes, d: Delivery) -> Option<Written> {
         if !valid_transfer_id(&h.transfer_id) || !is_valid_id(&h.from) || h.to != self.cfg.node {
             warn!(message = "Dead-lettering a chunk with an unusable transfer id, sender or recipient.",
                 transfer_id = ?h.transfer_id, from = ?h.from, to = ?h.to, error_code = "malformed_message");
             let _ = d.dead_letter().await;
-            return;
+            return None;
         }
         if self.cfg.verify_sender() && d.user_id.as_deref() != Some(h.from.as_str()) {
             // Not answered: the claimed sender cannot be trusted to be the one
@@ -182,62 +246,96 @@ impl Receiver {
             warn!(message = "Dead-lettering a chunk whose sender is not its broker user.",
                 transfer_id = %h.transfer_id, error_code = e.code(), error = %e);
             let _ = d.dead_letter().await;
-            return;
+            return None;
         }
-        let tid = h.transfer_id.clone();
         if self
             .busy
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&tid)
+            .contains(&h.transfer_id)
         {
             let _ = d.ack().await;
-            return;
+            return None;
         }
-        let progress = match self.accept_chunk(&h, body).await {
-            Ok(p) => p,
+        match self.write(&h, body).await {
+            Ok(Staged::Written {
+                idx,
+                partial,
+                digest_known,
+            }) => Some(Written {
+                h,
+                idx,
+                partial,
+                digest_known,
+                d,
+            }),
+            Ok(Staged::Settled) => {
+                let _ = d.ack().await;
+                if self.claim(&h.transfer_id) {
+                    self.tasks.spawn(self.clone().complete(h.transfer_id));
+                }
+                None
+            }
+            Ok(Staged::Ignore) => {
+                let _ = d.ack().await;
+                None
+            }
             Err(Failure::Store(e)) => {
-                error!(message = "State database failed while receiving a chunk; requeueing it.", error = %e, transfer_id = %tid);
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                error!(message = "State database failed while receiving a chunk; requeueing it.", error = %e, transfer_id = %h.transfer_id);
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 let _ = d.requeue().await;
-                return;
+                None
             }
             Err(Failure::Transfer(e)) => {
-                warn!(message = "Rejecting transfer.", transfer_id = %tid, error_code = e.code(), error = %e);
-                if let Err(se) = self.store.fail(
-                    RX,
-                    &tid,
-                    &h.from,
-                    Status::ReceiveFailed,
-                    e.code(),
-                    &e.to_string(),
-                ) {
-                    error!(message = "State database failed while recording a rejection; requeueing.", error = %se, transfer_id = %tid);
-                    let _ = d.requeue().await;
-                    return;
-                }
-                if let Some(p) = self.cfg.receive_profile(&h.file_id) {
-                    let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, &tid));
-                }
-                let _ = self.store.forget_chunks(&tid);
-                Progress::Settled
+                self.reject(&h, e, d).await;
+                None
             }
-        };
-        let _ = d.ack().await;
-        if matches!(progress, Progress::Complete | Progress::Settled) && self.claim(&tid) {
-            self.tasks.spawn(self.clone().complete(tid));
         }
     }
 
-    async fn accept_chunk(&self, h: &ChunkHeader, body: Bytes) -> Result<Progress, Failure> {
+    /// Fails a transfer for a bad chunk: records why, removes the partial
+    /// file, acks, and lets the completion task run the failure hook and
+    /// send the failure receipt.
+    async fn reject(self: &Arc<Self>, h: &ChunkHeader, e: ReceiveError, d: Delivery) {
+        let tid = &h.transfer_id;
+        // Another chunk of the same batch may have failed the transfer first:
+        // its reason stands.
+        if matches!(self.store.received(tid), Ok(Some(r)) if r.status.is_final()) {
+            let _ = d.ack().await;
+            return;
+        }
+        warn!(message = "Rejecting transfer.", transfer_id = %tid, error_code = e.code(), error = %e);
+        if let Err(se) = self.store.fail(
+            RX,
+            tid,
+            &h.from,
+            Status::ReceiveFailed,
+            e.code(),
+            &e.to_string(),
+        ) {
+            error!(message = "State database failed while recording a rejection; requeueing.", error = %se, transfer_id = %tid);
+            let _ = d.requeue().await;
+            return;
+        }
+        if let Some(p) = self.cfg.receive_profile(&h.file_id) {
+            let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, tid));
+        }
+        let _ = self.store.forget_chunks(tid);
+        let _ = d.ack().await;
+        if self.claim(tid) {
+            self.tasks.spawn(self.clone().complete(tid.clone()));
+        }
+    }
+
+    async fn write(&self, h: &ChunkHeader, body: Bytes) -> Result<Staged, Failure> {
         let tid = &h.transfer_id;
         let row = match self.store.received(tid)? {
             Some(r) if r.peer != h.from => {
                 warn!(message = "Ignoring a chunk whose transfer id belongs to another sender.", transfer_id = %tid, from = %h.from);
-                return Ok(Progress::Ignore);
+                return Ok(Staged::Ignore);
             }
             // Already settled, or resumed by recovery: make sure the sender heard.
-            Some(r) if r.status != Status::Receiving => return Ok(Progress::Settled),
+            Some(r) if r.status != Status::Receiving => return Ok(Staged::Settled),
             Some(r) => r,
             None => {
                 let profile = self.cfg.receive_profile(&h.file_id);
@@ -259,21 +357,20 @@ impl Receiver {
             }
         }
         let partial = partial_path(&profile.inbox, tid);
-        let offset = h.offset;
-        tokio::task::spawn_blocking(move || assemble::write_chunk(&partial, offset, &body))
+        let (path, offset) = (partial.clone(), h.offset);
+        tokio::task::spawn_blocking(move || assemble::write_chunk(&path, offset, &body))
             .await
             .map_err(|e| ReceiveError::Io(e.to_string()))??;
         if let Some(t) = &h.last {
             self.store
                 .set_trailer(tid, &h.from, &t.sha256, &t.started_at, &t.meta)?;
         }
-        let have = self.store.add_chunk(tid, idx)?;
         let digest_known = h.last.is_some() || row.sha256.is_some();
-        if digest_known && Some(have) == h.chunk_count() {
-            Ok(Progress::Complete)
-        } else {
-            Ok(Progress::Partial)
-        }
+        Ok(Staged::Written {
+            idx,
+            partial,
+            digest_known,
+        })
     }
 
     /// Drives one transfer from its current status to a sent receipt.
@@ -560,15 +657,28 @@ impl Receiver {
     }
 }
 
-enum Progress {
-    /// Chunk stored; more to come.
-    Partial,
-    /// Every chunk and the digest are here: time to verify and place.
-    Complete,
+/// What checking and writing one chunk came to.
+enum Staged {
+    /// Written to the partial file; to be synced, recorded and acked.
+    Written {
+        idx: u64,
+        partial: PathBuf,
+        digest_known: bool,
+    },
     /// The transfer is already past assembly.
     Settled,
     /// Not ours to process; ack and forget.
     Ignore,
+}
+
+/// A chunk written, waiting for the batch's fsync and ledger commit.
+struct Written {
+    h: ChunkHeader,
+    idx: u64,
+    partial: PathBuf,
+    /// This chunk or an earlier one carried the digest.
+    digest_known: bool,
+    d: Delivery,
 }
 
 enum Failure {

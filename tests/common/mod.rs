@@ -184,7 +184,12 @@ impl Agent {
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
+        let started_before = self.log().matches("Agent running.").count();
         self.child = Some(cmd.spawn().expect("start hakobu run"));
+        // Up means it holds its state directory and consumes its queue.
+        wait_until(Duration::from_secs(60), "the agent to start", || {
+            self.log().matches("Agent running.").count() > started_before
+        });
         self
     }
 
