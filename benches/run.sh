@@ -1,0 +1,603 @@
+#!/usr/bin/env bash
+# benches/run.sh — hakobu's benchmark (issue 5): hakobu measured side by side
+# with what bounds it, in one run. Prints a table (target, measured, pass/fail)
+# and writes the same figures as JSON.
+#
+# What it measures (sizes in binary units: 1 GiB = 2^30 bytes, MiB/s = 2^20 B/s):
+#   ceiling   raw RabbitMQ: benches/raw_rabbitmq.rs, a publisher with confirms
+#             (8 MiB window of 512 KiB persistent messages) and a consumer with
+#             manual acks (prefetch 16) through one quorum queue of the same
+#             three-node cluster; MiB/s for 1 GiB, first publish to last ack.
+#   disk      `cp` of the 1 GiB file then `sync FILE` (fsync of the copy).
+#   large     hakobu, 1 GiB file: from the drop into the outbox (hard link +
+#             done marker) to the start of the receiver's success hook,
+#             through the cluster and through the embedded broker (a separate
+#             `hakobu broker` process; both agents `embedded: { connect }`).
+#             The ceiling and hakobu (cp+sync and embedded) alternate, A B A B,
+#             HAKOBU_BENCH_ROUNDS times; ratios are per round, then averaged.
+#   small     2,000 files of 4 KiB written elsewhere, moved in with one `mv`,
+#             then their done markers; files/s from the first `mv` to the
+#             start of the last hook; through the cluster and the embedded broker.
+#   latency   200 files of 4 KiB, one after another, each dropped after the
+#             previous hook started; drop-to-hook-start p50 and p99, cluster.
+#   memory    peak RSS (VmHWM) of the sending and the receiving agent, read
+#             when the transfer is done (each run uses fresh agents): the
+#             1 GiB runs, and one 4 GiB run through the embedded broker (the
+#             4 GiB file is four copies of the 1 GiB one).
+#
+# Each agent pair is fresh and sends one 4 KiB warm-up file first (connections
+# and queues are set up outside the clock). The receiver's success hook is
+# `/bin/date +%s.%N {file_name}` run without a shell; hakobu writes its output
+# to the receiver's state_dir/logs/<transfer>.received.log, which is where the
+# hook-start timestamps are read from. Drop times are bash's $EPOCHREALTIME.
+#
+# Usage: benches/run.sh          (from anywhere; builds with cargo --release once)
+# Environment:
+#   HAKOBU_TEST_AMQP_URLS    the three cluster nodes' AMQP URLs, comma-separated;
+#                            unset: a throwaway cluster is started with
+#                            packaging/rabbitmq/local-cluster.sh and brought
+#                            down on exit, using HAKOBU_RMQ_NAME [bench],
+#                            HAKOBU_RMQ_PORTS ["5972 5973 5974"] and
+#                            HAKOBU_RMQ_BASE [a fresh temporary directory]
+#   HAKOBU_BENCH_RESULTS     the JSON file [benches/results.json]
+#   HAKOBU_BENCH_DIR         scratch directory, needs ~10 GiB [mktemp -d]; removed on exit
+#   HAKOBU_BENCH_ROUNDS      A/B rounds for the large-file ratios [2]
+#   HAKOBU_BENCH_LARGE_MIB   the large file [1024]
+#   HAKOBU_BENCH_HUGE_X      the memory run's file, in multiples of the large one [4]
+#   HAKOBU_BENCH_SMALL       small files [2000]
+#   HAKOBU_BENCH_LATENCY     latency samples [200]
+#   HAKOBU_BENCH_SKIP        space-separated parts to skip: ceiling large small latency huge
+#   HAKOBU_BENCH_PROFILE     a directory: for each hakobu measurement, keep the agents'
+#                            logs and configurations there, and record both agents with
+#                            `perf record -g` (TAG.perf.data) and `perf trace -s`
+#                            (TAG.syscalls.txt) when perf is installed (slows the run)
+#   HAKOBU_BENCH_LOG         the agents' HAKOBU_LOG [info,lapin=warn]
+#   HAKOBU_BENCH_WINDOW, HAKOBU_BENCH_PREFETCH
+#                            the RabbitMQ window and prefetch, for hakobu and the
+#                            raw ceiling alike [8MiB, 16: hakobu's defaults]
+#   HAKOBU_BENCH_BIN         measure this hakobu binary instead of the one just built
+#                            (to compare two builds on the same machine, same hour)
+# Exit status: 0 when the run completed (whatever the pass/fail), 1 when a
+# measurement could not be made (a timeout, a failed transfer), 2 on usage.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RESULTS=${HAKOBU_BENCH_RESULTS:-$ROOT/benches/results.json}
+ROUNDS=${HAKOBU_BENCH_ROUNDS:-2}
+LARGE_MIB=${HAKOBU_BENCH_LARGE_MIB:-1024}
+HUGE_X=${HAKOBU_BENCH_HUGE_X:-4}
+SMALL_N=${HAKOBU_BENCH_SMALL:-2000}
+SMALL_SIZE=4096
+LAT_N=${HAKOBU_BENCH_LATENCY:-200}
+SKIP=" ${HAKOBU_BENCH_SKIP:-} "
+CHUNK=512KiB
+WINDOW=${HAKOBU_BENCH_WINDOW:-8MiB}
+PREFETCH=${HAKOBU_BENCH_PREFETCH:-16}
+T_START=$EPOCHREALTIME
+
+log() { printf 'bench [%4ds]: %s\n' "$SECONDS" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+skipped() { [[ $SKIP == *" $1 "* ]]; }
+# Float arithmetic: calc 'EXPR' (awk).
+calc() { awk "BEGIN { printf \"%.6g\", ($1) }"; }
+# A size in bytes as "1 GiB" or "64 MiB".
+human() { if (($1 % 1073741824 == 0)); then echo "$(($1 >> 30)) GiB"; else echo "$(($1 >> 20)) MiB"; fi; }
+# A bounded, fork-free sleep (read on a pipe that never delivers).
+exec {NAP_FD}<> <(:)
+nap() { read -r -t "$1" -u "$NAP_FD" _ || true; }
+
+[[ $ROUNDS =~ ^[1-9][0-9]*$ && $LARGE_MIB =~ ^[1-9][0-9]*$ && $HUGE_X =~ ^[1-9][0-9]*$ &&
+  $SMALL_N =~ ^[1-9][0-9]*$ && $LAT_N =~ ^[1-9][0-9]*$ ]] || {
+  echo "benches/run.sh: HAKOBU_BENCH_* counts must be positive integers" >&2
+  exit 2
+}
+
+# ---------------------------------------------------------------- clean-up
+PIDS=()          # every process started here, stopped by pid on exit
+OWN_CLUSTER=''
+OWN_RMQ_BASE=''
+WORK=''
+# shellcheck disable=SC2317 # (trap handler)
+cleanup() {
+  local rc=$? p
+  trap - EXIT INT TERM
+  for p in ${PIDS[@]+"${PIDS[@]}"}; do
+    if kill -0 "$p" 2>/dev/null; then kill "$p" 2>/dev/null || true; fi
+  done
+  for p in ${PIDS[@]+"${PIDS[@]}"}; do wait "$p" 2>/dev/null || true; done
+  if [[ -n $OWN_CLUSTER ]]; then
+    "$ROOT/packaging/rabbitmq/local-cluster.sh" down || true
+    if [[ -n $OWN_RMQ_BASE ]]; then
+      if [[ $rc -eq 0 ]]; then rm -rf "$OWN_RMQ_BASE"; else log "RabbitMQ logs kept in $OWN_RMQ_BASE"; fi
+    fi
+  fi
+  if [[ -n $WORK && -d $WORK ]]; then
+    if [[ $rc -ne 0 && -n ${HAKOBU_BENCH_KEEP:-} ]]; then
+      log "scratch kept in $WORK"
+    else
+      rm -rf "$WORK"
+    fi
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- build
+log "building (cargo build --release --bin hakobu --bench raw_rabbitmq)"
+build_json=$(cargo build --release --bin hakobu --bench raw_rabbitmq \
+  --message-format=json-render-diagnostics) || die "cargo build failed"
+exe_of() {
+  grep "\"name\":\"$1\"" <<<"$build_json" | grep -o '"executable":"[^"]*"' |
+    tail -n 1 | sed 's/^"executable":"//; s/"$//'
+}
+HAKOBU=${HAKOBU_BENCH_BIN:-$(exe_of hakobu)}
+RAW=$(exe_of raw_rabbitmq)
+[[ -x $HAKOBU && -x $RAW ]] || die "cannot find the built binaries (hakobu: '$HAKOBU', raw_rabbitmq: '$RAW')"
+COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.toml 2>/dev/null | wc -l)
+
+# ---------------------------------------------------------------- cluster
+if [[ -z ${HAKOBU_TEST_AMQP_URLS:-} ]]; then
+  [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] ||
+    die "rabbitmq-server is not installed (tests/run.sh installs it), or set HAKOBU_TEST_AMQP_URLS"
+  export HAKOBU_RMQ_NAME=${HAKOBU_RMQ_NAME:-bench}
+  export HAKOBU_RMQ_PORTS=${HAKOBU_RMQ_PORTS:-5972 5973 5974}
+  if [[ -z ${HAKOBU_RMQ_BASE:-} ]]; then
+    HAKOBU_RMQ_BASE=$(mktemp -d "${TMPDIR:-/tmp}/hakobu-bench-rmq.XXXXXX")
+    OWN_RMQ_BASE=$HAKOBU_RMQ_BASE
+  fi
+  export HAKOBU_RMQ_BASE
+  log "starting a three-node cluster ($HAKOBU_RMQ_NAME, ports $HAKOBU_RMQ_PORTS)"
+  OWN_CLUSTER=1
+  urls=$("$ROOT/packaging/rabbitmq/local-cluster.sh" up </dev/null)
+  HAKOBU_TEST_AMQP_URLS=$(paste -sd, <<<"$urls")
+fi
+IFS=, read -r -a URLS <<<"$HAKOBU_TEST_AMQP_URLS"
+[[ ${#URLS[@]} -eq 3 ]] || die "HAKOBU_TEST_AMQP_URLS must list three URLs"
+# The sender uses node 1 first, the receiver node 2 (as profiles/alpha.yaml and
+# beta.yaml do); the raw ceiling publishes to node 1 and consumes from node 2.
+SEND_URLS="\"${URLS[0]}\", \"${URLS[1]}\", \"${URLS[2]}\""
+RECV_URLS="\"${URLS[1]}\", \"${URLS[2]}\", \"${URLS[0]}\""
+
+# ---------------------------------------------------------------- scratch
+WORK=${HAKOBU_BENCH_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/hakobu-bench.XXXXXX")}
+mkdir -p "$WORK/data"
+WORK=$(cd "$WORK" && pwd)
+LARGE_BYTES=$((LARGE_MIB * 1048576))
+HUGE_BYTES=$((LARGE_BYTES * HUGE_X))
+need_kib=$(((LARGE_BYTES * (HUGE_X * 2 + 4)) / 1024))
+avail_kib=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
+((avail_kib > need_kib)) || die "$WORK has $((avail_kib / 1048576)) GiB free, the run needs about $((need_kib / 1048576)) GiB"
+
+log "writing the ${LARGE_MIB} MiB test file"
+BIG=$WORK/data/large.bin
+# Incompressible bytes, fast: AES-CTR of zeros when openssl is there, else urandom.
+if command -v openssl >/dev/null; then
+  head -c "$LARGE_BYTES" /dev/zero |
+    openssl enc -aes-128-ctr -nosalt -pass pass:hakobu-bench -pbkdf2 2>/dev/null |
+    head -c "$LARGE_BYTES" >"$BIG"
+else
+  head -c "$LARGE_BYTES" /dev/urandom >"$BIG"
+fi
+[[ $(stat -c %s "$BIG") -eq $LARGE_BYTES ]] || die "could not write $BIG"
+# The small files' content: 4 KiB of text (written with bash's printf, no fork per file).
+SMALL_BODY=$(head -c $((SMALL_SIZE * 3 / 4)) "$BIG" | base64 -w 0)
+((${#SMALL_BODY} == SMALL_SIZE)) || die "small file body is ${#SMALL_BODY} bytes"
+
+# ---------------------------------------------------------------- processes
+# start NAME LOGFILE CMD...: runs CMD in the background; its pid in $LAST_PID.
+start() {
+  local log=$1
+  shift
+  "$@" </dev/null >>"$log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+stop() {
+  local p
+  for p in "$@"; do
+    kill "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+}
+hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+free_port() {
+  local p
+  for p in $(seq 7971 7999); do
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      echo "$p"
+      return 0
+    fi
+  done
+  die "no free port in 7971-7999"
+}
+
+# embedded_broker DIR: starts `hakobu broker`; sets BROKER_PID and BROKER_SECTION.
+embedded_broker() {
+  local dir=$1 port _
+  port=$(free_port)
+  mkdir -p "$dir"
+  start "$dir/broker.log" "$HAKOBU" broker --listen "127.0.0.1:$port" --data "$dir/broker-data"
+  BROKER_PID=$LAST_PID
+  for _ in $(seq 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    kill -0 "$BROKER_PID" 2>/dev/null || die "hakobu broker exited: $(tail -n 5 "$dir/broker.log")"
+    nap 0.05
+  done
+  BROKER_SECTION="broker:
+  embedded: { connect: \"127.0.0.1:$port\" }"
+}
+
+PAIR_N=0
+BROKER_PID=''
+# pair KIND DIR: writes two agents' configurations in DIR (KIND = cluster |
+# embedded, the embedded broker already started) and starts them. Sets
+# SEND_PID, RECV_PID, OUTBOX, INBOX, HOOKLOGS, STAGE.
+pair() {
+  local kind=$1 dir=$2 a b sb rb
+  PAIR_N=$((PAIR_N + 1))
+  a=bench-$$-$PAIR_N-a
+  b=bench-$$-$PAIR_N-b
+  if [[ $kind == cluster ]]; then
+    sb="broker:
+  rabbitmq: { urls: [ $SEND_URLS ], window: $WINDOW, prefetch: $PREFETCH }"
+    rb="broker:
+  rabbitmq: { urls: [ $RECV_URLS ], window: $WINDOW, prefetch: $PREFETCH }"
+  else
+    sb=$BROKER_SECTION
+    rb=$BROKER_SECTION
+  fi
+  OUTBOX=$dir/outbox
+  INBOX=$dir/inbox
+  STAGE=$dir/stage
+  HOOKLOGS=$dir/recv/logs
+  mkdir -p "$OUTBOX" "$INBOX" "$STAGE"
+  cat >"$dir/send.yaml" <<EOF
+node: $a
+state_dir: $dir/send
+$sb
+send:
+  - file_id: BENCH
+    outbox: $OUTBOX
+    to: [ $b ]
+    ready: { done_marker: ".done" }
+    after_send: delete
+    chunk_size: $CHUNK
+EOF
+  cat >"$dir/recv.yaml" <<EOF
+node: $b
+state_dir: $dir/recv
+$rb
+receive:
+  - file_id: BENCH
+    from: [ $a ]
+    inbox: $INBOX
+    mode: replace
+    on_success: { run: [ "/bin/date", "+%s.%N {file_name}" ], timeout: 5m }
+EOF
+  "$HAKOBU" check -c "$dir/send.yaml" >/dev/null || die "bad configuration $dir/send.yaml"
+  "$HAKOBU" check -c "$dir/recv.yaml" >/dev/null || die "bad configuration $dir/recv.yaml"
+  start "$dir/recv.log" env HAKOBU_LOG="${HAKOBU_BENCH_LOG:-info,lapin=warn}" "$HAKOBU" run -c "$dir/recv.yaml"
+  RECV_PID=$LAST_PID
+  start "$dir/send.log" env HAKOBU_LOG="${HAKOBU_BENCH_LOG:-info,lapin=warn}" "$HAKOBU" run -c "$dir/send.yaml"
+  SEND_PID=$LAST_PID
+  # Warm-up: connections, queues and the first hook outside the clock.
+  printf '%s' "$SMALL_BODY" >"$STAGE/warmup.dat"
+  drop "$STAGE/warmup.dat"
+  wait_hooks "$dir" 1 120
+}
+
+# drop PATH...: moves the files into the outbox, then creates their done markers.
+drop() {
+  local f
+  mv -- "$@" "$OUTBOX/"
+  for f in "$@"; do : >"$OUTBOX/${f##*/}.done"; done
+}
+
+# hook_count: hook logs that hold a line.
+hook_lines() { cat "$HOOKLOGS"/*.received.log 2>/dev/null || true; }
+
+# wait_hooks DIR N SECONDS: until N success hooks have started on the receiver.
+wait_hooks() {
+  local dir=$1 n=$2 limit=$3 deadline files
+  deadline=$((SECONDS + limit))
+  shopt -s nullglob
+  while :; do
+    files=("$HOOKLOGS"/*.received.log)
+    if ((${#files[@]} >= n)) && (($(hook_lines | wc -l) >= n)); then break; fi
+    if ((SECONDS > deadline)); then
+      shopt -u nullglob
+      log "timed out after ${limit}s waiting for $n hooks in $dir (saw ${#files[@]})"
+      log "sender log:"; tail -n 15 "$dir/send.log" >&2 || true
+      log "receiver log:"; tail -n 15 "$dir/recv.log" >&2 || true
+      "$HAKOBU" history -c "$dir/send.yaml" --limit 5 >&2 || true
+      "$HAKOBU" history -c "$dir/recv.yaml" --limit 5 >&2 || true
+      exit 1
+    fi
+    if ((${#files[@]} + 50 < n)); then nap 0.2; else nap 0.01; fi
+  done
+  shopt -u nullglob
+}
+
+# hook_time NAME: the hook-start timestamp of file NAME.
+hook_time() { hook_lines | awk -v n="$1" '$2 == n { print $1; exit }'; }
+
+now() { echo "${EPOCHREALTIME/,/.}"; }
+
+# ---------------------------------------------------------------- profiling
+PROFILE=${HAKOBU_BENCH_PROFILE:-}
+if [[ -n $PROFILE ]]; then
+  mkdir -p "$PROFILE"
+  PROFILE=$(cd "$PROFILE" && pwd)
+fi
+PROF_PIDS=()
+# prof_start TAG PID...: perf on the given processes until prof_stop.
+prof_start() {
+  local tag=$1 pids
+  shift
+  PROF_PIDS=()
+  [[ -n $PROFILE ]] && command -v perf >/dev/null || return 0
+  pids=$(IFS=,; echo "$*")
+  start "$PROFILE/$tag.perf.log" perf record -F 199 --call-graph dwarf,32768 -p "$pids" -o "$PROFILE/$tag.perf.data"
+  PROF_PIDS+=("$LAST_PID")
+  start "$PROFILE/$tag.perf.log" perf trace -s -p "$pids" -o "$PROFILE/$tag.syscalls.txt"
+  PROF_PIDS+=("$LAST_PID")
+  nap 1
+}
+# prof_stop DIR TAG: stops perf, keeps the agents' logs and configurations.
+prof_stop() {
+  local dir=$1 tag=$2 p
+  [[ -n $PROFILE ]] || return 0
+  for p in ${PROF_PIDS[@]+"${PROF_PIDS[@]}"}; do
+    kill -INT "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  PROF_PIDS=()
+  mkdir -p "$PROFILE/$tag"
+  cp "$dir"/*.log "$dir"/*.yaml "$PROFILE/$tag/" 2>/dev/null || true
+}
+
+# ---------------------------------------------------------------- measurements
+declare -A R   # results: key -> number
+
+# Large file through hakobu: sets R[<tag>_mibs], R[<tag>_send_kib], R[<tag>_recv_kib].
+large_run() {
+  local kind=$1 tag=$2 file=$3 bytes=$4 dir t0 t1 name
+  dir=$WORK/$tag
+  mkdir -p "$dir"
+  if [[ $kind == embedded ]]; then embedded_broker "$dir"; fi
+  pair "$kind" "$dir"
+  name=big-$tag.bin
+  sync
+  ln "$file" "$STAGE/$name"
+  prof_start "$tag" "$SEND_PID" "$RECV_PID" ${BROKER_PID:+"$BROKER_PID"}
+  t0=$(now)
+  drop "$STAGE/$name"
+  wait_hooks "$dir" 2 1800
+  t1=$(hook_time "$name")
+  prof_stop "$dir" "$tag"
+  R[${tag}_s]=$(calc "$t1 - $t0")
+  R[${tag}_mibs]=$(calc "$bytes / 1048576 / ($t1 - $t0)")
+  R[${tag}_send_kib]=$(hwm_kib "$SEND_PID")
+  R[${tag}_recv_kib]=$(hwm_kib "$RECV_PID")
+  if [[ $kind == embedded ]]; then R[${tag}_broker_kib]=$(hwm_kib "$BROKER_PID"); fi
+  log "$tag: $(calc "$bytes / 1048576") MiB in ${R[${tag}_s]} s = ${R[${tag}_mibs]} MiB/s; peak RSS sender ${R[${tag}_send_kib]} KiB, receiver ${R[${tag}_recv_kib]} KiB"
+  stop "$SEND_PID" "$RECV_PID"
+  if [[ $kind == embedded ]]; then stop "$BROKER_PID"; fi
+  BROKER_PID=
+  rm -rf "$dir"
+}
+
+ceiling_run() {
+  local tag=$1 out
+  out=$("$RAW" --publish-url "${URLS[0]}" --consume-url "${URLS[1]}" --bytes "$LARGE_BYTES" \
+    --chunk "$CHUNK" --window "$WINDOW" --prefetch "$PREFETCH" --queue "hakobu.bench.raw.$$.$tag") ||
+    die "raw_rabbitmq failed"
+  local v=${out#*\"mib_per_s\":}
+  R[${tag}_mibs]=${v%%[,\}]*}
+  log "$tag: $out"
+}
+
+disk_run() {
+  local tag=$1 t0 t1 dst=$WORK/data/copy.bin
+  sync
+  t0=$(now)
+  cp "$BIG" "$dst"
+  sync "$dst"
+  t1=$(now)
+  R[${tag}_mibs]=$(calc "$LARGE_BYTES / 1048576 / ($t1 - $t0)")
+  log "$tag: cp + sync ${R[${tag}_mibs]} MiB/s"
+  rm -f "$dst"
+}
+
+small_run() {
+  local kind=$1 tag=$2 dir i t0 last
+  dir=$WORK/$tag
+  mkdir -p "$dir"
+  if [[ $kind == embedded ]]; then embedded_broker "$dir"; fi
+  pair "$kind" "$dir"
+  mkdir -p "$STAGE/files"
+  for ((i = 1; i <= SMALL_N; i++)); do printf '%s' "$SMALL_BODY" >"$STAGE/files/s$i.dat"; done
+  sync
+  prof_start "$tag" "$SEND_PID" "$RECV_PID" ${BROKER_PID:+"$BROKER_PID"}
+  t0=$(now)
+  # One mv for all files, then their markers (created by bash itself).
+  mv -- "$STAGE/files/"* "$OUTBOX/"
+  for ((i = 1; i <= SMALL_N; i++)); do : >"$OUTBOX/s$i.dat.done"; done
+  wait_hooks "$dir" $((SMALL_N + 1)) 900
+  prof_stop "$dir" "$tag"
+  last=$(hook_lines | awk '$2 != "warmup.dat" { print $1 }' | sort -n | tail -n 1)
+  R[${tag}_s]=$(calc "$last - $t0")
+  R[${tag}_fps]=$(calc "$SMALL_N / ($last - $t0)")
+  log "$tag: $SMALL_N files in ${R[${tag}_s]} s = ${R[${tag}_fps]} files/s"
+  stop "$SEND_PID" "$RECV_PID"
+  if [[ $kind == embedded ]]; then stop "$BROKER_PID"; fi
+  BROKER_PID=
+  rm -rf "$dir"
+}
+
+latency_run() {
+  local kind=$1 tag=$2 dir i t0 lat=()
+  dir=$WORK/$tag
+  mkdir -p "$dir"
+  pair "$kind" "$dir"
+  for ((i = 1; i <= LAT_N; i++)); do printf '%s' "$SMALL_BODY" >"$STAGE/l$i.dat"; done
+  declare -A T0=()
+  prof_start "$tag" "$SEND_PID" "$RECV_PID" ${BROKER_PID:+"$BROKER_PID"}
+  for ((i = 1; i <= LAT_N; i++)); do
+    T0[l$i.dat]=$(now)
+    mv -- "$STAGE/l$i.dat" "$OUTBOX/"
+    : >"$OUTBOX/l$i.dat.done"
+    wait_hooks "$dir" $((i + 1)) 60
+  done
+  prof_stop "$dir" "$tag"
+  mapfile -t lat < <(hook_lines | while read -r t n; do
+    [[ -n ${T0[$n]:-} ]] && calc "($t - ${T0[$n]}) * 1000" && echo
+  done | sort -g)
+  ((${#lat[@]} == LAT_N)) || die "latency: got ${#lat[@]} samples, expected $LAT_N"
+  # Nearest rank.
+  R[${tag}_p50_ms]=${lat[$(((LAT_N * 50 + 99) / 100 - 1))]}
+  R[${tag}_p99_ms]=${lat[$(((LAT_N * 99 + 99) / 100 - 1))]}
+  R[${tag}_max_ms]=${lat[$((LAT_N - 1))]}
+  log "$tag: p50 ${R[${tag}_p50_ms]} ms, p99 ${R[${tag}_p99_ms]} ms, max ${R[${tag}_max_ms]} ms"
+  stop "$SEND_PID" "$RECV_PID"
+  rm -rf "$dir"
+}
+
+# ---------------------------------------------------------------- the run
+log "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+R[load_before]=$(cut -d' ' -f1 /proc/loadavg)
+for ((r = 1; r <= ROUNDS; r++)); do
+  if ! skipped ceiling; then
+    ceiling_run "ceiling_r$r"
+  fi
+  if ! skipped large; then
+    large_run cluster "large_cluster_r$r" "$BIG" "$LARGE_BYTES"
+  fi
+  disk_run "disk_r$r"
+  if ! skipped large; then
+    large_run embedded "large_embedded_r$r" "$BIG" "$LARGE_BYTES"
+  fi
+done
+if ! skipped small; then
+  small_run cluster small_cluster
+  small_run embedded small_embedded
+fi
+if ! skipped latency; then
+  latency_run cluster latency_cluster
+fi
+if ! skipped huge; then
+  HUGE=$WORK/data/huge.bin
+  log "writing the $((HUGE_BYTES / 1048576)) MiB file for the memory run"
+  for ((i = 0; i < HUGE_X; i++)); do cat "$BIG"; done >"$HUGE"
+  large_run embedded huge_embedded "$HUGE" "$HUGE_BYTES"
+  rm -f "$HUGE"
+fi
+rm -f "$BIG"
+R[load_after]=$(cut -d' ' -f1 /proc/loadavg)
+ELAPSED=$(calc "${EPOCHREALTIME/,/.} - ${T_START/,/.}")
+
+# ---------------------------------------------------------------- table and JSON
+# mean KEY_PREFIX KEY_SUFFIX: mean over rounds of R[PREFIX_rN_SUFFIX], and the list.
+rounds_of() {
+  local p=$1 s=$2 r vals=()
+  for ((r = 1; r <= ROUNDS; r++)); do
+    [[ -n ${R[${p}_r${r}_$s]:-} ]] && vals+=("${R[${p}_r${r}_$s]}")
+  done
+  echo "${vals[*]:-}"
+}
+mean() { awk '{ s = 0; for (i = 1; i <= NF; i++) s += $i; if (NF) printf "%.6g", s / NF }' <<<"$1"; }
+ratio_rounds() { # ratio_rounds A B: per-round A/B
+  local r out=()
+  for ((r = 1; r <= ROUNDS; r++)); do
+    if [[ -n ${R[${1}_r${r}_mibs]:-} && -n ${R[${2}_r${r}_mibs]:-} ]]; then
+      out+=("$(calc "${R[${1}_r${r}_mibs]} / ${R[${2}_r${r}_mibs]}")")
+    fi
+  done
+  echo "${out[*]:-}"
+}
+fmt() { [[ -n $1 ]] && awk -v v="$1" -v d="${2:-1}" 'BEGIN { printf "%.*f", d, v }' || echo "-"; }
+mib() { [[ -n $1 ]] && awk -v v="$1" 'BEGIN { printf "%.1f", v / 1024 }' || echo "-"; }
+list() { local x out=(); for x in $1; do out+=("$(fmt "$x" "${2:-2}")"); done; local IFS=,; echo "${out[*]}"; }
+
+ROWS=()   # "target|measured|verdict"
+JSON_ROWS=()
+row() { # row NAME TARGET MEASURED VERDICT VALUE THRESHOLD UNIT
+  ROWS+=("$1|$2|$3|$4")
+  JSON_ROWS+=("$(printf '{"name":"%s","target":"%s","measured":"%s","result":"%s","value":%s,"threshold":%s,"unit":"%s"}' \
+    "$1" "$2" "$3" "$4" "${5:-null}" "${6:-null}" "$7")")
+}
+verdict() { # verdict VALUE OP THRESHOLD
+  [[ -z $1 ]] && { echo "n/a"; return; }
+  [[ $(calc "$1 $2 $3") == 1 ]] && echo pass || echo FAIL
+}
+
+L=$(human "$LARGE_BYTES")
+H=$(human "$HUGE_BYTES")
+ceil=$(mean "$(rounds_of ceiling mibs)")
+clus=$(mean "$(rounds_of large_cluster mibs)")
+disk=$(mean "$(rounds_of disk mibs)")
+emb=$(mean "$(rounds_of large_embedded mibs)")
+rc=$(ratio_rounds large_cluster ceiling)
+re=$(ratio_rounds large_embedded disk)
+rcm=$(mean "$rc")
+rem=$(mean "$re")
+
+row "raw RabbitMQ ceiling ($L, quorum, $CHUNK)" "(reference)" "$(fmt "$ceil") MiB/s [$(list "$(rounds_of ceiling mibs)" 1)]" "-" "${ceil:-null}" null "MiB/s"
+row "cp + sync ($L)" "(reference)" "$(fmt "$disk") MiB/s [$(list "$(rounds_of disk mibs)" 1)]" "-" "${disk:-null}" null "MiB/s"
+row "large file ($L) via cluster / ceiling" ">= 0.90" "$(fmt "$rcm" 2) [$(list "$rc")] = $(fmt "$clus") MiB/s" "$(verdict "$rcm" '>=' 0.9)" "${rcm:-null}" 0.9 "ratio"
+row "large file ($L) via embedded / (cp+sync)" ">= 0.40" "$(fmt "$rem" 2) [$(list "$re")] = $(fmt "$emb") MiB/s" "$(verdict "$rem" '>=' 0.4)" "${rem:-null}" 0.4 "ratio"
+row "small files via cluster ($SMALL_N x 4 KiB)" ">= 500 files/s" "$(fmt "${R[small_cluster_fps]:-}" 0) files/s" "$(verdict "${R[small_cluster_fps]:-}" '>=' 500)" "${R[small_cluster_fps]:-null}" 500 "files/s"
+row "small files via embedded ($SMALL_N x 4 KiB)" ">= 1500 files/s" "$(fmt "${R[small_embedded_fps]:-}" 0) files/s" "$(verdict "${R[small_embedded_fps]:-}" '>=' 1500)" "${R[small_embedded_fps]:-null}" 1500 "files/s"
+row "latency p50 via cluster ($LAT_N files)" "<= 50 ms" "$(fmt "${R[latency_cluster_p50_ms]:-}") ms" "$(verdict "${R[latency_cluster_p50_ms]:-}" '<=' 50)" "${R[latency_cluster_p50_ms]:-null}" 50 "ms"
+row "latency p99 via cluster ($LAT_N files)" "<= 250 ms" "$(fmt "${R[latency_cluster_p99_ms]:-}") ms (max $(fmt "${R[latency_cluster_max_ms]:-}") ms)" "$(verdict "${R[latency_cluster_p99_ms]:-}" '<=' 250)" "${R[latency_cluster_p99_ms]:-null}" 250 "ms"
+
+# Peak RSS: the largest over the rounds, per agent and broker.
+max_of() { awk '{ m = 0; for (i = 1; i <= NF; i++) if ($i > m) m = $i; if (NF) print m }' <<<"$1"; }
+for side in send recv; do
+  who=sender
+  [[ $side == recv ]] && who=receiver
+  for b in cluster embedded; do
+    v=$(max_of "$(rounds_of "large_$b" "${side}_kib")")
+    row "peak RSS $who, $L via $b" "<= 64 MiB" "$(mib "$v") MiB" "$(verdict "$v" '<=' 65536)" "${v:-null}" 65536 "KiB"
+  done
+  h=${R[huge_embedded_${side}_kib]:-}
+  one=$(max_of "$(rounds_of large_embedded "${side}_kib")")
+  row "peak RSS $who, $H via embedded" "<= 64 MiB" "$(mib "$h") MiB" "$(verdict "$h" '<=' 65536)" "${h:-null}" 65536 "KiB"
+  # "The same": the larger file may cost at most 10% or 4 MiB more, whichever is larger.
+  if [[ -n $h && -n $one ]]; then
+    lim=$(calc "($one * 1.1 > $one + 4096) ? $one * 1.1 : $one + 4096")
+    row "peak RSS $who, $H vs $L (embedded)" "same (<= +max(10%, 4 MiB))" "$(mib "$one") -> $(mib "$h") MiB" "$(verdict "$h" '<=' "$lim")" "$(calc "$h - $one")" "$(calc "$lim - $one")" "KiB"
+  fi
+done
+bk=$(max_of "$(rounds_of large_embedded broker_kib)")
+row "peak RSS hakobu broker, $L / $H (info)" "(no target)" "$(mib "$bk") / $(mib "${R[huge_embedded_broker_kib]:-}") MiB" "-" "${R[huge_embedded_broker_kib]:-null}" null "KiB"
+
+# The table.
+{
+  echo
+  echo "hakobu benchmark: commit $COMMIT$( ((DIRTY)) && echo " (+ uncommitted changes)"), $(nproc) cores, load average ${R[load_before]} -> ${R[load_after]}, $ROUNDS A/B rounds, ${ELAPSED%.*} s"
+  printf '%-52s  %-28s  %-46s  %s\n' "measurement" "target" "measured [per round]" "result"
+  printf '%-52s  %-28s  %-46s  %s\n' "$(printf '%.0s-' {1..52})" "$(printf '%.0s-' {1..28})" "$(printf '%.0s-' {1..46})" "------"
+  for line in "${ROWS[@]}"; do
+    IFS='|' read -r a b c d <<<"$line"
+    printf '%-52s  %-28s  %-46s  %s\n' "$a" "$b" "$c" "$d"
+  done
+  echo
+}
+
+# The JSON: the rows, and every raw figure.
+{
+  printf '{\n  "commit": "%s",\n  "dirty": %s,\n  "date": "%s",\n  "cores": %s,\n  "rounds": %s,\n  "elapsed_s": %s,\n' \
+    "$COMMIT" "$( ((DIRTY)) && echo true || echo false)" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(nproc)" "$ROUNDS" "$ELAPSED"
+  printf '  "rows": [\n    %s\n  ],\n' "$(IFS=$'\n'; sed '$!s/$/,/' <<<"${JSON_ROWS[*]}" | sed '2,$s/^/    /')"
+  printf '  "raw": {\n'
+  mapfile -t keys < <(printf '%s\n' "${!R[@]}" | sort)
+  for k in "${keys[@]}"; do printf '    "%s": %s,\n' "$k" "${R[$k]}"; done | sed '$s/,$//'
+  printf '  }\n}\n'
+} >"$RESULTS"
+log "results written to $RESULTS"
