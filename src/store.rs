@@ -464,9 +464,13 @@ impl Store {
         code: &str,
         error: &str,
     ) -> Result<()> {
+        // A final status stands: the first reason a transfer failed (or the
+        // fact that it succeeded) is never overwritten by a later one.
         self.db().execute(
             "UPDATE transfers SET status = ?4, error_code = ?5, error = ?6, finished_at = ?7
-             WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3",
+             WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3
+               AND status NOT IN ('sent', 'send_failed', 'received', 'receive_failed',
+                                  'hook_failed', 'hook_interrupted')",
             params![
                 dir.as_str(),
                 transfer_id,
@@ -647,5 +651,45 @@ impl Store {
         let mut stmt = db.prepare(&sql)?;
         let rows = stmt.query_map(params![transfer_id], row_from)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_final_status_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let row = Row::begin(
+            Direction::Receive,
+            "t1",
+            "alpha",
+            "sales",
+            "a.csv",
+            (10, 10),
+            Status::Receiving,
+        );
+        assert!(store.insert(&row).unwrap());
+        let (rx, code) = (Direction::Receive, "digest_mismatch");
+        store
+            .fail(rx, "t1", "alpha", Status::ReceiveFailed, code, "first")
+            .unwrap();
+        // A later chunk of the same transfer fails it again for another reason.
+        store
+            .fail(
+                rx,
+                "t1",
+                "alpha",
+                Status::ReceiveFailed,
+                "inconsistent_chunk",
+                "second",
+            )
+            .unwrap();
+        let got = store.received("t1").unwrap().unwrap();
+        assert_eq!(got.status, Status::ReceiveFailed);
+        assert_eq!(got.error_code.as_deref(), Some(code));
+        assert_eq!(got.error.as_deref(), Some("first"));
     }
 }

@@ -314,9 +314,12 @@ impl Broker for RabbitMq {
                         "the node"
                     )),
                 },
-                // A full queue (x-overflow reject-publish) nacks: the
-                // connection is fine, the publisher backs off and retries.
-                Ok(Ok(_)) => return Err(BrokerError::Nack),
+                // A nack: a full queue (x-overflow reject-publish), or a
+                // quorum-queue client on this channel stuck on a dead leader
+                // (RabbitMQ 3.10 nacks every later publish on that channel
+                // until the old leader returns). A new connection, on the
+                // next node, recovers from both; the caller backs off.
+                Ok(Ok(_)) => BrokerError::Nack,
                 Ok(Err(e)) => conn_err(e),
                 Err(_) => BrokerError::ConfirmTimeout(timeout),
             };

@@ -452,7 +452,13 @@ impl Receiver {
                         &e.to_string(),
                     )?;
                 }
-                (status, _) if status.is_final() => {
+                (status, p) if status.is_final() => {
+                    // A rejection recorded just before a crash may have left
+                    // the partial file: remove it (idempotent), under the
+                    // transfer's own profile.
+                    if let (Status::ReceiveFailed, Some(p)) = (status, p) {
+                        let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, tid));
+                    }
                     if matches!(status, Status::ReceiveFailed | Status::HookFailed) {
                         self.run_failure_hooks(&row).await?;
                     }
