@@ -172,8 +172,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 /// partial file and one ledger commit.
 const BATCH: usize = 64;
 
-/// Handles `first` and whatever else has already arrived: receipts one by
-/// one, chunks as one batch.
+/// Handles `first` and whatever else has already arrived: chunks as one
+/// batch, receipts side by side (their ledger writes share a flush).
 async fn dispatch(
     receiver: &Arc<Receiver>,
     sender: &Arc<Sender>,
@@ -181,21 +181,25 @@ async fn dispatch(
     more: &mut tokio::sync::mpsc::Receiver<Delivery>,
 ) {
     let mut chunks = Vec::new();
+    let mut receipts = Vec::new();
     let mut next = Some(first);
     while let Some(d) = next.take() {
         match Message::decode(d.payload.clone()) {
             Ok(Message::Chunk(h, body)) => chunks.push((h, body, d)),
-            Ok(Message::Receipt(r)) => sender.on_receipt(r, d).await,
+            Ok(Message::Receipt(r)) => receipts.push(sender.on_receipt(r, d)),
             Err(e) => {
                 warn!(message = "Dead-lettering a message that cannot be parsed.", error_code = e.code(), error = %e, bytes = d.payload.len());
                 let _ = d.dead_letter().await;
             }
         }
-        if chunks.len() < BATCH {
+        if chunks.len() + receipts.len() < BATCH {
             next = more.try_recv().ok();
         }
     }
-    if !chunks.is_empty() {
-        receiver.on_chunks(chunks).await;
-    }
+    let chunks = async {
+        if !chunks.is_empty() {
+            receiver.on_chunks(chunks).await;
+        }
+    };
+    futures::future::join(chunks, futures::future::join_all(receipts)).await;
 }

@@ -2,8 +2,11 @@
 //! both sides, and the ledger that makes placement and hooks happen once.
 //! Only this module knows SQL.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -228,6 +231,60 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     })
 }
 
+/// Statements through SQLite's statement cache: the agent runs the same few
+/// statements over and over, and parsing them cost more than running them.
+trait Cached {
+    fn run<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+    fn one<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn run<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+    fn one<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+}
+
+/// One `INSERT OR IGNORE` of a transfer row; 1 when it was new.
+fn insert_row(db: &Connection, row: &Row) -> rusqlite::Result<usize> {
+    db.run(
+            "INSERT OR IGNORE INTO transfers (direction, transfer_id, peer, file_id, file_name, size,
+                sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, touched_at, seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers))",
+            params![
+                row.direction.as_str(),
+                row.transfer_id,
+                row.peer,
+                row.file_id,
+                row.file_name,
+                row.size as i64,
+                row.sha256,
+                row.chunk_size as i64,
+                row.status.as_str(),
+                row.error_code,
+                row.error,
+                row.path,
+                serde_json::to_string(&row.meta).unwrap_or_else(|_| "{}".into()),
+                row.started_at,
+                row.finished_at,
+                unix_now(),
+            ],
+        )
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -236,15 +293,143 @@ fn unix_now() -> i64 {
 }
 
 /// A handle on the state database, cheap to clone.
+///
+/// Group commit: statements commit with `synchronous = NORMAL` (into the
+/// WAL, not yet on disk), and every use of the connection ends, once the
+/// connection is released, by waiting until everything committed so far is
+/// flushed ([`Flush`]). So each call returns only once what it wrote, and
+/// what it read, is durable, as with `synchronous = FULL`; but callers that
+/// arrive together share one fdatasync instead of paying one each.
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    flush: Arc<Flush>,
+    /// False for a [`Store::deferred`] handle.
+    wait: bool,
+}
+
+/// The WAL's group flush. `changed` is SQLite's running count of changed rows
+/// on the connection (`total_changes`), published after every use; `flushed`
+/// the count the last completed fdatasync of the WAL file covered.
+struct Flush {
+    wal: PathBuf,
+    changed: AtomicU64,
+    state: Mutex<FlushState>,
+    done: Condvar,
+}
+
+struct FlushState {
+    flushed: u64,
+    flushing: bool,
+    /// Our own descriptor on the WAL file (the agent's connection keeps the
+    /// WAL alive; reopened if its inode ever changes).
+    file: Option<File>,
+}
+
+impl Flush {
+    /// Returns once every change counted up to now is on disk. One caller
+    /// flushes; those arriving meanwhile wait and are usually covered by it.
+    fn wait(&self) -> std::io::Result<()> {
+        let target = self.changed.load(Ordering::SeqCst);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if st.flushed >= target {
+                return Ok(());
+            }
+            if !st.flushing {
+                break;
+            }
+            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        // Everything counted before this load has been written to the WAL.
+        let covers = self.changed.load(Ordering::SeqCst);
+        st.flushing = true;
+        let mut file = st.file.take();
+        drop(st);
+        let result = self.sync(&mut file);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.flushing = false;
+        st.file = file;
+        if result.is_ok() {
+            st.flushed = st.flushed.max(covers);
+        }
+        self.done.notify_all();
+        result
+    }
+
+    fn sync(&self, file: &mut Option<File>) -> std::io::Result<()> {
+        let ino = std::fs::metadata(&self.wal)?.ino();
+        if file
+            .as_ref()
+            .map(|f| f.metadata().map(|m| m.ino()))
+            .transpose()?
+            != Some(ino)
+        {
+            *file = Some(File::open(&self.wal)?);
+        }
+        file.as_ref().map_or(Ok(()), File::sync_data)
+    }
+}
+
+/// The connection, locked; on release it publishes the change count and
+/// waits for the group flush (outside the lock, so others keep committing).
+struct Db<'a> {
+    guard: Option<MutexGuard<'a, Connection>>,
+    flush: &'a Flush,
+    wait: bool,
+}
+
+impl std::ops::Deref for Db<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.guard.as_deref().expect("connection held until drop")
+    }
+}
+
+impl std::ops::DerefMut for Db<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        self.guard
+            .as_deref_mut()
+            .expect("connection held until drop")
+    }
+}
+
+impl Drop for Db<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.guard.take() {
+            self.flush
+                .changed
+                .fetch_max(conn.total_changes(), Ordering::SeqCst);
+        }
+        if !self.wait || std::thread::panicking() {
+            return;
+        }
+        if let Err(e) = blocking(|| self.flush.wait()) {
+            // After a failed fdatasync the kernel may have dropped the dirty
+            // pages: nothing this process believes committed can be trusted.
+            // Stop, as databases do; SQLite recovers the WAL at the next start.
+            tracing::error!(message = "Cannot flush the state database to disk; stopping. Check the disk, then start the agent again.",
+                wal = %self.flush.wal.display(), error = %e, error_code = "state_db_flush_failed");
+            std::process::exit(70);
+        }
+    }
+}
+
+/// Runs a blocking wait; on a multi-threaded runtime's worker, tells tokio
+/// first, so the worker's other tasks move on meanwhile.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         let conn = Connection::open(path)?;
-        // Status changes are the exactly-once ledger: FULL makes each commit durable.
+        // Status changes are the exactly-once ledger: the schema commits with
+        // FULL, everything after with NORMAL plus the group flush (see Store).
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -272,43 +457,62 @@ impl Store {
                 transfer_id TEXT NOT NULL, idx INTEGER NOT NULL,
                 PRIMARY KEY (transfer_id, idx)) WITHOUT ROWID;",
         )?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let flush = Flush {
+            wal: PathBuf::from(wal),
+            changed: AtomicU64::new(conn.total_changes()),
+            state: Mutex::new(FlushState {
+                flushed: conn.total_changes(),
+                flushing: false,
+                file: None,
+            }),
+            done: Condvar::new(),
+        };
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            flush: Arc::new(flush),
+            wait: true,
         })
     }
 
-    fn db(&self) -> MutexGuard<'_, Connection> {
+    /// A handle whose calls return before what they wrote is on disk: for
+    /// steps whose only outside effect comes after a later waiting call (on
+    /// any handle), which flushes them too. A receiver's chunk bookkeeping,
+    /// for one, needs to be durable only by the time the chunk is acked.
+    pub fn deferred(&self) -> Store {
+        Store {
+            wait: false,
+            ..self.clone()
+        }
+    }
+
+    fn db(&self) -> Db<'_> {
         // A panic while holding the lock cannot leave SQLite inconsistent.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        Db {
+            guard: Some(self.conn.lock().unwrap_or_else(|p| p.into_inner())),
+            flush: &self.flush,
+            wait: self.wait,
+        }
+    }
+
+    /// Records new transfer rows in one transaction; existing rows are left
+    /// as they are.
+    pub fn insert_all(&self, rows: &[Row]) -> Result<()> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        for row in rows {
+            insert_row(&tx, row)?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Records a new transfer row; an existing row is left as it is.
     pub fn insert(&self, row: &Row) -> Result<bool> {
-        let n = self.db().execute(
-            "INSERT OR IGNORE INTO transfers (direction, transfer_id, peer, file_id, file_name, size,
-                sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, touched_at, seq)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers))",
-            params![
-                row.direction.as_str(),
-                row.transfer_id,
-                row.peer,
-                row.file_id,
-                row.file_name,
-                row.size as i64,
-                row.sha256,
-                row.chunk_size as i64,
-                row.status.as_str(),
-                row.error_code,
-                row.error,
-                row.path,
-                serde_json::to_string(&row.meta).unwrap_or_else(|_| "{}".into()),
-                row.started_at,
-                row.finished_at,
-                unix_now(),
-            ],
-        )?;
-        Ok(n == 1)
+        Ok(insert_row(&self.db(), row)? == 1)
     }
 
     pub fn get(&self, dir: Direction, transfer_id: &str, peer: &str) -> Result<Option<Row>> {
@@ -317,7 +521,7 @@ impl Store {
         );
         Ok(self
             .db()
-            .query_row(&sql, params![dir.as_str(), transfer_id, peer], row_from)
+            .one(&sql, params![dir.as_str(), transfer_id, peer], row_from)
             .optional()?)
     }
 
@@ -327,7 +531,7 @@ impl Store {
             "SELECT {COLUMNS} FROM transfers WHERE direction = ?1 AND transfer_id = ?2 ORDER BY peer"
         );
         let db = self.db();
-        let mut stmt = db.prepare(&sql)?;
+        let mut stmt = db.prepare_cached(&sql)?;
         let rows = stmt.query_map(params![dir.as_str(), transfer_id], row_from)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -348,7 +552,7 @@ impl Store {
                OR (direction = 'receive' AND receipt_sent = 0) ORDER BY seq"
         );
         let db = self.db();
-        let mut stmt = db.prepare(&sql)?;
+        let mut stmt = db.prepare_cached(&sql)?;
         let rows = stmt.query_map([], row_from)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -361,7 +565,7 @@ impl Store {
         status: Status,
     ) -> Result<()> {
         let finished = status.is_final().then(crate::clock::now_rfc3339);
-        self.db().execute(
+        self.db().run(
             "UPDATE transfers SET status = ?4, finished_at = IFNULL(?5, finished_at)
              WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3",
             params![dir.as_str(), transfer_id, peer, status.as_str(), finished],
@@ -379,7 +583,7 @@ impl Store {
         to: Status,
     ) -> Result<bool> {
         let finished = to.is_final().then(crate::clock::now_rfc3339);
-        let n = self.db().execute(
+        let n = self.db().run(
             "UPDATE transfers SET status = ?5, finished_at = IFNULL(?6, finished_at)
              WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = ?4",
             params![
@@ -400,13 +604,13 @@ impl Store {
             "SELECT {COLUMNS} FROM transfers WHERE direction = ?1 AND status = ?2 ORDER BY seq"
         );
         let db = self.db();
-        let mut stmt = db.prepare(&sql)?;
+        let mut stmt = db.prepare_cached(&sql)?;
         let rows = stmt.query_map(params![dir.as_str(), status.as_str()], row_from)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn delete(&self, dir: Direction, transfer_id: &str) -> Result<()> {
-        self.db().execute(
+        self.db().run(
             "DELETE FROM transfers WHERE direction = ?1 AND transfer_id = ?2",
             params![dir.as_str(), transfer_id],
         )?;
@@ -414,7 +618,7 @@ impl Store {
     }
 
     pub fn set_inode(&self, transfer_id: &str, peer: &str, target: &str, inode: u64) -> Result<()> {
-        self.db().execute(
+        self.db().run(
             "UPDATE transfers SET path = ?3, inode = ?4 WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2",
             params![transfer_id, peer, target, inode as i64],
         )?;
@@ -423,7 +627,7 @@ impl Store {
 
     /// Records how many bytes of a transfer the broker has confirmed.
     pub fn set_progress(&self, transfer_id: &str, peer: &str, bytes: u64) -> Result<()> {
-        self.db().execute(
+        self.db().run(
             "UPDATE transfers SET progress = ?3 WHERE direction = 'send' AND transfer_id = ?1 AND peer = ?2",
             params![transfer_id, peer, bytes as i64],
         )?;
@@ -432,7 +636,7 @@ impl Store {
 
     /// Forgets a placement that did not happen (the name belongs to someone else).
     pub fn clear_placement(&self, transfer_id: &str, peer: &str) -> Result<()> {
-        self.db().execute(
+        self.db().run(
             "UPDATE transfers SET path = NULL, inode = NULL WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2",
             params![transfer_id, peer],
         )?;
@@ -446,7 +650,7 @@ impl Store {
         transfer_id: &str,
         peer: &str,
     ) -> Result<bool> {
-        let n = self.db().execute(
+        let n = self.db().run(
             "UPDATE transfers SET failure_hook = 1
              WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND failure_hook = 0",
             params![dir.as_str(), transfer_id, peer],
@@ -466,7 +670,7 @@ impl Store {
     ) -> Result<()> {
         // A final status stands: the first reason a transfer failed (or the
         // fact that it succeeded) is never overwritten by a later one.
-        self.db().execute(
+        self.db().run(
             "UPDATE transfers SET status = ?4, error_code = ?5, error = ?6, finished_at = ?7
              WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3
                AND status NOT IN ('sent', 'send_failed', 'received', 'receive_failed',
@@ -491,7 +695,7 @@ impl Store {
         peer: &str,
         path: &str,
     ) -> Result<()> {
-        self.db().execute(
+        self.db().run(
             "UPDATE transfers SET path = ?4 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3",
             params![dir.as_str(), transfer_id, peer, path],
         )?;
@@ -507,7 +711,7 @@ impl Store {
         started_at: &str,
         meta: &std::collections::BTreeMap<String, String>,
     ) -> Result<()> {
-        self.db().execute(
+        self.db().run(
             "UPDATE transfers SET sha256 = ?3, started_at = ?4, meta = ?5
              WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2",
             params![
@@ -521,10 +725,13 @@ impl Store {
         Ok(())
     }
 
-    pub fn set_sha256(&self, dir: Direction, transfer_id: &str, sha256: &str) -> Result<()> {
-        self.db().execute(
-            "UPDATE transfers SET sha256 = ?3 WHERE direction = ?1 AND transfer_id = ?2",
-            params![dir.as_str(), transfer_id, sha256],
+    /// Every chunk of a sent transfer is confirmed: records its digest and
+    /// moves it from `sending` to `awaiting_receipt`.
+    pub fn set_published(&self, transfer_id: &str, peer: &str, sha256: &str) -> Result<()> {
+        self.db().run(
+            "UPDATE transfers SET sha256 = ?3, progress = size, status = 'awaiting_receipt'
+             WHERE direction = 'send' AND transfer_id = ?1 AND peer = ?2 AND status = 'sending'",
+            params![transfer_id, peer, sha256],
         )?;
         Ok(())
     }
@@ -538,7 +745,7 @@ impl Store {
         ms: u64,
         tail: &str,
     ) -> Result<()> {
-        self.db().execute(
+        self.db().run(
             "UPDATE transfers SET hook_exit = ?4, hook_ms = ?5, hook_tail = ?6
              WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3",
             params![dir.as_str(), transfer_id, peer, exit, ms as i64, tail],
@@ -550,7 +757,7 @@ impl Store {
     /// transfer waits for one (a duplicate or a stranger's receipt).
     /// The row moves to `hook_running`: the sender's hooks are next.
     pub fn record_receipt(&self, r: &crate::wire::Receipt) -> Result<bool> {
-        let n = self.db().execute(
+        let n = self.db().run(
             "UPDATE transfers SET remote_path = ?3, remote_hook_exit = ?4, error_code = ?5, error = ?6,
                 delivered = ?7, status = 'hook_running'
              WHERE direction = 'send' AND transfer_id = ?1 AND peer = ?2
@@ -561,7 +768,7 @@ impl Store {
     }
 
     pub fn set_receipt_sent(&self, transfer_id: &str, peer: &str) -> Result<()> {
-        self.db().execute(
+        self.db().run(
             "UPDATE transfers SET receipt_sent = 1 WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2",
             params![transfer_id, peer],
         )?;
@@ -583,16 +790,16 @@ impl Store {
         let now = unix_now();
         let mut have = Vec::with_capacity(chunks.len());
         for (transfer_id, idx) in chunks {
-            let inserted = tx.execute(
+            let inserted = tx.run(
                 "INSERT OR IGNORE INTO chunks (transfer_id, idx) VALUES (?1, ?2)",
                 params![transfer_id, *idx as i64],
             )?;
-            tx.execute(
+            tx.run(
                 "UPDATE transfers SET chunks_have = chunks_have + ?2, touched_at = ?3
                  WHERE direction = 'receive' AND transfer_id = ?1",
                 params![transfer_id, inserted as i64, now],
             )?;
-            let n: i64 = tx.query_row(
+            let n: i64 = tx.one(
                 "SELECT chunks_have FROM transfers WHERE direction = 'receive' AND transfer_id = ?1",
                 params![transfer_id],
                 |r| r.get(0),
@@ -611,13 +818,13 @@ impl Store {
         );
         let before = unix_now() - idle.as_secs() as i64;
         let db = self.db();
-        let mut stmt = db.prepare(&sql)?;
+        let mut stmt = db.prepare_cached(&sql)?;
         let rows = stmt.query_map(params![file_id, before], row_from)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn chunk_count(&self, transfer_id: &str) -> Result<u64> {
-        let n: i64 = self.db().query_row(
+        let n: i64 = self.db().one(
             "SELECT COUNT(*) FROM chunks WHERE transfer_id = ?1",
             params![transfer_id],
             |r| r.get(0),
@@ -626,7 +833,7 @@ impl Store {
     }
 
     pub fn forget_chunks(&self, transfer_id: &str) -> Result<()> {
-        self.db().execute(
+        self.db().run(
             "DELETE FROM chunks WHERE transfer_id = ?1",
             params![transfer_id],
         )?;
@@ -637,7 +844,7 @@ impl Store {
     pub fn history(&self, limit: usize) -> Result<Vec<Row>> {
         let sql = format!("SELECT {COLUMNS} FROM transfers ORDER BY seq DESC LIMIT ?1");
         let db = self.db();
-        let mut stmt = db.prepare(&sql)?;
+        let mut stmt = db.prepare_cached(&sql)?;
         let rows = stmt.query_map(params![limit as i64], row_from)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -648,7 +855,7 @@ impl Store {
             "SELECT {COLUMNS} FROM transfers WHERE transfer_id = ?1 ORDER BY direction, peer"
         );
         let db = self.db();
-        let mut stmt = db.prepare(&sql)?;
+        let mut stmt = db.prepare_cached(&sql)?;
         let rows = stmt.query_map(params![transfer_id], row_from)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }

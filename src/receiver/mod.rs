@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
@@ -39,6 +40,11 @@ pub struct Receiver {
     /// senders, or one name sent twice) are placed one after the other, so
     /// `append` and `generations` never interleave.
     names: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// The running SHA-256 of each transfer whose chunks have so far arrived
+    /// in order (bytes hashed, state), so that verifying need not read the
+    /// file back; `None` once a chunk came out of order or twice (verify
+    /// then reads the file).
+    digests: Mutex<HashMap<String, Option<(u64, Sha256)>>>,
 }
 
 impl Receiver {
@@ -55,6 +61,7 @@ impl Receiver {
             busy: Mutex::new(HashSet::new()),
             tasks,
             names: Mutex::new(HashMap::new()),
+            digests: Mutex::new(HashMap::new()),
         })
     }
 
@@ -126,6 +133,7 @@ impl Receiver {
                     warn!(message = "Expiring a transfer that stopped.", transfer_id = %row.transfer_id, from = %row.peer, error_code = e.code());
                     let _ =
                         crate::durable::remove_if_exists(&partial_path(&p.inbox, &row.transfer_id));
+                    self.forget_digest(&row.transfer_id);
                     let recorded = self.store.forget_chunks(&row.transfer_id).and_then(|()| {
                         self.store.fail(
                             RX,
@@ -167,12 +175,27 @@ impl Receiver {
     /// a completion task; from then on the ledger, not the broker, carries the
     /// transfer, so no delivery stays unacked while hooks run.
     pub async fn on_chunks(self: &Arc<Self>, batch: Vec<(ChunkHeader, Bytes, Delivery)>) {
-        let mut written: Vec<Written> = Vec::new();
-        for (h, body, d) in batch {
-            if let Some(w) = self.stage(h, body, d).await {
-                written.push(w);
-            }
+        // Transfers are staged side by side (creating and writing files waits
+        // on the disk); the chunks of one transfer in order.
+        let mut by_transfer: HashMap<String, Vec<(ChunkHeader, Bytes, Delivery)>> = HashMap::new();
+        for c in batch {
+            by_transfer
+                .entry(c.0.transfer_id.clone())
+                .or_default()
+                .push(c);
         }
+        let staged = by_transfer.into_values().map(|chunks| async move {
+            let mut written = Vec::new();
+            for (h, body, d) in chunks {
+                written.extend(self.stage(h, body, d).await);
+            }
+            written
+        });
+        let written: Vec<Written> = futures::future::join_all(staged)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
         if written.is_empty() {
             return;
         }
@@ -180,14 +203,16 @@ impl Receiver {
         let mut partials: Vec<PathBuf> = written.iter().map(|w| w.partial.clone()).collect();
         partials.sort();
         partials.dedup();
-        let synced = tokio::task::spawn_blocking(move || {
-            partials
-                .iter()
-                .map(|p| (p.clone(), assemble::sync_partial(p)))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
+        // In parallel: the filesystem commits its journal once for fsyncs
+        // that arrive together.
+        let syncs = partials.into_iter().map(|p| async move {
+            let path = p.clone();
+            let r = tokio::task::spawn_blocking(move || assemble::sync_partial(&path))
+                .await
+                .unwrap_or_else(|e| Err(ReceiveError::Io(e.to_string())));
+            (p, r)
+        });
+        let synced = futures::future::join_all(syncs).await;
         let mut failed: HashMap<PathBuf, ReceiveError> = HashMap::new();
         for (path, result) in synced {
             if let Err(e) = result {
@@ -320,6 +345,7 @@ impl Receiver {
         if let Some(p) = self.cfg.receive_profile(&h.file_id) {
             let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, tid));
         }
+        self.forget_digest(tid);
         let _ = self.store.forget_chunks(tid);
         let _ = d.ack().await;
         if self.claim(tid) {
@@ -329,7 +355,9 @@ impl Receiver {
 
     async fn write(&self, h: &ChunkHeader, body: Bytes) -> Result<Staged, Failure> {
         let tid = &h.transfer_id;
-        let row = match self.store.received(tid)? {
+        // Durable by the ack: on_chunks records the batch with a waiting call.
+        let store = self.store.deferred();
+        let row = match store.received(tid)? {
             Some(r) if r.peer != h.from => {
                 warn!(message = "Ignoring a chunk whose transfer id belongs to another sender.", transfer_id = %tid, from = %h.from);
                 return Ok(Staged::Ignore);
@@ -340,7 +368,7 @@ impl Receiver {
             None => {
                 let profile = self.cfg.receive_profile(&h.file_id);
                 let row = new_row(h);
-                self.store.insert(&row)?;
+                store.insert(&row)?;
                 assemble::admit(h, profile)?;
                 info!(message = "Receiving.", transfer_id = %tid, from = %h.from, file_id = %h.file_id, file_name = %h.file_name, size = h.size);
                 row
@@ -357,13 +385,13 @@ impl Receiver {
             }
         }
         let partial = partial_path(&profile.inbox, tid);
-        let (path, offset) = (partial.clone(), h.offset);
-        tokio::task::spawn_blocking(move || assemble::write_chunk(&path, offset, &body))
+        let (path, offset, data) = (partial.clone(), h.offset, body.clone());
+        tokio::task::spawn_blocking(move || assemble::write_chunk(&path, offset, &data))
             .await
             .map_err(|e| ReceiveError::Io(e.to_string()))??;
+        self.digest_chunk(tid, offset, &body);
         if let Some(t) = &h.last {
-            self.store
-                .set_trailer(tid, &h.from, &t.sha256, &t.started_at, &t.meta)?;
+            store.set_trailer(tid, &h.from, &t.sha256, &t.started_at, &t.meta)?;
         }
         let digest_known = h.last.is_some() || row.sha256.is_some();
         Ok(Staged::Written {
@@ -371,6 +399,49 @@ impl Receiver {
             partial,
             digest_known,
         })
+    }
+
+    /// Carries the transfer's running digest over a chunk just written.
+    fn digest_chunk(&self, tid: &str, offset: u64, body: &[u8]) {
+        let taken = self
+            .digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tid);
+        let state = match taken {
+            None if offset == 0 => Some((0, Sha256::new())),
+            None => None,
+            Some(s) => s,
+        };
+        // Hashed outside the lock; chunks of one transfer arrive one by one.
+        let state = state.and_then(|(next, mut hasher)| {
+            (offset == next).then(|| {
+                hasher.update(body);
+                (next + body.len() as u64, hasher)
+            })
+        });
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tid.to_string(), state);
+    }
+
+    /// The digest of a transfer's whole file when every byte of it was hashed
+    /// in order as it arrived; forgets the transfer's running digest.
+    fn take_digest(&self, tid: &str, size: u64) -> Option<String> {
+        let state = self
+            .digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tid)??;
+        (state.0 == size).then(|| hex::encode(state.1.finalize()))
+    }
+
+    fn forget_digest(&self, tid: &str) {
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tid);
     }
 
     /// Drives one transfer from its current status to a sent receipt.
@@ -494,7 +565,8 @@ impl Receiver {
         let (inbox, name, mode, size) = (p.inbox.clone(), row.file_name.clone(), p.mode, row.size);
         let sha = row.sha256.clone().unwrap_or_default();
         let verify_partial = partial.clone();
-        tokio::task::spawn_blocking(move || place::verify(&verify_partial, size, &sha))
+        let hashed = self.take_digest(&row.transfer_id, size);
+        tokio::task::spawn_blocking(move || place::verify(&verify_partial, size, &sha, hashed))
             .await
             .map_err(|e| ReceiveError::Io(e.to_string()))??;
         let name_lock = self.name_lock(&inbox.join(&name));

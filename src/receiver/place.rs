@@ -15,7 +15,12 @@ use crate::durable;
 
 /// Checks that `partial` holds exactly `size` bytes hashing to `sha256`, and
 /// flushes it to disk.
-pub fn verify(partial: &Path, size: u64, sha256: &str) -> Result<(), ReceiveError> {
+pub fn verify(
+    partial: &Path,
+    size: u64,
+    sha256: &str,
+    hashed: Option<String>,
+) -> Result<(), ReceiveError> {
     let mut f =
         File::open(partial).map_err(|e| ReceiveError::from_io("opening the partial file", e))?;
     let actual_size = f
@@ -28,18 +33,23 @@ pub fn verify(partial: &Path, size: u64, sha256: &str) -> Result<(), ReceiveErro
             actual: actual_size,
         });
     }
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| ReceiveError::from_io("reading the partial file", e))?;
-        if n == 0 {
-            break;
+    let actual = match hashed {
+        Some(digest) => digest,
+        None => {
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f
+                    .read(&mut buf)
+                    .map_err(|e| ReceiveError::from_io("reading the partial file", e))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+            hex::encode(hasher.finalize())
         }
-        hasher.update(&buf[..n]);
-    }
-    let actual = hex::encode(hasher.finalize());
+    };
     if !actual.eq_ignore_ascii_case(sha256) {
         return Err(ReceiveError::DigestMismatch {
             expected: sha256.to_string(),
@@ -150,11 +160,25 @@ mod tests {
     fn verify_checks_size_and_digest() {
         let (_d, p) = setup(b"abc");
         let sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        verify(&p, 3, sha).unwrap();
-        assert_eq!(verify(&p, 4, sha).unwrap_err().code(), "size_mismatch");
+        verify(&p, 3, sha, None).unwrap();
         assert_eq!(
-            verify(&p, 3, &"0".repeat(64)).unwrap_err().code(),
+            verify(&p, 4, sha, None).unwrap_err().code(),
+            "size_mismatch"
+        );
+        assert_eq!(
+            verify(&p, 3, &"0".repeat(64), None).unwrap_err().code(),
             "sha256_mismatch"
+        );
+        // A digest computed as the chunks arrived stands for the read-back.
+        verify(&p, 3, sha, Some(sha.to_string())).unwrap();
+        let wrong = Some("1".repeat(64));
+        assert_eq!(
+            verify(&p, 3, sha, wrong).unwrap_err().code(),
+            "sha256_mismatch"
+        );
+        assert_eq!(
+            verify(&p, 4, sha, Some(sha.into())).unwrap_err().code(),
+            "size_mismatch"
         );
     }
 

@@ -26,8 +26,19 @@ use crate::store::{Direction, Row, Status, Store, StoreError};
 use crate::wire::Receipt;
 
 const TX: Direction = Direction::Send;
-/// Transfers published at once; more wait their turn.
-const PARALLEL_PUBLISHES: usize = 4;
+/// Bytes in flight to the broker, as this many windows: four large files
+/// publish at once, or many small ones (each weighs its size, rounded up to
+/// [`PERMIT_UNIT`]); more wait their turn.
+const PARALLEL_WINDOWS: u64 = 4;
+const PERMIT_UNIT: u64 = 64 << 10;
+
+/// The permits a transfer of `bytes` holds while it publishes.
+fn permits_for(bytes: u64, window: u64) -> u32 {
+    bytes
+        .min(window)
+        .div_ceil(PERMIT_UNIT)
+        .clamp(1, u64::from(u32::MAX)) as u32
+}
 
 pub struct Sender {
     cfg: Arc<Config>,
@@ -54,7 +65,9 @@ impl Sender {
             store,
             broker,
             window,
-            permits: Semaphore::new(PARALLEL_PUBLISHES),
+            permits: Semaphore::new(
+                permits_for(window, window) as usize * PARALLEL_WINDOWS as usize,
+            ),
             publishing: Mutex::new(HashSet::new()),
             tasks,
         })
@@ -132,48 +145,39 @@ impl Sender {
         Ok(settled)
     }
 
-    /// Claims `name` from the profile's outbox: an atomic rename into the
-    /// spool, then one row per receiving node.
-    pub async fn claim(self: &Arc<Self>, profile: &SendProfile, name: &str) {
-        // The marker goes first: a crash after it leaves the file in the
-        // outbox waiting for a new marker, never a stale marker that would
-        // let the next file of that name be claimed half-written.
-        if let Ready::DoneMarker(marker) = &profile.ready {
-            let _ = durable::remove_if_exists(&profile.outbox.join(format!("{name}{marker}")));
-        }
-        let tid = uuid::Uuid::now_v7().to_string();
-        let from = profile.outbox.join(name);
-        let to = spool_path(&self.cfg.spool_dir(), &profile.file_id, &tid, name);
-        let moved = to
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| durable::rename_durable(&from, &to));
-        if let Err(e) = moved {
-            let _ = to.parent().map(std::fs::remove_dir);
-            if e.kind() != std::io::ErrorKind::NotFound {
-                error!(message = "Cannot claim file into the spool; the spool must be on the outbox's filesystem.",
-                    file = %from.display(), spool = %to.display(), error = %e, error_code = "claim_failed");
-            }
+    /// Claims the ready files `names` from the profile's outbox, together:
+    /// each is renamed into the spool (atomic), then the directories are
+    /// flushed once for all of them, then one row per file and receiving
+    /// node is recorded in one transaction, then they are published.
+    pub async fn claim(self: &Arc<Self>, profile: &SendProfile, names: Vec<String>) {
+        let spool = self.cfg.spool_dir();
+        let p = profile.clone();
+        let claimed = tokio::task::spawn_blocking(move || claim_files(&p, &spool, &names))
+            .await
+            .unwrap_or_default();
+        if claimed.is_empty() {
             return;
         }
-        match record_claim(
-            &self.cfg,
-            &self.store,
-            profile,
-            &tid,
-            name,
-            &Default::default(),
-            Status::Sending,
-        ) {
-            Ok(()) => {
-                info!(message = "Claimed.", transfer_id = %tid, file_id = %profile.file_id, file_name = %name);
-                for peer in &profile.to {
-                    self.enqueue(tid.clone(), peer.clone());
-                }
-            }
-            // The spool directory is adopted at the next start.
-            Err(e) => {
-                error!(message = "Cannot record a claimed file.", transfer_id = %tid, error = %e)
+        let mut rows = Vec::new();
+        for (tid, name) in &claimed {
+            rows.extend(claim_rows(
+                &self.cfg,
+                profile,
+                tid,
+                name,
+                &Default::default(),
+                Status::Sending,
+            ));
+        }
+        // On failure the spool directories are adopted at the next start.
+        if let Err(e) = self.store.insert_all(&rows) {
+            error!(message = "Cannot record claimed files; they are recorded at the next start.", files = claimed.len(), error = %e);
+            return;
+        }
+        for (tid, name) in claimed {
+            info!(message = "Claimed.", transfer_id = %tid, file_id = %profile.file_id, file_name = %name);
+            for peer in &profile.to {
+                self.enqueue(tid.clone(), peer.clone());
             }
         }
     }
@@ -223,7 +227,15 @@ impl Sender {
     }
 
     async fn publish_until_confirmed(&self, tid: &str, peer: &str) {
-        let Ok(_permit) = self.permits.acquire().await else {
+        let size = match self.store.get(TX, tid, peer) {
+            Ok(Some(r)) => r.size,
+            _ => 0,
+        };
+        let Ok(_permit) = self
+            .permits
+            .acquire_many(permits_for(size, self.window))
+            .await
+        else {
             return;
         };
         let mut resume = publish::Resume::default();
@@ -238,11 +250,12 @@ impl Sender {
                     continue;
                 }
             };
-            // Progress for `hakobu send --wait`, written at most twice a second.
+            // Progress for `hakobu send --wait`, written at most twice a
+            // second; the end is recorded with the digest (set_published).
             let last = std::sync::Mutex::new(std::time::Instant::now());
             let record = |bytes: u64| {
                 let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-                if last.elapsed() >= Duration::from_millis(500) || bytes == row.size {
+                if bytes < row.size && last.elapsed() >= Duration::from_millis(500) {
                     *last = std::time::Instant::now();
                     let _ = self.store.set_progress(tid, peer, bytes);
                 }
@@ -258,10 +271,7 @@ impl Sender {
             .await
             {
                 Ok(sha) => {
-                    let _ = self.store.set_sha256(TX, tid, &sha);
-                    let _ =
-                        self.store
-                            .advance(TX, tid, peer, Status::Sending, Status::AwaitingReceipt);
+                    let _ = self.store.set_published(tid, peer, &sha);
                     info!(message = "Published; awaiting the receipt.", transfer_id = %tid, to = %peer, size = row.size);
                     return;
                 }
@@ -412,21 +422,71 @@ impl Sender {
     }
 }
 
-/// Inserts one row per receiving node for a file already in the spool.
-pub fn record_claim(
+/// Moves ready files from the outbox into the spool, each under a new
+/// transfer id: `(transfer id, name)` for those moved. The renames are made
+/// durable together (one flush per directory, not per file).
+fn claim_files(profile: &SendProfile, spool: &Path, names: &[String]) -> Vec<(String, String)> {
+    let mut claimed = Vec::new();
+    for name in names {
+        // The marker goes first: a crash after it leaves the file in the
+        // outbox waiting for a new marker, never a stale marker that would
+        // let the next file of that name be claimed half-written.
+        if let Ready::DoneMarker(marker) = &profile.ready {
+            let _ = durable::remove_if_exists(&profile.outbox.join(format!("{name}{marker}")));
+        }
+        let tid = uuid::Uuid::now_v7().to_string();
+        let from = profile.outbox.join(name);
+        let to = spool_path(spool, &profile.file_id, &tid, name);
+        let moved = to
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::rename(&from, &to));
+        match moved {
+            Ok(()) => claimed.push((tid, name.clone())),
+            Err(e) => {
+                let _ = to.parent().map(std::fs::remove_dir);
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    error!(message = "Cannot claim file into the spool; the spool must be on the outbox's filesystem.",
+                        file = %from.display(), spool = %to.display(), error = %e, error_code = "claim_failed");
+                }
+            }
+        }
+    }
+    if claimed.is_empty() {
+        return claimed;
+    }
+    // The first flush commits the filesystem's journal for all the renames;
+    // the rest find nothing left to write.
+    let file_dir = spool.join(&profile.file_id);
+    let dirs = claimed
+        .iter()
+        .map(|(tid, _)| file_dir.join(tid))
+        .chain([file_dir.clone(), profile.outbox.clone()]);
+    for dir in dirs {
+        if let Err(e) = durable::fsync_dir(&dir) {
+            // Not durable yet, but claimed: recorded and sent all the same.
+            warn!(message = "Cannot flush a spool directory.", dir = %dir.display(), error = %e);
+        }
+    }
+    claimed
+}
+
+/// One row per receiving node for a file already in the spool.
+pub fn claim_rows(
     cfg: &Config,
-    store: &Store,
     profile: &SendProfile,
     tid: &str,
     name: &str,
     meta: &std::collections::BTreeMap<String, String>,
     status: Status,
-) -> Result<(), StoreError> {
+) -> Vec<Row> {
     let path = spool_path(&cfg.spool_dir(), &profile.file_id, tid, name);
     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let started_at = now_rfc3339();
-    for peer in &profile.to {
-        store.insert(&Row {
+    profile
+        .to
+        .iter()
+        .map(|peer| Row {
             path: Some(path.display().to_string()),
             meta: meta.clone(),
             started_at: started_at.clone(),
@@ -439,9 +499,21 @@ pub fn record_claim(
                 (size, profile.chunk_size),
                 status,
             )
-        })?;
-    }
-    Ok(())
+        })
+        .collect()
+}
+
+/// Inserts one row per receiving node for a file already in the spool.
+pub fn record_claim(
+    cfg: &Config,
+    store: &Store,
+    profile: &SendProfile,
+    tid: &str,
+    name: &str,
+    meta: &std::collections::BTreeMap<String, String>,
+    status: Status,
+) -> Result<(), StoreError> {
+    store.insert_all(&claim_rows(cfg, profile, tid, name, meta, status))
 }
 
 fn remove_spool_dir(file: &Path) -> std::io::Result<()> {

@@ -20,6 +20,9 @@ pub fn ignored(name: &str) -> bool {
     name.starts_with('.') || SUFFIXES.iter().any(|s| name.ends_with(s))
 }
 
+/// How long a wake-up waits for the rest of its burst before scanning.
+const COALESCE: Duration = Duration::from_millis(5);
+
 struct Seen {
     size: u64,
     mtime: SystemTime,
@@ -47,12 +50,17 @@ pub async fn watch(sender: Arc<Sender>, profile: SendProfile) {
     };
     let mut seen: HashMap<String, Seen> = HashMap::new();
     loop {
-        for name in ready_files(&profile, &mut seen) {
-            sender.claim(&profile, &name).await;
+        let ready = ready_files(&profile, &mut seen);
+        if !ready.is_empty() {
+            sender.claim(&profile, ready).await;
         }
         // With stable_for, a file must be re-looked at when its time is up
         // even if nothing else happens, hence the timeout.
-        let _ = tokio::time::timeout(rescan, wake.recv()).await;
+        if let Ok(Some(())) = tokio::time::timeout(rescan, wake.recv()).await {
+            // A burst of events (files dropped together) makes one scan.
+            tokio::time::sleep(COALESCE).await;
+            let _ = wake.try_recv();
+        }
     }
 }
 
@@ -71,13 +79,14 @@ fn ready_files(profile: &SendProfile, seen: &mut HashMap<String, Seen>) -> Vec<S
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
-        let Ok(meta) = entry.metadata() else { continue };
-        if !meta.file_type().is_file() || ignored(&name) {
+        if ignored(&name) {
             continue;
         }
         match &profile.ready {
+            // Only markers are looked at (no stat of every data file).
             Ready::DoneMarker(marker) => {
-                if let Some(target) = name.strip_suffix(marker.as_str()) {
+                let is_marker = entry.file_type().is_ok_and(|t| t.is_file());
+                if let Some(target) = name.strip_suffix(marker.as_str()).filter(|_| is_marker) {
                     let is_file = profile
                         .outbox
                         .join(target)
@@ -93,7 +102,8 @@ fn ready_files(profile: &SendProfile, seen: &mut HashMap<String, Seen>) -> Vec<S
                 }
             }
             Ready::StableFor(d) => {
-                if !included(profile, &name) {
+                let Ok(meta) = entry.metadata() else { continue };
+                if !meta.file_type().is_file() || !included(profile, &name) {
                     continue;
                 }
                 let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
