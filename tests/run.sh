@@ -12,7 +12,9 @@
 # HAKOBU_RMQ_BASE defaults to a fresh temporary directory, removed after a
 # successful run and kept (for the nodes' logs) after a failed one.
 # The tests are built (`cargo test --release --no-run "$@"`) before the cluster
-# is started. Exit status: cargo's, or non-zero if the cluster did not start.
+# is started. After the tests, the soak (tests/soak.sh, SOAK_MINUTES, default
+# 1; 0 skips it). Exit status: cargo's, then the soak's, or non-zero if the
+# cluster did not start.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -99,4 +101,14 @@ setsid cargo test --release "$@" &
 cargo_pid=$!
 wait "$cargo_pid" || rc=$?
 cargo_pid=''
+
+# Then the soak (tests/soak.sh) on the same cluster, for SOAK_MINUTES
+# (default 1 here; 0 skips it): a stream of files while nodes and agents are
+# killed at random, then every file checked. Longer by hand: SOAK_MINUTES=30.
+if [[ $rc -eq 0 && ${SOAK_MINUTES:-1} != 0 ]]; then
+  SOAK_MINUTES=${SOAK_MINUTES:-1} HAKOBU_BIN=$ROOT/target/release/hakobu setsid tests/soak.sh &
+  cargo_pid=$!
+  wait "$cargo_pid" || rc=$?
+  cargo_pid=''
+fi
 exit "$rc"

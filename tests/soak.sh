@@ -1,0 +1,367 @@
+#!/usr/bin/env bash
+# tests/soak.sh — soak: a stream of files from one agent to another while
+# broker nodes and agents are killed with `kill -9` and restarted, for a
+# bounded time; then every file is checked.
+#
+# For SOAK_MINUTES (default 2) minutes:
+#   - a dropper writes files of random sizes (0..5 MiB, random bytes) into
+#     alpha's outbox (written under a hidden name, then renamed in) and notes
+#     each one's SHA-256 in a manifest;
+#   - every few seconds one fault: `kill -9` of a RabbitMQ node (one at a
+#     time: the next only once the cluster is whole again; started again in
+#     the background a few seconds later with local-cluster.sh start N, while
+#     the other faults go on), or of the sending agent (alpha), or of the
+#     receiving agent (beta), each restarted after up to two seconds. Only
+#     pids this script started or read from local-cluster.sh are killed.
+# Then everything runs again and the script waits for quiescence (every file
+# settled on both sides, QUIESCE_SECONDS, default 600), and checks: every file
+# is in beta's inbox byte for byte, its success hook ran exactly once, the
+# sender's hook at most once per transfer, nothing stray or partial in the
+# inbox, nothing written outside the agents' directories. A kill that lands
+# while beta's success hook runs leaves `hook_interrupted` (never re-run
+# silently, by design); for those whose hook never ran, the script does what
+# an operator does, `hakobu rerun`, and says so.
+#
+# It prints one figures line, e.g.
+#   soak: 21 faults injected, 143 files, 0 lost, 0 corrupted, 0 duplicate hooks, 0 missed hooks, 0 writes outside inbox
+# and exits 0 only if every figure is zero and no transfer failed.
+#
+# The cluster: HAKOBU_TEST_AMQP_URLS (three URLs, comma-separated) with the
+# HAKOBU_RMQ_* variables that local-cluster.sh needs to find those nodes
+# (as tests/run.sh exports them); when HAKOBU_TEST_AMQP_URLS is unset, the
+# script starts a cluster of its own (HAKOBU_RMQ_NAME=soak, ports 5972-5974,
+# unless set) and stops it at the end. Nodes it took down are always started
+# again, also on failure or Ctrl-C.
+#
+# Other knobs: SOAK_SEED (random seed; printed, to replay a run's choices),
+# HAKOBU_BIN (the binary; default target/release/hakobu, built with cargo),
+# SOAK_KEEP=1 (keep the work directory even on success).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CLUSTER=$ROOT/packaging/rabbitmq/local-cluster.sh
+MINUTES=${SOAK_MINUTES:-2}
+QUIESCE=${QUIESCE_SECONDS:-600}
+SEED=${SOAK_SEED:-$(date +%s)}
+[[ $MINUTES =~ ^[0-9]+$ ]] || { echo "SOAK_MINUTES must be a whole number" >&2; exit 2; }
+RANDOM=$SEED
+
+log() { printf 'soak [%4ds]: %s\n' "$SECONDS" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+# A random number in 0..$1-1 (30 bits of randomness).
+rand() { echo $((((RANDOM << 15) | RANDOM) % $1)); }
+# Sleep a random time between $1 and $2 milliseconds.
+rsleep() {
+  local ms=$(($1 + $(rand $(($2 - $1 + 1)))))
+  sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
+}
+
+command -v sha256sum >/dev/null || die "sha256sum not found"
+
+# --- the binary -------------------------------------------------------------
+if [[ -n ${HAKOBU_BIN:-} ]]; then
+  BIN=$HAKOBU_BIN
+else
+  log "building hakobu (cargo build --release)"
+  cargo build --release -q
+  BIN=$ROOT/target/release/hakobu
+fi
+[[ -x $BIN ]] || die "no hakobu binary at $BIN"
+
+# --- the work directory and state that cleanup needs ---------------------------
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/hakobu-soak.XXXXXX")
+ALPHA_PID='' BETA_PID='' DROPPER_PID='' NODE_DOWN='' NODE_JOB='' OWN_CLUSTER='' RESULT=1
+
+# shellcheck disable=SC2317 # (trap handler)
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  for pid in $DROPPER_PID $ALPHA_PID $BETA_PID; do
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  # A node being started again is left to finish booting, then checked.
+  if [[ -n $NODE_JOB ]]; then wait "$NODE_JOB" 2>/dev/null && NODE_DOWN=''; fi
+  if [[ -n $NODE_DOWN ]]; then
+    log "starting RabbitMQ node $NODE_DOWN again"
+    "$CLUSTER" start "$NODE_DOWN" >>"$WORK/cluster.log" 2>&1 || log "could not start node $NODE_DOWN (see $WORK/cluster.log)"
+  fi
+  if [[ -n $OWN_CLUSTER ]]; then
+    "$CLUSTER" down >>"$WORK/cluster.log" 2>&1 || true
+  fi
+  if [[ $RESULT -eq 0 && $rc -eq 0 && -z ${SOAK_KEEP:-} ]]; then
+    rm -rf "$WORK"
+  else
+    log "work directory kept: $WORK (agent logs: $WORK/alpha.log, $WORK/beta.log)"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- the cluster ---------------------------------------------------------------
+if [[ -z ${HAKOBU_TEST_AMQP_URLS:-} ]]; then
+  export HAKOBU_RMQ_NAME=${HAKOBU_RMQ_NAME:-soak}
+  export HAKOBU_RMQ_PORTS=${HAKOBU_RMQ_PORTS:-5972 5973 5974}
+  export HAKOBU_RMQ_BASE=${HAKOBU_RMQ_BASE:-$WORK/rmq}
+  log "starting a RabbitMQ cluster of our own ($HAKOBU_RMQ_NAME, ports $HAKOBU_RMQ_PORTS)"
+  OWN_CLUSTER=1
+  HAKOBU_TEST_AMQP_URLS=$("$CLUSTER" up 2>>"$WORK/cluster.log" | paste -sd,) ||
+    die "the cluster did not start (see $WORK/cluster.log)"
+fi
+IFS=, read -r -a URLS <<<"$HAKOBU_TEST_AMQP_URLS"
+[[ ${#URLS[@]} -eq 3 ]] || die "HAKOBU_TEST_AMQP_URLS must hold three URLs"
+# The nodes local-cluster.sh controls must be the ones the URLs name.
+[[ $("$CLUSTER" urls | paste -sd,) == "$HAKOBU_TEST_AMQP_URLS" ]] ||
+  die "local-cluster.sh (HAKOBU_RMQ_NAME/PORTS/BASE) does not control the cluster of HAKOBU_TEST_AMQP_URLS"
+"$CLUSTER" status >/dev/null || die "the cluster is not healthy: $("$CLUSTER" status 2>&1)"
+
+# --- two agents --------------------------------------------------------------
+A=soak-alpha-$$
+B=soak-beta-$$
+mkdir -p "$WORK/alpha/outbox" "$WORK/beta/inbox" "$WORK/hooks"
+HOOK=$WORK/hooks/hook.sh
+cat >"$HOOK" <<EOF
+#!/bin/sh
+# One line per run: transfer id, event, file name, error code.
+echo "\$HAKOBU_TRANSFER_ID \$HAKOBU_EVENT \$HAKOBU_FILE_NAME \${HAKOBU_ERROR_CODE:--}" >>"$WORK/hooks/runs.log"
+EOF
+chmod 755 "$HOOK"
+BROKER="broker:
+  rabbitmq:
+    urls: [ \"${URLS[0]}\", \"${URLS[1]}\", \"${URLS[2]}\" ]
+    confirm_timeout: 10s"
+cat >"$WORK/alpha.yaml" <<EOF
+node: $A
+state_dir: $WORK/alpha/state
+$BROKER
+send:
+  - file_id: SOAK
+    outbox: $WORK/alpha/outbox
+    to: [ $B ]
+    ready: { stable_for: 300ms }
+    on_success: [ "$HOOK" ]
+    on_failure: [ "$HOOK" ]
+EOF
+cat >"$WORK/beta.yaml" <<EOF
+node: $B
+state_dir: $WORK/beta/state
+$BROKER
+receive:
+  - file_id: SOAK
+    from: [ $A ]
+    inbox: $WORK/beta/inbox
+    on_success: [ "$HOOK" ]
+    on_failure: [ "$HOOK" ]
+EOF
+
+start_alpha() {
+  HAKOBU_LOG=info,lapin=warn "$BIN" run -c "$WORK/alpha.yaml" </dev/null >>"$WORK/alpha.log" 2>&1 &
+  ALPHA_PID=$!
+}
+start_beta() {
+  HAKOBU_LOG=info,lapin=warn "$BIN" run -c "$WORK/beta.yaml" </dev/null >>"$WORK/beta.log" 2>&1 &
+  BETA_PID=$!
+}
+kill9() { kill -9 "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# An agent that exits by itself (it should not, whatever the broker does) is
+# a failure: counted, logged, and started again.
+EXITS=0
+check_alive() {
+  if ! kill -0 "$ALPHA_PID" 2>/dev/null; then
+    wait "$ALPHA_PID" 2>/dev/null || true
+    EXITS=$((EXITS + 1)); log "alpha exited by itself; starting it again"; start_alpha
+  fi
+  if ! kill -0 "$BETA_PID" 2>/dev/null; then
+    wait "$BETA_PID" 2>/dev/null || true
+    EXITS=$((EXITS + 1)); log "beta exited by itself; starting it again"; start_beta
+  fi
+}
+
+# --- the stream of files -------------------------------------------------------
+MANIFEST=$WORK/manifest
+: >"$MANIFEST"
+dropper() {
+  local i=0 name size tmp end=$1
+  RANDOM=$((SEED + 1))
+  while ((SECONDS < end)); do
+    name=$(printf 'f%05d.bin' "$i")
+    case $(rand 10) in
+      0) size=0 ;;
+      1) size=$(rand 1024) ;;
+      *) size=$(rand $((5 * 1024 * 1024 + 1))) ;;
+    esac
+    tmp=$WORK/alpha/outbox/.$name.tmp
+    head -c "$size" /dev/urandom >"$tmp"
+    echo "$name $size $(sha256sum <"$tmp" | cut -d' ' -f1)" >>"$MANIFEST"
+    mv "$tmp" "$WORK/alpha/outbox/$name"
+    i=$((i + 1))
+    rsleep 100 800
+  done
+}
+
+# --- the faults ------------------------------------------------------------------
+KILLS_NODE=0 KILLS_ALPHA=0 KILLS_BETA=0
+log "seed $SEED; $MINUTES min of faults; work directory $WORK"
+start_beta
+start_alpha
+END=$((SECONDS + MINUTES * 60))
+dropper "$END" &
+DROPPER_PID=$!
+while ((SECONDS < END)); do
+  rsleep 2000 6000
+  ((SECONDS < END)) || break
+  check_alive
+  # The node started again in the background: done yet?
+  if [[ -n $NODE_JOB ]] && ! kill -0 "$NODE_JOB" 2>/dev/null; then
+    wait "$NODE_JOB" || die "node $NODE_DOWN did not start (see $WORK/cluster.log)"
+    log "node $NODE_DOWN is back"
+    NODE_JOB='' NODE_DOWN=''
+  fi
+  fault=$(rand 10)
+  # One node at a time, and only once the cluster is whole again.
+  if ((fault < 4)) && [[ -z $NODE_DOWN ]] && ! "$CLUSTER" status >/dev/null 2>&1; then fault=9; fi
+  if ((fault < 4)) && [[ -n $NODE_DOWN ]]; then fault=$((4 + $(rand 6))); fi
+  case $fault in
+    0 | 1 | 2 | 3)
+      n=$((1 + $(rand 3)))
+      pid=$("$CLUSTER" pid "$n")
+      log "kill -9 RabbitMQ node $n (pid $pid)"
+      NODE_DOWN=$n
+      kill -9 "$pid"
+      KILLS_NODE=$((KILLS_NODE + 1))
+      (
+        rsleep 2000 10000
+        "$CLUSTER" start "$n" >>"$WORK/cluster.log" 2>&1
+      ) &
+      NODE_JOB=$!
+      ;;
+    4 | 5 | 6)
+      log "kill -9 alpha (pid $ALPHA_PID)"
+      kill9 "$ALPHA_PID"
+      KILLS_ALPHA=$((KILLS_ALPHA + 1))
+      rsleep 0 2000
+      start_alpha
+      ;;
+    *)
+      log "kill -9 beta (pid $BETA_PID)"
+      kill9 "$BETA_PID"
+      KILLS_BETA=$((KILLS_BETA + 1))
+      rsleep 0 2000
+      start_beta
+      ;;
+  esac
+done
+wait "$DROPPER_PID" || die "the dropper failed"
+DROPPER_PID=''
+if [[ -n $NODE_JOB ]]; then
+  wait "$NODE_JOB" || die "node $NODE_DOWN did not start (see $WORK/cluster.log)"
+  log "node $NODE_DOWN is back"
+  NODE_JOB='' NODE_DOWN=''
+fi
+check_alive
+FILES=$(wc -l <"$MANIFEST")
+FAULTS=$((KILLS_NODE + KILLS_ALPHA + KILLS_BETA))
+log "faults over: $FILES files dropped; $KILLS_NODE node, $KILLS_ALPHA alpha and $KILLS_BETA beta kills"
+
+# --- quiescence --------------------------------------------------------------
+hist() { "$BIN" history -c "$WORK/$1.yaml" --limit 1000000 --json </dev/null; }
+# The value of string field $2 in the JSON line $1 (history lines are flat,
+# and the names and ids this script uses need no escaping).
+field() { sed -n "s/.*\"$2\":\"\\([^\"]*\\)\".*/\\1/p" <<<"$1"; }
+UNSETTLED='"status":"(queued|sending|awaiting_receipt|receiving|placing|hook_running)"'
+"$CLUSTER" status >/dev/null 2>&1 || log "waiting for the cluster to be whole again"
+quiet_from=$SECONDS
+deadline=$((SECONDS + QUIESCE))
+until "$CLUSTER" status >/dev/null 2>&1; do
+  ((SECONDS < deadline)) || die "the cluster is not healthy: $("$CLUSTER" status 2>&1)"
+  sleep 1
+done
+while :; do
+  check_alive
+  ha=$(hist alpha) hb=$(hist beta)
+  rows=$(grep -c . <<<"$ha" || true)
+  pending=$(printf '%s\n%s\n' "$ha" "$hb" | grep -cE "$UNSETTLED" || true)
+  left=$(find "$WORK/alpha/outbox" -type f | wc -l)
+  if ((rows >= FILES && pending == 0 && left == 0)); then break; fi
+  if ((SECONDS >= deadline)); then
+    log "no quiescence after ${QUIESCE}s: $rows of $FILES transfers recorded, $pending unsettled, $left in the outbox"
+    break
+  fi
+  sleep 2
+done
+log "quiet after $((SECONDS - quiet_from)) s"
+
+# --- the check -------------------------------------------------------------------
+RUNS=$WORK/hooks/runs.log
+touch "$RUNS"
+runs_of() { grep -c "^$1 $2 " "$RUNS" || true; }
+lost=0 corrupted=0 dup=0 outside=0 failed=0 missed=0 reruns=0 interrupted=0
+while read -r name size sha; do
+  f=$WORK/beta/inbox/$name
+  if [[ ! -f $f ]]; then
+    lost=$((lost + 1)); log "lost: $name ($size bytes)"
+  elif [[ $(sha256sum <"$f" | cut -d' ' -f1) != "$sha" ]]; then
+    corrupted=$((corrupted + 1)); log "corrupted: $name"
+  fi
+  rx=$(grep -F "\"file_name\":\"$name\"" <<<"$hb" || true)
+  tx=$(grep -F "\"file_name\":\"$name\"" <<<"$ha" || true)
+  [[ $(grep -c . <<<"$tx") -le 1 ]] || { failed=$((failed + 1)); log "$name was sent as more than one transfer"; }
+  st=$(field "$tx" status) code=$(field "$tx" error_code)
+  case $st in
+    sent | hook_interrupted) ;; # hook_interrupted here: alpha's own hook was cut off
+    send_failed) [[ $code == hook_interrupted ]] || { failed=$((failed + 1)); log "$name: send_failed ($code)"; } ;;
+    *) failed=$((failed + 1)); log "$name: alpha status '${st:-none}'" ;;
+  esac
+  n=0
+  for tid in $(field "$rx" transfer_id); do
+    k=$(runs_of "$tid" received)
+    if [[ $k -eq 0 && $(field "$(grep -F "\"transfer_id\":\"$tid\"" <<<"$rx")" status) == hook_interrupted ]]; then
+      interrupted=$((interrupted + 1))
+      log "$name: beta was killed before its hook ran (hook_interrupted): hakobu rerun $tid"
+      "$BIN" rerun -c "$WORK/beta.yaml" "$tid" </dev/null >>"$WORK/rerun.log" 2>&1 || log "rerun $tid failed"
+      reruns=$((reruns + 1))
+      k=$(runs_of "$tid" received)
+    elif [[ $(field "$(grep -F "\"transfer_id\":\"$tid\"" <<<"$rx")" status) == hook_interrupted ]]; then
+      interrupted=$((interrupted + 1))
+    fi
+    n=$((n + k))
+  done
+  if [[ $n -eq 0 ]]; then
+    missed=$((missed + 1)); log "success hook never ran for $name"
+  elif [[ $n -gt 1 ]]; then
+    dup=$((dup + n - 1)); log "success hook ran $n times for $name"
+  fi
+done <"$MANIFEST"
+# Sender hooks: at most once per transfer and event.
+while read -r count tid event; do
+  if [[ $event == sent || $event == send_failed ]] && ((count > 1)); then
+    dup=$((dup + count - 1)); log "sender hook $event ran $count times for $tid"
+  fi
+done < <(cut -d' ' -f1,2 "$RUNS" | sort | uniq -c)
+# Nothing stray under an inbox name, nothing partial left.
+while read -r f; do
+  name=$(basename "$f")
+  if ! grep -q "^$name " "$MANIFEST"; then
+    corrupted=$((corrupted + 1)); log "stray file in the inbox: $f"
+  fi
+done < <(find "$WORK/beta/inbox" -mindepth 1 -maxdepth 1 -type f ! -name '.*')
+while read -r f; do
+  outside=$((outside + 1)); log "left behind: $f"
+done < <(find "$WORK/beta/inbox" -mindepth 1 -path "$WORK/beta/inbox/.hakobu-partial/*")
+# Nothing anywhere else but the agents' state, the inbox, hooks, logs.
+while read -r f; do
+  outside=$((outside + 1)); log "write outside the inbox: $f"
+done < <(find "$WORK" -type f ! -path "$WORK/alpha/state/*" ! -path "$WORK/beta/state/*" \
+  ! -path "$WORK/beta/inbox/*" ! -path "$WORK/hooks/*" ! -path "$WORK/rmq/*" \
+  ! -name '*.yaml' ! -name '*.log' ! -name manifest)
+
+log "seed $SEED: $KILLS_NODE node, $KILLS_ALPHA alpha, $KILLS_BETA beta kills; $interrupted hooks interrupted ($reruns re-run by hand); $failed transfers failed, $EXITS agent exits"
+echo "soak: $FAULTS faults injected, $FILES files, $lost lost, $corrupted corrupted, $dup duplicate hooks, $missed missed hooks, $outside writes outside inbox"
+if ((lost + corrupted + dup + outside + failed + missed + EXITS == 0)); then RESULT=0; else
+  log "FAILED; last lines of the agents' logs:"
+  tail -n 20 "$WORK/alpha.log" "$WORK/beta.log" >&2 || true
+fi
+exit "$RESULT"
