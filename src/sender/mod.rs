@@ -50,6 +50,9 @@ pub struct Sender {
     publishing: Mutex<HashSet<(String, String)>>,
     /// Receipt hook tasks, awaited on a graceful stop.
     tasks: TaskTracker,
+    /// Held while `after_send` runs: the receipts of a multicast transfer
+    /// settle side by side, and only one may move the spooled file.
+    settling: tokio::sync::Mutex<()>,
 }
 
 impl Sender {
@@ -70,6 +73,7 @@ impl Sender {
             ),
             publishing: Mutex::new(HashSet::new()),
             tasks,
+            settling: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -384,6 +388,7 @@ impl Sender {
     /// Once every receiver has settled a transfer, applies `after_send` to the
     /// spooled file. A file any receiver failed stays in the spool for `resend`.
     async fn settle_spool(&self, tid: &str) {
+        let _one_at_a_time = self.settling.lock().await;
         let Ok(rows) = self.store.rows_of(TX, tid) else {
             return;
         };
@@ -396,6 +401,11 @@ impl Sender {
         let Some(path) = rows[0].path.as_ref().map(PathBuf::from) else {
             return;
         };
+        // Settled before (by the other receipt of a multicast transfer):
+        // the path now says where the file went.
+        if !path.starts_with(self.cfg.spool_dir()) {
+            return;
+        }
         let Some(profile) = self.cfg.send_profile(&rows[0].file_id) else {
             return;
         };
