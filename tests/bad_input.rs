@@ -102,6 +102,8 @@ struct Opts {
     env: &'static [(&'static str, &'static str)],
     /// Extra lines for the `broker.rabbitmq` section.
     broker_extra: &'static str,
+    /// Extra lines for the DATA receive profile.
+    profile_extra: &'static str,
 }
 
 /// A receiving agent, and a rogue publisher on the same cluster.
@@ -155,10 +157,11 @@ impl Rig {
         // A second profile makes `other_sender` a node this agent knows, but
         // one that may not send DATA.
         let yaml = format!(
-            "node: {node}\nstate_dir: {root}/state\n{broker}{broker_extra}receive:\n  - file_id: {FILE_ID}\n    from: [ {allowed} ]\n    inbox: {inbox}\n    max_size: 1MiB\n    on_success: {{ run: [ \"{hook}\", \"{{path}}\" ], timeout: 5m }}\n    on_failure: {on_failure}\n  - file_id: OTHER\n    from: [ {other_sender} ]\n    inbox: {root}/other-inbox\n",
+            "node: {node}\nstate_dir: {root}/state\n{broker}{broker_extra}receive:\n  - file_id: {FILE_ID}\n    from: [ {allowed} ]\n    inbox: {inbox}\n    max_size: 1MiB\n    on_success: {{ run: [ \"{hook}\", \"{{path}}\" ], timeout: 5m }}\n    on_failure: {on_failure}\n{profile_extra}  - file_id: OTHER\n    from: [ {other_sender} ]\n    inbox: {root}/other-inbox\n",
             root = root.display(),
             broker = rabbit_broker(0),
             broker_extra = opts.broker_extra,
+            profile_extra = opts.profile_extra,
             inbox = inbox.display(),
             hook = hook.display(),
         );
@@ -737,6 +740,34 @@ fn a_chunk_outside_the_declared_size_is_refused() {
     // settled, so no second hook and no second receipt (checked by finish).
     let (h, body) = first.unwrap();
     rig.inject_chunk(h, &body);
+    let refused: Vec<&str> = tids.iter().map(String::as_str).collect();
+    rig.finish(&refused);
+}
+
+/// A flood of transfers begun and never finished (a first chunk each, then
+/// nothing): after `partial_ttl` every one expires, its partial file is
+/// removed, its failure hook runs once and a failure receipt goes back; the
+/// agent keeps receiving.
+#[test]
+fn a_flood_of_unfinished_transfers_expires_and_is_cleaned_up() {
+    let mut rig = Rig::with(Opts {
+        profile_extra: "    partial_ttl: 3s\n",
+        ..Default::default()
+    });
+    let from = rig.allowed.clone();
+    rig.listen_as(&from);
+    let file = pattern(CHUNK as usize * 2, 11);
+    let mut tids = Vec::new();
+    for i in 0..50 {
+        let tid = new_tid();
+        let mut h = rig.header(&from, &tid, &format!("flood-{i}.bin"), &file);
+        h.last = None;
+        rig.inject_chunk(h, &file[..CHUNK as usize]);
+        tids.push(tid);
+    }
+    for tid in &tids {
+        rig.expect_refused(&from, tid, "transfer_expired", true);
+    }
     let refused: Vec<&str> = tids.iter().map(String::as_str).collect();
     rig.finish(&refused);
 }
