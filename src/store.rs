@@ -62,6 +62,31 @@ pub enum Status {
 }
 
 impl Status {
+    const ALL: [Status; 12] = [
+        Status::Queued,
+        Status::Sending,
+        Status::AwaitingReceipt,
+        Status::Receiving,
+        Status::Placing,
+        Status::HookRunning,
+        Status::Sent,
+        Status::SendFailed,
+        Status::Received,
+        Status::ReceiveFailed,
+        Status::HookFailed,
+        Status::HookInterrupted,
+    ];
+
+    /// The statuses that are (or are not) final, as an SQL list: `'a', 'b'`.
+    fn sql_list(final_: bool) -> String {
+        Status::ALL
+            .iter()
+            .filter(|s| s.is_final() == final_)
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Queued => "queued",
@@ -260,29 +285,29 @@ impl Cached for Connection {
 /// One `INSERT OR IGNORE` of a transfer row; 1 when it was new.
 fn insert_row(db: &Connection, row: &Row) -> rusqlite::Result<usize> {
     db.run(
-            "INSERT OR IGNORE INTO transfers (direction, transfer_id, peer, file_id, file_name, size,
-                sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, touched_at, seq)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers))",
-            params![
-                row.direction.as_str(),
-                row.transfer_id,
-                row.peer,
-                row.file_id,
-                row.file_name,
-                row.size as i64,
-                row.sha256,
-                row.chunk_size as i64,
-                row.status.as_str(),
-                row.error_code,
-                row.error,
-                row.path,
-                serde_json::to_string(&row.meta).unwrap_or_else(|_| "{}".into()),
-                row.started_at,
-                row.finished_at,
-                unix_now(),
-            ],
-        )
+        "INSERT OR IGNORE INTO transfers (direction, transfer_id, peer, file_id, file_name, size,
+            sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, touched_at, seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+            (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers))",
+        params![
+            row.direction.as_str(),
+            row.transfer_id,
+            row.peer,
+            row.file_id,
+            row.file_name,
+            row.size as i64,
+            row.sha256,
+            row.chunk_size as i64,
+            row.status.as_str(),
+            row.error_code,
+            row.error,
+            row.path,
+            serde_json::to_string(&row.meta).unwrap_or_else(|_| "{}".into()),
+            row.started_at,
+            row.finished_at,
+            unix_now(),
+        ],
+    )
 }
 
 fn unix_now() -> i64 {
@@ -547,9 +572,9 @@ impl Store {
     /// Rows not yet in a final state, or received rows whose receipt is unsent.
     pub fn unfinished(&self) -> Result<Vec<Row>> {
         let sql = format!(
-            "SELECT {COLUMNS} FROM transfers WHERE status IN
-               ('queued','sending','awaiting_receipt','receiving','placing','hook_running')
-               OR (direction = 'receive' AND receipt_sent = 0) ORDER BY seq"
+            "SELECT {COLUMNS} FROM transfers WHERE status IN ({})
+               OR (direction = 'receive' AND receipt_sent = 0) ORDER BY seq",
+            Status::sql_list(false)
         );
         let db = self.db();
         let mut stmt = db.prepare_cached(&sql)?;
@@ -670,11 +695,13 @@ impl Store {
     ) -> Result<()> {
         // A final status stands: the first reason a transfer failed (or the
         // fact that it succeeded) is never overwritten by a later one.
-        self.db().run(
+        let sql = format!(
             "UPDATE transfers SET status = ?4, error_code = ?5, error = ?6, finished_at = ?7
-             WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3
-               AND status NOT IN ('sent', 'send_failed', 'received', 'receive_failed',
-                                  'hook_failed', 'hook_interrupted')",
+             WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status NOT IN ({})",
+            Status::sql_list(true)
+        );
+        self.db().run(
+            &sql,
             params![
                 dir.as_str(),
                 transfer_id,
@@ -775,11 +802,6 @@ impl Store {
         Ok(())
     }
 
-    /// Records that chunk `idx` is on disk; returns how many distinct chunks are.
-    pub fn add_chunk(&self, transfer_id: &str, idx: u64) -> Result<u64> {
-        Ok(self.add_chunks(&[(transfer_id, idx)])?[0])
-    }
-
     /// Records chunks that are on disk, in one transaction (one fsync for the
     /// batch); returns, per chunk, how many distinct chunks its transfer has.
     /// The chunk rows and the counters move together, so a crash cannot leave
@@ -864,6 +886,13 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_status_is_listed_once_as_final_or_not() {
+        let (done, open) = (Status::sql_list(true), Status::sql_list(false));
+        assert!(done.contains("'hook_interrupted'") && open.contains("'queued'"));
+        assert_eq!(done.split(", ").count() + open.split(", ").count(), 12);
+    }
 
     #[test]
     fn a_final_status_is_never_overwritten() {
