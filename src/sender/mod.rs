@@ -96,7 +96,7 @@ impl Sender {
                 continue;
             }
             match row.status {
-                Status::Sending => self.enqueue(row.transfer_id, row.peer),
+                Status::Sending => self.enqueue(&row),
                 Status::HookRunning => {
                     warn!(message = "A sender hook was running when the agent stopped; not re-running it.", transfer_id = %row.transfer_id);
                     self.store.fail(TX, &row.transfer_id, &row.peer, Status::HookInterrupted, "hook_interrupted",
@@ -180,9 +180,9 @@ impl Sender {
         }
         for (tid, name) in claimed {
             info!(message = "Claimed.", transfer_id = %tid, file_id = %profile.file_id, file_name = %name);
-            for peer in &profile.to {
-                self.enqueue(tid.clone(), peer.clone());
-            }
+        }
+        for row in &rows {
+            self.enqueue(row);
         }
     }
 
@@ -199,7 +199,7 @@ impl Sender {
                             Status::Queued,
                             Status::Sending,
                         ) {
-                            self.enqueue(row.transfer_id, row.peer);
+                            self.enqueue(&row);
                         }
                     }
                 }
@@ -209,9 +209,11 @@ impl Sender {
         }
     }
 
-    /// Publishes `(tid, peer)` in the background, retrying until confirmed.
-    fn enqueue(self: &Arc<Self>, tid: String, peer: String) {
-        let key = (tid, peer);
+    /// Publishes `row`'s transfer to its peer in the background, retrying
+    /// until confirmed.
+    fn enqueue(self: &Arc<Self>, row: &Row) {
+        let key = (row.transfer_id.clone(), row.peer.clone());
+        let size = row.size;
         if !self
             .publishing
             .lock()
@@ -222,7 +224,7 @@ impl Sender {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            this.publish_until_confirmed(&key.0, &key.1).await;
+            this.publish_until_confirmed(&key.0, &key.1, size).await;
             this.publishing
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -230,11 +232,7 @@ impl Sender {
         });
     }
 
-    async fn publish_until_confirmed(&self, tid: &str, peer: &str) {
-        let size = match self.store.get(TX, tid, peer) {
-            Ok(Some(r)) => r.size,
-            _ => 0,
-        };
+    async fn publish_until_confirmed(&self, tid: &str, peer: &str, size: u64) {
         let Ok(_permit) = self
             .permits
             .acquire_many(permits_for(size, self.window))
@@ -465,8 +463,9 @@ fn claim_files(profile: &SendProfile, spool: &Path, names: &[String]) -> Vec<(St
     if claimed.is_empty() {
         return claimed;
     }
-    // The first flush commits the filesystem's journal for all the renames;
-    // the rest find nothing left to write.
+    // On a journalling filesystem the first flush commits the journal for
+    // all the renames and the rest find nothing left to write; without a
+    // journal the outbox is still flushed once per batch, not once per file.
     let file_dir = spool.join(&profile.file_id);
     let dirs = claimed
         .iter()
