@@ -385,11 +385,22 @@ impl Receiver {
             }
         }
         let partial = partial_path(&profile.inbox, tid);
-        let (path, offset, data) = (partial.clone(), h.offset, body.clone());
-        tokio::task::spawn_blocking(move || assemble::write_chunk(&path, offset, &data))
-            .await
-            .map_err(|e| ReceiveError::Io(e.to_string()))??;
-        self.digest_chunk(tid, offset, &body);
+        let (path, offset) = (partial.clone(), h.offset);
+        let running = self.running_digest(tid, offset);
+        // The write and the digest off the async workers, together.
+        let running = tokio::task::spawn_blocking(move || {
+            assemble::write_chunk(&path, offset, &body)?;
+            Ok::<_, ReceiveError>(running.map(|(next, mut hasher)| {
+                hasher.update(&body);
+                (next + body.len() as u64, hasher)
+            }))
+        })
+        .await
+        .map_err(|e| ReceiveError::Io(e.to_string()))??;
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tid.to_string(), running);
         if let Some(t) = &h.last {
             store.set_trailer(tid, &h.from, &t.sha256, &t.started_at, &t.meta)?;
         }
@@ -401,29 +412,20 @@ impl Receiver {
         })
     }
 
-    /// Carries the transfer's running digest over a chunk just written.
-    fn digest_chunk(&self, tid: &str, offset: u64, body: &[u8]) {
+    /// Takes the transfer's running digest, when `offset` continues it (the
+    /// first chunk starts one); `None` stops it for good (out of order, or a
+    /// chunk seen twice), and verify then reads the file back.
+    fn running_digest(&self, tid: &str, offset: u64) -> Option<(u64, Sha256)> {
         let taken = self
             .digests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(tid);
-        let state = match taken {
+        match taken {
             None if offset == 0 => Some((0, Sha256::new())),
             None => None,
-            Some(s) => s,
-        };
-        // Hashed outside the lock; chunks of one transfer arrive one by one.
-        let state = state.and_then(|(next, mut hasher)| {
-            (offset == next).then(|| {
-                hasher.update(body);
-                (next + body.len() as u64, hasher)
-            })
-        });
-        self.digests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(tid.to_string(), state);
+            Some(state) => state.filter(|(next, _)| *next == offset),
+        }
     }
 
     /// The digest of a transfer's whole file when every byte of it was hashed
