@@ -68,18 +68,6 @@ fn fingerprint(path: &Path) -> Option<(u64, u64, i64, i64)> {
         .map(|m| (m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
 }
 
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
 /// The broker settings of an agent's configuration, with every default: the
 /// rogue publishes with the same credentials the agents use.
 fn broker_config_of(file: &Path, yaml: &str) -> RabbitmqConfig {
@@ -476,20 +464,24 @@ impl Rig {
         if partial_dir.exists() {
             want.push(".hakobu-partial".into());
             assert_eq!(
-                names_in(&partial_dir),
+                common::dir_names(&partial_dir),
                 Vec::<String>::new(),
                 "partial files left behind"
             );
         }
         want.sort();
-        assert_eq!(names_in(&self.inbox), want, "unexpected names in the inbox");
+        assert_eq!(
+            common::dir_names(&self.inbox),
+            want,
+            "unexpected names in the inbox"
+        );
         // The agent may not have created the inbox (or `data/`) at all.
-        let beside = names_in(self.inbox.parent().unwrap());
+        let beside = common::dir_names(self.inbox.parent().unwrap());
         assert!(
             beside.iter().all(|n| n == "inbox"),
             "something was written beside the inbox: {beside:?}"
         );
-        let root = names_in(self.root());
+        let root = common::dir_names(self.root());
         assert!(
             root.iter()
                 .all(|n| ["data", "hooks", "rx", "state", "other-inbox"].contains(&n.as_str())),

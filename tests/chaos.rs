@@ -79,31 +79,9 @@ fn size_for(seed: u64, max: u64) -> u64 {
     }
 }
 
-/// Non-hidden names in `dir`, sorted.
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.starts_with('.'))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
 /// Entries of `<inbox>/.hakobu-partial`.
 fn partials(inbox: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(inbox.join(".hakobu-partial"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
+    common::dir_names(&inbox.join(".hakobu-partial"))
 }
 
 /// Every regular file under `dir`, recursively.
@@ -420,7 +398,7 @@ fn tally(
                 }
             }
         }
-        for name in names_in(inbox.dir) {
+        for name in common::visible_names(inbox.dir) {
             if !want.contains(name.as_str()) {
                 f.corrupted += 1;
                 problems.push(format!(
@@ -640,58 +618,55 @@ fn queue_leader_killed_mid_transfer_then_another_node() {
         start_and_wait_consuming(&mut p);
         let leader = leader_of(&p.beta.node);
         eprintln!("hakobu.node.{} is led by node {leader}", p.beta.node);
-        let mut expect = vec![drop_pattern(&p.outbox, "big1.bin", 120 << 20, 101)];
-        wait_until(Duration::from_secs(120), "beta to start receiving", || {
-            status_of(&p.beta, "big1.bin").as_deref() == Some("receiving")
-        });
-        nodes.kill9(leader);
-        for i in 0..8 {
-            expect.push(drop_pattern(
-                &p.outbox,
-                &format!("during1-{i}.bin"),
-                size_for(i, 2 << 20),
-                200 + i,
-            ));
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        wait_sent(
-            &p,
-            expect.len(),
-            Duration::from_secs(400),
-            "queue leader killed, then another node",
-            &expect,
-        );
-        nodes.start(leader);
+        let mut expect = Vec::new();
+        kill_node_during_a_stream(&p, nodes, leader, 1, 120 << 20, &mut expect);
         wait_cluster_healthy(Duration::from_secs(120));
 
         // Another node: the new leader, unless leadership went back.
         let now = leader_of(&p.beta.node);
         let other = if now != leader { now } else { leader % 3 + 1 };
         eprintln!("queue now led by node {now}; killing node {other}");
-        expect.push(drop_pattern(&p.outbox, "big2.bin", 60 << 20, 102));
-        wait_until(Duration::from_secs(120), "beta to receive big2", || {
-            status_of(&p.beta, "big2.bin").as_deref() == Some("receiving")
-        });
-        nodes.kill9(other);
-        for i in 0..8 {
-            expect.push(drop_pattern(
-                &p.outbox,
-                &format!("during2-{i}.bin"),
-                size_for(i + 8, 2 << 20),
-                300 + i,
-            ));
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        wait_sent(
-            &p,
-            expect.len(),
-            Duration::from_secs(400),
-            "queue leader killed, then another node",
-            &expect,
-        );
-        nodes.start(other);
+        kill_node_during_a_stream(&p, nodes, other, 2, 60 << 20, &mut expect);
         check_pair(&p, "queue leader killed, then another node", &expect);
     });
+}
+
+/// Round `round` of the test above: a large file (`big<round>.bin`), node
+/// `victim` killed once beta receives it, eight small files dropped during
+/// the outage, everything sent, then the node started again.
+fn kill_node_during_a_stream(
+    p: &Pair,
+    nodes: &Nodes,
+    victim: u8,
+    round: u64,
+    big: u64,
+    expect: &mut Vec<Expect>,
+) {
+    let name = format!("big{round}.bin");
+    expect.push(drop_pattern(&p.outbox, &name, big, 100 + round));
+    wait_until(
+        Duration::from_secs(120),
+        &format!("beta to receive {name}"),
+        || status_of(&p.beta, &name).as_deref() == Some("receiving"),
+    );
+    nodes.kill9(victim);
+    for i in 0..8 {
+        expect.push(drop_pattern(
+            &p.outbox,
+            &format!("during{round}-{i}.bin"),
+            size_for(i + 8 * (round - 1), 2 << 20),
+            100 * (round + 1) + i,
+        ));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    wait_sent(
+        p,
+        expect.len(),
+        Duration::from_secs(400),
+        "queue leader killed, then another node",
+        expect,
+    );
+    nodes.start(victim);
 }
 
 /// The port of node `n` (1..3) in the test cluster's URLs.
@@ -933,7 +908,7 @@ fn sender_killed_right_after_claim() {
         rows.first().map(|r| (&r["status"], &r["progress"]))
     );
     assert!(
-        names_in(&p.outbox).is_empty(),
+        common::visible_names(&p.outbox).is_empty(),
         "the claimed file is back in the outbox"
     );
     assert!(

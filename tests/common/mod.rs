@@ -391,17 +391,28 @@ impl Pair {
 
     /// Files under the inbox (not the partial directory), by name.
     pub fn inbox_files(&self) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(&self.inbox)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| !n.starts_with('.'))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
+        visible_names(&self.inbox)
     }
+}
+
+/// The names in `dir`, sorted (none when it does not exist).
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// The names in `dir` that are not hidden, sorted.
+pub fn visible_names(dir: &Path) -> Vec<String> {
+    let mut names = dir_names(dir);
+    names.retain(|n| !n.starts_with('.'));
+    names
 }
 
 /// A `hakobu broker` process on a free loopback port, with its data in `dir`.
