@@ -536,7 +536,7 @@ R[load_after]=$(cut -d' ' -f1 /proc/loadavg)
 ELAPSED=$(calc "${EPOCHREALTIME/,/.} - ${T_START/,/.}")
 
 # ---------------------------------------------------------------- table and JSON
-# mean KEY_PREFIX KEY_SUFFIX: mean over rounds of R[PREFIX_rN_SUFFIX], and the list.
+# rounds_of KEY_PREFIX KEY_SUFFIX: the values of R[PREFIX_rN_SUFFIX] over the rounds.
 rounds_of() {
   local p=$1 s=$2 r vals=()
   for ((r = 1; r <= ROUNDS; r++)); do
@@ -545,6 +545,8 @@ rounds_of() {
   echo "${vals[*]:-}"
 }
 mean() { awk '{ s = 0; for (i = 1; i <= NF; i++) s += $i; if (NF) printf "%.6g", s / NF }' <<<"$1"; }
+# mean_of KEY_PREFIX KEY_SUFFIX: their mean.
+mean_of() { mean "$(rounds_of "$1" "$2")"; }
 ratio_rounds() { # ratio_rounds A B: per-round A/B
   local r out=()
   for ((r = 1; r <= ROUNDS; r++)); do
@@ -572,10 +574,10 @@ verdict() { # verdict VALUE OP THRESHOLD
 
 L=$(human "$LARGE_BYTES")
 H=$(human "$HUGE_BYTES")
-ceil=$(mean "$(rounds_of ceiling mibs)")
-clus=$(mean "$(rounds_of large_cluster mibs)")
-disk=$(mean "$(rounds_of disk mibs)")
-emb=$(mean "$(rounds_of large_embedded mibs)")
+ceil=$(mean_of ceiling mibs)
+clus=$(mean_of large_cluster mibs)
+disk=$(mean_of disk mibs)
+emb=$(mean_of large_embedded mibs)
 rc=$(ratio_rounds large_cluster ceiling)
 re=$(ratio_rounds large_embedded disk)
 rcm=$(mean "$rc")
@@ -614,14 +616,14 @@ done
 bk=$(max_of "$(rounds_of large_embedded broker_kib)")
 # CPU seconds for the large file (mean over rounds): on 2 cores the agents and
 # the brokers compete for the same CPU, so this explains much of a ratio.
-c_cli=$(mean "$(rounds_of ceiling client_cpu_s)")
-c_rmq=$(mean "$(rounds_of ceiling rmq_cpu_s)")
-h_snd=$(mean "$(rounds_of large_cluster send_cpu_s)")
-h_rcv=$(mean "$(rounds_of large_cluster recv_cpu_s)")
-h_rmq=$(mean "$(rounds_of large_cluster rmq_cpu_s)")
-e_snd=$(mean "$(rounds_of large_embedded send_cpu_s)")
-e_rcv=$(mean "$(rounds_of large_embedded recv_cpu_s)")
-e_brk=$(mean "$(rounds_of large_embedded broker_cpu_s)")
+c_cli=$(mean_of ceiling client_cpu_s)
+c_rmq=$(mean_of ceiling rmq_cpu_s)
+h_snd=$(mean_of large_cluster send_cpu_s)
+h_rcv=$(mean_of large_cluster recv_cpu_s)
+h_rmq=$(mean_of large_cluster rmq_cpu_s)
+e_snd=$(mean_of large_embedded send_cpu_s)
+e_rcv=$(mean_of large_embedded recv_cpu_s)
+e_brk=$(mean_of large_embedded broker_cpu_s)
 row "CPU s, $L: raw client + RabbitMQ (info)" "(no target)" "$(fmt "$c_cli") + $(fmt "$c_rmq")" "-" "${c_cli:-null}" null "s"
 row "CPU s, $L via cluster: sender + receiver + RabbitMQ (info)" "(no target)" "$(fmt "$h_snd") + $(fmt "$h_rcv") + $(fmt "$h_rmq")" "-" "${h_snd:-null}" null "s"
 row "CPU s, $L via embedded: sender + receiver + broker (info)" "(no target)" "$(fmt "$e_snd") + $(fmt "$e_rcv") + $(fmt "$e_brk")" "-" "${e_snd:-null}" null "s"
