@@ -229,13 +229,32 @@ async fn consume_once(
         prefetch,
     })
     .map_err(|_| BrokerError::Connection("closed".into()))?;
-    let writer = tokio::spawn(async move {
-        while let Some(f) = out_rx.recv().await {
-            if sink.send(f.encode()).await.is_err() {
-                break;
+    let closing = tokio_util::sync::CancellationToken::new();
+    let mut writer = {
+        let closing = closing.clone();
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    f = out_rx.recv() => f,
+                    // Closing: what is queued (the last acks) still goes, so
+                    // that an ack that returned Ok is never lost; then EOF.
+                    () = closing.cancelled() => {
+                        while let Ok(f) = out_rx.try_recv() {
+                            if sink.send(f.encode()).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = sink.close().await;
+                        return;
+                    }
+                };
+                match frame {
+                    Some(f) if sink.send(f.encode()).await.is_ok() => {}
+                    _ => return,
+                }
             }
-        }
-    });
+        })
+    };
     info!(message = "Consuming.", queue, broker = addr);
     let result = loop {
         let next = tokio::select! {
@@ -282,6 +301,15 @@ async fn consume_once(
             }
         }
     };
+    if result.is_ok() {
+        closing.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+            .await
+            .is_ok()
+        {
+            return result;
+        }
+    }
     writer.abort();
     result
 }
