@@ -262,11 +262,12 @@ fn parse_meta(items: &[String]) -> Result<BTreeMap<String, String>, Exit> {
     Ok(meta)
 }
 
-/// Copies a file into the spool as a queued transfer for the running agent.
+/// Copies a file into the spool as a queued transfer for the running agent,
+/// to arrive as `name`.
 fn queue_copy(
     cfg: &Config,
     file_id: &str,
-    src: &Path,
+    (src, name): (&Path, &str),
     to: Option<String>,
     meta: &BTreeMap<String, String>,
 ) -> Result<String, Exit> {
@@ -282,19 +283,13 @@ fn queue_copy(
         }
         profile.to = vec![node];
     }
-    let name = src
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| crate::receiver::check_file_name(n).is_ok())
-        .ok_or_else(|| usage(anyhow::anyhow!("{} has no plain file name", src.display())))?
-        .to_string();
     let store = open_store(cfg)?;
     let tid = uuid::Uuid::now_v7().to_string();
-    let dst = spool_path(&cfg.spool_dir(), file_id, &tid, &name);
+    let dst = spool_path(&cfg.spool_dir(), file_id, &tid, name);
     let copy = || -> anyhow::Result<()> {
         std::fs::create_dir_all(dst.parent().context("spool path")?)?;
         // Copied under a hidden name, then renamed: the agent never sees half a copy.
-        let tmp = dst.with_file_name(format!(".{name}.tmp"));
+        let tmp = dst.with_file_name(format!(".{tid}.tmp"));
         std::fs::copy(src, &tmp)
             .with_context(|| format!("cannot copy {} into the spool", src.display()))?;
         std::fs::File::open(&tmp)?.sync_all()?;
@@ -302,8 +297,12 @@ fn queue_copy(
         Ok(())
     };
     copy().map_err(failure)?;
-    crate::sender::record_claim(cfg, &store, &profile, &tid, &name, meta, Status::Queued)
-        .map_err(failure)?;
+    let file = crate::sender::Spooled {
+        tid: tid.clone(),
+        name: name.to_string(),
+        path: dst,
+    };
+    crate::sender::record_claim(&store, &profile, &file, meta, Status::Queued).map_err(failure)?;
     Ok(tid)
 }
 
@@ -330,7 +329,12 @@ async fn send(
             cfg.file.display()
         )));
     }
-    let tid = queue_copy(cfg, file_id, path, to, &meta)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| crate::receiver::check_file_name(n).is_ok())
+        .ok_or_else(|| usage(anyhow::anyhow!("{} has no plain file name", path.display())))?;
+    let tid = queue_copy(cfg, file_id, (path, name), to, &meta)?;
     if !agent_running {
         eprintln!(
             "note: no agent runs on {}; the file is queued and goes when `hakobu run -c {}` starts",
@@ -421,14 +425,7 @@ async fn rerun(cfg: &Config, tid: &str) -> Result<(), Exit> {
         return Ok(());
     };
     store
-        .set_hook(
-            row.direction,
-            tid,
-            &row.peer,
-            outcome.exit,
-            outcome.duration.as_millis() as u64,
-            &outcome.tail,
-        )
+        .set_hook(row.direction, tid, &row.peer, &outcome.record())
         .map_err(failure)?;
     if outcome.ok() {
         if event == Event::Received {
@@ -466,7 +463,8 @@ fn resend(cfg: &Config, tid: &str) -> Result<(), Exit> {
     let peers: Vec<String> = rows.iter().map(|r| r.peer.clone()).collect();
     let mut new_ids = Vec::new();
     for peer in peers {
-        new_ids.push(queue_copy(cfg, &row.file_id, &src, Some(peer), &row.meta)?);
+        let src = (src.as_path(), row.file_name.as_str());
+        new_ids.push(queue_copy(cfg, &row.file_id, src, Some(peer), &row.meta)?);
     }
     for id in new_ids {
         println!("{id}");

@@ -97,6 +97,15 @@ impl HookOutcome {
         self.exit == Some(0)
     }
 
+    /// What history keeps of this run.
+    pub fn record(&self) -> crate::store::HookRecord<'_> {
+        crate::store::HookRecord {
+            exit: self.exit,
+            ms: self.duration.as_millis() as u64,
+            tail: &self.tail,
+        }
+    }
+
     /// A stable code for a failed hook.
     pub fn error_code(&self) -> &'static str {
         if self.timed_out {

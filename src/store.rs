@@ -216,6 +216,16 @@ impl Row {
     }
 }
 
+/// How a transfer's hooks ended, as history records it.
+#[derive(Debug, Clone, Copy)]
+pub struct HookRecord<'a> {
+    /// The exit code; `None` when killed by a signal or never started.
+    pub exit: Option<i32>,
+    pub ms: u64,
+    /// The end of what the hook printed.
+    pub tail: &'a str,
+}
+
 const COLUMNS: &str = "direction, transfer_id, peer, file_id, file_name, size, sha256, chunk_size, \
      status, error_code, error, path, remote_path, remote_hook_exit, meta, started_at, finished_at, \
      hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode, failure_hook, progress";
@@ -642,11 +652,36 @@ impl Store {
         Ok(())
     }
 
-    pub fn set_inode(&self, transfer_id: &str, peer: &str, target: &str, inode: u64) -> Result<()> {
+    /// Records the inode that will carry the inbox name `target`, and moves
+    /// a received transfer to `placing`, before the step that makes the name
+    /// visible: recovery then tells placed from not placed by the inode.
+    pub fn placing(&self, transfer_id: &str, peer: &str, target: &str, inode: u64) -> Result<()> {
         self.db().run(
-            "UPDATE transfers SET path = ?3, inode = ?4 WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2",
+            "UPDATE transfers SET path = ?3, inode = ?4,
+                status = CASE status WHEN 'receiving' THEN 'placing' ELSE status END
+             WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2",
             params![transfer_id, peer, target, inode as i64],
         )?;
+        Ok(())
+    }
+
+    /// The file is in place: forgets its chunk rows and moves the transfer
+    /// from `placing` to `next` (its success hooks, or `received` when it has
+    /// none), in one transaction.
+    pub fn placed(&self, transfer_id: &str, peer: &str, next: Status) -> Result<()> {
+        let finished = next.is_final().then(crate::clock::now_rfc3339);
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.run(
+            "DELETE FROM chunks WHERE transfer_id = ?1",
+            params![transfer_id],
+        )?;
+        tx.run(
+            "UPDATE transfers SET status = ?3, finished_at = IFNULL(?4, finished_at)
+             WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2 AND status = 'placing'",
+            params![transfer_id, peer, next.as_str(), finished],
+        )?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -768,28 +803,80 @@ impl Store {
         dir: Direction,
         transfer_id: &str,
         peer: &str,
-        exit: Option<i32>,
-        ms: u64,
-        tail: &str,
+        hook: &HookRecord<'_>,
     ) -> Result<()> {
         self.db().run(
             "UPDATE transfers SET hook_exit = ?4, hook_ms = ?5, hook_tail = ?6
              WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3",
-            params![dir.as_str(), transfer_id, peer, exit, ms as i64, tail],
+            params![
+                dir.as_str(),
+                transfer_id,
+                peer,
+                hook.exit,
+                hook.ms as i64,
+                hook.tail
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records how a transfer's hooks ended and moves it from `hook_running`
+    /// to its final `status` (with the failure's code and sentence, if any),
+    /// in one statement.
+    pub fn finish_hooks(
+        &self,
+        dir: Direction,
+        transfer_id: &str,
+        peer: &str,
+        hook: &HookRecord<'_>,
+        status: Status,
+        error: Option<(&str, &str)>,
+    ) -> Result<()> {
+        let (code, message) = error.unzip();
+        self.db().run(
+            "UPDATE transfers SET hook_exit = ?4, hook_ms = ?5, hook_tail = ?6, status = ?7,
+                error_code = IFNULL(?8, error_code), error = IFNULL(?9, error), finished_at = ?10
+             WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = 'hook_running'",
+            params![
+                dir.as_str(),
+                transfer_id,
+                peer,
+                hook.exit,
+                hook.ms as i64,
+                hook.tail,
+                status.as_str(),
+                code,
+                message,
+                crate::clock::now_rfc3339()
+            ],
         )?;
         Ok(())
     }
 
     /// Records a receipt on the sending side. Returns false when no such
-    /// transfer waits for one (a duplicate or a stranger's receipt).
-    /// The row moves to `hook_running`: the sender's hooks are next.
-    pub fn record_receipt(&self, r: &crate::wire::Receipt) -> Result<bool> {
+    /// transfer waits for one (a duplicate, or a receipt naming another
+    /// transfer or file id).
+    /// The row moves to `next`: `hook_running` when the sender's hooks come
+    /// next, else straight to its final status.
+    pub fn record_receipt(&self, r: &crate::wire::Receipt, next: Status) -> Result<bool> {
+        let finished = next.is_final().then(crate::clock::now_rfc3339);
         let n = self.db().run(
             "UPDATE transfers SET remote_path = ?3, remote_hook_exit = ?4, error_code = ?5, error = ?6,
-                delivered = ?7, status = 'hook_running'
-             WHERE direction = 'send' AND transfer_id = ?1 AND peer = ?2
+                delivered = ?7, status = ?8, finished_at = IFNULL(?9, finished_at)
+             WHERE direction = 'send' AND transfer_id = ?1 AND peer = ?2 AND file_id = ?10
                AND status IN ('sending', 'awaiting_receipt')",
-            params![r.transfer_id, r.from, r.path, r.hook_exit, r.error_code, r.error, r.ok],
+            params![
+                r.transfer_id,
+                r.from,
+                r.path,
+                r.hook_exit,
+                r.error_code,
+                r.error,
+                r.ok,
+                next.as_str(),
+                finished,
+                r.file_id
+            ],
         )?;
         Ok(n == 1)
     }
@@ -927,5 +1014,98 @@ mod tests {
         assert_eq!(got.status, Status::ReceiveFailed);
         assert_eq!(got.error_code.as_deref(), Some(code));
         assert_eq!(got.error.as_deref(), Some("first"));
+    }
+
+    #[test]
+    fn a_received_transfer_moves_through_placing_to_its_hooks_in_few_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let rx = Direction::Receive;
+        let row = Row::begin(
+            rx,
+            "t1",
+            "alpha",
+            "sales",
+            "a.csv",
+            (10, 10),
+            Status::Receiving,
+        );
+        store.insert(&row).unwrap();
+        assert_eq!(store.add_chunks(&[("t1", 0)]).unwrap(), vec![1]);
+        // The inode is recorded with `placing`, before the name appears.
+        store.placing("t1", "alpha", "/in/a.csv", 42).unwrap();
+        let got = store.received("t1").unwrap().unwrap();
+        assert_eq!((got.status, got.inode), (Status::Placing, Some(42)));
+        // Placed: the chunk rows go and the hooks are next, together.
+        store.placed("t1", "alpha", Status::HookRunning).unwrap();
+        assert_eq!(store.chunk_count("t1").unwrap(), 0);
+        assert_eq!(
+            store.received("t1").unwrap().unwrap().status,
+            Status::HookRunning
+        );
+        let hook = HookRecord {
+            exit: Some(3),
+            ms: 5,
+            tail: "boom",
+        };
+        let failed = Some(("hook_failed", "hook x exited with code 3"));
+        store
+            .finish_hooks(rx, "t1", "alpha", &hook, Status::HookFailed, failed)
+            .unwrap();
+        // Only a running hook finishes: a second report changes nothing.
+        let ok = HookRecord {
+            exit: Some(0),
+            ms: 1,
+            tail: "",
+        };
+        store
+            .finish_hooks(rx, "t1", "alpha", &ok, Status::Received, None)
+            .unwrap();
+        let got = store.received("t1").unwrap().unwrap();
+        assert_eq!(got.status, Status::HookFailed);
+        assert_eq!(
+            (got.hook_exit, got.hook_tail.as_deref()),
+            (Some(3), Some("boom"))
+        );
+        assert_eq!(got.error_code.as_deref(), Some("hook_failed"));
+        assert!(got.finished_at.is_some());
+    }
+
+    #[test]
+    fn a_receipt_settles_only_its_own_transfer_and_file_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let tx = Direction::Send;
+        let row = Row::begin(
+            tx,
+            "t1",
+            "beta",
+            "sales",
+            "a.csv",
+            (10, 10),
+            Status::Sending,
+        );
+        store.insert(&row).unwrap();
+        let mut receipt = crate::wire::Receipt {
+            transfer_id: "t1".into(),
+            file_id: "orders".into(),
+            from: "beta".into(),
+            to: "alpha".into(),
+            ok: true,
+            error_code: None,
+            error: None,
+            path: Some("/in/a.csv".into()),
+            hook_exit: Some(0),
+            finished_at: "2026-11-25T00:00:00Z".into(),
+        };
+        assert!(!store.record_receipt(&receipt, Status::Sent).unwrap());
+        receipt.file_id = "sales".into();
+        // No sender hooks: the receipt ends the transfer.
+        assert!(store.record_receipt(&receipt, Status::Sent).unwrap());
+        let got = store.get(tx, "t1", "beta").unwrap().unwrap();
+        assert_eq!(got.status, Status::Sent);
+        assert!(got.delivered && got.finished_at.is_some());
+        // A duplicate is recognised as one.
+        assert!(!store.record_receipt(&receipt, Status::Sent).unwrap());
     }
 }

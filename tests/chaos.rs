@@ -864,16 +864,21 @@ fn no_quorum_waits_then_completes() {
 // ---------------------------------------------------------------------------
 // 3. The sending agent killed at several points.
 
-/// Files in alpha's spool, as `(transfer id, name)`.
+/// Files in alpha's spool, as `(transfer id, name)`: `<tid>.<name>` files,
+/// and `<tid>/<name>` (long names, and spools of earlier versions).
 fn spooled(p: &Pair) -> Vec<(String, String)> {
     let spool = p.alpha.dir.join("state/spool").join(&p.file_id);
     let mut out = Vec::new();
-    for d in fs::read_dir(spool).into_iter().flatten().flatten() {
-        for f in fs::read_dir(d.path()).into_iter().flatten().flatten() {
-            out.push((
-                d.file_name().to_string_lossy().into_owned(),
-                f.file_name().to_string_lossy().into_owned(),
-            ));
+    for e in fs::read_dir(spool).into_iter().flatten().flatten() {
+        let entry = e.file_name().to_string_lossy().into_owned();
+        if !e.path().is_dir() {
+            if let Some((tid, name)) = entry.split_at_checked(36) {
+                out.push((tid.to_string(), name.trim_start_matches('.').to_string()));
+            }
+            continue;
+        }
+        for f in fs::read_dir(e.path()).into_iter().flatten().flatten() {
+            out.push((entry.clone(), f.file_name().to_string_lossy().into_owned()));
         }
     }
     out
@@ -882,9 +887,10 @@ fn spooled(p: &Pair) -> Vec<(String, String)> {
 /// alpha killed right after claiming, at three points: the moment a file
 /// is in its spool (its row may not be written yet), the moment its row
 /// exists (status `sending`, little or nothing published), and between the
-/// rename into the spool and the row (a spool directory without a row, made
-/// by hand as that crash leaves it). After each restart every file arrives
-/// once under its first transfer id.
+/// rename into the spool and the row (spooled files without a row, made by
+/// hand as that crash leaves them: one in the flat layout, one in a
+/// directory of its own, as long names and earlier versions have them).
+/// After each restart every file arrives once under its first transfer id.
 #[test]
 fn sender_killed_right_after_claim() {
     let _g = serial();
@@ -933,24 +939,34 @@ fn sender_killed_right_after_claim() {
     let second_tid = tid(&rows[0]);
 
     // 3. The crash one step earlier: renamed into the spool, no row yet.
-    let orphan_tid = format!(
-        "0190f6c4-{:04x}-7000-8000-{:012x}",
-        std::process::id() & 0xffff,
-        start.elapsed().as_nanos() as u64 & 0xffff_ffff_ffff
-    );
-    let dir = p
-        .alpha
-        .dir
-        .join("state/spool")
-        .join(&p.file_id)
-        .join(&orphan_tid);
-    fs::create_dir_all(&dir).unwrap();
-    expect.push(drop_pattern(&dir, "orphan.bin", 3 << 20, 22));
+    let orphan_tid = |n: u64| {
+        format!(
+            "0190f6c4-{:04x}-7000-8000-{:012x}",
+            std::process::id() & 0xffff,
+            (start.elapsed().as_nanos() as u64 + n) & 0xffff_ffff_ffff
+        )
+    };
+    let (flat_tid, dir_tid) = (orphan_tid(0), orphan_tid(1));
+    let spool = p.alpha.dir.join("state/spool").join(&p.file_id);
+    // (alpha is down: nothing looks at the spool until the rename is done.)
+    expect.push(drop_pattern(&spool, "orphan.bin", 3 << 20, 22));
+    fs::rename(
+        spool.join("orphan.bin"),
+        spool.join(format!("{flat_tid}.orphan.bin")),
+    )
+    .unwrap();
+    fs::create_dir_all(spool.join(&dir_tid)).unwrap();
+    expect.push(drop_pattern(
+        &spool.join(&dir_tid),
+        "orphan2.bin",
+        2 << 20,
+        24,
+    ));
 
     p.alpha.start();
     wait_sent(
         &p,
-        3,
+        4,
         Duration::from_secs(300),
         "sender killed right after the claim",
         &expect,
@@ -958,7 +974,8 @@ fn sender_killed_right_after_claim() {
     for (name, want) in [
         ("claimed1.bin", &first_tid),
         ("claimed2.bin", &second_tid),
-        ("orphan.bin", &orphan_tid),
+        ("orphan.bin", &flat_tid),
+        ("orphan2.bin", &dir_tid),
     ] {
         let rows = rows_named(&p.alpha, name);
         assert_eq!(rows.len(), 1, "{name}: {rows:?}");

@@ -357,6 +357,7 @@ impl Receiver {
         let tid = &h.transfer_id;
         // Durable by the ack: on_chunks records the batch with a waiting call.
         let store = self.store.deferred();
+        let mut inserted = false;
         let row = match store.received(tid)? {
             Some(r) if r.peer != h.from => {
                 warn!(message = "Ignoring a chunk whose transfer id belongs to another sender.", transfer_id = %tid, from = %h.from);
@@ -369,6 +370,7 @@ impl Receiver {
                 let profile = self.cfg.receive_profile(&h.file_id);
                 let row = new_row(h);
                 store.insert(&row)?;
+                inserted = true;
                 assemble::admit(h, profile)?;
                 info!(message = "Receiving.", transfer_id = %tid, from = %h.from, file_id = %h.file_id, file_name = %h.file_name, size = h.size);
                 row
@@ -401,7 +403,9 @@ impl Receiver {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(tid.to_string(), running);
-        if let Some(t) = &h.last {
+        // A transfer's first chunk that is also its last (a small file)
+        // brought the trailer into the new row.
+        if let (Some(t), false) = (&h.last, inserted) {
             store.set_trailer(tid, &h.from, &t.sha256, &t.started_at, &t.meta)?;
         }
         let digest_known = h.last.is_some() || row.sha256.is_some();
@@ -468,21 +472,18 @@ impl Receiver {
             };
             let profile = self.cfg.receive_profile(&row.file_id);
             match (row.status, profile) {
-                (Status::Receiving, _) => {
-                    self.store
-                        .advance(RX, tid, &row.peer, Status::Receiving, Status::Placing)?;
-                }
-                (Status::Placing, Some(p)) => match self.place(&row, p).await {
+                // Every chunk is in (a completion runs only then): verify
+                // and place; `placing` is recorded with the inode, just
+                // before the name appears.
+                (Status::Receiving | Status::Placing, Some(p)) => match self.place(&row, p).await {
                     Ok(path) => {
                         info!(message = "Placed.", transfer_id = %tid, path = %path.display());
-                        self.store.forget_chunks(tid)?;
-                        self.store.advance(
-                            RX,
-                            tid,
-                            &row.peer,
-                            Status::Placing,
-                            Status::HookRunning,
-                        )?;
+                        let next = if p.on_success.is_empty() {
+                            Status::Received
+                        } else {
+                            Status::HookRunning
+                        };
+                        self.store.placed(tid, &row.peer, next)?;
                         placed_here = true;
                     }
                     Err(e) => {
@@ -500,7 +501,7 @@ impl Receiver {
                         )?;
                     }
                 },
-                (Status::Placing, None) => {
+                (Status::Receiving | Status::Placing, None) => {
                     let e = ReceiveError::UnknownFileId(row.file_id.clone());
                     self.store.fail(
                         RX,
@@ -576,7 +577,7 @@ impl Receiver {
         let placed = tokio::task::spawn_blocking(move || {
             place::place(&partial, &inbox, &name, mode, |target, ino| {
                 store
-                    .set_inode(&tid, &peer, &target.display().to_string(), ino)
+                    .placing(&tid, &peer, &target.display().to_string(), ino)
                     .map_err(|e| ReceiveError::Io(e.to_string()))
             })
         })
@@ -627,33 +628,26 @@ impl Receiver {
             }
             Some((argv0, outcome)) => {
                 let ms = outcome.duration.as_millis() as u64;
-                self.store.set_hook(
-                    RX,
-                    &row.transfer_id,
-                    &row.peer,
-                    outcome.exit,
-                    ms,
-                    &outcome.tail,
-                )?;
                 if outcome.ok() {
                     info!(message = "Success hook finished.", transfer_id = %row.transfer_id, ms);
-                    self.store.advance(
+                    self.store.finish_hooks(
                         RX,
                         &row.transfer_id,
                         &row.peer,
-                        Status::HookRunning,
+                        &outcome.record(),
                         Status::Received,
+                        None,
                     )?;
                 } else {
                     let e = ReceiveError::Hook(outcome.error_code(), outcome.describe(&argv0));
                     warn!(message = "Success hook failed.", transfer_id = %row.transfer_id, error_code = e.code(), error = %e);
-                    self.store.fail(
+                    self.store.finish_hooks(
                         RX,
                         &row.transfer_id,
                         &row.peer,
+                        &outcome.record(),
                         Status::HookFailed,
-                        e.code(),
-                        &e.to_string(),
+                        Some((e.code(), &e.to_string())),
                     )?;
                 }
             }
@@ -680,14 +674,8 @@ impl Receiver {
         if let Some((_, outcome)) = hooks::run_all(&p.on_failure, &ctx, &log).await {
             // A success hook's exit code, if any, stays; the failure hook's is logged.
             if row.hook_exit.is_none() {
-                self.store.set_hook(
-                    RX,
-                    &row.transfer_id,
-                    &row.peer,
-                    outcome.exit,
-                    outcome.duration.as_millis() as u64,
-                    &outcome.tail,
-                )?;
+                self.store
+                    .set_hook(RX, &row.transfer_id, &row.peer, &outcome.record())?;
             }
             if !outcome.ok() {
                 warn!(message = "Failure hook failed too.", transfer_id = %row.transfer_id, exit = ?outcome.exit);
@@ -731,7 +719,11 @@ impl Receiver {
                 }
             }
         }
-        self.store.set_receipt_sent(&row.transfer_id, &row.peer)?;
+        // Not waited for: if a crash loses it, recovery sends the receipt
+        // again and the sender ignores the duplicate.
+        self.store
+            .deferred()
+            .set_receipt_sent(&row.transfer_id, &row.peer)?;
         info!(message = "Receipt sent.", transfer_id = %row.transfer_id, to = %row.peer, ok, error_code = ?row.error_code);
         Ok(())
     }
@@ -778,10 +770,11 @@ impl From<ReceiveError> for Failure {
     }
 }
 
-/// The ledger row of a transfer seen for the first time. Its path stays
-/// empty until the file is placed: until then no inbox name is its own.
+/// The ledger row of a transfer seen for the first time, with the trailer
+/// when this chunk carries it. Its path stays empty until the file is
+/// placed: until then no inbox name is its own.
 fn new_row(h: &ChunkHeader) -> Row {
-    Row::begin(
+    let row = Row::begin(
         RX,
         &h.transfer_id,
         &h.from,
@@ -789,5 +782,14 @@ fn new_row(h: &ChunkHeader) -> Row {
         &h.file_name,
         (h.size, h.chunk_size),
         Status::Receiving,
-    )
+    );
+    match &h.last {
+        Some(t) => Row {
+            sha256: Some(t.sha256.clone()),
+            started_at: t.started_at.clone(),
+            meta: t.meta.clone(),
+            ..row
+        },
+        None => row,
+    }
 }

@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use publish::parse_spooled;
 pub use publish::spool_path;
 pub use watch::ignored;
 
@@ -110,37 +111,28 @@ impl Sender {
     }
 
     /// A crash between claiming (the rename into the spool) and recording
-    /// leaves a spool directory without rows: record it now.
+    /// leaves a spooled file without rows: record it now.
     /// Returns the transfers that have rows, for `after_send` to look at.
     fn adopt_spool_orphans(&self) -> Result<Vec<String>, StoreError> {
         let spool = self.cfg.spool_dir();
         let mut settled = Vec::new();
         for profile in &self.cfg.send {
-            let Ok(dirs) = std::fs::read_dir(spool.join(&profile.file_id)) else {
+            let Ok(entries) = std::fs::read_dir(spool.join(&profile.file_id)) else {
                 continue;
             };
-            for dir in dirs.flatten() {
-                let tid = dir.file_name().to_string_lossy().into_owned();
-                if !self.store.rows_of(TX, &tid)?.is_empty() {
-                    settled.push(tid);
-                    continue;
-                }
-                // A `hakobu send` still copying uses a hidden temporary name.
-                let Some(name) = std::fs::read_dir(dir.path()).ok().and_then(|d| {
-                    d.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .find(|n| !ignored(n))
-                }) else {
-                    let _ = std::fs::remove_dir(dir.path());
+            for entry in entries.flatten() {
+                let Some(file) = spooled_entry(&entry) else {
                     continue;
                 };
-                info!(message = "Recording a file claimed before a crash.", transfer_id = %tid, file_name = %name);
+                if !self.store.rows_of(TX, &file.tid)?.is_empty() {
+                    settled.push(file.tid);
+                    continue;
+                }
+                info!(message = "Recording a file claimed before a crash.", transfer_id = %file.tid, file_name = %file.name);
                 record_claim(
-                    &self.cfg,
                     &self.store,
                     profile,
-                    &tid,
-                    &name,
+                    &file,
                     &Default::default(),
                     Status::Sending,
                 )?;
@@ -163,12 +155,10 @@ impl Sender {
             return;
         }
         let mut rows = Vec::new();
-        for (tid, name) in &claimed {
+        for file in &claimed {
             rows.extend(claim_rows(
-                &self.cfg,
                 profile,
-                tid,
-                name,
+                file,
                 &Default::default(),
                 Status::Sending,
             ));
@@ -178,8 +168,8 @@ impl Sender {
             error!(message = "Cannot record claimed files; they are recorded at the next start.", files = claimed.len(), error = %e);
             return;
         }
-        for (tid, name) in claimed {
-            info!(message = "Claimed.", transfer_id = %tid, file_id = %profile.file_id, file_name = %name);
+        for file in claimed {
+            info!(message = "Claimed.", transfer_id = %file.tid, file_id = %profile.file_id, file_name = %file.name);
         }
         for row in &rows {
             self.enqueue(row);
@@ -273,7 +263,9 @@ impl Sender {
             .await
             {
                 Ok(sha) => {
-                    let _ = self.store.set_published(tid, peer, &sha);
+                    // Not waited for: a crash that loses it publishes the
+                    // file again, and the receiver ignores the duplicate.
+                    let _ = self.store.deferred().set_published(tid, peer, &sha);
                     info!(message = "Published; awaiting the receipt.", transfer_id = %tid, to = %peer, size = row.size);
                     return;
                 }
@@ -315,14 +307,26 @@ impl Sender {
             let _ = d.ack().await;
             return;
         }
-        match self.store.record_receipt(&r) {
+        // Without hooks for this outcome the transfer ends with the receipt.
+        let hooks = self
+            .cfg
+            .send_profile(&r.file_id)
+            .is_some_and(|p| !if r.ok { &p.on_success } else { &p.on_failure }.is_empty());
+        let next = match (hooks, r.ok) {
+            (true, _) => Status::HookRunning,
+            (false, true) => Status::Sent,
+            (false, false) => Status::SendFailed,
+        };
+        match self.store.record_receipt(&r, next) {
             Ok(true) => {
                 info!(message = "Receipt.", transfer_id = %r.transfer_id, from = %r.from, ok = r.ok, error_code = ?r.error_code);
                 let _ = d.ack().await;
                 let this = self.clone();
                 self.tasks.spawn(async move {
-                    if let Err(e) = this.run_hooks(&r.transfer_id, &r.from).await {
-                        error!(message = "State database failed while running sender hooks.", error = %e);
+                    if hooks {
+                        if let Err(e) = this.run_hooks(&r.transfer_id, &r.from).await {
+                            error!(message = "State database failed while running sender hooks.", error = %e);
+                        }
                     }
                     this.settle_spool(&r.transfer_id).await;
                 });
@@ -362,24 +366,25 @@ impl Sender {
         } else {
             Status::SendFailed
         };
-        if let Some((argv0, outcome)) = hooks::run_all(specs, &ctx, &log).await {
-            self.store.set_hook(
-                TX,
-                tid,
-                peer,
-                outcome.exit,
-                outcome.duration.as_millis() as u64,
-                &outcome.tail,
-            )?;
-            if !outcome.ok() {
-                warn!(message = "Sender hook failed.", transfer_id = %tid, error = %outcome.describe(&argv0));
-                if row.delivered {
-                    status = Status::HookFailed;
+        match hooks::run_all(specs, &ctx, &log).await {
+            Some((argv0, outcome)) => {
+                let described = outcome.describe(&argv0);
+                let mut error = None;
+                if !outcome.ok() {
+                    warn!(message = "Sender hook failed.", transfer_id = %tid, error = %described);
+                    if row.delivered {
+                        status = Status::HookFailed;
+                        error = Some((outcome.error_code(), described.as_str()));
+                    }
                 }
+                self.store
+                    .finish_hooks(TX, tid, peer, &outcome.record(), status, error)?;
+            }
+            None => {
+                self.store
+                    .advance(TX, tid, peer, Status::HookRunning, status)?;
             }
         }
-        self.store
-            .advance(TX, tid, peer, Status::HookRunning, status)?;
         Ok(())
     }
 
@@ -409,9 +414,8 @@ impl Sender {
         };
         let done = match &profile.after_send {
             AfterSend::Keep => Ok(()),
-            AfterSend::Delete => {
-                durable::remove_if_exists(&path).and_then(|()| remove_spool_dir(&path))
-            }
+            AfterSend::Delete => durable::remove_if_exists(&path)
+                .and_then(|()| remove_transfer_dir(&path, &self.cfg.spool_dir())),
             AfterSend::MoveTo(dir) => move_to(&path, dir, tid).and_then(|target| {
                 // History shows where the sent file went.
                 if let Some(target) = target {
@@ -421,7 +425,7 @@ impl Sender {
                                 .set_path(TX, tid, &r.peer, &target.display().to_string());
                     }
                 }
-                remove_spool_dir(&path)
+                remove_transfer_dir(&path, &self.cfg.spool_dir())
             }),
         };
         if let Err(e) = done {
@@ -433,8 +437,26 @@ impl Sender {
 /// Moves ready files from the outbox into the spool, each under a new
 /// transfer id: `(transfer id, name)` for those moved. The renames are made
 /// durable together (one flush per directory, not per file).
-fn claim_files(profile: &SendProfile, spool: &Path, names: &[String]) -> Vec<(String, String)> {
+/// A file in the spool: its transfer id, its name (as it will arrive) and
+/// where it is.
+pub struct Spooled {
+    pub tid: String,
+    pub name: String,
+    pub path: PathBuf,
+}
+
+fn claim_files(profile: &SendProfile, spool: &Path, names: &[String]) -> Vec<Spooled> {
+    let file_dir = spool.join(&profile.file_id);
+    if let Err(e) = std::fs::create_dir_all(&file_dir) {
+        error!(message = "Cannot create the spool directory; check the state directory's permissions and space.",
+            dir = %file_dir.display(), error = %e, error_code = "claim_failed");
+        return Vec::new();
+    }
     let mut claimed = Vec::new();
+    // Directories whose entries changed, flushed once each at the end: the
+    // profile's spool directory, the outbox, and the directory of each file
+    // whose name is too long for the flat layout.
+    let mut changed = vec![file_dir.clone(), profile.outbox.clone()];
     for name in names {
         // The marker goes first: a crash after it leaves the file in the
         // outbox waiting for a new marker, never a stale marker that would
@@ -445,14 +467,21 @@ fn claim_files(profile: &SendProfile, spool: &Path, names: &[String]) -> Vec<(St
         let tid = uuid::Uuid::now_v7().to_string();
         let from = profile.outbox.join(name);
         let to = spool_path(spool, &profile.file_id, &tid, name);
-        let moved = to
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
+        let own_dir = to.parent().filter(|d| *d != file_dir);
+        let moved = own_dir
+            .map_or(Ok(()), std::fs::create_dir)
             .and_then(|()| std::fs::rename(&from, &to));
         match moved {
-            Ok(()) => claimed.push((tid, name.clone())),
+            Ok(()) => {
+                changed.extend(own_dir.map(Path::to_path_buf));
+                claimed.push(Spooled {
+                    tid,
+                    name: name.clone(),
+                    path: to,
+                });
+            }
             Err(e) => {
-                let _ = to.parent().map(std::fs::remove_dir);
+                let _ = own_dir.map(std::fs::remove_dir);
                 if e.kind() != std::io::ErrorKind::NotFound {
                     error!(message = "Cannot claim file into the spool; the spool must be on the outbox's filesystem.",
                         file = %from.display(), spool = %to.display(), error = %e, error_code = "claim_failed");
@@ -465,13 +494,8 @@ fn claim_files(profile: &SendProfile, spool: &Path, names: &[String]) -> Vec<(St
     }
     // On a journalling filesystem the first flush commits the journal for
     // all the renames and the rest find nothing left to write; without a
-    // journal the outbox is still flushed once per batch, not once per file.
-    let file_dir = spool.join(&profile.file_id);
-    let dirs = claimed
-        .iter()
-        .map(|(tid, _)| file_dir.join(tid))
-        .chain([file_dir.clone(), profile.outbox.clone()]);
-    for dir in dirs {
+    // journal each directory is still flushed once per batch, not per file.
+    for dir in changed {
         if let Err(e) = durable::fsync_dir(&dir) {
             // Not durable yet, but claimed: recorded and sent all the same.
             warn!(message = "Cannot flush a spool directory.", dir = %dir.display(), error = %e);
@@ -481,30 +505,27 @@ fn claim_files(profile: &SendProfile, spool: &Path, names: &[String]) -> Vec<(St
 }
 
 /// One row per receiving node for a file already in the spool.
-pub fn claim_rows(
-    cfg: &Config,
+fn claim_rows(
     profile: &SendProfile,
-    tid: &str,
-    name: &str,
+    file: &Spooled,
     meta: &std::collections::BTreeMap<String, String>,
     status: Status,
 ) -> Vec<Row> {
-    let path = spool_path(&cfg.spool_dir(), &profile.file_id, tid, name);
-    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(&file.path).map(|m| m.len()).unwrap_or(0);
     let started_at = now_rfc3339();
     profile
         .to
         .iter()
         .map(|peer| Row {
-            path: Some(path.display().to_string()),
+            path: Some(file.path.display().to_string()),
             meta: meta.clone(),
             started_at: started_at.clone(),
             ..Row::begin(
                 TX,
-                tid,
+                &file.tid,
                 peer,
                 &profile.file_id,
-                name,
+                &file.name,
                 (size, profile.chunk_size),
                 status,
             )
@@ -514,20 +535,57 @@ pub fn claim_rows(
 
 /// Inserts one row per receiving node for a file already in the spool.
 pub fn record_claim(
-    cfg: &Config,
     store: &Store,
     profile: &SendProfile,
-    tid: &str,
-    name: &str,
+    file: &Spooled,
     meta: &std::collections::BTreeMap<String, String>,
     status: Status,
 ) -> Result<(), StoreError> {
-    store.insert_all(&claim_rows(cfg, profile, tid, name, meta, status))
+    store.insert_all(&claim_rows(profile, file, meta, status))
 }
 
-fn remove_spool_dir(file: &Path) -> std::io::Result<()> {
-    match file.parent().map(std::fs::remove_dir) {
-        Some(Err(e)) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+/// The transfer id and file name of an entry of a profile's spool
+/// directory: a file `<transfer_id>.<name>`, or a directory `<transfer_id>`
+/// holding `<name>` (a long name, or a spool written by an earlier version;
+/// one holding nothing else is removed). Hidden entries (a `hakobu send`
+/// still copying) are skipped.
+fn spooled_entry(entry: &std::fs::DirEntry) -> Option<Spooled> {
+    let entry_name = entry.file_name().to_string_lossy().into_owned();
+    if !entry.file_type().ok()?.is_dir() {
+        let (tid, name) = parse_spooled(&entry_name)?;
+        return Some(Spooled {
+            tid: tid.to_string(),
+            name: name.to_string(),
+            path: entry.path(),
+        });
+    }
+    let name = std::fs::read_dir(entry.path()).ok().and_then(|d| {
+        d.flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| !ignored(n))
+    });
+    let Some(name) = name else {
+        let _ = std::fs::remove_dir(entry.path());
+        return None;
+    };
+    Some(Spooled {
+        path: entry.path().join(&name),
+        tid: entry_name,
+        name,
+    })
+}
+
+/// Removes the directory of its own that a spooled file with a long name (or
+/// from an earlier version) has; files in the flat layout have none.
+fn remove_transfer_dir(file: &Path, spool: &Path) -> std::io::Result<()> {
+    let Some(dir) = file.parent() else {
+        return Ok(());
+    };
+    if dir.parent().and_then(Path::parent) != Some(spool) {
+        return Ok(());
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
 }

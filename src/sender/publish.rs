@@ -158,12 +158,59 @@ async fn read_at(
     }
 }
 
-/// The spool path of a claimed file: `spool/<file_id>/<transfer_id>/<name>`.
+/// The spool path of a claimed file: `spool/<file_id>/<transfer_id>.<name>`,
+/// one flat directory per file id (no directory to create, flush and remove
+/// per file). A name too long to take the transfer id in front keeps a
+/// directory of its own, `spool/<file_id>/<transfer_id>/<name>`, the layout
+/// of earlier versions, which recovery still reads.
 pub fn spool_path(
     spool: &Path,
     file_id: &str,
     transfer_id: &str,
     name: &str,
 ) -> std::path::PathBuf {
-    spool.join(file_id).join(transfer_id).join(name)
+    let dir = spool.join(file_id);
+    if transfer_id.len() + 1 + name.len() <= NAME_MAX {
+        dir.join(format!("{transfer_id}.{name}"))
+    } else {
+        dir.join(transfer_id).join(name)
+    }
+}
+
+/// The longest file name the filesystems hakobu runs on take, in bytes.
+const NAME_MAX: usize = 255;
+
+/// The transfer id and file name of a spool entry `<transfer_id>.<name>`.
+pub fn parse_spooled(entry: &str) -> Option<(&str, &str)> {
+    let (tid, name) = entry.split_at_checked(36)?;
+    let name = name.strip_prefix('.')?;
+    (crate::receiver::valid_transfer_id(tid) && !name.is_empty()).then_some((tid, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spool_paths_are_flat_unless_the_name_is_too_long() {
+        let tid = "0190f6c4-0000-7000-8000-000000000001";
+        let flat = spool_path(Path::new("/s"), "sales", tid, "a.b.csv");
+        assert_eq!(flat, Path::new("/s/sales").join(format!("{tid}.a.b.csv")));
+        let entry = flat.file_name().unwrap().to_str().unwrap();
+        assert_eq!(parse_spooled(entry), Some((tid, "a.b.csv")));
+        let long = "x".repeat(230);
+        assert_eq!(
+            spool_path(Path::new("/s"), "sales", tid, &long),
+            Path::new("/s/sales").join(tid).join(&long)
+        );
+        for other in [
+            ".a.tmp",
+            "a.csv",
+            tid,
+            &format!("{tid}."),
+            &format!("{tid}xa"),
+        ] {
+            assert_eq!(parse_spooled(other), None, "{other}");
+        }
+    }
 }
