@@ -18,6 +18,12 @@
 #   small     2,000 files of 4 KiB written elsewhere, moved in with one `mv`,
 #             then their done markers; files/s from the first `mv` to the
 #             start of the last hook; through the cluster and the embedded broker.
+#             Beside them, two ceilings: the raw RabbitMQ one with 2 x 2,000
+#             messages of 4 KiB (a file is a chunk and a receipt: files/s is
+#             messages/s / 2), and the per-file floor of the disk and the hook
+#             (benches/small_ceiling.rs: what any receiver must do per file,
+#             create + write + fdatasync, rename + fsync of the inbox, a log
+#             file and the hook process, 64 files side by side, alone).
 #   latency   200 files of 4 KiB, one after another, each dropped after the
 #             previous hook started; drop-to-hook-start p50 and p99, cluster.
 #   memory    peak RSS (VmHWM) of the sending and the receiving agent, read
@@ -128,8 +134,8 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- build
-log "building (cargo build --release --bin hakobu --bench raw_rabbitmq)"
-build_json=$(cargo build --release --bin hakobu --bench raw_rabbitmq \
+log "building (cargo build --release --bin hakobu --bench raw_rabbitmq --bench small_ceiling)"
+build_json=$(cargo build --release --bin hakobu --bench raw_rabbitmq --bench small_ceiling \
   --message-format=json-render-diagnostics) || die "cargo build failed"
 exe_of() {
   grep "\"name\":\"$1\"" <<<"$build_json" | grep -o '"executable":"[^"]*"' |
@@ -137,7 +143,9 @@ exe_of() {
 }
 HAKOBU=${HAKOBU_BENCH_BIN:-$(exe_of hakobu)}
 RAW=$(exe_of raw_rabbitmq)
-[[ -x $HAKOBU && -x $RAW ]] || die "cannot find the built binaries (hakobu: '$HAKOBU', raw_rabbitmq: '$RAW')"
+SMALL_CEIL=$(exe_of small_ceiling)
+[[ -x $HAKOBU && -x $RAW && -x $SMALL_CEIL ]] ||
+  die "cannot find the built binaries (hakobu: '$HAKOBU', raw_rabbitmq: '$RAW', small_ceiling: '$SMALL_CEIL')"
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 DIRTY=$(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.toml 2>/dev/null | wc -l)
 
@@ -213,6 +221,13 @@ cpu_s() {
   st=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
   st=${st##*) }
   awk -v t="$CLK_TCK" '{ printf "%.2f", ($12 + $13) / t }' <<<"$st"
+}
+# CPU seconds of a process's children that it has waited for (the receiver's hooks).
+children_cpu_s() {
+  local st
+  st=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+  st=${st##*) }
+  awk -v t="$CLK_TCK" '{ printf "%.2f", ($14 + $15) / t }' <<<"$st"
 }
 # CPU seconds of the three RabbitMQ nodes, when local-cluster.sh knows them (else empty).
 rmq_cpu_s() {
@@ -394,9 +409,7 @@ large_run() {
   sync
   ln "$file" "$STAGE/$name"
   prof_start "$tag" "$SEND_PID" "$RECV_PID" ${BROKER_PID:+"$BROKER_PID"}
-  local cpu0 rmq0
-  cpu0=("$(cpu_s "$SEND_PID")" "$(cpu_s "$RECV_PID")" "$(cpu_s "${BROKER_PID:-0}")")
-  [[ $kind == cluster ]] && rmq0=$(rmq_cpu_s) || rmq0=''
+  cpu_mark "$kind"
   t0=$(now)
   drop "$STAGE/$name"
   wait_hooks "$dir" 2 1800
@@ -406,14 +419,8 @@ large_run() {
   R[${tag}_mibs]=$(calc "$bytes / 1048576 / ($t1 - $t0)")
   R[${tag}_send_kib]=$(hwm_kib "$SEND_PID")
   R[${tag}_recv_kib]=$(hwm_kib "$RECV_PID")
-  R[${tag}_send_cpu_s]=$(calc "$(cpu_s "$SEND_PID") - ${cpu0[0]}")
-  R[${tag}_recv_cpu_s]=$(calc "$(cpu_s "$RECV_PID") - ${cpu0[1]}")
-  if [[ $kind == embedded ]]; then
-    R[${tag}_broker_kib]=$(hwm_kib "$BROKER_PID")
-    R[${tag}_broker_cpu_s]=$(calc "$(cpu_s "$BROKER_PID") - ${cpu0[2]}")
-  elif [[ -n $rmq0 ]]; then
-    R[${tag}_rmq_cpu_s]=$(calc "$(rmq_cpu_s) - $rmq0")
-  fi
+  cpu_record "$tag" "$kind"
+  if [[ $kind == embedded ]]; then R[${tag}_broker_kib]=$(hwm_kib "$BROKER_PID"); fi
   log "$tag: $(calc "$bytes / 1048576") MiB in ${R[${tag}_s]} s = ${R[${tag}_mibs]} MiB/s; peak RSS sender ${R[${tag}_send_kib]} KiB, receiver ${R[${tag}_recv_kib]} KiB; CPU s: sender ${R[${tag}_send_cpu_s]}, receiver ${R[${tag}_recv_cpu_s]}, broker ${R[${tag}_broker_cpu_s]:-${R[${tag}_rmq_cpu_s]:-?}}"
   stop "$SEND_PID" "$RECV_PID"
   if [[ $kind == embedded ]]; then stop "$BROKER_PID"; fi
@@ -421,16 +428,18 @@ large_run() {
   rm -rf "$dir"
 }
 
+# ceiling_run TAG [BYTES CHUNK]: the raw RabbitMQ ceiling [the large file, in $CHUNK messages].
 ceiling_run() {
-  local tag=$1 out rmq0 rmq1 TIMEFORMAT='%U %S'
+  local tag=$1 bytes=${2:-$LARGE_BYTES} chunk=${3:-$CHUNK} out rmq0 rmq1 TIMEFORMAT='%U %S'
   rmq0=$(rmq_cpu_s)
   # The client's own CPU seconds come from bash's `time` (TIMEFORMAT) on fd 3.
-  { out=$( { time "$RAW" --publish-url "${URLS[0]}" --consume-url "${URLS[1]}" --bytes "$LARGE_BYTES" \
-    --chunk "$CHUNK" --window "$WINDOW" --prefetch "$PREFETCH" --queue "hakobu.bench.raw.$$.$tag" 2>&4; } 2>&3); } 3>"$WORK/raw.time" 4>&2 ||
+  { out=$( { time "$RAW" --publish-url "${URLS[0]}" --consume-url "${URLS[1]}" --bytes "$bytes" \
+    --chunk "$chunk" --window "$WINDOW" --prefetch "$PREFETCH" --queue "hakobu.bench.raw.$$.$tag" 2>&4; } 2>&3); } 3>"$WORK/raw.time" 4>&2 ||
     die "raw_rabbitmq failed"
   rmq1=$(rmq_cpu_s)
-  local v=${out#*\"mib_per_s\":}
+  local v=${out#*\"mib_per_s\":} m=${out#*\"messages\":} t=${out#*\"seconds\":}
   R[${tag}_mibs]=${v%%[,\}]*}
+  R[${tag}_msgs_per_s]=$(calc "${m%%[,\}]*} / ${t%%[,\}]*}")
   R[${tag}_client_cpu_s]=$(awk '{ printf "%.2f", $1 + $2 }' "$WORK/raw.time")
   if [[ -n $rmq0 && -n $rmq1 ]]; then R[${tag}_rmq_cpu_s]=$(calc "$rmq1 - $rmq0"); fi
   log "$tag: $out; CPU s: client ${R[${tag}_client_cpu_s]}, RabbitMQ ${R[${tag}_rmq_cpu_s]:-?}"
@@ -448,6 +457,36 @@ disk_run() {
   rm -f "$dst"
 }
 
+# small_floor_run TAG: the per-file floor of the disk and the hook, alone.
+small_floor_run() {
+  local tag=$1 out v
+  out=$("$SMALL_CEIL" --dir "$WORK/$tag" --files "$SMALL_N" --size "$SMALL_SIZE" --parallel 64 \
+    -- /bin/date "+%s.%N {file_name}") || die "small_ceiling failed"
+  v=${out#*\"files_per_s\":}
+  R[${tag}_fps]=${v%%[,\}]*}
+  log "$tag: $out"
+  rm -rf "${WORK:?}/$tag"
+}
+
+# cpu_mark KIND / cpu_record TAG KIND: CPU seconds used between the two by
+# the sender, the receiver, the hooks it ran, and the broker (hakobu's or
+# RabbitMQ's three nodes).
+cpu_mark() {
+  CPU0=("$(cpu_s "$SEND_PID")" "$(cpu_s "$RECV_PID")" "$(cpu_s "${BROKER_PID:-0}")" "$(children_cpu_s "$RECV_PID")")
+  [[ $1 == cluster ]] && RMQ0=$(rmq_cpu_s) || RMQ0=''
+}
+cpu_record() {
+  local tag=$1 kind=$2
+  R[${tag}_send_cpu_s]=$(calc "$(cpu_s "$SEND_PID") - ${CPU0[0]}")
+  R[${tag}_recv_cpu_s]=$(calc "$(cpu_s "$RECV_PID") - ${CPU0[1]}")
+  R[${tag}_hook_cpu_s]=$(calc "$(children_cpu_s "$RECV_PID") - ${CPU0[3]}")
+  if [[ $kind == embedded ]]; then
+    R[${tag}_broker_cpu_s]=$(calc "$(cpu_s "$BROKER_PID") - ${CPU0[2]}")
+  elif [[ -n $RMQ0 ]]; then
+    R[${tag}_rmq_cpu_s]=$(calc "$(rmq_cpu_s) - $RMQ0")
+  fi
+}
+
 small_run() {
   local kind=$1 tag=$2 dir i t0 last
   dir=$WORK/$tag
@@ -458,6 +497,7 @@ small_run() {
   for ((i = 1; i <= SMALL_N; i++)); do printf '%s' "$SMALL_BODY" >"$STAGE/files/s$i.dat"; done
   sync
   prof_start "$tag" "$SEND_PID" "$RECV_PID" ${BROKER_PID:+"$BROKER_PID"}
+  cpu_mark "$kind"
   t0=$(now)
   # One mv for all files, then their markers (created by bash itself).
   mv -- "$STAGE/files/"* "$OUTBOX/"
@@ -467,7 +507,8 @@ small_run() {
   last=$(hook_lines | awk '$2 != "warmup.dat" { print $1 }' | sort -n | tail -n 1)
   R[${tag}_s]=$(calc "$last - $t0")
   R[${tag}_fps]=$(calc "$SMALL_N / ($last - $t0)")
-  log "$tag: $SMALL_N files in ${R[${tag}_s]} s = ${R[${tag}_fps]} files/s"
+  cpu_record "$tag" "$kind"
+  log "$tag: $SMALL_N files in ${R[${tag}_s]} s = ${R[${tag}_fps]} files/s; CPU s: sender ${R[${tag}_send_cpu_s]}, receiver ${R[${tag}_recv_cpu_s]}, hooks ${R[${tag}_hook_cpu_s]}, broker ${R[${tag}_broker_cpu_s]:-${R[${tag}_rmq_cpu_s]:-?}}"
   stop "$SEND_PID" "$RECV_PID"
   if [[ $kind == embedded ]]; then stop "$BROKER_PID"; fi
   BROKER_PID=
@@ -518,6 +559,12 @@ for ((r = 1; r <= ROUNDS; r++)); do
   fi
 done
 if ! skipped small; then
+  if ! skipped ceiling; then
+    # A file is two messages: its chunk and its receipt.
+    ceiling_run small_ceiling $((2 * SMALL_N * SMALL_SIZE)) "$SMALL_SIZE"
+    R[small_ceiling_fps]=$(calc "${R[small_ceiling_msgs_per_s]} / 2")
+  fi
+  small_floor_run small_floor
   small_run cluster small_cluster
   small_run embedded small_embedded
 fi
@@ -587,8 +634,12 @@ row "raw RabbitMQ ceiling ($L, quorum, $CHUNK)" "(reference)" "$(fmt "$ceil") Mi
 row "cp + sync ($L)" "(reference)" "$(fmt "$disk") MiB/s [$(list "$(rounds_of disk mibs)" 1)]" "-" "${disk:-null}" null "MiB/s"
 row "large file ($L) via cluster / ceiling" ">= 0.90" "$(fmt "$rcm" 2) [$(list "$rc")] = $(fmt "$clus") MiB/s" "$(verdict "$rcm" '>=' 0.9)" "${rcm:-null}" 0.9 "ratio"
 row "large file ($L) via embedded / (cp+sync)" ">= 0.40" "$(fmt "$rem" 2) [$(list "$re")] = $(fmt "$emb") MiB/s" "$(verdict "$rem" '>=' 0.4)" "${rem:-null}" 0.4 "ratio"
-row "small files via cluster ($SMALL_N x 4 KiB)" ">= 500 files/s" "$(fmt "${R[small_cluster_fps]:-}" 0) files/s" "$(verdict "${R[small_cluster_fps]:-}" '>=' 500)" "${R[small_cluster_fps]:-null}" 500 "files/s"
-row "small files via embedded ($SMALL_N x 4 KiB)" ">= 1500 files/s" "$(fmt "${R[small_embedded_fps]:-}" 0) files/s" "$(verdict "${R[small_embedded_fps]:-}" '>=' 1500)" "${R[small_embedded_fps]:-null}" 1500 "files/s"
+row "raw RabbitMQ ceiling, 4 KiB messages / 2" "(reference)" "$(fmt "${R[small_ceiling_fps]:-}" 0) files/s ($(fmt "${R[small_ceiling_msgs_per_s]:-}" 0) msg/s)" "-" "${R[small_ceiling_fps]:-null}" null "files/s"
+row "per-file floor: disk + hook, alone ($SMALL_N)" "(reference)" "$(fmt "${R[small_floor_fps]:-}" 0) files/s" "-" "${R[small_floor_fps]:-null}" null "files/s"
+# of_ceiling VALUE CEILING: " (0.42 of ceiling)", or nothing when either is missing.
+of_ceiling() { [[ -n $1 && -n $2 ]] && echo " ($(fmt "$(calc "$1 / $2")" 2) of $3)" || true; }
+row "small files via cluster ($SMALL_N x 4 KiB)" ">= 500 files/s" "$(fmt "${R[small_cluster_fps]:-}" 0) files/s$(of_ceiling "${R[small_cluster_fps]:-}" "${R[small_ceiling_fps]:-}" ceiling)" "$(verdict "${R[small_cluster_fps]:-}" '>=' 500)" "${R[small_cluster_fps]:-null}" 500 "files/s"
+row "small files via embedded ($SMALL_N x 4 KiB)" ">= 1500 files/s" "$(fmt "${R[small_embedded_fps]:-}" 0) files/s$(of_ceiling "${R[small_embedded_fps]:-}" "${R[small_floor_fps]:-}" floor)" "$(verdict "${R[small_embedded_fps]:-}" '>=' 1500)" "${R[small_embedded_fps]:-null}" 1500 "files/s"
 row "latency p50 via cluster ($LAT_N files)" "<= 50 ms" "$(fmt "${R[latency_cluster_p50_ms]:-}") ms" "$(verdict "${R[latency_cluster_p50_ms]:-}" '<=' 50)" "${R[latency_cluster_p50_ms]:-null}" 50 "ms"
 row "latency p99 via cluster ($LAT_N files)" "<= 250 ms" "$(fmt "${R[latency_cluster_p99_ms]:-}") ms (max $(fmt "${R[latency_cluster_max_ms]:-}") ms)" "$(verdict "${R[latency_cluster_p99_ms]:-}" '<=' 250)" "${R[latency_cluster_p99_ms]:-null}" 250 "ms"
 
@@ -627,6 +678,10 @@ e_brk=$(mean_of large_embedded broker_cpu_s)
 row "CPU s, $L: raw client + RabbitMQ (info)" "(no target)" "$(fmt "$c_cli") + $(fmt "$c_rmq")" "-" "${c_cli:-null}" null "s"
 row "CPU s, $L via cluster: sender + receiver + RabbitMQ (info)" "(no target)" "$(fmt "$h_snd") + $(fmt "$h_rcv") + $(fmt "$h_rmq")" "-" "${h_snd:-null}" null "s"
 row "CPU s, $L via embedded: sender + receiver + broker (info)" "(no target)" "$(fmt "$e_snd") + $(fmt "$e_rcv") + $(fmt "$e_brk")" "-" "${e_snd:-null}" null "s"
+s_snd=${R[small_cluster_send_cpu_s]:-}
+row "CPU s, small via cluster: sender + receiver + hooks + RabbitMQ (info)" "(no target)" "$(fmt "$s_snd") + $(fmt "${R[small_cluster_recv_cpu_s]:-}") + $(fmt "${R[small_cluster_hook_cpu_s]:-}") + $(fmt "${R[small_cluster_rmq_cpu_s]:-}") in $(fmt "${R[small_cluster_s]:-}") s" "-" "${s_snd:-null}" null "s"
+row "CPU s, small via embedded: sender + receiver + hooks + broker (info)" "(no target)" "$(fmt "${R[small_embedded_send_cpu_s]:-}") + $(fmt "${R[small_embedded_recv_cpu_s]:-}") + $(fmt "${R[small_embedded_hook_cpu_s]:-}") + $(fmt "${R[small_embedded_broker_cpu_s]:-}") in $(fmt "${R[small_embedded_s]:-}") s" "-" "${R[small_embedded_send_cpu_s]:-null}" null "s"
+row "CPU s, small raw ceiling: client + RabbitMQ (info)" "(no target)" "$(fmt "${R[small_ceiling_client_cpu_s]:-}") + $(fmt "${R[small_ceiling_rmq_cpu_s]:-}")" "-" "${R[small_ceiling_client_cpu_s]:-null}" null "s"
 row "peak RSS hakobu broker, $L / $H (info)" "(no target)" "$(mib "$bk") / $(mib "${R[huge_embedded_broker_kib]:-}") MiB" "-" "${R[huge_embedded_broker_kib]:-null}" null "KiB"
 
 # The table.
