@@ -54,11 +54,14 @@
 #   HAKOBU_BENCH_HUGE_X      the memory run's file, in multiples of the large one [4]
 #   HAKOBU_BENCH_SMALL       small files [2000]
 #   HAKOBU_BENCH_LATENCY     latency samples [200]
-#   HAKOBU_BENCH_SKIP        space-separated parts to skip: ceiling large small latency huge
+#   HAKOBU_BENCH_SKIP        space-separated parts to skip: ceiling disk floor latency huge,
+#                            large (or large_cluster, large_embedded), small (or
+#                            small_cluster, small_embedded)
 #   HAKOBU_BENCH_PROFILE     a directory: for each hakobu measurement, keep the agents'
-#                            logs and configurations there, and record both agents with
-#                            `perf record -g` (TAG.perf.data) and `perf trace -s`
-#                            (TAG.syscalls.txt) when perf is installed (slows the run)
+#                            logs and configurations there, and record the whole machine
+#                            with `perf record -a -g` (TAG.perf.data) when perf is
+#                            installed; with HAKOBU_BENCH_TRACE=1 also the agents'
+#                            syscalls with `perf trace -s` (TAG.syscalls.txt; slows them)
 #   HAKOBU_BENCH_LOG         the agents' HAKOBU_LOG [info,lapin=warn]
 #   HAKOBU_BENCH_WINDOW, HAKOBU_BENCH_PREFETCH
 #                            the RabbitMQ window and prefetch, for hakobu and the
@@ -86,7 +89,8 @@ T_START=$EPOCHREALTIME
 
 log() { printf 'bench [%4ds]: %s\n' "$SECONDS" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-skipped() { [[ $SKIP == *" $1 "* ]]; }
+# skipped PART [WHOLE]: PART (or the WHOLE it belongs to) is in HAKOBU_BENCH_SKIP.
+skipped() { [[ $SKIP == *" $1 "* || ( -n ${2:-} && $SKIP == *" $2 "* ) ]]; }
 # Float arithmetic: calc 'EXPR' (awk).
 calc() { awk "BEGIN { printf \"%.6g\", ($1) }"; }
 # A size in bytes as "1 GiB" or "64 MiB".
@@ -376,10 +380,15 @@ prof_start() {
   PROF_PIDS=()
   [[ -n $PROFILE ]] && command -v perf >/dev/null || return 0
   pids=$(IFS=,; echo "$*")
-  start "$PROFILE/$tag.perf.log" perf record -F 199 --call-graph dwarf,32768 -p "$pids" -o "$PROFILE/$tag.perf.data"
+  # The whole machine, so that the brokers, the hooks and the kernel's share
+  # show too (on 2 cores they compete with the agents for the same CPU).
+  start "$PROFILE/$tag.perf.log" perf record -a -F 499 -g -o "$PROFILE/$tag.perf.data"
   PROF_PIDS+=("$LAST_PID")
-  start "$PROFILE/$tag.perf.log" perf trace -s -p "$pids" -o "$PROFILE/$tag.syscalls.txt"
-  PROF_PIDS+=("$LAST_PID")
+  # perf trace costs the traced processes much of their speed: only on request.
+  if [[ -n ${HAKOBU_BENCH_TRACE:-} ]]; then
+    start "$PROFILE/$tag.perf.log" perf trace -s -p "$pids" -o "$PROFILE/$tag.syscalls.txt"
+    PROF_PIDS+=("$LAST_PID")
+  fi
   nap 1
 }
 # prof_stop DIR TAG: stops perf, keeps the agents' logs and configurations.
@@ -550,11 +559,13 @@ for ((r = 1; r <= ROUNDS; r++)); do
   if ! skipped ceiling; then
     ceiling_run "ceiling_r$r"
   fi
-  if ! skipped large; then
+  if ! skipped large_cluster large; then
     large_run cluster "large_cluster_r$r" "$BIG" "$LARGE_BYTES"
   fi
-  disk_run "disk_r$r"
-  if ! skipped large; then
+  if ! skipped disk; then
+    disk_run "disk_r$r"
+  fi
+  if ! skipped large_embedded large; then
     large_run embedded "large_embedded_r$r" "$BIG" "$LARGE_BYTES"
   fi
 done
@@ -564,9 +575,15 @@ if ! skipped small; then
     ceiling_run small_ceiling $((2 * SMALL_N * SMALL_SIZE)) "$SMALL_SIZE"
     R[small_ceiling_fps]=$(calc "${R[small_ceiling_msgs_per_s]} / 2")
   fi
-  small_floor_run small_floor
-  small_run cluster small_cluster
-  small_run embedded small_embedded
+  if ! skipped floor; then
+    small_floor_run small_floor
+  fi
+  if ! skipped small_cluster; then
+    small_run cluster small_cluster
+  fi
+  if ! skipped small_embedded; then
+    small_run embedded small_embedded
+  fi
 fi
 if ! skipped latency; then
   latency_run cluster latency_cluster

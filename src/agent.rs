@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::broker::embedded::{Embedded, server};
 use crate::broker::{Broker, Delivery};
 use crate::config::{BrokerConfig, Config};
-use crate::receiver::Receiver;
+use crate::receiver::{Commits, Receiver};
 use crate::sender::Sender;
 use crate::store::Store;
 use crate::wire::Message;
@@ -137,6 +137,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     receiver.recover().await?;
     sender.recover().await?;
     let mut deliveries = broker.subscribe(&cfg.node).await?;
+    let commits = receiver.start_commits();
     sender.start_watchers();
     tokio::spawn(sender.clone().poll_queued());
     tokio::spawn(receiver.clone().expire_stale());
@@ -146,7 +147,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             d = deliveries.recv() => match d {
-                Some(d) => dispatch(&receiver, &sender, d, &mut deliveries).await,
+                Some(d) => dispatch(&receiver, &commits, &sender, d, &mut deliveries).await,
                 None => anyhow::bail!("the broker subscription ended"),
             },
             _ = tokio::signal::ctrl_c() => break,
@@ -157,6 +158,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // finish. What does not finish in time resumes from the ledger at the
     // next start (a hook cut off is recorded as interrupted, not re-run).
     drop(deliveries);
+    drop(commits);
     tasks.close();
     info!(
         message = "Agent stopping; waiting for work under way.",
@@ -179,9 +181,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 const BATCH: usize = 64;
 
 /// Handles `first` and whatever else has already arrived: chunks as one
-/// batch, receipts side by side (their ledger writes share a flush).
+/// batch (written here, made durable and acked by the commit stage while the
+/// next deliveries arrive), receipts side by side (their ledger writes share
+/// a flush).
 async fn dispatch(
     receiver: &Arc<Receiver>,
+    commits: &Commits,
     sender: &Arc<Sender>,
     first: Delivery,
     more: &mut tokio::sync::mpsc::Receiver<Delivery>,
@@ -189,12 +194,16 @@ async fn dispatch(
     let mut chunks = Vec::new();
     let mut receipts = Vec::new();
     let mut next = Some(first);
-    while let Some(d) = next.take() {
-        match Message::decode(d.payload.clone()) {
+    while let Some(mut d) = next.take() {
+        // The delivery keeps only what settles it: a chunk's body is freed
+        // as soon as it is written, while its ack waits for the commit.
+        let payload = std::mem::take(&mut d.payload);
+        let bytes = payload.len();
+        match Message::decode(payload) {
             Ok(Message::Chunk(h, body)) => chunks.push((h, body, d)),
             Ok(Message::Receipt(r)) => receipts.push(sender.on_receipt(r, d)),
             Err(e) => {
-                warn!(message = "Dead-lettering a message that cannot be parsed.", error_code = e.code(), error = %e, bytes = d.payload.len());
+                warn!(message = "Dead-lettering a message that cannot be parsed.", error_code = e.code(), error = %e, bytes);
                 let _ = d.dead_letter().await;
             }
         }
@@ -204,7 +213,7 @@ async fn dispatch(
     }
     let chunks = async {
         if !chunks.is_empty() {
-            receiver.on_chunks(chunks).await;
+            receiver.on_chunks(chunks, commits).await;
         }
     };
     futures::future::join(chunks, futures::future::join_all(receipts)).await;

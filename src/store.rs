@@ -890,17 +890,22 @@ impl Store {
     }
 
     /// Records chunks that are on disk, in one transaction (one fsync for the
-    /// batch); returns, per chunk, how many distinct chunks its transfer has.
-    /// The chunk rows and the counters move together, so a crash cannot leave
-    /// a transfer one chunk short forever.
-    pub fn add_chunks(&self, chunks: &[(&str, u64)]) -> Result<Vec<u64>> {
+    /// batch); returns, per chunk, how many distinct chunks its transfer has
+    /// and whether its digest (the trailer) is known. The chunk rows and the
+    /// counters move together, so a crash cannot leave a transfer one chunk
+    /// short forever.
+    pub fn add_chunks(&self, chunks: &[(&str, u64)]) -> Result<Vec<(u64, bool)>> {
         let mut db = self.db();
         let tx = db.transaction()?;
         let now = unix_now();
         let mut have = Vec::with_capacity(chunks.len());
         for (transfer_id, idx) in chunks {
+            // Only while the transfer is receiving: a chunk committed after
+            // its transfer failed (or ended) leaves no row behind.
             let inserted = tx.run(
-                "INSERT OR IGNORE INTO chunks (transfer_id, idx) VALUES (?1, ?2)",
+                "INSERT OR IGNORE INTO chunks (transfer_id, idx)
+                 SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM transfers
+                    WHERE direction = 'receive' AND transfer_id = ?1 AND status = 'receiving')",
                 params![transfer_id, *idx as i64],
             )?;
             tx.run(
@@ -908,12 +913,13 @@ impl Store {
                  WHERE direction = 'receive' AND transfer_id = ?1",
                 params![transfer_id, inserted as i64, now],
             )?;
-            let n: i64 = tx.one(
-                "SELECT chunks_have FROM transfers WHERE direction = 'receive' AND transfer_id = ?1",
+            let (n, digest): (i64, bool) = tx.one(
+                "SELECT chunks_have, sha256 IS NOT NULL FROM transfers
+                 WHERE direction = 'receive' AND transfer_id = ?1",
                 params![transfer_id],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            have.push(n as u64);
+            have.push((n as u64, digest));
         }
         tx.commit()?;
         Ok(have)
@@ -1031,7 +1037,7 @@ mod tests {
             Status::Receiving,
         );
         store.insert(&row).unwrap();
-        assert_eq!(store.add_chunks(&[("t1", 0)]).unwrap(), vec![1]);
+        assert_eq!(store.add_chunks(&[("t1", 0)]).unwrap(), vec![(1, false)]);
         // The inode is recorded with `placing`, before the name appears.
         store.placing("t1", "alpha", "/in/a.csv", 42).unwrap();
         let got = store.received("t1").unwrap().unwrap();

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
@@ -169,14 +170,36 @@ impl Receiver {
             .remove(transfer_id);
     }
 
-    /// Handles a batch of chunks: checks and writes each, then one fsync per
-    /// partial file and one ledger transaction for the whole batch (group
-    /// commit), then the acks. A chunk that completes a transfer hands it to
-    /// a completion task; from then on the ledger, not the broker, carries the
-    /// transfer, so no delivery stays unacked while hooks run.
-    pub async fn on_chunks(self: &Arc<Self>, batch: Vec<(ChunkHeader, Bytes, Delivery)>) {
-        // Transfers are staged side by side (creating and writing files waits
-        // on the disk); the chunks of one transfer in order.
+    /// Starts the commit stage (see [`Receiver::on_chunks`]): a task, tracked
+    /// with the completion tasks, that makes staged chunks durable, records
+    /// and acks them. It ends once the returned handle is dropped and what
+    /// was handed to it is done.
+    pub fn start_commits(self: &Arc<Self>) -> Commits {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Written>>();
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            while let Some(mut batch) = rx.recv().await {
+                // Whatever was staged while the last commit ran joins this one.
+                while let Ok(more) = rx.try_recv() {
+                    batch.extend(more);
+                }
+                this.commit(batch).await;
+            }
+        });
+        Commits(tx)
+    }
+
+    /// Stage one of receiving a batch of chunks: checks each and writes it
+    /// into its partial file (the page cache), transfers side by side, the
+    /// chunks of one transfer in order; then hands them to the commit stage
+    /// and returns. Stage two ([`Receiver::commit`]) makes them durable and
+    /// acks them while the next deliveries are already being written: the
+    /// disk's flush and the network's next chunks overlap.
+    pub async fn on_chunks(
+        self: &Arc<Self>,
+        batch: Vec<(ChunkHeader, Bytes, Delivery)>,
+        commits: &Commits,
+    ) {
         let mut by_transfer: HashMap<String, Vec<(ChunkHeader, Bytes, Delivery)>> = HashMap::new();
         for c in batch {
             by_transfer
@@ -199,6 +222,29 @@ impl Receiver {
         if written.is_empty() {
             return;
         }
+        if let Err(mpsc::error::SendError(written)) = commits.0.send(written) {
+            // Stopping: not acked, so the broker delivers them again.
+            for w in written {
+                let _ = w.d.requeue().await;
+            }
+        }
+    }
+
+    /// Stage two: one fsync per partial file the batch touched and one ledger
+    /// transaction for the whole batch (group commit), then the acks. A chunk
+    /// that completes a transfer hands it to a completion task; from then on
+    /// the ledger, not the broker, carries the transfer, so no delivery stays
+    /// unacked while hooks run.
+    async fn commit(self: &Arc<Self>, written: Vec<Written>) {
+        // A transfer failed (or finished) since its chunk was staged: the
+        // chunk is moot, and its partial file may be gone.
+        let (moot, written): (Vec<Written>, Vec<Written>) = {
+            let busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+            written
+                .into_iter()
+                .partition(|w| busy.contains(&w.h.transfer_id))
+        };
+        futures::future::join_all(moot.iter().map(|w| w.d.ack())).await;
         // Durable before recorded: one fsync per partial file the batch touched.
         let mut partials: Vec<PathBuf> = written.iter().map(|w| w.partial.clone()).collect();
         partials.sort();
@@ -228,6 +274,9 @@ impl Receiver {
                 .unwrap_or_else(|| ReceiveError::Io("sync failed".into()));
             self.reject(&w.h, e, w.d).await;
         }
+        if ok.is_empty() {
+            return;
+        }
         let keys: Vec<(&str, u64)> = ok
             .iter()
             .map(|w| (w.h.transfer_id.as_str(), w.idx))
@@ -237,15 +286,16 @@ impl Receiver {
             Err(e) => {
                 error!(message = "State database failed while recording chunks; requeueing them.", error = %e);
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                for w in ok {
-                    let _ = w.d.requeue().await;
-                }
+                futures::future::join_all(ok.iter().map(|w| w.d.requeue())).await;
                 return;
             }
         };
+        futures::future::join_all(ok.iter().map(|w| w.d.ack())).await;
         for (w, have) in ok.into_iter().zip(have) {
-            let _ = w.d.ack().await;
-            if w.digest_known && Some(have) == w.h.chunk_count() && self.claim(&w.h.transfer_id) {
+            // Complete: every chunk recorded, and the trailer's digest (the
+            // recorded row's, whichever batch brought it).
+            let (have, digest_known) = have;
+            if digest_known && Some(have) == w.h.chunk_count() && self.claim(&w.h.transfer_id) {
                 self.tasks
                     .spawn(self.clone().complete(w.h.transfer_id.clone()));
             }
@@ -283,17 +333,7 @@ impl Receiver {
             return None;
         }
         match self.write(&h, body).await {
-            Ok(Staged::Written {
-                idx,
-                partial,
-                digest_known,
-            }) => Some(Written {
-                h,
-                idx,
-                partial,
-                digest_known,
-                d,
-            }),
+            Ok(Staged::Written { idx, partial }) => Some(Written { h, idx, partial, d }),
             Ok(Staged::Settled) => {
                 let _ = d.ack().await;
                 if self.claim(&h.transfer_id) {
@@ -408,12 +448,7 @@ impl Receiver {
         if let (Some(t), false) = (&h.last, inserted) {
             store.set_trailer(tid, &h.from, &t.sha256, &t.started_at, &t.meta)?;
         }
-        let digest_known = h.last.is_some() || row.sha256.is_some();
-        Ok(Staged::Written {
-            idx,
-            partial,
-            digest_known,
-        })
+        Ok(Staged::Written { idx, partial })
     }
 
     /// Takes the transfer's running digest, when `offset` continues it (the
@@ -732,24 +767,21 @@ impl Receiver {
 /// What checking and writing one chunk came to.
 enum Staged {
     /// Written to the partial file; to be synced, recorded and acked.
-    Written {
-        idx: u64,
-        partial: PathBuf,
-        digest_known: bool,
-    },
+    Written { idx: u64, partial: PathBuf },
     /// The transfer is already past assembly.
     Settled,
     /// Not ours to process; ack and forget.
     Ignore,
 }
 
+/// The commit stage's inbox (see [`Receiver::start_commits`]).
+pub struct Commits(mpsc::UnboundedSender<Vec<Written>>);
+
 /// A chunk written, waiting for the batch's fsync and ledger commit.
 struct Written {
     h: ChunkHeader,
     idx: u64,
     partial: PathBuf,
-    /// This chunk or an earlier one carried the digest.
-    digest_known: bool,
     d: Delivery,
 }
 

@@ -41,7 +41,7 @@ pub struct Stored {
 
 struct Segment {
     file: Arc<File>,
-    acks: Option<File>,
+    acks: Option<Arc<File>>,
     size: u64,
     live: u64,
     live_bytes: u64,
@@ -224,15 +224,15 @@ impl Log {
             return self.drop_segment(loc.segment);
         }
         if seg.acks.is_none() {
-            seg.acks = Some(
+            seg.acks = Some(Arc::new(
                 OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(ack_path(&dir, loc.segment))?,
-            );
+            ));
         }
-        if let Some(f) = seg.acks.as_mut() {
-            f.write_all(&id.to_be_bytes())?;
+        if let Some(f) = &seg.acks {
+            (&**f).write_all(&id.to_be_bytes())?;
         }
         seg.dirty = true;
         Ok(())
@@ -240,14 +240,20 @@ impl Log {
 
     /// Makes every append and ack so far durable: one fsync per dirty file.
     pub fn sync(&mut self) -> io::Result<()> {
+        self.take_dirty().sync()
+    }
+
+    /// The files written since the last call, marked clean: syncing them
+    /// (on another thread, while appends go on) makes every append and ack
+    /// made before this call durable.
+    pub fn take_dirty(&mut self) -> Dirty {
+        let mut files = Vec::new();
         for seg in self.segments.values_mut().filter(|s| s.dirty) {
-            seg.file.sync_data()?;
-            if let Some(a) = &seg.acks {
-                a.sync_data()?;
-            }
+            files.push(seg.file.clone());
+            files.extend(seg.acks.clone());
             seg.dirty = false;
         }
-        Ok(())
+        Dirty(files)
     }
 
     pub fn read(&self, loc: Loc) -> io::Result<Bytes> {
@@ -260,11 +266,14 @@ impl Log {
         Ok(Bytes::from(buf))
     }
 
-    /// A sealed segment more than half dead, worth compacting.
-    pub fn compaction_candidate(&self) -> Option<u64> {
+    /// A sealed segment more than half dead, worth compacting, among those
+    /// `movable` allows.
+    pub fn compaction_candidate(&self, movable: impl Fn(u64) -> bool) -> Option<u64> {
         self.segments
             .iter()
-            .find(|(id, s)| **id != self.current && s.live > 0 && s.live_bytes * 2 < s.size)
+            .find(|(id, s)| {
+                **id != self.current && s.live > 0 && s.live_bytes * 2 < s.size && movable(**id)
+            })
             .map(|(id, _)| *id)
     }
 
@@ -281,10 +290,21 @@ impl Log {
     }
 }
 
-/// Reads a segment's records; returns them and the length of the valid prefix.
+/// Files to fsync, from [`Log::take_dirty`]. Holding them is safe after their
+/// segment is dropped: the descriptors stay valid, and syncing an unlinked
+/// file is harmless.
+pub struct Dirty(Vec<Arc<File>>);
+
+impl Dirty {
+    pub fn sync(&self) -> io::Result<()> {
+        self.0.iter().try_for_each(|f| f.sync_data())
+    }
+}
+
 /// The records of one segment as `(id, queue, location)`.
 type Records = Vec<(u64, String, Loc)>;
 
+/// Reads a segment's records; returns them and the length of the valid prefix.
 fn scan(path: &Path) -> io::Result<(Records, u64)> {
     let seg: u64 = path
         .file_stem()

@@ -25,7 +25,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tracing::{debug, error, info, warn};
 
 use super::frame::{Frame, MAX_FRAME, PROTOCOL_VERSION};
-use super::log::{Loc, Log};
+use super::log::{Dirty, Loc, Log};
 use crate::broker::DEAD_LETTER_QUEUE;
 
 /// A queue over this many stored bytes makes its publishers wait, by default.
@@ -112,9 +112,11 @@ pub async fn start(
             deliveries: 0,
         });
     }
+    let flusher =
+        Flusher::start(tx.downgrade()).map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
     std::thread::Builder::new()
         .name("hakobu-broker".into())
-        .spawn(move || core.run(rx))
+        .spawn(move || core.run(rx, flusher))
         .map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
     info!(message = "Embedded broker listening.", %addr, data = %data.display(), restored_messages = restored);
     let token = token.map(Arc::new);
@@ -332,6 +334,11 @@ enum Cmd {
     Gone {
         conn: u64,
     },
+    /// From the flusher: a batch is durable (or its fsync failed).
+    Synced {
+        result: Result<(), String>,
+        confirms: Confirms,
+    },
 }
 
 /// How a consumer settles a delivery.
@@ -383,8 +390,36 @@ impl Queue {
     }
 }
 
+/// The thread that fsyncs for the core: it takes one batch at a time and
+/// reports back through the core's own command channel (holding it weakly,
+/// so that it never keeps a stopped broker's channel open).
+struct Flusher(std::sync::mpsc::Sender<(Dirty, Confirms)>);
+
+impl Flusher {
+    fn start(core: mpsc::WeakUnboundedSender<Cmd>) -> std::io::Result<Flusher> {
+        let (tx, rx) = std::sync::mpsc::channel::<(Dirty, Confirms)>();
+        std::thread::Builder::new()
+            .name("hakobu-broker-sync".into())
+            .spawn(move || {
+                while let Ok((dirty, confirms)) = rx.recv() {
+                    let result = dirty.sync().map_err(|e| e.to_string());
+                    let Some(core) = core.upgrade() else { return };
+                    if core.send(Cmd::Synced { result, confirms }).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Flusher(tx))
+    }
+}
+
 struct Core {
     log: Log,
+    /// A batch is with the flusher now.
+    flushing: bool,
+    /// Messages appended and not yet confirmed, per segment: they are in no
+    /// queue yet, so compaction must leave their segments alone.
+    unconfirmed: HashMap<u64, usize>,
     next_id: u64,
     queues: HashMap<String, Queue>,
     /// Where each delivered message is: tag → queue.
@@ -399,6 +434,8 @@ impl Core {
     fn new(log: Log, next_id: u64, max_queue: u64) -> Self {
         Core {
             log,
+            flushing: false,
+            unconfirmed: HashMap::new(),
             next_id,
             queues: HashMap::new(),
             tags: HashMap::new(),
@@ -410,34 +447,35 @@ impl Core {
         self.queues.entry(name.to_string()).or_default()
     }
 
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    /// Group commit, pipelined: appends wait in `waiting` while the flusher
+    /// syncs the previous batch; when it reports back, that batch is
+    /// confirmed and made deliverable, and everything appended meanwhile
+    /// goes to the flusher as the next batch. Appends, acks and deliveries
+    /// never wait for the disk's flush.
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, flusher: Flusher) {
+        let mut waiting: Confirms = Vec::new();
         while let Some(first) = rx.blocking_recv() {
-            let mut confirms: Confirms = Vec::new();
             let mut pending_dead: Vec<(String, Msg)> = Vec::new();
-            self.handle(first, &mut confirms, &mut pending_dead);
-            // Group commit: everything already waiting joins this fsync.
-            while confirms.len() < 4096 {
+            self.handle(first, &mut waiting, &mut pending_dead);
+            while waiting.len() < 4096 {
                 match rx.try_recv() {
-                    Ok(cmd) => self.handle(cmd, &mut confirms, &mut pending_dead),
+                    Ok(cmd) => self.handle(cmd, &mut waiting, &mut pending_dead),
                     Err(_) => break,
                 }
             }
             for (queue, msg) in pending_dead {
-                self.dead_letter(&queue, msg, &mut confirms);
+                self.dead_letter(&queue, msg, &mut waiting);
             }
-            self.unpark(&mut confirms);
-            let synced = self.log.sync();
-            for (reply, visible) in confirms {
-                match &synced {
-                    Ok(()) => {
-                        if let Some((queue, msg)) = visible {
-                            self.queue(&queue).push_ready(msg);
-                        }
-                        let _ = reply.send(Ok(()));
-                    }
-                    Err(e) => {
-                        error!(message = "Broker fsync failed; refusing the batch.", error = %e);
-                        let _ = reply.send(Err(format!("broker disk error: {e}")));
+            self.unpark(&mut waiting);
+            if !self.flushing && !waiting.is_empty() {
+                let batch = (self.log.take_dirty(), std::mem::take(&mut waiting));
+                match flusher.0.send(batch) {
+                    Ok(()) => self.flushing = true,
+                    // The flusher thread is gone (short of a panic it cannot
+                    // be): flush here instead.
+                    Err(std::sync::mpsc::SendError((dirty, confirms))) => {
+                        let result = dirty.sync().map_err(|e| e.to_string());
+                        self.synced(result, confirms);
                     }
                 }
             }
@@ -446,8 +484,39 @@ impl Core {
         }
     }
 
+    /// A batch is durable (or failed to be): confirm it, and make its
+    /// messages deliverable.
+    fn synced(&mut self, result: Result<(), String>, confirms: Confirms) {
+        self.flushing = false;
+        if let Err(e) = &result {
+            error!(message = "Broker fsync failed; refusing the batch.", error = %e);
+        }
+        for (reply, visible) in confirms {
+            if let Some((_, msg)) = &visible {
+                if let Some(n) = self.unconfirmed.get_mut(&msg.loc.segment) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.unconfirmed.remove(&msg.loc.segment);
+                    }
+                }
+            }
+            match &result {
+                Ok(()) => {
+                    if let Some((queue, msg)) = visible {
+                        self.queue(&queue).push_ready(msg);
+                    }
+                    let _ = reply.send(Ok(()));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(format!("broker disk error: {e}")));
+                }
+            }
+        }
+    }
+
     fn handle(&mut self, cmd: Cmd, confirms: &mut Confirms, dead: &mut Vec<(String, Msg)>) {
         match cmd {
+            Cmd::Synced { result, confirms } => self.synced(result, confirms),
             Cmd::Publish {
                 queue,
                 payload,
@@ -512,17 +581,15 @@ impl Core {
         let id = self.next_id;
         self.next_id += 1;
         match self.log.append(id, queue, payload) {
-            Ok(loc) => confirms.push((
-                reply,
-                Some((
-                    queue.to_string(),
-                    Msg {
-                        id,
-                        loc,
-                        deliveries: 0,
-                    },
-                )),
-            )),
+            Ok(loc) => {
+                *self.unconfirmed.entry(loc.segment).or_default() += 1;
+                let msg = Msg {
+                    id,
+                    loc,
+                    deliveries: 0,
+                };
+                confirms.push((reply, Some((queue.to_string(), msg))));
+            }
             Err(e) => {
                 error!(message = "Broker append failed.", error = %e);
                 let _ = reply.send(Err(format!("broker disk error: {e}")));
@@ -634,7 +701,11 @@ impl Core {
 
     /// Moves the live messages of a mostly-dead segment forward, then drops it.
     fn compact(&mut self) {
-        let Some(seg) = self.log.compaction_candidate() else {
+        let unconfirmed = &self.unconfirmed;
+        let Some(seg) = self
+            .log
+            .compaction_candidate(|seg| !unconfirmed.contains_key(&seg))
+        else {
             return;
         };
         let mut moved = 0;
