@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::broker::embedded::{Embedded, server};
 use crate::broker::{Broker, Delivery};
+use crate::coalesce::Coalescer;
 use crate::config::{BrokerConfig, Config};
 use crate::receiver::{Commits, Receiver};
 use crate::sender::Sender;
@@ -126,14 +127,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let store = Store::open(&cfg.db_path())?;
     let (broker, window, _hosted) = open_broker(&cfg).await?;
     let tasks = TaskTracker::new();
-    let receiver = Receiver::new(cfg.clone(), store.clone(), broker.clone(), tasks.clone());
-    let sender = Sender::new(
-        cfg.clone(),
-        store.clone(),
-        broker.clone(),
-        window,
-        tasks.clone(),
-    );
+    let out = Coalescer::new(broker.clone());
+    let receiver = Receiver::new(cfg.clone(), store.clone(), out.clone(), tasks.clone());
+    let sender = Sender::new(cfg.clone(), store.clone(), out, window, tasks.clone());
     receiver.recover().await?;
     sender.recover().await?;
     let mut deliveries = broker.subscribe(&cfg.node).await?;
@@ -200,6 +196,20 @@ async fn dispatch(
         let payload = std::mem::take(&mut d.payload);
         let bytes = payload.len();
         match Message::decode(payload) {
+            Ok(Message::Batch(parts)) => {
+                // Each part settles its share; the message settles with the last.
+                let n = parts.len();
+                for (part, d) in parts.into_iter().zip(d.split(n)) {
+                    match part {
+                        Message::Chunk(h, body) => chunks.push((h, body, d)),
+                        Message::Receipt(r) => receipts.push(sender.on_receipt(r, d)),
+                        // The decoder refuses nested batches.
+                        Message::Batch(_) => {
+                            let _ = d.dead_letter().await;
+                        }
+                    }
+                }
+            }
             Ok(Message::Chunk(h, body)) => chunks.push((h, body, d)),
             Ok(Message::Receipt(r)) => receipts.push(sender.on_receipt(r, d)),
             Err(e) => {

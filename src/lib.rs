@@ -9,6 +9,8 @@
 //! - [`receiver`]: consume → assemble → verify → place → record → hooks → receipt.
 //! - [`broker`]: the broker trait and its backends; only they know a broker protocol.
 //! - [`wire`]: the message format; only it turns messages into bytes.
+//! - [`coalesce`]: publishes what waits for the same node as one broker
+//!   message (small files, receipts).
 //! - [`store`]: the SQLite state database: history and the exactly-once ledger.
 //! - [`hooks`]: the hook runner; only it starts hook commands.
 //! - [`durable`]: fsync/rename helpers every placed or checkpointed file goes through.
@@ -19,6 +21,7 @@ pub mod agent;
 pub mod broker;
 pub mod cli;
 pub mod clock;
+pub mod coalesce;
 pub mod config;
 pub mod durable;
 pub mod hooks;

@@ -4,6 +4,10 @@
 //!
 //! Frame layout (all integers big-endian):
 //! `"HKB"` · version `u8` · kind `u8` · header length `u32` · header (JSON) · body
+//!
+//! A batch (kind 3) carries several chunk or receipt frames in one broker
+//! message: its header is `{"count":N}`, its body N times `length u32 · frame`.
+//! Batches do not nest.
 
 use std::collections::BTreeMap;
 
@@ -14,7 +18,10 @@ const MAGIC: &[u8; 3] = b"HKB";
 pub const VERSION: u8 = 1;
 const KIND_CHUNK: u8 = 1;
 const KIND_RECEIPT: u8 = 2;
+const KIND_BATCH: u8 = 3;
 const PREFIX: usize = 3 + 1 + 1 + 4;
+/// Most messages one batch may carry.
+pub const MAX_BATCH: usize = 1024;
 /// Headers are small; anything larger is hostile.
 pub const MAX_HEADER: usize = 64 * 1024;
 
@@ -79,6 +86,15 @@ pub struct Receipt {
 pub enum Message {
     Chunk(ChunkHeader, Bytes),
     Receipt(Receipt),
+    /// Chunks and receipts that travel together in one broker message
+    /// (small files, and the receipts of a burst); never a batch itself.
+    Batch(Vec<Message>),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchHeader {
+    count: usize,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -97,6 +113,8 @@ pub enum DecodeError {
     Header(String),
     #[error("a receipt carries no body")]
     ReceiptBody,
+    #[error("malformed batch: {0}")]
+    Batch(&'static str),
 }
 
 impl DecodeError {
@@ -107,22 +125,105 @@ impl DecodeError {
 
 impl Message {
     pub fn encode(&self) -> Bytes {
-        let (kind, header, body): (u8, Vec<u8>, &[u8]) = match self {
-            Message::Chunk(h, body) => (KIND_CHUNK, to_json(h), body),
-            Message::Receipt(r) => (KIND_RECEIPT, to_json(r), &[]),
+        let mut out = BytesMut::with_capacity(PREFIX + 512 + self.body_len());
+        self.encode_into(&mut out);
+        out.freeze()
+    }
+
+    /// A batch of `parts` (chunks and receipts; nested batches are flattened).
+    pub fn batch(parts: Vec<Message>) -> Message {
+        let mut flat = Vec::with_capacity(parts.len());
+        for p in parts {
+            match p {
+                Message::Batch(inner) => flat.extend(inner),
+                other => flat.push(other),
+            }
+        }
+        Message::Batch(flat)
+    }
+
+    /// Bytes of payload: what a batch limit counts.
+    pub fn body_len(&self) -> usize {
+        match self {
+            Message::Chunk(_, body) => body.len(),
+            Message::Receipt(_) => 0,
+            Message::Batch(parts) => parts.iter().map(Message::body_len).sum(),
+        }
+    }
+
+    fn encode_into(&self, out: &mut BytesMut) {
+        let (kind, header) = match self {
+            Message::Chunk(h, _) => (KIND_CHUNK, to_json(h)),
+            Message::Receipt(r) => (KIND_RECEIPT, to_json(r)),
+            Message::Batch(parts) => (KIND_BATCH, to_json(&BatchHeader { count: parts.len() })),
         };
-        let mut out = BytesMut::with_capacity(PREFIX + header.len() + body.len());
         out.put_slice(MAGIC);
         out.put_u8(VERSION);
         out.put_u8(kind);
         out.put_u32(header.len() as u32);
         out.put_slice(&header);
-        out.put_slice(body);
-        out.freeze()
+        match self {
+            Message::Chunk(_, body) => out.put_slice(body),
+            Message::Receipt(_) => {}
+            Message::Batch(parts) => {
+                for p in parts {
+                    // The part's length goes in front once it is written.
+                    let at = out.len();
+                    out.put_u32(0);
+                    p.encode_into(out);
+                    let len = (out.len() - at - 4) as u32;
+                    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+                }
+            }
+        }
     }
 
-    /// Decodes a frame. The body is a zero-copy slice of `frame`.
+    /// Decodes a frame. Bodies are zero-copy slices of `frame`.
     pub fn decode(frame: Bytes) -> Result<Message, DecodeError> {
+        match Self::decode_one(frame)? {
+            (KIND_BATCH, header, body) => {
+                let count = from_json::<BatchHeader>(&header)?.count;
+                if count == 0 || count > MAX_BATCH {
+                    return Err(DecodeError::Batch("count out of range"));
+                }
+                let mut parts = Vec::with_capacity(count);
+                let mut rest = body;
+                while rest.len() >= 4 {
+                    let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                    if len > rest.len() - 4 {
+                        return Err(DecodeError::Batch("a part is longer than the batch"));
+                    }
+                    let part = rest.slice(4..4 + len);
+                    rest = rest.slice(4 + len..);
+                    let (kind, header, body) = Self::decode_one(part)?;
+                    if kind == KIND_BATCH {
+                        return Err(DecodeError::Batch("nested batch"));
+                    }
+                    parts.push(Self::single(kind, &header, body)?);
+                    if parts.len() > count {
+                        break;
+                    }
+                }
+                if parts.len() != count || !rest.is_empty() {
+                    return Err(DecodeError::Batch("part count or length does not match"));
+                }
+                Ok(Message::Batch(parts))
+            }
+            (kind, header, body) => Self::single(kind, &header, body),
+        }
+    }
+
+    fn single(kind: u8, header: &[u8], body: Bytes) -> Result<Message, DecodeError> {
+        match kind {
+            KIND_CHUNK => Ok(Message::Chunk(from_json(header)?, body)),
+            KIND_RECEIPT if body.is_empty() => Ok(Message::Receipt(from_json(header)?)),
+            KIND_RECEIPT => Err(DecodeError::ReceiptBody),
+            other => Err(DecodeError::Kind(other)),
+        }
+    }
+
+    /// One frame's kind, header and body, every length checked.
+    fn decode_one(frame: Bytes) -> Result<(u8, Bytes, Bytes), DecodeError> {
         if frame.len() < PREFIX {
             return Err(DecodeError::Short(frame.len()));
         }
@@ -141,14 +242,9 @@ impl Message {
                 available,
             });
         }
-        let header = &frame[PREFIX..PREFIX + declared];
+        let header = frame.slice(PREFIX..PREFIX + declared);
         let body = frame.slice(PREFIX + declared..);
-        match kind {
-            KIND_CHUNK => Ok(Message::Chunk(from_json(header)?, body)),
-            KIND_RECEIPT if body.is_empty() => Ok(Message::Receipt(from_json(header)?)),
-            KIND_RECEIPT => Err(DecodeError::ReceiptBody),
-            other => Err(DecodeError::Kind(other)),
-        }
+        Ok((kind, header, body))
     }
 }
 
@@ -238,6 +334,63 @@ mod tests {
         assert_eq!(Message::decode(r.encode()).unwrap(), r);
     }
 
+    fn receipt(tid: &str) -> Message {
+        Message::Receipt(Receipt {
+            transfer_id: tid.into(),
+            file_id: "F".into(),
+            from: "beta".into(),
+            to: "alpha".into(),
+            ok: true,
+            error_code: None,
+            error: None,
+            path: Some("/in/x".into()),
+            hook_exit: Some(0),
+            finished_at: "2026-01-01T00:00:00Z".into(),
+        })
+    }
+
+    #[test]
+    fn batches_round_trip_and_refuse_lies() {
+        let b = Message::batch(vec![
+            chunk(),
+            receipt("t1"),
+            Message::batch(vec![receipt("t2")]),
+        ]);
+        let Message::Batch(parts) = &b else {
+            unreachable!()
+        };
+        assert_eq!(parts.len(), 3, "nested batches are flattened");
+        assert_eq!(b.body_len(), 5);
+        let raw = b.encode();
+        assert_eq!(Message::decode(raw.clone()).unwrap(), b);
+        // A part that claims more than the batch holds.
+        let mut lying = raw.to_vec();
+        let first_part = PREFIX + br#"{"count":3}"#.len();
+        lying[first_part..first_part + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            Message::decode(Bytes::from(lying)),
+            Err(DecodeError::Batch(_))
+        ));
+        // A count that does not match the parts, and trailing bytes.
+        let mut wrong = raw.to_vec();
+        wrong[PREFIX + 9] = b'2';
+        assert!(Message::decode(Bytes::from(wrong)).is_err());
+        let mut trailing = raw.to_vec();
+        trailing.push(0);
+        assert!(Message::decode(Bytes::from(trailing)).is_err());
+        // Nested batches on the wire.
+        let mut nested = BytesMut::new();
+        Message::Batch(vec![Message::Batch(vec![receipt("t")])]).encode_into(&mut nested);
+        assert_eq!(
+            Message::decode(nested.freeze()),
+            Err(DecodeError::Batch("nested batch"))
+        );
+        assert!(matches!(
+            Message::decode(Message::Batch(Vec::new()).encode()),
+            Err(DecodeError::Batch(_))
+        ));
+    }
+
     #[test]
     fn rejects_lying_lengths() {
         let mut raw = chunk().encode().to_vec();
@@ -284,6 +437,14 @@ mod tests {
         #[test]
         fn decoding_mutated_frames_never_panics(pos in 0usize..200, byte in any::<u8>()) {
             let mut raw = chunk().encode().to_vec();
+            let i = pos % raw.len();
+            raw[i] = byte;
+            let _ = Message::decode(Bytes::from(raw));
+        }
+
+        #[test]
+        fn decoding_mutated_batches_never_panics(pos in 0usize..2000, byte in any::<u8>()) {
+            let mut raw = Message::batch(vec![chunk(), receipt("t"), chunk()]).encode().to_vec();
             let i = pos % raw.len();
             raw[i] = byte;
             let _ = Message::decode(Bytes::from(raw));

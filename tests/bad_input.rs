@@ -94,6 +94,16 @@ struct Opts {
     profile_extra: &'static str,
 }
 
+/// The receipts a message on a sender's queue carries: one, or a batch of
+/// them (receipts that wait together travel as one message).
+fn receipts_in(msg: Message) -> Vec<Receipt> {
+    match msg {
+        Message::Receipt(r) => vec![r],
+        Message::Batch(parts) => parts.into_iter().flat_map(receipts_in).collect(),
+        other => panic!("the rogue's queue got something other than a receipt: {other:?}"),
+    }
+}
+
 /// A receiving agent, and a rogue publisher on the same cluster.
 ///
 /// Layout of the temporary directory:
@@ -277,17 +287,16 @@ impl Rig {
             };
             let msg = Message::decode(d.payload.clone()).expect("a receipt that decodes");
             self.rt.block_on(d.ack()).expect("ack the receipt");
-            let Message::Receipt(r) = msg else {
-                panic!("the rogue's queue got something other than a receipt: {msg:?}");
-            };
-            *self
-                .receipt_counts
-                .entry(r.transfer_id.clone())
-                .or_default() += 1;
-            if r.transfer_id == tid {
+            for r in receipts_in(msg) {
+                *self
+                    .receipt_counts
+                    .entry(r.transfer_id.clone())
+                    .or_default() += 1;
+                self.early_receipts.insert(r.transfer_id.clone(), r);
+            }
+            if let Some(r) = self.early_receipts.remove(tid) {
                 return r;
             }
-            self.early_receipts.insert(r.transfer_id.clone(), r);
         }
     }
 
@@ -306,7 +315,8 @@ impl Rig {
                     break;
                 };
                 let _ = self.rt.block_on(d.ack());
-                if let Ok(Message::Receipt(r)) = Message::decode(d.payload.clone()) {
+                let msg = Message::decode(d.payload.clone()).expect("a receipt that decodes");
+                for r in receipts_in(msg) {
                     *self
                         .receipt_counts
                         .entry(r.transfer_id.clone())

@@ -17,6 +17,8 @@
 pub mod embedded;
 pub mod rabbitmq;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -96,6 +98,82 @@ impl Delivery {
 
     pub async fn requeue(&self) -> Result<(), BrokerError> {
         self.acker.requeue().await
+    }
+
+    /// Splits a delivery that carries `n` messages (a batch) into `n`
+    /// deliveries that settle it together, once the last of them settles:
+    /// the broker message is requeued if any part asked for that,
+    /// dead-lettered if any part refused its message, acked otherwise.
+    /// Parts settled earlier return `Ok` at once.
+    pub fn split(self, n: usize) -> Vec<Delivery> {
+        let shared = Arc::new(SharedAcker {
+            acker: self.acker,
+            state: Mutex::new((n, Settle::Ack)),
+        });
+        (0..n)
+            .map(|_| Delivery {
+                payload: Bytes::new(),
+                redelivered: self.redelivered,
+                user_id: self.user_id.clone(),
+                acker: Box::new(PartAcker {
+                    shared: shared.clone(),
+                    done: AtomicBool::new(false),
+                }),
+            })
+            .collect()
+    }
+}
+
+/// How a delivery is settled, in increasing precedence.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Settle {
+    Ack,
+    DeadLetter,
+    Requeue,
+}
+
+struct SharedAcker {
+    acker: Box<dyn Acker>,
+    /// Parts not yet settled, and the strongest outcome asked for so far.
+    state: Mutex<(usize, Settle)>,
+}
+
+struct PartAcker {
+    shared: Arc<SharedAcker>,
+    /// This part has settled: settling it again changes nothing.
+    done: AtomicBool,
+}
+
+impl PartAcker {
+    async fn settle(&self, how: Settle) -> Result<(), BrokerError> {
+        if self.done.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let last = {
+            let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.1 = st.1.max(how);
+            st.0 = st.0.saturating_sub(1);
+            (st.0 == 0).then_some(st.1)
+        };
+        match last {
+            None => Ok(()),
+            Some(Settle::Ack) => self.shared.acker.ack().await,
+            Some(Settle::DeadLetter) => self.shared.acker.dead_letter().await,
+            Some(Settle::Requeue) => self.shared.acker.requeue().await,
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for PartAcker {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        self.settle(Settle::Ack).await
+    }
+    async fn dead_letter(&self) -> Result<(), BrokerError> {
+        self.settle(Settle::DeadLetter).await
+    }
+    async fn requeue(&self) -> Result<(), BrokerError> {
+        self.settle(Settle::Requeue).await
     }
 }
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
@@ -20,8 +21,9 @@ use tracing::{error, info, warn};
 pub use assemble::{PARTIAL_DIR, check_file_name, partial_path, valid_transfer_id};
 pub use error::ReceiveError;
 
-use crate::broker::{Broker, Delivery};
+use crate::broker::Delivery;
 use crate::clock::now_rfc3339;
+use crate::coalesce::Coalescer;
 use crate::config::{Config, ReceiveProfile, is_valid_id};
 use crate::hooks::{self, Event, HookContext};
 use crate::store::{Direction, Row, Status, Store};
@@ -32,7 +34,8 @@ const RX: Direction = Direction::Receive;
 pub struct Receiver {
     cfg: Arc<Config>,
     store: Store,
-    broker: Arc<dyn Broker>,
+    /// Publishes to the broker, coalescing what waits for the same node.
+    out: Arc<Coalescer>,
     /// Transfers whose completion runs now; their chunks are duplicates.
     busy: Mutex<HashSet<String>>,
     /// Completion tasks, awaited on a graceful stop.
@@ -52,13 +55,13 @@ impl Receiver {
     pub fn new(
         cfg: Arc<Config>,
         store: Store,
-        broker: Arc<dyn Broker>,
+        out: Arc<Coalescer>,
         tasks: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Receiver {
             cfg,
             store,
-            broker,
+            out,
             busy: Mutex::new(HashSet::new()),
             tasks,
             names: Mutex::new(HashMap::new()),
@@ -214,7 +217,9 @@ impl Receiver {
             }
             written
         });
-        let written: Vec<Written> = futures::future::join_all(staged)
+        let written: Vec<Written> = futures::stream::iter(staged)
+            .buffer_unordered(SIDE_BY_SIDE)
+            .collect::<Vec<_>>()
             .await
             .into_iter()
             .flatten()
@@ -258,7 +263,10 @@ impl Receiver {
                 .unwrap_or_else(|e| Err(ReceiveError::Io(e.to_string())));
             (p, r)
         });
-        let synced = futures::future::join_all(syncs).await;
+        let synced: Vec<_> = futures::stream::iter(syncs)
+            .buffer_unordered(SIDE_BY_SIDE)
+            .collect()
+            .await;
         let mut failed: HashMap<PathBuf, ReceiveError> = HashMap::new();
         for (path, result) in synced {
             if let Err(e) = result {
@@ -738,13 +746,13 @@ impl Receiver {
             hook_exit: row.hook_exit,
             finished_at: row.finished_at.clone().unwrap_or_else(now_rfc3339),
         };
-        let payload = Message::Receipt(receipt).encode();
         let mut backoff = Duration::from_millis(200);
         loop {
-            let sent = match self.broker.publish(&row.peer, payload.clone()).await {
-                Ok(confirm) => confirm.await,
-                Err(e) => Err(e),
-            };
+            // Receipts that wait together travel as one message.
+            let sent = self
+                .out
+                .publish(&row.peer, Message::Receipt(receipt.clone()))
+                .await;
             match sent {
                 Ok(()) => break,
                 Err(e) => {
@@ -773,6 +781,11 @@ enum Staged {
     /// Not ours to process; ack and forget.
     Ignore,
 }
+
+/// Files one batch creates, writes or flushes at once: enough for the disk
+/// to see many requests together, few enough that a batch of small files
+/// does not start a blocking thread for each.
+const SIDE_BY_SIDE: usize = 16;
 
 /// The commit stage's inbox (see [`Receiver::start_commits`]).
 pub struct Commits(mpsc::UnboundedSender<Vec<Written>>);

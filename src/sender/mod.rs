@@ -18,8 +18,9 @@ use publish::parse_spooled;
 pub use publish::spool_path;
 pub use watch::ignored;
 
-use crate::broker::{Broker, Delivery};
+use crate::broker::Delivery;
 use crate::clock::now_rfc3339;
+use crate::coalesce::Coalescer;
 use crate::config::{AfterSend, Config, Ready, SendProfile};
 use crate::durable;
 use crate::hooks::{self, Event, HookContext};
@@ -44,7 +45,8 @@ fn permits_for(bytes: u64, window: u64) -> u32 {
 pub struct Sender {
     cfg: Arc<Config>,
     store: Store,
-    broker: Arc<dyn Broker>,
+    /// Publishes to the broker, coalescing what waits for the same node.
+    out: Arc<Coalescer>,
     window: u64,
     permits: Semaphore,
     /// (transfer id, peer) pairs being published now.
@@ -60,14 +62,14 @@ impl Sender {
     pub fn new(
         cfg: Arc<Config>,
         store: Store,
-        broker: Arc<dyn Broker>,
+        out: Arc<Coalescer>,
         window: u64,
         tasks: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Sender {
             cfg,
             store,
-            broker,
+            out,
             window,
             permits: Semaphore::new(
                 permits_for(window, window) as usize * PARALLEL_WINDOWS as usize,
@@ -253,7 +255,7 @@ impl Sender {
                 }
             };
             match publish::publish(
-                &self.broker,
+                &self.out,
                 &self.cfg.node,
                 &row,
                 self.window,
@@ -416,17 +418,22 @@ impl Sender {
             AfterSend::Keep => Ok(()),
             AfterSend::Delete => durable::remove_if_exists(&path)
                 .and_then(|()| remove_transfer_dir(&path, &self.cfg.spool_dir())),
-            AfterSend::MoveTo(dir) => move_to(&path, dir, tid).and_then(|target| {
-                // History shows where the sent file went.
-                if let Some(target) = target {
-                    for r in &rows {
-                        let _ =
-                            self.store
-                                .set_path(TX, tid, &r.peer, &target.display().to_string());
+            AfterSend::MoveTo(dir) => {
+                move_to(&path, dir, &rows[0].file_name, tid).and_then(|target| {
+                    // History shows where the sent file went.
+                    if let Some(target) = target {
+                        for r in &rows {
+                            let _ = self.store.set_path(
+                                TX,
+                                tid,
+                                &r.peer,
+                                &target.display().to_string(),
+                            );
+                        }
                     }
-                }
-                remove_transfer_dir(&path, &self.cfg.spool_dir())
-            }),
+                    remove_transfer_dir(&path, &self.cfg.spool_dir())
+                })
+            }
         };
         if let Err(e) = done {
             error!(message = "after_send failed; the file stays in the spool.", transfer_id = %tid, path = %path.display(), error = %e);
@@ -590,19 +597,16 @@ fn remove_transfer_dir(file: &Path, spool: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Moves a sent file into `dir`; a taken name gets the transfer id appended.
-/// Returns where it went (`None` when it was moved before).
-fn move_to(path: &Path, dir: &Path, tid: &str) -> std::io::Result<Option<PathBuf>> {
+/// Moves a sent file into `dir` under its own name `name` (not the spool
+/// entry's, which starts with the transfer id); a taken name gets the
+/// transfer id appended. Returns where it went (`None` when it was moved
+/// before).
+fn move_to(path: &Path, dir: &Path, name: &str, tid: &str) -> std::io::Result<Option<PathBuf>> {
     if !path.exists() {
         return Ok(None);
     }
     std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned();
-    let mut target = dir.join(&name);
+    let mut target = dir.join(name);
     if target.exists() {
         target = dir.join(format!("{name}.{tid}"));
     }

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::broker::{Broker, BrokerError, Confirm};
+use crate::broker::{BrokerError, Confirm};
+use crate::coalesce::Coalescer;
 use crate::store::Row;
 use crate::wire::{ChunkHeader, Message, Trailer, chunk_count};
 
@@ -40,8 +41,10 @@ struct InFlight {
 
 /// Publishes the chunks of `row`'s spooled file from `resume` on. Returns the
 /// file's SHA-256 once every chunk is confirmed; `on_progress` sees confirmed bytes.
+/// A file of one chunk goes through `out` with whatever else waits for the
+/// same node; the chunks of a larger one straight to the broker, in a window.
 pub async fn publish(
-    broker: &Arc<dyn Broker>,
+    out: &Coalescer,
     node: &str,
     row: &Row,
     window: u64,
@@ -52,6 +55,15 @@ pub async fn publish(
     let file = std::fs::File::open(&path).map_err(|e| PublishError::Spool(path.clone(), e))?;
     let file = Arc::new(file);
     let count = chunk_count(row.size, row.chunk_size).unwrap_or(1);
+    if count == 1 {
+        let body = read_at(&file, &path, 0, row.size).await?;
+        let sha256 = hex::encode(Sha256::digest(&body));
+        let msg = Message::Chunk(chunk_header(node, row, 0, Some(sha256.clone())), body);
+        out.publish(&row.peer, msg).await?;
+        on_progress(row.size);
+        return Ok(sha256);
+    }
+    let broker = out.broker();
     let mut hasher = resume.hasher.clone();
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut bytes_in_flight = 0u64;
@@ -64,23 +76,8 @@ pub async fn publish(
         let body = read_at(&file, &path, offset, len).await?;
         let hasher_before = hasher.clone();
         hasher.update(&body);
-        let last = (idx + 1 == count).then(|| Trailer {
-            sha256: hex::encode(hasher.clone().finalize()),
-            started_at: row.started_at.clone(),
-            meta: row.meta.clone(),
-        });
-        let header = ChunkHeader {
-            transfer_id: row.transfer_id.clone(),
-            file_id: row.file_id.clone(),
-            from: node.to_string(),
-            to: row.peer.clone(),
-            file_name: row.file_name.clone(),
-            size: row.size,
-            chunk_size: row.chunk_size,
-            offset,
-            last,
-        };
-        let payload = Message::Chunk(header, body).encode();
+        let digest = (idx + 1 == count).then(|| hex::encode(hasher.clone().finalize()));
+        let payload = Message::Chunk(chunk_header(node, row, offset, digest), body).encode();
         while bytes_in_flight + len > window && !in_flight.is_empty() {
             let done = settle(&mut in_flight, resume).await?;
             bytes_in_flight -= done;
@@ -117,6 +114,26 @@ pub async fn publish(
     }
     *resume = Resume::default();
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// The header of `row`'s chunk at `offset`; the last one carries the
+/// file's digest in its trailer.
+fn chunk_header(node: &str, row: &Row, offset: u64, digest: Option<String>) -> ChunkHeader {
+    ChunkHeader {
+        transfer_id: row.transfer_id.clone(),
+        file_id: row.file_id.clone(),
+        from: node.to_string(),
+        to: row.peer.clone(),
+        file_name: row.file_name.clone(),
+        size: row.size,
+        chunk_size: row.chunk_size,
+        offset,
+        last: digest.map(|sha256| Trailer {
+            sha256,
+            started_at: row.started_at.clone(),
+            meta: row.meta.clone(),
+        }),
+    }
 }
 
 /// Awaits the oldest confirm; on failure, points `resume` at it.
