@@ -60,7 +60,8 @@
 #   HAKOBU_BENCH_PROFILE     a directory: for each hakobu measurement, keep the agents'
 #                            logs and configurations there, and record the whole machine
 #                            with `perf record -a -g` (TAG.perf.data) when perf is
-#                            installed; with HAKOBU_BENCH_TRACE=1 also the agents'
+#                            installed (HAKOBU_BENCH_PERF=agents: the agents alone, with
+#                            DWARF call graphs); with HAKOBU_BENCH_TRACE=1 also the agents'
 #                            syscalls with `perf trace -s` (TAG.syscalls.txt; slows them)
 #   HAKOBU_BENCH_LOG         the agents' HAKOBU_LOG [info,lapin=warn]
 #   HAKOBU_BENCH_WINDOW, HAKOBU_BENCH_PREFETCH
@@ -381,8 +382,14 @@ prof_start() {
   [[ -n $PROFILE ]] && command -v perf >/dev/null || return 0
   pids=$(IFS=,; echo "$*")
   # The whole machine, so that the brokers, the hooks and the kernel's share
-  # show too (on 2 cores they compete with the agents for the same CPU).
-  start "$PROFILE/$tag.perf.log" perf record -a -F 499 -g -o "$PROFILE/$tag.perf.data"
+  # show too (on 2 cores they compete with the agents for the same CPU); or,
+  # with HAKOBU_BENCH_PERF=agents, the agents alone with DWARF call graphs
+  # (hakobu is built without frame pointers).
+  if [[ ${HAKOBU_BENCH_PERF:-} == agents ]]; then
+    start "$PROFILE/$tag.perf.log" perf record -F 499 --call-graph dwarf,16384 -p "$pids" -o "$PROFILE/$tag.perf.data"
+  else
+    start "$PROFILE/$tag.perf.log" perf record -a -F 499 -g -o "$PROFILE/$tag.perf.data"
+  fi
   PROF_PIDS+=("$LAST_PID")
   # perf trace costs the traced processes much of their speed: only on request.
   if [[ -n ${HAKOBU_BENCH_TRACE:-} ]]; then

@@ -41,6 +41,14 @@ pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Renames `from` to `to` (one filesystem) and makes the new name durable;
+/// the old name's removal may still be lost in a crash. For placing a
+/// partial file, whose leftover link recovery removes (it knows the inode).
+pub fn rename_into(from: &Path, to: &Path) -> io::Result<()> {
+    fs::rename(from, to)?;
+    fsync_dir(parent(to))
+}
+
 /// Gives `from`'s inode the new name `to`, failing with `AlreadyExists` when
 /// `to` is taken: a rename that never overwrites. `from` keeps its name.
 pub fn link_new(from: &Path, to: &Path) -> io::Result<()> {

@@ -161,14 +161,20 @@ pub async fn run(spec: &HookSpec, ctx: &HookContext, log: &Path) -> HookOutcome 
         duration: started.elapsed(),
         tail: message,
     };
-    if let Some(dir) = log.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let (out, offset) = match OpenOptions::new().create(true).append(true).open(log) {
-        Ok(mut f) => {
-            let offset = f.seek(SeekFrom::End(0)).unwrap_or(0);
-            (f, offset)
+    // Creating a file waits on the filesystem: off the async workers.
+    let path = log.to_path_buf();
+    let opened = tokio::task::spawn_blocking(move || {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
         }
+        let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+        let offset = f.seek(SeekFrom::End(0)).unwrap_or(0);
+        Ok::<_, std::io::Error>((f, offset))
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    let (out, offset) = match opened {
+        Ok(opened) => opened,
         Err(e) => return failed(format!("cannot open hook log {}: {e}", log.display())),
     };
     let err = match out.try_clone() {
@@ -196,11 +202,16 @@ pub async fn run(spec: &HookSpec, ctx: &HookContext, log: &Path) -> HookOutcome 
             (None, true)
         }
     };
+    let duration = started.elapsed();
+    let path = log.to_path_buf();
+    let tail = tokio::task::spawn_blocking(move || tail_of(&path, offset))
+        .await
+        .unwrap_or_default();
     HookOutcome {
         exit,
         timed_out,
-        duration: started.elapsed(),
-        tail: tail_of(log, offset),
+        duration,
+        tail,
     }
 }
 

@@ -234,3 +234,35 @@ fn abandoned_transfer_expires_and_its_partial_is_removed() {
     );
     assert!(p.inbox_files().is_empty());
 }
+
+/// Placing makes only the inbox name durable, so a crash right after it can
+/// leave the partial file's old name as a second link to the placed file.
+/// The next start removes such leftovers (the placed file stays), and keeps
+/// the partial files of transfers it does not know (they may still arrive).
+#[test]
+fn leftover_partial_links_are_removed_at_start() {
+    let mut p = Pair::new(PairOpts::default());
+    p.start();
+    common::drop_file(&p.outbox, "a.csv", |t| fs::write(t, "x\n").unwrap());
+    p.wait_sent(1, Duration::from_secs(60));
+    let tid = p.beta.history()[0]["transfer_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let placed = p.inbox.join("a.csv");
+    let partials = p.inbox.join(".hakobu-partial");
+    let leftover = partials.join(format!("{tid}.part"));
+    fs::hard_link(&placed, &leftover).unwrap();
+    let unknown = partials.join("0190f6c4-0000-7000-8000-00000000abcd.part");
+    fs::write(&unknown, "half").unwrap();
+    p.beta.kill9();
+    p.beta.start();
+    wait_until(Duration::from_secs(10), "the leftover link to go", || {
+        !leftover.exists()
+    });
+    assert_eq!(fs::read_to_string(&placed).unwrap(), "x\n");
+    assert!(
+        unknown.exists(),
+        "an unknown transfer's partial file was removed"
+    );
+}

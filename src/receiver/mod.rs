@@ -72,6 +72,7 @@ impl Receiver {
     /// Resumes what the last run left: placements, receipts not yet sent, and
     /// hooks that were running when the agent died (never re-run silently).
     pub async fn recover(self: &Arc<Self>) -> Result<(), crate::store::StoreError> {
+        self.sweep_partials()?;
         for row in self.store.unfinished()? {
             if row.direction != RX {
                 continue;
@@ -102,6 +103,33 @@ impl Receiver {
             if self.claim(&row.transfer_id) {
                 self.tasks
                     .spawn(self.clone().complete(row.transfer_id.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes partial files left by transfers that are past placing: a
+    /// second link to a placed file (placing makes only the new name
+    /// durable), or the partial of a transfer that failed. Partial files of
+    /// transfers still receiving or placing, or unknown here, stay.
+    fn sweep_partials(&self) -> Result<(), crate::store::StoreError> {
+        for p in &self.cfg.receive {
+            let Ok(entries) = std::fs::read_dir(p.inbox.join(PARTIAL_DIR)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(tid) = name.strip_suffix(".part").filter(|t| valid_transfer_id(t)) else {
+                    continue;
+                };
+                let done = self
+                    .store
+                    .received(tid)?
+                    .is_some_and(|r| !matches!(r.status, Status::Receiving | Status::Placing));
+                if done {
+                    info!(message = "Removing a leftover partial file.", transfer_id = %tid);
+                    let _ = crate::durable::remove_if_exists(&entry.path());
+                }
             }
         }
         Ok(())
@@ -509,8 +537,12 @@ impl Receiver {
         // Success hooks run only right after this call placed the file; a
         // transfer found already in `hook_running` was cut off mid-hook.
         let mut placed_here = false;
+        // Reads need not wait for a flush: every status this loop acts on
+        // was written by a call that waited (here, or before the transfer
+        // was handed to this task).
+        let reads = self.store.deferred();
         loop {
-            let Some(row) = self.store.received(tid)? else {
+            let Some(row) = reads.received(tid)? else {
                 return Ok(());
             };
             let profile = self.cfg.receive_profile(&row.file_id);

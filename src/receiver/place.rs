@@ -104,7 +104,7 @@ pub fn place(
         Mode::Replace => {
             let ino = inode(partial).map_err(io("reading the partial file"))?;
             record(&target, ino)?;
-            durable::rename_durable(partial, &target).map_err(io("placing the file"))?;
+            durable::rename_into(partial, &target).map_err(io("placing the file"))?;
         }
         Mode::Append => {
             // Build old + new beside the partial, then rename it over the
@@ -128,7 +128,7 @@ pub fn place(
             }
             let ino = inode(partial).map_err(io("reading the partial file"))?;
             record(&target, ino)?;
-            durable::rename_durable(partial, &target).map_err(io("placing the file"))?;
+            durable::rename_into(partial, &target).map_err(io("placing the file"))?;
         }
     }
     Ok(target)

@@ -235,7 +235,9 @@ impl Sender {
         let mut resume = publish::Resume::default();
         let mut backoff = Duration::from_millis(200);
         loop {
-            let row = match self.store.get(TX, tid, peer) {
+            // `sending` was recorded by a call that waited (claim, recovery,
+            // poll_queued): the read need not wait for a flush.
+            let row = match self.store.deferred().get(TX, tid, peer) {
                 Ok(Some(r)) if r.status == Status::Sending => r,
                 Ok(_) => return,
                 Err(e) => {
@@ -345,7 +347,8 @@ impl Sender {
     }
 
     async fn run_hooks(&self, tid: &str, peer: &str) -> Result<(), StoreError> {
-        let Some(row) = self.store.get(TX, tid, peer)? else {
+        // The row was recorded with the receipt by a call that waited.
+        let Some(row) = self.store.deferred().get(TX, tid, peer)? else {
             return Ok(());
         };
         let Some(profile) = self.cfg.send_profile(&row.file_id) else {
@@ -394,7 +397,8 @@ impl Sender {
     /// spooled file. A file any receiver failed stays in the spool for `resend`.
     async fn settle_spool(&self, tid: &str) {
         let _one_at_a_time = self.settling.lock().await;
-        let Ok(rows) = self.store.rows_of(TX, tid) else {
+        // Every status read here was written by a call that waited.
+        let Ok(rows) = self.store.deferred().rows_of(TX, tid) else {
             return;
         };
         if rows.is_empty()
