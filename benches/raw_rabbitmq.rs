@@ -6,7 +6,7 @@
 //!   (delivery_mode 2), `mandatory`, a pipelined window of unconfirmed bytes
 //!   (hakobu's `window`, 8 MiB by default);
 //! - one consumer connection (another node if given) with manual acks and a
-//!   prefetch (hakobu's default 16);
+//!   prefetch (hakobu's default 32);
 //! - a durable quorum queue (`x-queue-type=quorum`), declared by the consumer
 //!   first, as hakobu's receiver does, so the leader is placed the same way;
 //!   deleted at the end.
@@ -17,7 +17,10 @@
 //!
 //! Usage (cargo builds it with `cargo build --release --bench raw_rabbitmq`):
 //!   raw_rabbitmq --publish-url URL --consume-url URL [--bytes 1GiB]
-//!                [--chunk 512KiB] [--window 8MiB] [--prefetch 16] [--queue NAME]
+//!                [--chunk 512KiB] [--window 8MiB] [--prefetch 32] [--queue NAME]
+//!   raw_rabbitmq --publish-url URL --delete QUEUE [--delete QUEUE...]
+//!                deletes queues (the bench's agents' queues, after their run:
+//!                idle quorum queues left on a shared cluster cost it CPU)
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -38,6 +41,7 @@ struct Args {
     window: u64,
     prefetch: u16,
     queue: String,
+    delete: Vec<String>,
 }
 
 fn size(s: &str) -> u64 {
@@ -61,8 +65,9 @@ fn args() -> Args {
         bytes: 1 << 30,
         chunk: 512 << 10,
         window: 8 << 20,
-        prefetch: 16,
+        prefetch: 32,
         queue: format!("hakobu.bench.raw.{}", std::process::id()),
+        delete: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -79,6 +84,7 @@ fn args() -> Args {
             "--window" => a.window = size(&v),
             "--prefetch" => a.prefetch = v.parse().expect("--prefetch N"),
             "--queue" => a.queue = v,
+            "--delete" => a.delete.push(v),
             _ => panic!("unknown argument {k}"),
         }
     }
@@ -100,6 +106,21 @@ fn url_user(url: &str) -> Option<String> {
 #[tokio::main]
 async fn main() {
     let a = args();
+    if !a.delete.is_empty() {
+        let conn = Connection::connect(&a.publish_url, ConnectionProperties::default())
+            .await
+            .expect("connect");
+        for q in &a.delete {
+            // A fresh channel each: deleting a missing queue is fine, but an
+            // error would close the channel for the next one.
+            let ch = conn.create_channel().await.expect("channel");
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = conn.close(200, "bye".into()).await;
+        return;
+    }
     let messages = a.bytes.div_ceil(a.chunk);
     let queue: ShortString = a.queue.as_str().into();
 

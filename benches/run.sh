@@ -6,9 +6,12 @@
 # What it measures (sizes in binary units: 1 GiB = 2^30 bytes, MiB/s = 2^20 B/s):
 #   ceiling   raw RabbitMQ: benches/raw_rabbitmq.rs, a publisher with confirms
 #             (8 MiB window of 512 KiB persistent messages) and a consumer with
-#             manual acks (prefetch 16) through one quorum queue of the same
+#             manual acks (prefetch 32) through one quorum queue of the same
 #             three-node cluster; MiB/s for 1 GiB, first publish to last ack.
-#   disk      `cp` of the 1 GiB file then `sync FILE` (fsync of the copy).
+#   disk      `cp` of the 1 GiB file then `sync FILE` (fsync of the copy); and
+#             two copies at once with `dd bs=8M oflag=dsync`: the embedded
+#             path's own disk ceiling (its broker and its receiver each make
+#             every byte durable), MiB/s each.
 #   large     hakobu, 1 GiB file: from the drop into the outbox (hard link +
 #             done marker) to the start of the receiver's success hook,
 #             through the cluster and through the embedded broker (a separate
@@ -66,7 +69,7 @@
 #   HAKOBU_BENCH_LOG         the agents' HAKOBU_LOG [info,lapin=warn]
 #   HAKOBU_BENCH_WINDOW, HAKOBU_BENCH_PREFETCH
 #                            the RabbitMQ window and prefetch, for hakobu and the
-#                            raw ceiling alike [8MiB, 16: hakobu's defaults]
+#                            raw ceiling alike [8MiB, 32: hakobu's defaults]
 #   HAKOBU_BENCH_BIN         measure this hakobu binary instead of the one just built
 #                            (to compare two builds on the same machine, same hour)
 # Exit status: 0 when the run completed (whatever the pass/fail), 1 when a
@@ -85,7 +88,7 @@ LAT_N=${HAKOBU_BENCH_LATENCY:-200}
 SKIP=" ${HAKOBU_BENCH_SKIP:-} "
 CHUNK=512KiB
 WINDOW=${HAKOBU_BENCH_WINDOW:-8MiB}
-PREFETCH=${HAKOBU_BENCH_PREFETCH:-16}
+PREFETCH=${HAKOBU_BENCH_PREFETCH:-32}
 T_START=$EPOCHREALTIME
 
 log() { printf 'bench [%4ds]: %s\n' "$SECONDS" "$*" >&2; }
@@ -273,14 +276,16 @@ embedded_broker() {
 
 PAIR_N=0
 BROKER_PID=''
+PAIR_KIND=''
 # pair KIND DIR: writes two agents' configurations in DIR (KIND = cluster |
 # embedded, the embedded broker already started) and starts them. Sets
-# SEND_PID, RECV_PID, OUTBOX, INBOX, HOOKLOGS, STAGE.
+# SEND_PID, RECV_PID, OUTBOX, INBOX, HOOKLOGS, STAGE, PAIR_A, PAIR_B.
 pair() {
   local kind=$1 dir=$2 a b sb rb
   PAIR_N=$((PAIR_N + 1))
   a=bench-$$-$PAIR_N-a
   b=bench-$$-$PAIR_N-b
+  PAIR_A=$a PAIR_B=$b PAIR_KIND=$kind
   if [[ $kind == cluster ]]; then
     sb="broker:
   rabbitmq: { urls: [ $SEND_URLS ], window: $WINDOW, prefetch: $PREFETCH }"
@@ -328,6 +333,19 @@ EOF
   printf '%s' "$SMALL_BODY" >"$STAGE/warmup.dat"
   drop "$STAGE/warmup.dat"
   wait_hooks "$dir" 1 120
+}
+
+# unpair: stops the pair's agents (and its embedded broker); on the cluster,
+# deletes their queues, so that no idle quorum queue is left to cost the
+# nodes CPU in the runs that follow.
+unpair() {
+  stop "$SEND_PID" "$RECV_PID"
+  if [[ -n $BROKER_PID ]]; then stop "$BROKER_PID"; fi
+  BROKER_PID=''
+  if [[ $PAIR_KIND == cluster ]]; then
+    "$RAW" --publish-url "${URLS[0]}" --delete "hakobu.node.$PAIR_A" --delete "hakobu.node.$PAIR_B" ||
+      log "could not delete the queues of $PAIR_A and $PAIR_B"
+  fi
 }
 
 # drop PATH...: moves the files into the outbox, then creates their done markers.
@@ -438,9 +456,7 @@ large_run() {
   cpu_record "$tag" "$kind"
   if [[ $kind == embedded ]]; then R[${tag}_broker_kib]=$(hwm_kib "$BROKER_PID"); fi
   log "$tag: $(calc "$bytes / 1048576") MiB in ${R[${tag}_s]} s = ${R[${tag}_mibs]} MiB/s; peak RSS sender ${R[${tag}_send_kib]} KiB, receiver ${R[${tag}_recv_kib]} KiB; CPU s: sender ${R[${tag}_send_cpu_s]}, receiver ${R[${tag}_recv_cpu_s]}, broker ${R[${tag}_broker_cpu_s]:-${R[${tag}_rmq_cpu_s]:-?}}"
-  stop "$SEND_PID" "$RECV_PID"
-  if [[ $kind == embedded ]]; then stop "$BROKER_PID"; fi
-  BROKER_PID=
+  unpair
   rm -rf "$dir"
 }
 
@@ -462,15 +478,28 @@ ceiling_run() {
 }
 
 disk_run() {
-  local tag=$1 t0 t1 dst=$WORK/data/copy.bin
+  local tag=$1 t0 t1 dst=$WORK/data/copy.bin p1 p2
   sync
   t0=$(now)
   cp "$BIG" "$dst"
   sync "$dst"
   t1=$(now)
   R[${tag}_mibs]=$(calc "$LARGE_BYTES / 1048576 / ($t1 - $t0)")
-  log "$tag: cp + sync ${R[${tag}_mibs]} MiB/s"
   rm -f "$dst"
+  # The embedded path's own disk ceiling: each byte is made durable twice,
+  # by the broker and by the receiver, at the same time: two writers, each
+  # syncing every 8 MiB (dd oflag=dsync), MiB/s each.
+  sync
+  t0=$(now)
+  dd if="$BIG" of="$dst.1" bs=8M oflag=dsync status=none &
+  p1=$!
+  dd if="$BIG" of="$dst.2" bs=8M oflag=dsync status=none &
+  p2=$!
+  wait "$p1" && wait "$p2" || die "dd failed"
+  t1=$(now)
+  R[${tag}_two_mibs]=$(calc "$LARGE_BYTES / 1048576 / ($t1 - $t0)")
+  log "$tag: cp + sync ${R[${tag}_mibs]} MiB/s; two durable copies at once ${R[${tag}_two_mibs]} MiB/s each"
+  rm -f "$dst.1" "$dst.2"
 }
 
 # small_floor_run TAG: the per-file floor of the disk and the hook, alone.
@@ -525,9 +554,7 @@ small_run() {
   R[${tag}_fps]=$(calc "$SMALL_N / ($last - $t0)")
   cpu_record "$tag" "$kind"
   log "$tag: $SMALL_N files in ${R[${tag}_s]} s = ${R[${tag}_fps]} files/s; CPU s: sender ${R[${tag}_send_cpu_s]}, receiver ${R[${tag}_recv_cpu_s]}, hooks ${R[${tag}_hook_cpu_s]}, broker ${R[${tag}_broker_cpu_s]:-${R[${tag}_rmq_cpu_s]:-?}}"
-  stop "$SEND_PID" "$RECV_PID"
-  if [[ $kind == embedded ]]; then stop "$BROKER_PID"; fi
-  BROKER_PID=
+  unpair
   rm -rf "$dir"
 }
 
@@ -555,7 +582,7 @@ latency_run() {
   R[${tag}_p99_ms]=${lat[$(((LAT_N * 99 + 99) / 100 - 1))]}
   R[${tag}_max_ms]=${lat[$((LAT_N - 1))]}
   log "$tag: p50 ${R[${tag}_p50_ms]} ms, p99 ${R[${tag}_p99_ms]} ms, max ${R[${tag}_max_ms]} ms"
-  stop "$SEND_PID" "$RECV_PID"
+  unpair
   rm -rf "$dir"
 }
 
@@ -618,11 +645,12 @@ rounds_of() {
 mean() { awk '{ s = 0; for (i = 1; i <= NF; i++) s += $i; if (NF) printf "%.6g", s / NF }' <<<"$1"; }
 # mean_of KEY_PREFIX KEY_SUFFIX: their mean.
 mean_of() { mean "$(rounds_of "$1" "$2")"; }
-ratio_rounds() { # ratio_rounds A B: per-round A/B
-  local r out=()
+ratio_rounds() { # ratio_rounds A B [B_KIND]: per-round A_mibs / B_[B_KIND_]mibs
+  local r out=() b
   for ((r = 1; r <= ROUNDS; r++)); do
-    if [[ -n ${R[${1}_r${r}_mibs]:-} && -n ${R[${2}_r${r}_mibs]:-} ]]; then
-      out+=("$(calc "${R[${1}_r${r}_mibs]} / ${R[${2}_r${r}_mibs]}")")
+    b=${2}_r${r}_${3:+${3}_}mibs
+    if [[ -n ${R[${1}_r${r}_mibs]:-} && -n ${R[$b]:-} ]]; then
+      out+=("$(calc "${R[${1}_r${r}_mibs]} / ${R[$b]}")")
     fi
   done
   echo "${out[*]:-}"
@@ -656,13 +684,19 @@ rem=$(mean "$re")
 
 row "raw RabbitMQ ceiling ($L, quorum, $CHUNK)" "(reference)" "$(fmt "$ceil") MiB/s [$(list "$(rounds_of ceiling mibs)" 1)]" "-" "${ceil:-null}" null "MiB/s"
 row "cp + sync ($L)" "(reference)" "$(fmt "$disk") MiB/s [$(list "$(rounds_of disk mibs)" 1)]" "-" "${disk:-null}" null "MiB/s"
+two=$(mean_of disk two_mibs)
+row "two durable copies at once ($L, dsync 8 MiB)" "(reference)" "$(fmt "$two") MiB/s each [$(list "$(rounds_of disk two_mibs)" 1)]" "-" "${two:-null}" null "MiB/s"
 row "large file ($L) via cluster / ceiling" ">= 0.90" "$(fmt "$rcm" 2) [$(list "$rc")] = $(fmt "$clus") MiB/s" "$(verdict "$rcm" '>=' 0.9)" "${rcm:-null}" 0.9 "ratio"
 row "large file ($L) via embedded / (cp+sync)" ">= 0.40" "$(fmt "$rem" 2) [$(list "$re")] = $(fmt "$emb") MiB/s" "$(verdict "$rem" '>=' 0.4)" "${rem:-null}" 0.4 "ratio"
+# The bound the embedded path cannot pass on one disk (see the reference row).
+rt=$(ratio_rounds large_embedded disk two)
+rtm=$(mean "$rt")
+row "large file ($L) via embedded / two copies (info)" "(no target)" "$(fmt "$rtm" 2) [$(list "$rt")]" "-" "${rtm:-null}" null "ratio"
 row "raw RabbitMQ ceiling, 4 KiB messages / 2" "(reference)" "$(fmt "${R[small_ceiling_fps]:-}" 0) files/s ($(fmt "${R[small_ceiling_msgs_per_s]:-}" 0) msg/s)" "-" "${R[small_ceiling_fps]:-null}" null "files/s"
 row "per-file floor: disk + hook, alone ($SMALL_N)" "(reference)" "$(fmt "${R[small_floor_fps]:-}" 0) files/s" "-" "${R[small_floor_fps]:-null}" null "files/s"
 # of_ceiling VALUE CEILING: " (0.42 of ceiling)", or nothing when either is missing.
 of_ceiling() { [[ -n $1 && -n $2 ]] && echo " ($(fmt "$(calc "$1 / $2")" 2) of $3)" || true; }
-row "small files via cluster ($SMALL_N x 4 KiB)" ">= 500 files/s" "$(fmt "${R[small_cluster_fps]:-}" 0) files/s$(of_ceiling "${R[small_cluster_fps]:-}" "${R[small_ceiling_fps]:-}" ceiling)" "$(verdict "${R[small_cluster_fps]:-}" '>=' 500)" "${R[small_cluster_fps]:-null}" 500 "files/s"
+row "small files via cluster ($SMALL_N x 4 KiB)" ">= 500 files/s" "$(fmt "${R[small_cluster_fps]:-}" 0) files/s$(of_ceiling "${R[small_cluster_fps]:-}" "${R[small_floor_fps]:-}" floor)" "$(verdict "${R[small_cluster_fps]:-}" '>=' 500)" "${R[small_cluster_fps]:-null}" 500 "files/s"
 row "small files via embedded ($SMALL_N x 4 KiB)" ">= 1500 files/s" "$(fmt "${R[small_embedded_fps]:-}" 0) files/s$(of_ceiling "${R[small_embedded_fps]:-}" "${R[small_floor_fps]:-}" floor)" "$(verdict "${R[small_embedded_fps]:-}" '>=' 1500)" "${R[small_embedded_fps]:-null}" 1500 "files/s"
 row "latency p50 via cluster ($LAT_N files)" "<= 50 ms" "$(fmt "${R[latency_cluster_p50_ms]:-}") ms" "$(verdict "${R[latency_cluster_p50_ms]:-}" '<=' 50)" "${R[latency_cluster_p50_ms]:-null}" 50 "ms"
 row "latency p99 via cluster ($LAT_N files)" "<= 250 ms" "$(fmt "${R[latency_cluster_p99_ms]:-}") ms (max $(fmt "${R[latency_cluster_max_ms]:-}") ms)" "$(verdict "${R[latency_cluster_p99_ms]:-}" '<=' 250)" "${R[latency_cluster_p99_ms]:-null}" 250 "ms"

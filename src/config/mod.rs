@@ -326,7 +326,11 @@ impl Validator<'_> {
                     Some(w) => self.size("broker.rabbitmq.window", w)?,
                     None => 8 << 20,
                 };
-                let prefetch = r.prefetch.unwrap_or(16);
+                // A receiver acks a chunk only once it is on disk and
+                // recorded, so it holds one batch being committed while the
+                // next arrives: 16 x 512 KiB left the consumer behind the
+                // publisher on the test cluster, 32 kept up.
+                let prefetch = r.prefetch.unwrap_or(32);
                 if prefetch == 0 {
                     return Err(self.err("broker.rabbitmq.prefetch", "must be at least 1"));
                 }

@@ -39,7 +39,7 @@ pub struct RawRabbitmq {
     pub urls: Vec<String>,
     /// How long a publish may wait for the broker's confirm (default 30s).
     pub confirm_timeout: Option<String>,
-    /// Unacknowledged deliveries a consumer holds at most (default 16).
+    /// Unacknowledged deliveries a consumer holds at most (default 32).
     pub prefetch: Option<u16>,
     /// Deliveries of one message before the broker dead-letters it (default 20).
     pub delivery_limit: Option<u32>,

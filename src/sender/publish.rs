@@ -64,20 +64,35 @@ pub async fn publish(
         return Ok(sha256);
     }
     let broker = out.broker();
-    let mut hasher = resume.hasher.clone();
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut bytes_in_flight = 0u64;
     let mut idx = resume.next;
     let mut confirmed = idx * row.chunk_size;
+    // Read ahead: the next chunk is read, hashed and framed on a blocking
+    // thread while this one waits for room in the window.
+    let mut hasher_before = resume.hasher.clone();
+    let mut next =
+        (idx < count).then(|| prepare(&file, node, row, idx, count, hasher_before.clone()));
+    let mut digest = hex::encode(hasher_before.clone().finalize());
 
-    while idx < count {
-        let offset = idx * row.chunk_size;
-        let len = row.chunk_size.min(row.size - offset.min(row.size));
-        let body = read_at(&file, &path, offset, len).await?;
-        let hasher_before = hasher.clone();
-        hasher.update(&body);
-        let digest = (idx + 1 == count).then(|| hex::encode(hasher.clone().finalize()));
-        let payload = Message::Chunk(chunk_header(node, row, offset, digest), body).encode();
+    while let Some(reading) = next.take() {
+        let (payload, hasher_after) = reading
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+            .map_err(|e| PublishError::Spool(path.clone(), e))?;
+        let len = chunk_len(row, idx);
+        if idx + 1 < count {
+            next = Some(prepare(
+                &file,
+                node,
+                row,
+                idx + 1,
+                count,
+                hasher_after.clone(),
+            ));
+        } else {
+            digest = hex::encode(hasher_after.clone().finalize());
+        }
         while bytes_in_flight + len > window && !in_flight.is_empty() {
             let done = settle(&mut in_flight, resume).await?;
             bytes_in_flight -= done;
@@ -106,6 +121,7 @@ pub async fn publish(
             }
         }
         bytes_in_flight += len;
+        hasher_before = hasher_after;
         idx += 1;
     }
     while !in_flight.is_empty() {
@@ -113,7 +129,49 @@ pub async fn publish(
         on_progress(confirmed);
     }
     *resume = Resume::default();
-    Ok(hex::encode(hasher.finalize()))
+    Ok(digest)
+}
+
+fn chunk_len(row: &Row, idx: u64) -> u64 {
+    let offset = idx * row.chunk_size;
+    row.chunk_size.min(row.size - offset.min(row.size))
+}
+
+type Prepared = tokio::task::JoinHandle<std::io::Result<(Bytes, Sha256)>>;
+
+/// Reads chunk `idx` straight into its frame, on a blocking thread, and
+/// continues `hasher` with it. The last chunk's header carries the file's
+/// digest, known only once its body is hashed: that one is copied once.
+fn prepare(
+    file: &Arc<std::fs::File>,
+    node: &str,
+    row: &Row,
+    idx: u64,
+    count: u64,
+    mut hasher: Sha256,
+) -> Prepared {
+    let file = file.clone();
+    let offset = idx * row.chunk_size;
+    let len = chunk_len(row, idx);
+    let last = idx + 1 == count;
+    let mut header = chunk_header(node, row, offset, last.then(String::new));
+    tokio::task::spawn_blocking(move || {
+        if !last {
+            let frame = Message::encode_chunk_in_place(&header, len as usize, |body| {
+                file.read_exact_at(body, offset)?;
+                hasher.update(&*body);
+                Ok::<_, std::io::Error>(())
+            })?;
+            return Ok((frame, hasher));
+        }
+        let mut body = vec![0u8; len as usize];
+        file.read_exact_at(&mut body, offset)?;
+        hasher.update(&body);
+        if let Some(t) = header.last.as_mut() {
+            t.sha256 = hex::encode(hasher.clone().finalize());
+        }
+        Ok((Message::Chunk(header, Bytes::from(body)).encode(), hasher))
+    })
 }
 
 /// The header of `row`'s chunk at `offset`; the last one carries the
