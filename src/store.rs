@@ -656,12 +656,22 @@ impl Store {
     /// a received transfer to `placing`, before the step that makes the name
     /// visible: recovery then tells placed from not placed by the inode.
     pub fn placing(&self, transfer_id: &str, peer: &str, target: &str, inode: u64) -> Result<()> {
-        self.db().run(
-            "UPDATE transfers SET path = ?3, inode = ?4,
-                status = CASE status WHEN 'receiving' THEN 'placing' ELSE status END
-             WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2",
-            params![transfer_id, peer, target, inode as i64],
-        )?;
+        self.placing_all(&[(transfer_id, peer, target, inode)])
+    }
+
+    /// [`Store::placing`] for several transfers, in one transaction.
+    pub fn placing_all(&self, placements: &[(&str, &str, &str, u64)]) -> Result<()> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        for (transfer_id, peer, target, inode) in placements {
+            tx.run(
+                "UPDATE transfers SET path = ?3, inode = ?4,
+                    status = CASE status WHEN 'receiving' THEN 'placing' ELSE status END
+                 WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2",
+                params![transfer_id, peer, target, *inode as i64],
+            )?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -669,18 +679,25 @@ impl Store {
     /// from `placing` to `next` (its success hooks, or `received` when it has
     /// none), in one transaction.
     pub fn placed(&self, transfer_id: &str, peer: &str, next: Status) -> Result<()> {
-        let finished = next.is_final().then(crate::clock::now_rfc3339);
+        self.placed_all(&[(transfer_id, peer, next)])
+    }
+
+    /// [`Store::placed`] for several transfers, in one transaction.
+    pub fn placed_all(&self, placed: &[(&str, &str, Status)]) -> Result<()> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        tx.run(
-            "DELETE FROM chunks WHERE transfer_id = ?1",
-            params![transfer_id],
-        )?;
-        tx.run(
-            "UPDATE transfers SET status = ?3, finished_at = IFNULL(?4, finished_at)
-             WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2 AND status = 'placing'",
-            params![transfer_id, peer, next.as_str(), finished],
-        )?;
+        for (transfer_id, peer, next) in placed {
+            let finished = next.is_final().then(crate::clock::now_rfc3339);
+            tx.run(
+                "DELETE FROM chunks WHERE transfer_id = ?1",
+                params![transfer_id],
+            )?;
+            tx.run(
+                "UPDATE transfers SET status = ?3, finished_at = IFNULL(?4, finished_at)
+                 WHERE direction = 'receive' AND transfer_id = ?1 AND peer = ?2 AND status = 'placing'",
+                params![transfer_id, peer, next.as_str(), finished],
+            )?;
+        }
         tx.commit()?;
         Ok(())
     }

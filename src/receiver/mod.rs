@@ -7,7 +7,7 @@ mod error;
 mod place;
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -327,13 +327,23 @@ impl Receiver {
             }
         };
         futures::future::join_all(ok.iter().map(|w| w.d.ack())).await;
+        let mut complete = Vec::new();
         for (w, have) in ok.into_iter().zip(have) {
             // Complete: every chunk recorded, and the trailer's digest (the
             // recorded row's, whichever batch brought it).
             let (have, digest_known) = have;
             if digest_known && Some(have) == w.h.chunk_count() && self.claim(&w.h.transfer_id) {
-                self.tasks
-                    .spawn(self.clone().complete(w.h.transfer_id.clone()));
+                complete.push(w.h.transfer_id);
+            }
+        }
+        match complete.len() {
+            0 => {}
+            1 => {
+                let tid = complete.swap_remove(0);
+                self.tasks.spawn(self.clone().complete(tid));
+            }
+            _ => {
+                self.tasks.spawn(self.clone().complete_together(complete));
             }
         }
     }
@@ -523,7 +533,30 @@ impl Receiver {
 
     /// Drives one transfer from its current status to a sent receipt.
     async fn complete(self: Arc<Self>, tid: String) {
-        match self.advance(&tid).await {
+        self.complete_from(tid, false).await;
+    }
+
+    /// Completes transfers whose last chunks were committed together: those
+    /// that can be are placed together ([`Receiver::place_together`]), then
+    /// each goes on by itself (hooks, receipt) side by side.
+    async fn complete_together(self: Arc<Self>, tids: Vec<String>) {
+        let placed = match self.place_together(&tids).await {
+            Ok(placed) => placed,
+            Err(e) => {
+                // Nothing was placed: each transfer tries again by itself.
+                error!(message = "State database failed while placing files together; placing them one by one.", error = %e);
+                HashSet::new()
+            }
+        };
+        let each = tids.into_iter().map(|tid| {
+            let placed_here = placed.contains(&tid);
+            self.clone().complete_from(tid, placed_here)
+        });
+        futures::future::join_all(each).await;
+    }
+
+    async fn complete_from(self: Arc<Self>, tid: String, placed_here: bool) {
+        match self.advance(&tid, placed_here).await {
             Ok(()) => self.release(&tid),
             // Left busy: nothing re-runs this transfer before a restart, whose
             // recovery resumes it from the ledger.
@@ -533,10 +566,15 @@ impl Receiver {
         }
     }
 
-    async fn advance(&self, tid: &str) -> Result<(), crate::store::StoreError> {
-        // Success hooks run only right after this call placed the file; a
-        // transfer found already in `hook_running` was cut off mid-hook.
-        let mut placed_here = false;
+    /// Drives one transfer on from its recorded status. `placed_here`: the
+    /// caller placed it just now (success hooks run only right after their
+    /// transfer was placed; one found already in `hook_running` was cut off
+    /// mid-hook).
+    async fn advance(
+        &self,
+        tid: &str,
+        mut placed_here: bool,
+    ) -> Result<(), crate::store::StoreError> {
         // Reads need not wait for a flush: every status this loop acts on
         // was written by a call that waited (here, or before the transfer
         // was handed to this task).
@@ -561,20 +599,7 @@ impl Receiver {
                         self.store.placed(tid, &row.peer, next)?;
                         placed_here = true;
                     }
-                    Err(e) => {
-                        warn!(message = "Failed to place file.", transfer_id = %tid, error_code = e.code(), error = %e);
-                        let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, tid));
-                        self.store.forget_chunks(tid)?;
-                        self.store.clear_placement(tid, &row.peer)?;
-                        self.store.fail(
-                            RX,
-                            tid,
-                            &row.peer,
-                            Status::ReceiveFailed,
-                            e.code(),
-                            &e.to_string(),
-                        )?;
-                    }
+                    Err(e) => self.placing_failed(&row, p, &e)?,
                 },
                 (Status::Receiving | Status::Placing, None) => {
                     let e = ReceiveError::UnknownFileId(row.file_id.clone());
@@ -622,6 +647,209 @@ impl Receiver {
                 }
             }
         }
+    }
+
+    /// Records that a file could not be placed: its partial file goes, the
+    /// transfer fails (its failure hook and receipt follow).
+    fn placing_failed(
+        &self,
+        row: &Row,
+        p: &ReceiveProfile,
+        e: &ReceiveError,
+    ) -> Result<(), crate::store::StoreError> {
+        let tid = &row.transfer_id;
+        warn!(message = "Failed to place file.", transfer_id = %tid, error_code = e.code(), error = %e);
+        let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, tid));
+        self.store.forget_chunks(tid)?;
+        self.store.clear_placement(tid, &row.peer)?;
+        self.store.fail(
+            RX,
+            tid,
+            &row.peer,
+            Status::ReceiveFailed,
+            e.code(),
+            &e.to_string(),
+        )
+    }
+
+    /// Places transfers that completed together as one group: one ledger
+    /// transaction records every `placing`, the renames (or links) follow,
+    /// then one flush per inbox directory, then one transaction records
+    /// every `placed`. Per transfer the order is the one [`Receiver::place`]
+    /// keeps, so recovery reads the ledger the same way; the group only
+    /// shares the flushes. Only transfers just completed (`receiving`) in
+    /// modes `new` and `replace`, each name once, join; the rest, and any
+    /// that fails here, are left to go on alone. Returns those placed.
+    async fn place_together(
+        &self,
+        tids: &[String],
+    ) -> Result<HashSet<String>, crate::store::StoreError> {
+        struct Item {
+            row: Row,
+            partial: PathBuf,
+            target: PathBuf,
+            mode: crate::config::Mode,
+            next: Status,
+            hashed: Option<String>,
+        }
+        let reads = self.store.deferred();
+        let mut items = Vec::new();
+        let mut names = HashSet::new();
+        for tid in tids {
+            let Some(row) = reads.received(tid)? else {
+                continue;
+            };
+            let Some(p) = self.cfg.receive_profile(&row.file_id) else {
+                continue;
+            };
+            let target = p.inbox.join(&row.file_name);
+            if row.status != Status::Receiving
+                || !place::simple(p.mode)
+                || !names.insert(target.clone())
+            {
+                continue;
+            }
+            let next = if p.on_success.is_empty() {
+                Status::Received
+            } else {
+                Status::HookRunning
+            };
+            let hashed = self.take_digest(tid, row.size);
+            items.push(Item {
+                partial: partial_path(&p.inbox, tid),
+                target,
+                mode: p.mode,
+                next,
+                hashed,
+                row,
+            });
+        }
+        if items.is_empty() {
+            return Ok(HashSet::new());
+        }
+        // One name at a time across the agent: take the locks in one order.
+        items.sort_by(|a, b| a.target.cmp(&b.target));
+        let locks: Vec<_> = items.iter().map(|i| self.name_lock(&i.target)).collect();
+        let mut held = Vec::with_capacity(locks.len());
+        for lock in &locks {
+            held.push(lock.lock().await);
+        }
+        // Verify each and read the inode that will carry its name. (Should
+        // a blocking task fail, each transfer goes on alone, from whatever
+        // its ledger row says.)
+        let Ok((items, inodes)) = tokio::task::spawn_blocking(move || {
+            let inodes: Vec<Result<u64, ReceiveError>> = items
+                .iter_mut()
+                .map(|i| {
+                    let sha = i.row.sha256.clone().unwrap_or_default();
+                    place::verify(&i.partial, i.row.size, &sha, i.hashed.take())?;
+                    place::partial_inode(&i.partial)
+                })
+                .collect();
+            (items, inodes)
+        })
+        .await
+        else {
+            return Ok(HashSet::new());
+        };
+        let (ready, unready): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .zip(inodes)
+            .partition(|(_, ino)| ino.is_ok());
+        let ready: Vec<(Item, u64)> = ready
+            .into_iter()
+            .filter_map(|(i, ino)| ino.ok().map(|ino| (i, ino)))
+            .collect();
+        // Those that did not verify fail by themselves (reading the file
+        // back, as a lone transfer does).
+        drop(unready);
+        if ready.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let targets: Vec<String> = ready
+            .iter()
+            .map(|(i, _)| i.target.display().to_string())
+            .collect();
+        let placing: Vec<(&str, &str, &str, u64)> = ready
+            .iter()
+            .zip(&targets)
+            .map(|((i, ino), t)| {
+                (
+                    i.row.transfer_id.as_str(),
+                    i.row.peer.as_str(),
+                    t.as_str(),
+                    *ino,
+                )
+            })
+            .collect();
+        self.store.placing_all(&placing)?;
+        let Ok((ready, results)) = tokio::task::spawn_blocking(move || {
+            let mut results: Vec<Result<(), ReceiveError>> = ready
+                .iter()
+                .map(|(i, ino)| place::put(&i.partial, &i.target, i.mode, *ino))
+                .collect();
+            // One flush per directory, for every name put there.
+            let mut dirs: Vec<&Path> = ready
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_ok())
+                .filter_map(|((i, _), _)| i.target.parent())
+                .collect();
+            dirs.sort();
+            dirs.dedup();
+            let failed_dirs: Vec<(PathBuf, String)> = dirs
+                .into_iter()
+                .filter_map(|d| {
+                    crate::durable::fsync_dir(d)
+                        .err()
+                        .map(|e| (d.to_path_buf(), e.to_string()))
+                })
+                .collect();
+            for ((i, _), r) in ready.iter().zip(results.iter_mut()) {
+                if r.is_err() {
+                    continue;
+                }
+                if let Some((_, e)) = failed_dirs
+                    .iter()
+                    .find(|(d, _)| Some(d.as_path()) == i.target.parent())
+                {
+                    *r = Err(ReceiveError::Io(format!(
+                        "flushing the inbox directory: {e}"
+                    )));
+                } else {
+                    *r = place::tidy(&i.partial, i.mode);
+                }
+            }
+            (ready, results)
+        })
+        .await
+        else {
+            return Ok(HashSet::new());
+        };
+        let mut placed = Vec::new();
+        for ((i, _), result) in ready.iter().zip(results) {
+            match result {
+                Ok(()) => placed.push(i),
+                Err(e) => {
+                    let p = self.cfg.receive_profile(&i.row.file_id);
+                    if let Some(p) = p {
+                        self.placing_failed(&i.row, p, &e)?;
+                    }
+                }
+            }
+        }
+        let done: Vec<(&str, &str, Status)> = placed
+            .iter()
+            .map(|i| (i.row.transfer_id.as_str(), i.row.peer.as_str(), i.next))
+            .collect();
+        self.store.placed_all(&done)?;
+        drop(held);
+        drop(locks);
+        self.prune_name_locks();
+        for i in &placed {
+            info!(message = "Placed.", transfer_id = %i.row.transfer_id, path = %i.target.display());
+        }
+        Ok(placed.iter().map(|i| i.row.transfer_id.clone()).collect())
     }
 
     async fn place(&self, row: &Row, p: &ReceiveProfile) -> Result<PathBuf, ReceiveError> {

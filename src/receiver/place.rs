@@ -86,25 +86,12 @@ pub fn place(
     let target = inbox.join(name);
     let io = |what: &'static str| move |e: io::Error| ReceiveError::from_io(what, e);
     match mode {
-        Mode::New => {
+        Mode::New | Mode::Replace => {
             let ino = inode(partial).map_err(io("reading the partial file"))?;
             record(&target, ino)?;
-            match durable::link_new(partial, &target) {
-                Ok(()) => {}
-                Err(e)
-                    if e.kind() == io::ErrorKind::AlreadyExists && already_placed(&target, ino) => {
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    return Err(ReceiveError::FileExists(target.display().to_string()));
-                }
-                Err(e) => return Err(io("placing the file")(e)),
-            }
-            durable::remove_if_exists(partial).map_err(io("removing the partial file"))?;
-        }
-        Mode::Replace => {
-            let ino = inode(partial).map_err(io("reading the partial file"))?;
-            record(&target, ino)?;
-            durable::rename_into(partial, &target).map_err(io("placing the file"))?;
+            put(partial, &target, mode, ino)?;
+            durable::fsync_dir(inbox).map_err(io("placing the file"))?;
+            tidy(partial, mode)?;
         }
         Mode::Append => {
             // Build old + new beside the partial, then rename it over the
@@ -132,6 +119,51 @@ pub fn place(
         }
     }
     Ok(target)
+}
+
+/// The inode `partial` will carry under its inbox name (modes `new` and
+/// `replace`), to record before [`put`].
+pub fn partial_inode(partial: &Path) -> Result<u64, ReceiveError> {
+    inode(partial).map_err(|e| ReceiveError::from_io("reading the partial file", e))
+}
+
+/// True for the modes whose placement is one rename or link, which
+/// [`put`] does and several transfers can share a directory flush for.
+pub fn simple(mode: Mode) -> bool {
+    matches!(mode, Mode::New | Mode::Replace)
+}
+
+/// Gives `partial` (inode `ino`) the name `target`, mode `new` or `replace`,
+/// without flushing the directory: the caller flushes it, once for every
+/// file it put there, and then calls [`tidy`]. `new` never overwrites, and
+/// knows its own earlier link.
+pub fn put(partial: &Path, target: &Path, mode: Mode, ino: u64) -> Result<(), ReceiveError> {
+    let io = |what: &'static str| move |e: io::Error| ReceiveError::from_io(what, e);
+    if mode == Mode::Replace {
+        // Only the new name needs to last: a leftover partial link after a
+        // crash is removed at the next start (Receiver::sweep_partials).
+        return fs::rename(partial, target).map_err(io("placing the file"));
+    }
+    match fs::hard_link(partial, target) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && already_placed(target, ino) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            Err(ReceiveError::FileExists(target.display().to_string()))
+        }
+        Err(e) => Err(io("placing the file")(e)),
+    }
+}
+
+/// After [`put`] and the directory's flush: mode `new` drops the partial
+/// file's name, which must outlive the flush of the new one (the two are in
+/// different directories, and a crash may keep either change without the
+/// other).
+pub fn tidy(partial: &Path, mode: Mode) -> Result<(), ReceiveError> {
+    if mode != Mode::New {
+        return Ok(());
+    }
+    durable::remove_if_exists(partial)
+        .map_err(|e| ReceiveError::from_io("removing the partial file", e))
 }
 
 /// `name.(keep-1)` → `name.keep` … `name` → `name.1`; the oldest drops off.
