@@ -81,14 +81,7 @@ impl Receiver {
                 Status::HookRunning => {
                     let e = ReceiveError::HookInterrupted;
                     warn!(message = "A success hook was running when the agent stopped; not re-running it.", transfer_id = %row.transfer_id);
-                    self.store.fail(
-                        RX,
-                        &row.transfer_id,
-                        &row.peer,
-                        Status::HookInterrupted,
-                        e.code(),
-                        &e.to_string(),
-                    )?;
+                    self.fail_with(&row.transfer_id, &row.peer, Status::HookInterrupted, &e)?;
                 }
                 Status::Receiving => {
                     let complete = row.sha256.is_some()
@@ -167,14 +160,7 @@ impl Receiver {
                         crate::durable::remove_if_exists(&partial_path(&p.inbox, &row.transfer_id));
                     self.forget_digest(&row.transfer_id);
                     let recorded = self.store.forget_chunks(&row.transfer_id).and_then(|()| {
-                        self.store.fail(
-                            RX,
-                            &row.transfer_id,
-                            &row.peer,
-                            Status::ReceiveFailed,
-                            e.code(),
-                            &e.to_string(),
-                        )
+                        self.fail_with(&row.transfer_id, &row.peer, Status::ReceiveFailed, &e)
                     });
                     match recorded {
                         Ok(()) => {
@@ -416,14 +402,7 @@ impl Receiver {
             return;
         }
         warn!(message = "Rejecting transfer.", transfer_id = %tid, error_code = e.code(), error = %e);
-        if let Err(se) = self.store.fail(
-            RX,
-            tid,
-            &h.from,
-            Status::ReceiveFailed,
-            e.code(),
-            &e.to_string(),
-        ) {
+        if let Err(se) = self.fail_with(tid, &h.from, Status::ReceiveFailed, &e) {
             error!(message = "State database failed while recording a rejection; requeueing.", error = %se, transfer_id = %tid);
             let _ = d.requeue().await;
             return;
@@ -603,28 +582,14 @@ impl Receiver {
                 },
                 (Status::Receiving | Status::Placing, None) => {
                     let e = ReceiveError::UnknownFileId(row.file_id.clone());
-                    self.store.fail(
-                        RX,
-                        tid,
-                        &row.peer,
-                        Status::ReceiveFailed,
-                        e.code(),
-                        &e.to_string(),
-                    )?;
+                    self.fail_with(tid, &row.peer, Status::ReceiveFailed, &e)?;
                 }
                 (Status::HookRunning, Some(p)) if placed_here => {
                     self.run_success_hooks(&row, p).await?;
                 }
                 (Status::HookRunning, _) => {
                     let e = ReceiveError::HookInterrupted;
-                    self.store.fail(
-                        RX,
-                        tid,
-                        &row.peer,
-                        Status::HookInterrupted,
-                        e.code(),
-                        &e.to_string(),
-                    )?;
+                    self.fail_with(tid, &row.peer, Status::HookInterrupted, &e)?;
                 }
                 (status, p) if status.is_final() => {
                     // A rejection recorded just before a crash may have left
@@ -649,6 +614,18 @@ impl Receiver {
         }
     }
 
+    /// Moves a received transfer to a failed `status` for `e`.
+    fn fail_with(
+        &self,
+        tid: &str,
+        peer: &str,
+        status: Status,
+        e: &ReceiveError,
+    ) -> Result<(), crate::store::StoreError> {
+        self.store
+            .fail(RX, tid, peer, status, e.code(), &e.to_string())
+    }
+
     /// Records that a file could not be placed: its partial file goes, the
     /// transfer fails (its failure hook and receipt follow).
     fn placing_failed(
@@ -662,14 +639,7 @@ impl Receiver {
         let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, tid));
         self.store.forget_chunks(tid)?;
         self.store.clear_placement(tid, &row.peer)?;
-        self.store.fail(
-            RX,
-            tid,
-            &row.peer,
-            Status::ReceiveFailed,
-            e.code(),
-            &e.to_string(),
-        )
+        self.fail_with(tid, &row.peer, Status::ReceiveFailed, e)
     }
 
     /// Places transfers that completed together as one group: one ledger

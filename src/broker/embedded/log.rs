@@ -400,17 +400,22 @@ mod tests {
         assert_eq!(stored[1].queue, "r");
     }
 
+    /// A log in `dir` with 70 messages of 1 MiB, synced: more than one segment.
+    fn seventy_mib(dir: &Path) -> (Log, Vec<(u64, Loc)>) {
+        let (mut log, _, _) = Log::open(dir).unwrap();
+        let big = vec![7u8; 1 << 20];
+        let locs = (1..=70)
+            .map(|id| (id, log.append(id, "q", &big).unwrap()))
+            .collect();
+        log.sync().unwrap();
+        assert!(log.segment_count() >= 2);
+        (log, locs)
+    }
+
     #[test]
     fn fully_acked_segments_are_deleted() {
         let d = tempfile::tempdir().unwrap();
-        let (mut log, _, _) = Log::open(d.path()).unwrap();
-        let big = vec![7u8; 1 << 20];
-        let mut locs = Vec::new();
-        for id in 1..=70 {
-            locs.push((id, log.append(id, "q", &big).unwrap()));
-        }
-        log.sync().unwrap();
-        assert!(log.segment_count() >= 2);
+        let (mut log, locs) = seventy_mib(d.path());
         for (id, loc) in locs {
             log.ack(id, loc).unwrap();
         }
@@ -419,5 +424,20 @@ mod tests {
         drop(log);
         let (_, stored, _) = Log::open(d.path()).unwrap();
         assert!(stored.is_empty());
+    }
+
+    #[test]
+    fn compaction_skips_segments_it_may_not_move() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, locs) = seventy_mib(d.path());
+        let sealed = locs[0].1.segment;
+        // All but one message of the sealed segment acked: mostly dead.
+        for (id, loc) in locs.iter().filter(|(_, l)| l.segment == sealed).skip(1) {
+            log.ack(*id, *loc).unwrap();
+        }
+        assert_eq!(log.compaction_candidate(|_| true), Some(sealed));
+        // The broker core refuses a segment holding unconfirmed messages,
+        // which are in no queue yet and would keep their old location.
+        assert_eq!(log.compaction_candidate(|s| s != sealed), None);
     }
 }
