@@ -102,14 +102,16 @@ pub fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<Strin
     Ok(Some(token))
 }
 
-/// Deliveries a receiver holds unacked from the embedded broker: 64 chunks
-/// of 512 KiB at most, 32 MiB, and less in memory (a body is freed once
+/// Deliveries a receiver holds unacked from the embedded broker: 32 chunks
+/// of 512 KiB at most, 16 MiB, and less in memory (a body is freed once
 /// written; what waits for its commit holds none). The receiver acks only
-/// after its commit, so the broker needs this much ahead of it: 1 GiB went
-/// at 95-110 MiB/s with 16, 106-113 with 32, 131-133 with 64 and 126-130
-/// with 128 (alternating runs, one machine, one hour); receiver peak RSS 33
-/// MiB.
-const EMBEDDED_PREFETCH: u32 = 64;
+/// after its commit, so the broker needs some of it ahead. On a slow disk
+/// (~400 MiB/s) 64 gave 131-133 MiB/s against 106-113 for 32; on a faster
+/// one (cp + sync ~1.1 GiB/s, benches/run.sh, alternating builds) 32 gave
+/// 215-225 MiB/s and 64 228-232, but the receiver's peak RSS went 31-37 MiB
+/// with 32 and 34-54 MiB with 64, growing with the file size (1 GiB against
+/// 4 GiB), which the memory bound forbids.
+const EMBEDDED_PREFETCH: u32 = 32;
 /// Unconfirmed bytes a sender keeps in flight to the embedded broker. 16 MiB
 /// spans about two of the broker's group-commit fsyncs: measured on 1 GiB,
 /// 8 MiB gave 80-87 MiB/s, 16 MiB 93-95; 32 and 64 MiB gained nothing once
