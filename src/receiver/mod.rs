@@ -570,11 +570,7 @@ impl Receiver {
                 (Status::Receiving | Status::Placing, Some(p)) => match self.place(&row, p).await {
                     Ok(path) => {
                         info!(message = "Placed.", transfer_id = %tid, path = %path.display());
-                        let next = if p.on_success.is_empty() {
-                            Status::Received
-                        } else {
-                            Status::HookRunning
-                        };
+                        let next = after_placing(p);
                         self.store.placed(tid, &row.peer, next)?;
                         placed_here = true;
                     }
@@ -679,11 +675,7 @@ impl Receiver {
             {
                 continue;
             }
-            let next = if p.on_success.is_empty() {
-                Status::Received
-            } else {
-                Status::HookRunning
-            };
+            let next = after_placing(p);
             let hashed = self.take_digest(tid, row.size);
             items.push(Item {
                 partial: partial_path(&p.inbox, tid),
@@ -722,17 +714,13 @@ impl Receiver {
         else {
             return Ok(HashSet::new());
         };
-        let (ready, unready): (Vec<_>, Vec<_>) = items
+        // Those that did not verify are left out: each fails by itself
+        // (reading the file back, as a lone transfer does).
+        let ready: Vec<(Item, u64)> = items
             .into_iter()
             .zip(inodes)
-            .partition(|(_, ino)| ino.is_ok());
-        let ready: Vec<(Item, u64)> = ready
-            .into_iter()
             .filter_map(|(i, ino)| ino.ok().map(|ino| (i, ino)))
             .collect();
-        // Those that did not verify fail by themselves (reading the file
-        // back, as a lone transfer does).
-        drop(unready);
         if ready.is_empty() {
             return Ok(HashSet::new());
         }
@@ -1066,5 +1054,15 @@ fn new_row(h: &ChunkHeader) -> Row {
             ..row
         },
         None => row,
+    }
+}
+
+/// The status a transfer of profile `p` takes once its file is placed: its
+/// success hooks next, or `received` when it has none.
+fn after_placing(p: &ReceiveProfile) -> Status {
+    if p.on_success.is_empty() {
+        Status::Received
+    } else {
+        Status::HookRunning
     }
 }
