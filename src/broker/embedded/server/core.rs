@@ -1,320 +1,23 @@
-//! The embedded broker: a single-node durable broker inside the binary.
-//!
-//! One core thread owns the storage and every queue; connection tasks talk to
-//! it through a command channel. The core takes whatever commands are waiting,
-//! appends all their messages, fsyncs once (group commit), and only then
-//! confirms them and makes them deliverable. Payloads stay on disk until a
-//! delivery reads them, so memory does not grow with queue depth.
-//!
-//! Backpressure: a queue holding more than its limit (`max_queue`) parks new
-//! publishes unconfirmed, and each connection has at most
-//! [`CONNECTION_IN_FLIGHT`] bytes of unconfirmed publishes before the broker
-//! stops reading from it: a slow receiver makes senders wait.
+//! The core: one thread that owns the storage and every queue. It takes
+//! whatever commands are waiting, appends their messages, hands the batch to
+//! the flusher, and confirms (and makes deliverable) a batch only once the
+//! flusher reports it durable. Deliveries go round-robin to consumers with
+//! credit left; a message delivered too often, or refused, goes to the
+//! dead-letter queue; mostly-acked segments are compacted.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
-use tracing::{debug, error, info, warn};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, warn};
 
-use super::frame::{Frame, MAX_FRAME, PROTOCOL_VERSION};
-use super::log::{Dirty, Loc, Log};
+use super::DELIVERY_LIMIT;
+use super::flusher::Flusher;
 use crate::broker::DEAD_LETTER_QUEUE;
+use crate::broker::embedded::frame::Frame;
+use crate::broker::embedded::log::{Loc, Log};
 
-/// A queue over this many stored bytes makes its publishers wait, by default.
-pub const DEFAULT_MAX_QUEUE: u64 = 1 << 30;
-/// Unconfirmed publish bytes one connection may have in the broker.
-pub const CONNECTION_IN_FLIGHT: usize = 32 << 20;
-/// Deliveries of one message before it is dead-lettered.
-const DELIVERY_LIMIT: u32 = 20;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME)
-        .new_codec()
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    #[error("cannot listen on {0}: {1}")]
-    Listen(String, std::io::Error),
-    #[error("cannot open the broker's data directory {0}: {1}")]
-    Data(PathBuf, std::io::Error),
-    #[error("another broker uses the data directory {0}; stop it or give this one its own --data")]
-    Locked(PathBuf),
-    #[error(
-        "listening on {0} without a token would let any host connect; give a token file or listen on 127.0.0.1"
-    )]
-    NoToken(String),
-}
-
-impl ServerError {
-    pub const fn code(&self) -> &'static str {
-        "broker_start_failed"
-    }
-}
-
-/// A running broker: its address, and a handle that stops it when dropped.
-pub struct Running {
-    pub addr: SocketAddr,
-    _lock: nix::fcntl::Flock<std::fs::File>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.accept.abort();
-    }
-}
-
-/// Binds `listen`, replays `data`, and serves in the background.
-pub async fn start(
-    listen: &str,
-    data: &Path,
-    token: Option<String>,
-    max_queue: u64,
-) -> Result<Running, ServerError> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| ServerError::Listen(listen.to_string(), e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| ServerError::Listen(listen.to_string(), e))?;
-    if token.is_none() && !addr.ip().is_loopback() {
-        return Err(ServerError::NoToken(listen.to_string()));
-    }
-    std::fs::create_dir_all(data).map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(data.join("broker.lock"))
-        .map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
-    let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|_| ServerError::Locked(data.to_path_buf()))?;
-    let (log, stored, next_id) =
-        Log::open(&data.join("segments")).map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut core = Core::new(log, next_id, max_queue);
-    let restored = stored.len();
-    for s in stored {
-        core.queue(&s.queue).push_ready(Msg {
-            id: s.id,
-            loc: s.loc,
-            deliveries: 0,
-        });
-    }
-    let flusher =
-        Flusher::start(tx.downgrade()).map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
-    std::thread::Builder::new()
-        .name("hakobu-broker".into())
-        .spawn(move || core.run(rx, flusher))
-        .map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
-    info!(message = "Embedded broker listening.", %addr, data = %data.display(), restored_messages = restored);
-    let token = token.map(Arc::new);
-    let accept = tokio::spawn(async move {
-        let mut next_conn = 0u64;
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(message = "Accept failed.", error = %e);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            if token.is_none() && !peer.ip().is_loopback() {
-                debug!(message = "Refusing a non-loopback peer: no token configured.", %peer);
-                continue;
-            }
-            next_conn += 1;
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(serve_connection(
-                stream,
-                peer,
-                next_conn,
-                tx.clone(),
-                token.clone(),
-            ));
-        }
-    });
-    Ok(Running {
-        addr,
-        _lock: lock,
-        accept,
-    })
-}
-
-/// Constant-time comparison, so the token cannot be guessed byte by byte.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
-fn valid_queue(q: &str) -> bool {
-    !q.is_empty() && q.len() <= 255 && !q.chars().any(|c| c.is_control())
-}
-
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    conn: u64,
-    core: mpsc::UnboundedSender<Cmd>,
-    token: Option<Arc<String>>,
-) {
-    let mut framed = Framed::new(stream, codec());
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next()).await {
-        Ok(Some(Ok(bytes))) => Frame::decode(bytes.freeze()),
-        _ => return,
-    };
-    let refusal = match hello {
-        Ok(Frame::Hello { version, .. }) if version != PROTOCOL_VERSION => Some(format!(
-            "protocol version {version} is not supported (this broker speaks {PROTOCOL_VERSION}); run the same hakobu version"
-        )),
-        Ok(Frame::Hello { token: given, .. }) => match &token {
-            Some(t) if !same_secret(t, &given) => {
-                Some("wrong token; check the token file on both sides".to_string())
-            }
-            _ => None,
-        },
-        Ok(_) => Some("expected a hello frame first".to_string()),
-        Err(e) => Some(e.to_string()),
-    };
-    if let Some(message) = refusal {
-        warn!(message = "Refusing a connection.", %peer, reason = %message);
-        let _ = framed.send(Frame::Error { message }.encode()).await;
-        return;
-    }
-    if framed
-        .send(
-            Frame::Welcome {
-                version: PROTOCOL_VERSION,
-            }
-            .encode(),
-        )
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let (mut sink, mut frames) = framed.split();
-    let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
-    let writer = tokio::spawn(async move {
-        while let Some(f) = out_rx.recv().await {
-            if sink.send(f.encode()).await.is_err() {
-                break;
-            }
-        }
-    });
-    let in_flight = Arc::new(Semaphore::new(CONNECTION_IN_FLIGHT));
-    while let Some(item) = frames.next().await {
-        let frame = match item
-            .map_err(|e| e.to_string())
-            .and_then(|b| Frame::decode(b.freeze()).map_err(|e| e.to_string()))
-        {
-            Ok(f) => f,
-            Err(message) => {
-                warn!(message = "Closing a connection after a bad frame.", %peer, error = %message);
-                let _ = out.send(Frame::Error { message });
-                break;
-            }
-        };
-        match frame {
-            Frame::Publish {
-                seq,
-                queue,
-                payload,
-            } => {
-                if !valid_queue(&queue) {
-                    let _ = out.send(Frame::Nack {
-                        seq,
-                        reason: "invalid queue name".into(),
-                    });
-                    continue;
-                }
-                let need = payload.len().clamp(1, CONNECTION_IN_FLIGHT) as u32;
-                let Ok(permit) = in_flight.clone().acquire_many_owned(need).await else {
-                    break;
-                };
-                let (reply, confirmed) = oneshot::channel();
-                if core
-                    .send(Cmd::Publish {
-                        queue,
-                        payload,
-                        reply,
-                    })
-                    .is_err()
-                {
-                    break;
-                }
-                let out = out.clone();
-                tokio::spawn(async move {
-                    let frame = match confirmed.await {
-                        Ok(Ok(())) => Frame::Confirm { seq },
-                        Ok(Err(reason)) => Frame::Nack { seq, reason },
-                        Err(_) => Frame::Nack {
-                            seq,
-                            reason: "broker stopping".into(),
-                        },
-                    };
-                    drop(permit);
-                    let _ = out.send(frame);
-                });
-            }
-            Frame::Subscribe { queue, prefetch } if valid_queue(&queue) => {
-                let _ = core.send(Cmd::Subscribe {
-                    conn,
-                    queue,
-                    prefetch: prefetch.clamp(1, 1024),
-                    out: out.clone(),
-                });
-            }
-            Frame::Ack { tag } => {
-                let _ = core.send(Cmd::Settle {
-                    conn,
-                    tag,
-                    outcome: Outcome::Ack,
-                });
-            }
-            Frame::Reject { tag } => {
-                let _ = core.send(Cmd::Settle {
-                    conn,
-                    tag,
-                    outcome: Outcome::DeadLetter,
-                });
-            }
-            Frame::Requeue { tag } => {
-                let _ = core.send(Cmd::Settle {
-                    conn,
-                    tag,
-                    outcome: Outcome::Requeue,
-                });
-            }
-            other => {
-                let message = format!("unexpected frame from a client: {other:?}");
-                warn!(message = "Closing a connection after a protocol error.", %peer, error = %message);
-                let _ = out.send(Frame::Error { message });
-                break;
-            }
-        }
-    }
-    let _ = core.send(Cmd::Gone { conn });
-    drop(out);
-    let _ = writer.await;
-}
-
-enum Cmd {
+pub(super) enum Cmd {
     Publish {
         queue: String,
         payload: Bytes,
@@ -343,17 +46,17 @@ enum Cmd {
 
 /// How a consumer settles a delivery.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(super) enum Outcome {
     Ack,
     DeadLetter,
     Requeue,
 }
 
 #[derive(Clone, Copy)]
-struct Msg {
-    id: u64,
-    loc: Loc,
-    deliveries: u32,
+pub(super) struct Msg {
+    pub(super) id: u64,
+    pub(super) loc: Loc,
+    pub(super) deliveries: u32,
 }
 
 struct Consumer {
@@ -369,7 +72,7 @@ struct Parked {
 }
 
 #[derive(Default)]
-struct Queue {
+pub(super) struct Queue {
     ready: BTreeMap<u64, Msg>,
     /// Delivered, not yet settled: message and the consumer holding it.
     unacked: HashMap<u64, (Msg, usize)>,
@@ -380,7 +83,7 @@ struct Queue {
 }
 
 impl Queue {
-    fn push_ready(&mut self, m: Msg) {
+    pub(super) fn push_ready(&mut self, m: Msg) {
         self.bytes += m.loc.len as u64;
         self.ready.insert(m.id, m);
     }
@@ -390,30 +93,7 @@ impl Queue {
     }
 }
 
-/// The thread that fsyncs for the core: it takes one batch at a time and
-/// reports back through the core's own command channel (holding it weakly,
-/// so that it never keeps a stopped broker's channel open).
-struct Flusher(std::sync::mpsc::Sender<(Dirty, Confirms)>);
-
-impl Flusher {
-    fn start(core: mpsc::WeakUnboundedSender<Cmd>) -> std::io::Result<Flusher> {
-        let (tx, rx) = std::sync::mpsc::channel::<(Dirty, Confirms)>();
-        std::thread::Builder::new()
-            .name("hakobu-broker-sync".into())
-            .spawn(move || {
-                while let Ok((dirty, confirms)) = rx.recv() {
-                    let result = dirty.sync().map_err(|e| e.to_string());
-                    let Some(core) = core.upgrade() else { return };
-                    if core.send(Cmd::Synced { result, confirms }).is_err() {
-                        return;
-                    }
-                }
-            })?;
-        Ok(Flusher(tx))
-    }
-}
-
-struct Core {
+pub(super) struct Core {
     log: Log,
     /// A batch is with the flusher now.
     flushing: bool,
@@ -428,10 +108,10 @@ struct Core {
 }
 
 /// Replies to send once the batch is durable.
-type Confirms = Vec<(oneshot::Sender<Result<(), String>>, Option<(String, Msg)>)>;
+pub(super) type Confirms = Vec<(oneshot::Sender<Result<(), String>>, Option<(String, Msg)>)>;
 
 impl Core {
-    fn new(log: Log, next_id: u64, max_queue: u64) -> Self {
+    pub(super) fn new(log: Log, next_id: u64, max_queue: u64) -> Self {
         Core {
             log,
             flushing: false,
@@ -443,7 +123,7 @@ impl Core {
         }
     }
 
-    fn queue(&mut self, name: &str) -> &mut Queue {
+    pub(super) fn queue(&mut self, name: &str) -> &mut Queue {
         self.queues.entry(name.to_string()).or_default()
     }
 
@@ -452,7 +132,7 @@ impl Core {
     /// confirmed and made deliverable, and everything appended meanwhile
     /// goes to the flusher as the next batch. Appends, acks and deliveries
     /// never wait for the disk's flush.
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, flusher: Flusher) {
+    pub(super) fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, flusher: Flusher) {
         let mut waiting: Confirms = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut pending_dead: Vec<(String, Msg)> = Vec::new();
