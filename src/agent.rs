@@ -1,22 +1,28 @@
 //! `hakobu run`: wires the configuration, the state database, the broker, the
-//! sender and the receiver together, and dispatches what arrives on this
-//! node's queue.
+//! sender and the receiver together, and owns their lifecycle. Starting:
+//! recovery from the ledger, then the subscription, then intake (watchers,
+//! the queue poller, expiry). Stopping: intake first (one stop token for
+//! the watchers, poller, publishers, expiry and the consumer loop), then
+//! the commits, completions and hooks under way are drained, then the
+//! coalescing publisher, then the state database.
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use nix::fcntl::{Flock, FlockArg};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::broker::Broker;
 use crate::broker::embedded::{Embedded, server};
-use crate::broker::{Broker, Delivery};
 use crate::coalesce::Coalescer;
 use crate::config::{BrokerConfig, Config};
-use crate::receiver::{Commits, Receiver};
+use crate::dispatch::Dispatch;
+use crate::receiver::Receiver;
 use crate::sender::Sender;
 use crate::store::Store;
-use crate::wire::Message;
 
 /// How long a stopping agent waits for hooks and receipts under way.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
@@ -127,111 +133,115 @@ pub fn prepare_state_dir(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `hakobu run`: the agent until SIGINT or SIGTERM (or until its broker
+/// subscription ends, which is an error).
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let cfg = Arc::new(cfg);
-    prepare_state_dir(&cfg)?;
-    let _lock = StateLock::acquire(&cfg)?;
-    let store = Store::open(&cfg.db_path())?;
-    let (broker, window, _hosted) = open_broker(&cfg).await?;
-    let tasks = TaskTracker::new();
-    let out = Coalescer::new(broker.clone());
-    let receiver = Receiver::new(cfg.clone(), store.clone(), out.clone(), tasks.clone());
-    let sender = Sender::new(cfg.clone(), store.clone(), out, window, tasks.clone());
-    receiver.recover().await?;
-    sender.recover().await?;
-    let mut deliveries = broker.subscribe(&cfg.node).await?;
-    let commits = receiver.start_commits();
-    sender.start_watchers();
-    tokio::spawn(sender.clone().poll_queued());
-    tokio::spawn(receiver.clone().expire_stale());
-    info!(message = "Agent running.", node = %cfg.node, send_profiles = cfg.send.len(), receive_profiles = cfg.receive.len());
-
+    let mut agent = Agent::start(cfg).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            d = deliveries.recv() => match d {
-                Some(d) => dispatch(&receiver, &commits, &sender, d, &mut deliveries).await,
-                None => anyhow::bail!("the broker subscription ended"),
-            },
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-        }
+    let ended = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+        ended = &mut agent.intake => Some(ended),
+    };
+    agent.stop().await;
+    match ended {
+        Some(Ok(result)) => result,
+        Some(Err(e)) => Err(anyhow::anyhow!("the agent's intake stopped: {e}")),
+        None => Ok(()),
     }
-    // Stop taking deliveries; let placements, hooks and receipts under way
-    // finish. What does not finish in time resumes from the ledger at the
-    // next start (a hook cut off is recorded as interrupted, not re-run).
-    drop(deliveries);
-    drop(commits);
-    tasks.close();
-    info!(
-        message = "Agent stopping; waiting for work under way.",
-        tasks = tasks.len()
-    );
-    if tokio::time::timeout(STOP_GRACE, tasks.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            message = "Stopping with work still under way; it resumes at the next start.",
-            tasks = tasks.len()
-        );
-    }
-    Ok(())
 }
 
-/// Most chunks one batch takes: what arrived together shares one fsync per
-/// partial file and one ledger commit.
-const BATCH: usize = 64;
+/// A running agent.
+pub struct Agent {
+    /// Cancelled to stop intake.
+    stop: CancellationToken,
+    /// The consumer loop; ends with an error if the subscription ends.
+    intake: JoinHandle<anyhow::Result<()>>,
+    /// The commit stage, completions and receipt hooks.
+    tasks: TaskTracker,
+    out: Arc<Coalescer>,
+    _hosted: Option<server::Running>,
+    _lock: StateLock,
+}
 
-/// Handles `first` and whatever else has already arrived: chunks as one
-/// batch (written here, made durable and acked by the commit stage while the
-/// next deliveries arrive), receipts side by side (their ledger writes share
-/// a flush).
-async fn dispatch(
-    receiver: &Arc<Receiver>,
-    commits: &Commits,
-    sender: &Arc<Sender>,
-    first: Delivery,
-    more: &mut tokio::sync::mpsc::Receiver<Delivery>,
-) {
-    let mut chunks = Vec::new();
-    let mut receipts = Vec::new();
-    let mut next = Some(first);
-    while let Some(mut d) = next.take() {
-        // The delivery keeps only what settles it: a chunk's body is freed
-        // as soon as it is written, while its ack waits for the commit.
-        let payload = std::mem::take(&mut d.payload);
-        let bytes = payload.len();
-        match Message::decode(payload) {
-            Ok(Message::Batch(parts)) => {
-                // Each part settles its share; the message settles with the last.
-                let n = parts.len();
-                for (part, d) in parts.into_iter().zip(d.split(n)) {
-                    match part {
-                        Message::Chunk(h, body) => chunks.push((h, body, d)),
-                        Message::Receipt(r) => receipts.push(sender.on_receipt(r, d)),
-                        // The decoder refuses nested batches.
-                        Message::Batch(_) => {
-                            let _ = d.dead_letter().await;
-                        }
-                    }
+impl Agent {
+    /// Starts an agent for `cfg` on this runtime: recovery, subscription,
+    /// intake.
+    pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
+        let cfg = Arc::new(cfg);
+        prepare_state_dir(&cfg)?;
+        let lock = StateLock::acquire(&cfg)?;
+        let store = Store::open(&cfg.db_path())?;
+        let (broker, window, hosted) = open_broker(&cfg).await?;
+        let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
+        let out = Coalescer::new(broker.clone());
+        let receiver = Receiver::new(cfg.clone(), store.receiving(), out.clone(), tasks.clone());
+        let sender = Sender::new(
+            cfg.clone(),
+            store.sending(),
+            out.clone(),
+            (window, tasks.clone(), stop.clone()),
+        );
+        receiver.recover().await?;
+        sender.recover().await?;
+        let mut deliveries = broker.subscribe(&cfg.node).await?;
+        let dispatch = Dispatch {
+            commits: receiver.start_commits(),
+            receiver: receiver.clone(),
+            sender: sender.clone(),
+        };
+        sender.start_watchers();
+        tokio::spawn(sender.poll_queued());
+        tokio::spawn(receiver.expire_stale(stop.child_token()));
+        info!(message = "Agent running.", node = %cfg.node, send_profiles = cfg.send.len(), receive_profiles = cfg.receive.len());
+        let intake_stop = stop.clone();
+        let intake = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = intake_stop.cancelled() => return Ok(()),
+                    d = deliveries.recv() => match d {
+                        Some(d) => dispatch.handle(d, &mut deliveries).await,
+                        None => anyhow::bail!("the broker subscription ended"),
+                    },
                 }
             }
-            Ok(Message::Chunk(h, body)) => chunks.push((h, body, d)),
-            Ok(Message::Receipt(r)) => receipts.push(sender.on_receipt(r, d)),
-            Err(e) => {
-                warn!(message = "Dead-lettering a message that cannot be parsed.", error_code = e.code(), error = %e, bytes);
-                let _ = d.dead_letter().await;
-            }
-        }
-        if chunks.len() + receipts.len() < BATCH {
-            next = more.try_recv().ok();
-        }
+            // Dropping `deliveries` ends the subscription; dropping
+            // `dispatch` ends the commit stage once it has committed what
+            // it holds.
+        });
+        Ok(Agent {
+            stop,
+            intake,
+            tasks,
+            out,
+            _hosted: hosted,
+            _lock: lock,
+        })
     }
-    let chunks = async {
-        if !chunks.is_empty() {
-            receiver.on_chunks(chunks, commits).await;
+
+    /// Stops intake, then waits (up to [`STOP_GRACE`]) for the commits,
+    /// completions and hooks under way. What does not finish in time
+    /// resumes from the ledger at the next start (a hook cut off is recorded
+    /// as interrupted, not re-run).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        if !self.intake.is_finished() {
+            let _ = self.intake.await;
         }
-    };
-    futures::future::join(chunks, futures::future::join_all(receipts)).await;
+        self.tasks.close();
+        info!(
+            message = "Agent stopping; waiting for work under way.",
+            tasks = self.tasks.len()
+        );
+        if tokio::time::timeout(STOP_GRACE, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                message = "Stopping with work still under way; it resumes at the next start.",
+                tasks = self.tasks.len()
+            );
+        }
+        self.out.close();
+    }
 }

@@ -2,18 +2,19 @@
 //! codes: 0 success, 1 transfer or hook failure, 2 usage or configuration error.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::agent::{self, StateLock};
-use crate::config::{Config, is_valid_id};
-use crate::hooks::{self, Event, HookContext};
-use crate::sender::spool_path;
-use crate::store::{Direction, Row, Status, Store};
+use crate::config::Config;
+use crate::domain::{FileName, NodeName, TransferId};
+use crate::rerun::Rerun;
+use crate::sender::Spool;
+use crate::store::{Entry, SendRow, Status, Store};
 
 #[derive(Parser)]
 #[command(
@@ -149,7 +150,7 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
             config,
             limit,
             json,
-        } => history(&load(&config)?, limit, json),
+        } => history(&load(&config)?, limit, json).await,
         Command::Send {
             config,
             file_id,
@@ -165,7 +166,7 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
         Command::Resend {
             config,
             transfer_id,
-        } => resend(&load(&config)?, &transfer_id),
+        } => resend(&load(&config)?, &transfer_id).await,
         Command::Broker {
             listen,
             data,
@@ -205,27 +206,37 @@ fn open_store(cfg: &Config) -> Result<Store, Exit> {
     Store::open(&cfg.db_path()).map_err(failure)
 }
 
-fn history(cfg: &Config, limit: usize, json: bool) -> Result<(), Exit> {
-    let rows = open_store(cfg)?.history(limit).map_err(failure)?;
+fn transfer_id(text: &str) -> Result<TransferId, Exit> {
+    TransferId::parse(text).map_err(|e| usage(anyhow::anyhow!("{e}")))
+}
+
+async fn history(cfg: &Config, limit: usize, json: bool) -> Result<(), Exit> {
+    let rows = open_store(cfg)?.history(limit).await.map_err(failure)?;
+    let mut out = std::io::stdout().lock();
+    // A reader that stops early (`| head`) is not an error.
+    let _ = write_history(&mut out, &rows, json);
+    Ok(())
+}
+
+fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::Result<()> {
     if json {
         for r in rows {
-            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            writeln!(out, "{}", serde_json::to_string(r).unwrap_or_default())?;
         }
         return Ok(());
     }
-    println!(
+    writeln!(
+        out,
         "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4}",
         "STARTED", "DIR", "TRANSFER", "PEER", "FILE_ID", "FILE", "SIZE", "STATUS", "ERROR", "HOOK"
-    );
-    for r in rows {
-        println!(
+    )?;
+    for e in rows {
+        let r = e.transfer();
+        writeln!(
+            out,
             "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4}",
             r.started_at,
-            if r.direction == Direction::Send {
-                "send"
-            } else {
-                "receive"
-            },
+            e.direction().as_str(),
             r.transfer_id,
             r.peer,
             r.file_id,
@@ -236,7 +247,7 @@ fn history(cfg: &Config, limit: usize, json: bool) -> Result<(), Exit> {
             r.hook_exit
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "-".into()),
-        );
+        )?;
     }
     Ok(())
 }
@@ -262,15 +273,16 @@ fn parse_meta(items: &[String]) -> Result<BTreeMap<String, String>, Exit> {
     Ok(meta)
 }
 
-/// Copies a file into the spool as a queued transfer for the running agent,
-/// to arrive as `name`.
-fn queue_copy(
+/// Copies a file into the spool as a queued transfer for the agent on this
+/// state directory, to arrive as `name`.
+async fn queue_copy(
     cfg: &Config,
+    store: &Store,
     file_id: &str,
     (src, name): (&Path, &str),
-    to: Option<String>,
+    to: Option<NodeName>,
     meta: &BTreeMap<String, String>,
-) -> Result<String, Exit> {
+) -> Result<TransferId, Exit> {
     let mut profile = cfg.send_profile(file_id).cloned().ok_or_else(|| {
         usage(anyhow::anyhow!(
             "no send profile for file id `{file_id}` in {}",
@@ -278,32 +290,12 @@ fn queue_copy(
         ))
     })?;
     if let Some(node) = to {
-        if !is_valid_id(&node) {
-            return Err(usage(anyhow::anyhow!("--to {node:?} is not a node name")));
-        }
         profile.to = vec![node];
     }
-    let store = open_store(cfg)?;
-    let tid = uuid::Uuid::now_v7().to_string();
-    let dst = spool_path(&cfg.spool_dir(), file_id, &tid, name);
-    let copy = || -> anyhow::Result<()> {
-        std::fs::create_dir_all(dst.parent().context("spool path")?)?;
-        // Copied under a hidden name, then renamed: the agent never sees half a copy.
-        let tmp = dst.with_file_name(format!(".{tid}.tmp"));
-        std::fs::copy(src, &tmp)
-            .with_context(|| format!("cannot copy {} into the spool", src.display()))?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        crate::durable::rename_durable(&tmp, &dst)?;
-        Ok(())
-    };
-    copy().map_err(failure)?;
-    let file = crate::sender::Spooled {
-        tid: tid.clone(),
-        name: name.to_string(),
-        path: dst,
-    };
-    crate::sender::record_claim(&store, &profile, &file, meta, Status::Queued).map_err(failure)?;
-    Ok(tid)
+    let spool = Spool::new(cfg.spool_dir());
+    crate::sender::queue(&store.sending(), &spool, &profile, (src, name), meta)
+        .await
+        .map_err(failure)
 }
 
 async fn send(
@@ -315,6 +307,9 @@ async fn send(
     wait: bool,
 ) -> Result<(), Exit> {
     let meta = parse_meta(meta)?;
+    let to = to
+        .map(|n| NodeName::parse(&n).map_err(|e| usage(anyhow::anyhow!("--to: {e}"))))
+        .transpose()?;
     if !path.is_file() {
         return Err(usage(anyhow::anyhow!(
             "{} is not a readable file",
@@ -332,9 +327,10 @@ async fn send(
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
-        .filter(|n| crate::receiver::check_file_name(n).is_ok())
+        .and_then(|n| FileName::parse(n).ok())
         .ok_or_else(|| usage(anyhow::anyhow!("{} has no plain file name", path.display())))?;
-    let tid = queue_copy(cfg, file_id, (path, name), to, &meta)?;
+    let store = open_store(cfg)?;
+    let tid = queue_copy(cfg, &store, file_id, (path, &name), to, &meta).await?;
     if !agent_running {
         eprintln!(
             "note: no agent runs on {}; the file is queued and goes when `hakobu run -c {}` starts",
@@ -344,21 +340,20 @@ async fn send(
     }
     println!("{tid}");
     if wait {
-        return wait_for(cfg, &tid).await;
+        return wait_for(&store, &tid).await;
     }
     Ok(())
 }
 
 /// Polls the state database until every receiver of `tid` has settled it.
-async fn wait_for(cfg: &Config, tid: &str) -> Result<(), Exit> {
-    let store = open_store(cfg)?;
+async fn wait_for(store: &Store, tid: &TransferId) -> Result<(), Exit> {
     let bar = Progress::new();
     loop {
-        let rows = store.rows_of(Direction::Send, tid).map_err(failure)?;
+        let rows = store.sending().rows_of(tid).await.map_err(failure)?;
         bar.show(&rows);
         if !rows.is_empty() && rows.iter().all(|r| r.status.is_final()) {
             bar.finish();
-            let failed: Vec<&Row> = rows.iter().filter(|r| !r.delivered).collect();
+            let failed: Vec<&SendRow> = rows.iter().filter(|r| !r.delivered).collect();
             for r in &rows {
                 println!(
                     "{} {} {}",
@@ -381,90 +376,56 @@ async fn wait_for(cfg: &Config, tid: &str) -> Result<(), Exit> {
 }
 
 async fn rerun(cfg: &Config, tid: &str) -> Result<(), Exit> {
+    let tid = transfer_id(tid)?;
     let store = open_store(cfg)?;
-    let rows = store.find(tid).map_err(failure)?;
-    let Some(row) = rows.first() else {
-        return Err(usage(anyhow::anyhow!(
-            "no transfer {tid} in the history of {}",
-            cfg.state_dir.display()
-        )));
+    let done = crate::rerun::rerun(cfg, &store, &tid, StateLock::held(cfg)).await;
+    let (event, outcome, recorded) = match done {
+        Ok(Rerun::NoHook(event)) => {
+            println!("no {} hook configured for transfer {tid}", event.as_str());
+            return Ok(());
+        }
+        Ok(Rerun::Ran {
+            event,
+            outcome,
+            recorded,
+        }) => (event, outcome, recorded),
+        Err(e @ crate::rerun::RerunError::Store(_)) => return Err(failure(e)),
+        Err(e) => return Err(usage(e)),
     };
-    if !row.status.is_final() {
-        return Err(usage(anyhow::anyhow!(
-            "transfer {tid} is still {} and the agent is working on it; rerun it once it has settled",
-            row.status.as_str()
-        )));
+    if !recorded {
+        eprintln!(
+            "note: an agent took transfer {tid} over while the hook ran; `hakobu history` shows what it recorded"
+        );
     }
-    let (event, specs) = match row.direction {
-        Direction::Receive => {
-            let p = cfg
-                .receive_profile(&row.file_id)
-                .ok_or_else(|| usage(anyhow::anyhow!("no receive profile for {}", row.file_id)))?;
-            // Placed, whatever became of its hook: the success hook again.
-            if row.status != Status::ReceiveFailed {
-                (Event::Received, &p.on_success)
-            } else {
-                (Event::ReceiveFailed, &p.on_failure)
-            }
-        }
-        Direction::Send => {
-            let p = cfg
-                .send_profile(&row.file_id)
-                .ok_or_else(|| usage(anyhow::anyhow!("no send profile for {}", row.file_id)))?;
-            if row.delivered {
-                (Event::Sent, &p.on_success)
-            } else {
-                (Event::SendFailed, &p.on_failure)
-            }
-        }
-    };
-    let ctx = HookContext::for_row(row, &cfg.node, event);
-    let log = hooks::log_path(&cfg.log_dir(), tid, event);
-    let Some((argv0, outcome)) = hooks::run_all(specs, &ctx, &log).await else {
-        println!("no {} hook configured for {}", event.as_str(), row.file_id);
-        return Ok(());
-    };
-    store
-        .set_hook(row.direction, tid, &row.peer, &outcome.record())
-        .map_err(failure)?;
     if outcome.ok() {
-        if event == Event::Received {
-            store
-                .set_status(row.direction, tid, &row.peer, Status::Received)
-                .map_err(failure)?;
-        }
         println!("{} hook ran: exit 0", event.as_str());
         Ok(())
     } else {
-        Err(failure(anyhow::anyhow!(
-            "{}: {}",
-            outcome.error_code(),
-            outcome.describe(&argv0)
-        )))
+        let (code, sentence) = outcome.failure();
+        Err(failure(anyhow::anyhow!("{code}: {sentence}")))
     }
 }
 
-fn resend(cfg: &Config, tid: &str) -> Result<(), Exit> {
+async fn resend(cfg: &Config, tid: &str) -> Result<(), Exit> {
+    let tid = transfer_id(tid)?;
     let store = open_store(cfg)?;
-    let rows = store.rows_of(Direction::Send, tid).map_err(failure)?;
+    let rows = store.sending().rows_of(&tid).await.map_err(failure)?;
     let Some(row) = rows.first() else {
         return Err(usage(anyhow::anyhow!(
             "no sent transfer {tid} in the history of {}",
             cfg.state_dir.display()
         )));
     };
-    let src = PathBuf::from(row.path.clone().unwrap_or_default());
-    if !src.is_file() {
+    if !row.path.is_file() {
         return Err(failure(anyhow::anyhow!(
             "the spooled copy {} is gone (after_send removed or moved it); send the file again with `hakobu send`",
-            src.display()
+            row.path.display()
         )));
     }
-    let peers: Vec<String> = rows.iter().map(|r| r.peer.clone()).collect();
     let mut new_ids = Vec::new();
-    for peer in peers {
-        let src = (src.as_path(), row.file_name.as_str());
-        new_ids.push(queue_copy(cfg, &row.file_id, src, Some(peer), &row.meta)?);
+    for peer in rows.iter().map(|r| r.peer.clone()) {
+        let src = (row.path.as_path(), row.file_name.as_str());
+        new_ids.push(queue_copy(cfg, &store, &row.file_id, src, Some(peer), &row.meta).await?);
     }
     for id in new_ids {
         println!("{id}");
@@ -503,7 +464,7 @@ impl Progress {
         }
     }
 
-    fn show(&self, rows: &[Row]) {
+    fn show(&self, rows: &[SendRow]) {
         let line = rows
             .iter()
             .map(|r| format!("{}: {}", r.peer, r.status.as_str()))

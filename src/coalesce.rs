@@ -43,6 +43,13 @@ impl Coalescer {
         &self.broker
     }
 
+    /// Stops taking messages: each node's publishing task ends once what
+    /// it was handed is published. For the end of an agent's stop, after
+    /// the receipts under way are sent.
+    pub fn close(&self) {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// Publishes `msg` to `node`'s queue, together with whatever else waits
     /// for that node. Resolves once the broker confirmed it; an error means
     /// unknown, not lost (see [`Broker::publish`]): publish again.

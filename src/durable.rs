@@ -1,9 +1,12 @@
-//! Durable file operations: every file the agent places or checkpoints goes
-//! through here, so that a crash leaves either the old state or the new one,
-//! never a half-written name.
+//! Durable file operations: the fsync of a directory after a rename or a new
+//! name, renames made durable, an append made durable, a removal that
+//! tolerates a missing file. The receiver's placement (`receiver/place.rs`),
+//! the sender's spool and `after_send` use them, so that a crash leaves
+//! either the old name or the new one, never a half-written file under a
+//! name.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 
 /// Flushes a directory's entries (a rename or a new name) to disk.
@@ -16,19 +19,6 @@ fn parent(path: &Path) -> &Path {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file: tmp → fsync → rename → fsync dir.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = parent(path);
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path)?;
-    fsync_dir(dir)
 }
 
 /// Renames `from` over `to` (both on one filesystem) and makes it durable.
@@ -72,19 +62,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn write_atomic_then_append() {
+    fn rename_then_append() {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("a");
-        write_atomic(&a, b"one").unwrap();
-        write_atomic(&a, b"two").unwrap();
-        assert_eq!(fs::read(&a).unwrap(), b"two");
+        fs::write(&a, b"two").unwrap();
         let b = d.path().join("b");
-        fs::copy(&a, &b).unwrap();
+        rename_durable(&a, &b).unwrap();
+        assert!(!a.exists());
         let c = d.path().join("c");
-        write_atomic(&c, b"3").unwrap();
+        fs::write(&c, b"3").unwrap();
         assert_eq!(append_durable(&c, &b).unwrap(), 1);
         assert_eq!(fs::read(&b).unwrap(), b"two3");
-        // Only the named files remain: no temporaries.
-        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 3);
+        remove_if_exists(&c).unwrap();
+        remove_if_exists(&c).unwrap();
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
     }
 }

@@ -14,6 +14,9 @@ use nix::unistd::Pid;
 use tokio::process::Command;
 
 use crate::config::HookSpec;
+use crate::domain::NodeName;
+use crate::error_code::ErrorCode;
+use crate::store::{HookRun, Transfer};
 
 /// What happened, as `HAKOBU_EVENT` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,18 +59,19 @@ pub struct HookContext {
 }
 
 impl HookContext {
-    /// The context of a transfer as its ledger row records it. The error
-    /// variables are set for the failure events only.
-    pub fn for_row(row: &crate::store::Row, node: &str, event: Event) -> Self {
+    /// The context of a transfer as its ledger row records it, with `path`
+    /// the file on this node (empty when there is none). The error variables
+    /// are set for the failure events only.
+    pub fn for_transfer(row: &Transfer, path: &str, node: &NodeName, event: Event) -> Self {
         let failed = matches!(event, Event::ReceiveFailed | Event::SendFailed);
         HookContext {
             event,
             node: node.to_string(),
-            peer: row.peer.clone(),
-            file_id: row.file_id.clone(),
-            transfer_id: row.transfer_id.clone(),
+            peer: row.peer.to_string(),
+            file_id: row.file_id.to_string(),
+            transfer_id: row.transfer_id.to_string(),
             file_name: row.file_name.clone(),
-            path: row.path.clone().unwrap_or_default(),
+            path: path.to_string(),
             size: row.size,
             sha256: row.sha256.clone().unwrap_or_default(),
             started_at: row.started_at.clone(),
@@ -84,6 +88,8 @@ impl HookContext {
 
 #[derive(Debug, Clone)]
 pub struct HookOutcome {
+    /// The command (argv[0]), to name it in messages.
+    pub program: String,
     /// The exit code; `None` when killed by a signal or never started.
     pub exit: Option<i32>,
     pub timed_out: bool,
@@ -98,24 +104,30 @@ impl HookOutcome {
     }
 
     /// What history keeps of this run.
-    pub fn record(&self) -> crate::store::HookRecord<'_> {
-        crate::store::HookRecord {
+    pub fn record(&self) -> HookRun {
+        HookRun {
             exit: self.exit,
             ms: self.duration.as_millis() as u64,
-            tail: &self.tail,
+            tail: self.tail.clone(),
         }
     }
 
     /// A stable code for a failed hook.
-    pub fn error_code(&self) -> &'static str {
+    pub fn error_code(&self) -> ErrorCode {
         if self.timed_out {
-            "hook_timeout"
+            ErrorCode::HookTimeout
         } else {
-            "hook_failed"
+            ErrorCode::HookFailed
         }
     }
 
-    pub fn describe(&self, argv0: &str) -> String {
+    /// A failed run's code and sentence, as history and receipts carry them.
+    pub fn failure(&self) -> (ErrorCode, String) {
+        (self.error_code(), self.describe())
+    }
+
+    pub fn describe(&self) -> String {
+        let argv0 = &self.program;
         match (self.timed_out, self.exit) {
             (true, _) => format!(
                 "hook {argv0} timed out after {:?} and was killed; raise its timeout or make it faster",
@@ -133,29 +145,13 @@ impl HookOutcome {
 
 const TAIL_BYTES: u64 = 2048;
 
-/// Runs `specs` in order, stopping at the first that fails. Output goes to
-/// `log`; returns the outcome of the last hook run, `None` when there is none.
-pub async fn run_all(
-    specs: &[HookSpec],
-    ctx: &HookContext,
-    log: &Path,
-) -> Option<(String, HookOutcome)> {
-    let mut last = None;
-    for spec in specs {
-        let outcome = run(spec, ctx, log).await;
-        let ok = outcome.ok();
-        last = Some((spec.argv[0].clone(), outcome));
-        if !ok {
-            break;
-        }
-    }
-    last
-}
-
-/// Runs one hook in a process group of its own; a timeout kills the group.
+/// Runs a hook in a process group of its own, its output appended to
+/// `log`; a timeout kills the group.
 pub async fn run(spec: &HookSpec, ctx: &HookContext, log: &Path) -> HookOutcome {
     let started = Instant::now();
+    let program = spec.argv[0].clone();
     let failed = |message: String| HookOutcome {
+        program: program.clone(),
         exit: None,
         timed_out: false,
         duration: started.elapsed(),
@@ -208,6 +204,7 @@ pub async fn run(spec: &HookSpec, ctx: &HookContext, log: &Path) -> HookOutcome 
         .await
         .unwrap_or_default();
     HookOutcome {
+        program,
         exit,
         timed_out,
         duration,
@@ -450,7 +447,7 @@ mod tests {
         );
         let o = run(&s, &ctx(), &log).await;
         assert!(o.timed_out);
-        assert_eq!(o.error_code(), "hook_timeout");
+        assert_eq!(o.error_code(), ErrorCode::HookTimeout);
         let pid: i32 = std::fs::read_to_string(&pidfile)
             .unwrap()
             .trim()

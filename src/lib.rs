@@ -4,18 +4,26 @@
 //!
 //! # Layout
 //! - [`config`]: the YAML configuration, read and validated once.
+//! - [`domain`]: node names, file ids, transfer ids and file names, each
+//!   checked once where it enters.
 //! - [`sender`]: watch an outbox → claim into the spool → publish chunks →
-//!   await the receipt → hooks → `after_send`.
-//! - [`receiver`]: consume → assemble → verify → place → record → hooks → receipt.
+//!   receipt → hook → `after_send`; one file per stage.
+//! - [`receiver`]: ingest → commit → verify → place → complete (hooks) →
+//!   receipt, and recovery; one file per stage.
+//! - [`transform`]: the one place a transfer's bytes may change on the way.
+//! - [`dispatch`]: decodes what arrives on a node's queue and routes it.
 //! - [`broker`]: the broker trait and its backends; only they know a broker protocol.
 //! - [`wire`]: the message format; only it turns messages into bytes.
 //! - [`coalesce`]: publishes what waits for the same node as one broker
 //!   message (small files, receipts).
 //! - [`store`]: the SQLite state database: history and the exactly-once ledger.
 //! - [`hooks`]: the hook runner; only it starts hook commands.
-//! - [`durable`]: fsync/rename helpers every placed or checkpointed file goes through.
-//! - [`agent`]: `hakobu run`, wiring the above together.
+//! - [`error_code`]: the one table of the stable error codes users see.
+//! - [`durable`]: fsync/rename helpers for files the agent places or moves.
+//! - [`agent`]: `hakobu run`, wiring the above together, and its lifecycle.
+//! - [`rerun`]: `hakobu rerun`, a settled transfer's hook again.
 //! - [`cli`]: the command line.
+//! - [`failpoint`]: crash points for tests.
 
 pub mod agent;
 pub mod broker;
@@ -23,9 +31,15 @@ pub mod cli;
 pub mod clock;
 pub mod coalesce;
 pub mod config;
+pub mod dispatch;
+pub mod domain;
 pub mod durable;
+pub mod error_code;
+pub mod failpoint;
 pub mod hooks;
 pub mod receiver;
+pub mod rerun;
 pub mod sender;
 pub mod store;
+pub mod transform;
 pub mod wire;

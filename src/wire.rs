@@ -14,6 +14,9 @@ use std::collections::BTreeMap;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use crate::domain::{FileId, NodeName, TransferId};
+use crate::error_code::ErrorCode;
+
 const MAGIC: &[u8; 3] = b"HKB";
 pub const VERSION: u8 = 1;
 const KIND_CHUNK: u8 = 1;
@@ -26,17 +29,20 @@ pub const MAX_BATCH: usize = 1024;
 pub const MAX_HEADER: usize = 64 * 1024;
 
 /// One slice of a file. Every chunk names its transfer completely, so the
-/// receiver can check it whatever order chunks arrive in.
+/// receiver can check it whatever order chunks arrive in. Decoding checks
+/// the names (transfer id, file id, nodes): a header that breaks a rule is
+/// malformed. The file name is checked where a transfer is admitted, so
+/// that a sender hears why it was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChunkHeader {
-    pub transfer_id: String,
-    pub file_id: String,
+    pub transfer_id: TransferId,
+    pub file_id: FileId,
     /// Sending node.
-    pub from: String,
+    pub from: NodeName,
     /// Receiving node.
-    pub to: String,
-    /// Original base name.
+    pub to: NodeName,
+    /// Original base name, as the sender gave it.
     pub file_name: String,
     /// Size of the whole file.
     pub size: u64,
@@ -63,12 +69,12 @@ pub struct Trailer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Receipt {
-    pub transfer_id: String,
-    pub file_id: String,
+    pub transfer_id: TransferId,
+    pub file_id: FileId,
     /// The receiving node.
-    pub from: String,
+    pub from: NodeName,
     /// The sender, to whom the receipt goes.
-    pub to: String,
+    pub to: NodeName,
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<String>,
@@ -118,8 +124,8 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    pub const fn code(&self) -> &'static str {
-        "malformed_message"
+    pub const fn code(&self) -> ErrorCode {
+        ErrorCode::MalformedMessage
     }
 }
 
@@ -317,10 +323,10 @@ mod tests {
     fn chunk() -> Message {
         Message::Chunk(
             ChunkHeader {
-                transfer_id: "0190f6c4-0000-7000-8000-000000000000".into(),
-                file_id: "DAILY_SALES".into(),
-                from: "alpha".into(),
-                to: "beta".into(),
+                transfer_id: TransferId::parse("0190f6c4-0000-7000-8000-000000000000").unwrap(),
+                file_id: FileId::parse("DAILY_SALES").unwrap(),
+                from: NodeName::parse("alpha").unwrap(),
+                to: NodeName::parse("beta").unwrap(),
                 file_name: "sales.csv".into(),
                 size: 5,
                 chunk_size: 65536,
@@ -340,10 +346,10 @@ mod tests {
         let m = chunk();
         assert_eq!(Message::decode(m.encode()).unwrap(), m);
         let r = Message::Receipt(Receipt {
-            transfer_id: "t".into(),
-            file_id: "F".into(),
-            from: "beta".into(),
-            to: "alpha".into(),
+            transfer_id: TransferId::new(),
+            file_id: FileId::parse("F").unwrap(),
+            from: NodeName::parse("beta").unwrap(),
+            to: NodeName::parse("alpha").unwrap(),
             ok: false,
             error_code: Some("sha256_mismatch".into()),
             error: Some("x".into()),
@@ -354,12 +360,12 @@ mod tests {
         assert_eq!(Message::decode(r.encode()).unwrap(), r);
     }
 
-    fn receipt(tid: &str) -> Message {
+    fn receipt() -> Message {
         Message::Receipt(Receipt {
-            transfer_id: tid.into(),
-            file_id: "F".into(),
-            from: "beta".into(),
-            to: "alpha".into(),
+            transfer_id: TransferId::new(),
+            file_id: FileId::parse("F").unwrap(),
+            from: NodeName::parse("beta").unwrap(),
+            to: NodeName::parse("alpha").unwrap(),
             ok: true,
             error_code: None,
             error: None,
@@ -371,11 +377,7 @@ mod tests {
 
     #[test]
     fn batches_round_trip_and_refuse_lies() {
-        let b = Message::batch(vec![
-            chunk(),
-            receipt("t1"),
-            Message::batch(vec![receipt("t2")]),
-        ]);
+        let b = Message::batch(vec![chunk(), receipt(), Message::batch(vec![receipt()])]);
         let Message::Batch(parts) = &b else {
             unreachable!()
         };
@@ -400,7 +402,7 @@ mod tests {
         assert!(Message::decode(Bytes::from(trailing)).is_err());
         // Nested batches on the wire.
         let mut nested = BytesMut::new();
-        Message::Batch(vec![Message::Batch(vec![receipt("t")])]).encode_into(&mut nested);
+        Message::Batch(vec![Message::Batch(vec![receipt()])]).encode_into(&mut nested);
         assert_eq!(
             Message::decode(nested.freeze()),
             Err(DecodeError::Batch("nested batch"))
@@ -448,6 +450,32 @@ mod tests {
     }
 
     #[test]
+    fn names_in_a_header_are_checked_as_it_is_decoded() {
+        let good = chunk().encode();
+        let header_len = u32::from_be_bytes([good[5], good[6], good[7], good[8]]) as usize;
+        let header = std::str::from_utf8(&good[PREFIX..PREFIX + header_len]).unwrap();
+        for (field, bad) in [
+            (
+                "0190f6c4-0000-7000-8000-000000000000",
+                "../../../../etc/passwd",
+            ),
+            ("\"alpha\"", "\"al/pha\""),
+            ("\"DAILY_SALES\"", "\"..\""),
+        ] {
+            let changed = header.replacen(field, bad, 1);
+            assert_ne!(header, changed, "{field} not in the header");
+            let mut raw = good[..5].to_vec();
+            raw.extend_from_slice(&(changed.len() as u32).to_be_bytes());
+            raw.extend_from_slice(changed.as_bytes());
+            raw.extend_from_slice(&good[PREFIX + header_len..]);
+            match Message::decode(Bytes::from(raw)) {
+                Err(DecodeError::Header(e)) => assert!(e.contains("not a valid"), "{e}"),
+                other => panic!("{bad} decoded as {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn expected_lengths() {
         let Message::Chunk(mut h, _) = chunk() else {
             unreachable!()
@@ -482,7 +510,7 @@ mod tests {
 
         #[test]
         fn decoding_mutated_batches_never_panics(pos in 0usize..2000, byte in any::<u8>()) {
-            let mut raw = Message::batch(vec![chunk(), receipt("t"), chunk()]).encode().to_vec();
+            let mut raw = Message::batch(vec![chunk(), receipt(), chunk()]).encode().to_vec();
             let i = pos % raw.len();
             raw[i] = byte;
             let _ = Message::decode(Bytes::from(raw));

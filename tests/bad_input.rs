@@ -17,7 +17,8 @@ use bytes::Bytes;
 use hakobu::broker::rabbitmq::RabbitMq;
 use hakobu::broker::{Broker, DEAD_LETTER_QUEUE, Delivery, queue_name};
 use hakobu::config::{BrokerConfig, Config, RabbitmqConfig};
-use hakobu::wire::{ChunkHeader, Message, Receipt, Trailer};
+use hakobu::wire::{Message, Receipt};
+use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -38,6 +39,41 @@ fn new_tid() -> String {
 
 fn sha256(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
+}
+
+/// A chunk header as a rogue publisher writes it: every field free text,
+/// so that a test can put anything there (the agent's own `ChunkHeader`
+/// refuses names that break its rules).
+#[derive(Clone, Serialize)]
+struct ChunkHeader {
+    transfer_id: String,
+    file_id: String,
+    from: String,
+    to: String,
+    file_name: String,
+    size: u64,
+    chunk_size: u64,
+    offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last: Option<Trailer>,
+}
+
+#[derive(Clone, Serialize)]
+struct Trailer {
+    sha256: String,
+    started_at: String,
+    meta: BTreeMap<String, String>,
+}
+
+/// A chunk frame in the wire format (see `src/wire.rs`): `HKB`, version 1,
+/// kind 1, the header's length, the header as JSON, the body.
+fn chunk_frame(h: &ChunkHeader, body: &[u8]) -> Bytes {
+    let header = serde_json::to_vec(h).unwrap();
+    let mut frame = b"HKB\x01\x01".to_vec();
+    frame.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(body);
+    Bytes::from(frame)
 }
 
 fn trailer(sha256: String) -> Option<Trailer> {
@@ -211,7 +247,7 @@ impl Rig {
             transfer_id: tid.to_string(),
             file_id: FILE_ID.to_string(),
             from: from.to_string(),
-            to: self.agent.node.clone(),
+            to: self.agent.node.to_string(),
             file_name: name.to_string(),
             size: body.len() as u64,
             chunk_size: CHUNK,
@@ -260,7 +296,7 @@ impl Rig {
     }
 
     fn inject_chunk(&self, h: ChunkHeader, body: &[u8]) {
-        self.inject(Message::Chunk(h, Bytes::copy_from_slice(body)).encode());
+        self.inject(chunk_frame(&h, body));
     }
 
     /// The receipt for `tid` on `from`'s queue (acked), within [`WAIT`].
@@ -290,9 +326,9 @@ impl Rig {
             for r in receipts_in(msg) {
                 *self
                     .receipt_counts
-                    .entry(r.transfer_id.clone())
+                    .entry(r.transfer_id.to_string())
                     .or_default() += 1;
-                self.early_receipts.insert(r.transfer_id.clone(), r);
+                self.early_receipts.insert(r.transfer_id.to_string(), r);
             }
             if let Some(r) = self.early_receipts.remove(tid) {
                 return r;
@@ -319,7 +355,7 @@ impl Rig {
                 for r in receipts_in(msg) {
                     *self
                         .receipt_counts
-                        .entry(r.transfer_id.clone())
+                        .entry(r.transfer_id.to_string())
                         .or_default() += 1;
                 }
             }
@@ -820,11 +856,7 @@ fn malformed_messages_are_dead_lettered() {
     rig.listen_as(&from);
     let tid = new_tid();
     let body = b"hello\n".to_vec();
-    let valid = Message::Chunk(
-        rig.header(&from, &tid, "m.txt", &body),
-        Bytes::from(body.clone()),
-    )
-    .encode();
+    let valid = chunk_frame(&rig.header(&from, &tid, "m.txt", &body), &body);
 
     let mut bad_version = valid.to_vec();
     bad_version[3] = 99;

@@ -43,12 +43,13 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    pub const fn code(&self) -> &'static str {
+    pub const fn code(&self) -> crate::error_code::ErrorCode {
+        use crate::error_code::ErrorCode;
         match self {
-            BrokerError::Unavailable(_) => "broker_unavailable",
-            BrokerError::Nack => "broker_nack",
-            BrokerError::ConfirmTimeout(_) => "broker_confirm_timeout",
-            BrokerError::Connection(_) => "broker_connection_lost",
+            BrokerError::Unavailable(_) => ErrorCode::BrokerUnavailable,
+            BrokerError::Nack => ErrorCode::BrokerNack,
+            BrokerError::ConfirmTimeout(_) => ErrorCode::BrokerConfirmTimeout,
+            BrokerError::Connection(_) => ErrorCode::BrokerConnectionLost,
         }
     }
 }

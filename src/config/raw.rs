@@ -1,6 +1,6 @@
 //! The configuration file exactly as written: serde types that reject unknown
-//! keys. Nothing here is checked beyond its YAML shape; `config::validate`
-//! turns these into the checked types the rest of the agent uses.
+//! keys. Nothing here is checked beyond its YAML shape; `validate.rs` turns
+//! these into the checked types the rest of the agent uses.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -3,6 +3,8 @@
 
 use std::io;
 
+use crate::error_code::ErrorCode;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
     #[error(
@@ -42,7 +44,7 @@ pub enum ReceiveError {
     #[error("cannot write the file: {0}")]
     Io(String),
     #[error("{1}")]
-    Hook(&'static str, String),
+    Hook(ErrorCode, String),
     #[error(
         "the agent stopped while the success hook ran; run `hakobu rerun` if it should run again"
     )]
@@ -54,23 +56,23 @@ pub enum ReceiveError {
 }
 
 impl ReceiveError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ReceiveError::UnknownFileId(_) => "unknown_file_id",
-            ReceiveError::SenderNotAllowed(..) => "sender_not_allowed",
-            ReceiveError::SenderMismatch { .. } => "sender_mismatch",
-            ReceiveError::BadFileName(_) => "bad_file_name",
-            ReceiveError::TooLarge { .. } => "file_too_large",
-            ReceiveError::ChunkOutOfRange { .. } => "chunk_out_of_range",
-            ReceiveError::Inconsistent(_) => "inconsistent_chunk",
-            ReceiveError::SizeMismatch { .. } => "size_mismatch",
-            ReceiveError::DigestMismatch { .. } => "sha256_mismatch",
-            ReceiveError::FileExists(_) => "file_exists",
-            ReceiveError::DiskFull(_) => "disk_full",
-            ReceiveError::Io(_) => "io_error",
-            ReceiveError::Hook(code, _) => code,
-            ReceiveError::HookInterrupted => "hook_interrupted",
-            ReceiveError::Expired(_) => "transfer_expired",
+            ReceiveError::UnknownFileId(_) => ErrorCode::UnknownFileId,
+            ReceiveError::SenderNotAllowed(..) => ErrorCode::SenderNotAllowed,
+            ReceiveError::SenderMismatch { .. } => ErrorCode::SenderMismatch,
+            ReceiveError::BadFileName(_) => ErrorCode::BadFileName,
+            ReceiveError::TooLarge { .. } => ErrorCode::FileTooLarge,
+            ReceiveError::ChunkOutOfRange { .. } => ErrorCode::ChunkOutOfRange,
+            ReceiveError::Inconsistent(_) => ErrorCode::InconsistentChunk,
+            ReceiveError::SizeMismatch { .. } => ErrorCode::SizeMismatch,
+            ReceiveError::DigestMismatch { .. } => ErrorCode::Sha256Mismatch,
+            ReceiveError::FileExists(_) => ErrorCode::FileExists,
+            ReceiveError::DiskFull(_) => ErrorCode::DiskFull,
+            ReceiveError::Io(_) => ErrorCode::IoError,
+            ReceiveError::Hook(code, _) => *code,
+            ReceiveError::HookInterrupted => ErrorCode::HookInterrupted,
+            ReceiveError::Expired(_) => ErrorCode::TransferExpired,
         }
     }
 

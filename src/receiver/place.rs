@@ -1,66 +1,269 @@
-//! Verification and placement: the only way a file reaches an inbox name.
-//! The partial file (every chunk of it fdatasynced before it was recorded)
-//! is checked (size, SHA-256), then put in place atomically according to the
-//! profile's mode.
+//! Placement: the only way a file reaches an inbox name. A verified partial
+//! file is put in place according to the profile's mode (`new`, `replace`,
+//! `append`, `generations`), one name at a time across the agent (the
+//! per-name locks), with the inode that will carry the name recorded as
+//! `placing` before the step that makes it visible. Transfers completed
+//! together are placed together: one ledger transaction, then one
+//! directory flush per inbox for all of them.
 
-use std::fs::{self, File};
-use std::io::{self, Read};
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use sha2::{Digest, Sha256};
+use tracing::info;
 
+use super::Receiver;
+use super::complete::after_placing;
 use super::error::ReceiveError;
-use crate::config::Mode;
+use super::ingest::partial_path;
+use super::verify::verify;
+use crate::config::{Mode, ReceiveProfile};
+use crate::domain::TransferId;
 use crate::durable;
+use crate::store::{Placing, ReceiveRow, Status, StoreError};
+use crate::transform::Transform;
 
-/// Checks that `partial` holds exactly `size` bytes hashing to `sha256`.
-/// `hashed` is the digest computed as the chunks arrived, when they came in
-/// order; otherwise the file is read back. No flush here: each chunk was
-/// flushed (fdatasync) before it was recorded, so a complete transfer's
-/// partial file is on disk already.
-pub fn verify(
-    partial: &Path,
-    size: u64,
-    sha256: &str,
-    hashed: Option<String>,
-) -> Result<(), ReceiveError> {
-    let mut f =
-        File::open(partial).map_err(|e| ReceiveError::from_io("opening the partial file", e))?;
-    let actual_size = f
-        .metadata()
-        .map_err(|e| ReceiveError::from_io("reading the partial file", e))?
-        .len();
-    if actual_size != size {
-        return Err(ReceiveError::SizeMismatch {
-            expected: size,
-            actual: actual_size,
-        });
+/// One lock per inbox name: two transfers of the same name (two senders, or
+/// one name sent twice) are placed one after the other, so `append` and
+/// `generations` never interleave.
+#[derive(Default)]
+pub struct NameLocks(Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>);
+
+impl NameLocks {
+    fn of(&self, target: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        let mut names = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        names.entry(target.to_path_buf()).or_default().clone()
     }
-    let actual = match hashed {
-        Some(digest) => digest,
-        None => {
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = f
-                    .read(&mut buf)
-                    .map_err(|e| ReceiveError::from_io("reading the partial file", e))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
+
+    /// Drops the locks nobody holds, so the map stays as small as the work.
+    fn prune(&self) {
+        let mut names = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        names.retain(|_, lock| Arc::strong_count(lock) > 1);
+    }
+}
+
+impl Receiver {
+    /// Verifies and places one transfer's file; `placing` is recorded with
+    /// the inode just before the name appears. A row that recorded an inode
+    /// now under its name was placed before a restart.
+    pub(super) async fn place(
+        &self,
+        row: &ReceiveRow,
+        p: &ReceiveProfile,
+    ) -> Result<PathBuf, ReceiveError> {
+        let partial = partial_path(&p.inbox, &row.transfer_id);
+        if let (Some(ino), Some(target)) = (row.inode, &row.path) {
+            if already_placed(target, ino) {
+                // Only the partial (ours, by its transfer id) may remain.
+                let _ = durable::remove_if_exists(&partial);
+                return Ok(target.clone());
             }
-            hex::encode(hasher.finalize())
         }
-    };
-    if !actual.eq_ignore_ascii_case(sha256) {
-        return Err(ReceiveError::DigestMismatch {
-            expected: sha256.to_string(),
-            actual,
-        });
+        let ledger = self.ledger.clone();
+        let (tid, peer) = (row.transfer_id.clone(), row.peer.clone());
+        let (inbox, name, mode, size) = (p.inbox.clone(), row.file_name.clone(), p.mode, row.size);
+        let sha = row.sha256.clone().unwrap_or_default();
+        let hashed = self.digests.finish(&row.transfer_id, size);
+        let transform = Transform::for_receive(p);
+        let checked = partial.clone();
+        tokio::task::spawn_blocking(move || {
+            verify(&checked, size, &sha, hashed)?;
+            transform.finish_file(&checked)
+        })
+        .await
+        .map_err(|e| ReceiveError::Io(e.to_string()))??;
+        let name_lock = self.names.of(&inbox.join(&name));
+        let _placing = name_lock.lock().await;
+        let placed = tokio::task::spawn_blocking(move || {
+            place(&partial, &inbox, &name, mode, |target, inode| {
+                let placing = Placing {
+                    transfer_id: tid,
+                    peer,
+                    target: target.to_path_buf(),
+                    inode,
+                };
+                ledger
+                    .placing(vec![placing])
+                    .wait()
+                    .map_err(|e| ReceiveError::Io(e.to_string()))
+            })
+        })
+        .await
+        .map_err(|e| ReceiveError::Io(e.to_string()))?;
+        drop(_placing);
+        self.names.prune();
+        placed
     }
-    Ok(())
+
+    /// Places transfers that completed together as one group: one ledger
+    /// transaction records every `placing`, the renames (or links) follow,
+    /// then one flush per inbox directory, then one transaction records
+    /// every `placed`. Per transfer the order is the one
+    /// [`Receiver::place`] keeps, so recovery reads the ledger the same way;
+    /// the group only shares the flushes. Only transfers just completed
+    /// (`receiving`) in modes `new` and `replace`, each name once, join;
+    /// the rest, and any that does not verify, are left to go on alone.
+    /// Returns those placed.
+    pub(super) async fn place_together(
+        &self,
+        tids: &[TransferId],
+    ) -> Result<HashSet<TransferId>, StoreError> {
+        let items = self.group(tids).await?;
+        if items.is_empty() {
+            return Ok(HashSet::new());
+        }
+        // One name at a time across the agent: the locks, taken in one order.
+        let locks: Vec<_> = items.iter().map(|i| self.names.of(&i.target)).collect();
+        let mut held = Vec::with_capacity(locks.len());
+        for lock in &locks {
+            held.push(lock.lock().await);
+        }
+        // Verify each and read the inode that will carry its name. (Should
+        // a blocking task fail, each transfer goes on alone, from whatever
+        // its ledger row says.)
+        let Ok(ready) = tokio::task::spawn_blocking(move || {
+            items
+                .into_iter()
+                .filter_map(|mut i| {
+                    let sha = i.row.sha256.clone().unwrap_or_default();
+                    verify(&i.partial, i.row.size, &sha, i.hashed.take()).ok()?;
+                    i.transform.finish_file(&i.partial).ok()?;
+                    let inode = partial_inode(&i.partial).ok()?;
+                    Some((i, inode))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        else {
+            return Ok(HashSet::new());
+        };
+        if ready.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let placing = ready
+            .iter()
+            .map(|(i, inode)| Placing {
+                transfer_id: i.row.transfer_id.clone(),
+                peer: i.row.peer.clone(),
+                target: i.target.clone(),
+                inode: *inode,
+            })
+            .collect();
+        self.ledger.placing(placing).await?;
+        let Ok((ready, results)) = tokio::task::spawn_blocking(move || {
+            let results = put_together(&ready);
+            (ready, results)
+        })
+        .await
+        else {
+            return Ok(HashSet::new());
+        };
+        let mut placed = Vec::new();
+        for ((i, _), result) in ready.into_iter().zip(results) {
+            match result {
+                Ok(()) => placed.push(i),
+                Err(e) => self.placing_failed(&i.row, &i.partial, &e).await?,
+            }
+        }
+        let done = placed
+            .iter()
+            .map(|i| (i.row.transfer_id.clone(), i.row.peer.clone(), i.next))
+            .collect();
+        self.ledger.placed(done).await?;
+        drop(held);
+        drop(locks);
+        self.names.prune();
+        for i in &placed {
+            info!(message = "Placed.", transfer_id = %i.row.transfer_id, path = %i.target.display());
+        }
+        Ok(placed
+            .into_iter()
+            .map(|i| i.row.transfer.transfer_id)
+            .collect())
+    }
+
+    /// The transfers of `tids` that may be placed as a group (see
+    /// [`Receiver::place_together`]).
+    async fn group(&self, tids: &[TransferId]) -> Result<Vec<Item>, StoreError> {
+        let reads = self.ledger.deferred();
+        let mut items = Vec::new();
+        let mut names = HashSet::new();
+        for tid in tids {
+            let Some(row) = reads.get(tid).await? else {
+                continue;
+            };
+            let Some(p) = self.cfg.receive_profile(&row.file_id) else {
+                continue;
+            };
+            let target = p.inbox.join(&row.file_name);
+            if row.status != Status::Receiving || !simple(p.mode) || !names.insert(target.clone()) {
+                continue;
+            }
+            items.push(Item {
+                partial: partial_path(&p.inbox, tid),
+                target,
+                mode: p.mode,
+                next: after_placing(p),
+                hashed: self.digests.finish(tid, row.size),
+                transform: Transform::for_receive(p),
+                row,
+            });
+        }
+        // One order for the locks across the agent.
+        items.sort_by(|a, b| a.target.cmp(&b.target));
+        Ok(items)
+    }
+}
+
+/// One transfer of a group placement.
+struct Item {
+    row: ReceiveRow,
+    partial: PathBuf,
+    target: PathBuf,
+    mode: Mode,
+    next: Status,
+    hashed: Option<String>,
+    transform: Transform,
+}
+
+/// Puts every verified file of a group in place, then flushes each inbox
+/// directory once for all the names put there, then drops the partial
+/// names that must outlive that flush.
+fn put_together(ready: &[(Item, u64)]) -> Vec<Result<(), ReceiveError>> {
+    let mut results: Vec<Result<(), ReceiveError>> = ready
+        .iter()
+        .map(|(i, ino)| put(&i.partial, &i.target, i.mode, *ino))
+        .collect();
+    let mut dirs: Vec<&Path> = ready
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| r.is_ok())
+        .filter_map(|((i, _), _)| i.target.parent())
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    let failed_dirs: Vec<(&Path, String)> = dirs
+        .into_iter()
+        .filter_map(|d| durable::fsync_dir(d).err().map(|e| (d, e.to_string())))
+        .collect();
+    for ((i, _), r) in ready.iter().zip(results.iter_mut()) {
+        if r.is_err() {
+            continue;
+        }
+        *r = match failed_dirs
+            .iter()
+            .find(|(d, _)| Some(*d) == i.target.parent())
+        {
+            Some((_, e)) => Err(ReceiveError::Io(format!(
+                "flushing the inbox directory: {e}"
+            ))),
+            None => tidy(&i.partial, i.mode),
+        };
+    }
+    results
 }
 
 fn inode(path: &Path) -> io::Result<u64> {
@@ -141,7 +344,7 @@ pub fn put(partial: &Path, target: &Path, mode: Mode, ino: u64) -> Result<(), Re
     let io = |what: &'static str| move |e: io::Error| ReceiveError::from_io(what, e);
     if mode == Mode::Replace {
         // Only the new name needs to last: a leftover partial link after a
-        // crash is removed at the next start (Receiver::sweep_partials).
+        // crash is removed at the next start (`recovery.rs`, `sweep_partials`).
         return fs::rename(partial, target).map_err(io("placing the file"));
     }
     match fs::hard_link(partial, target) {
@@ -192,32 +395,6 @@ mod tests {
     }
 
     #[test]
-    fn verify_checks_size_and_digest() {
-        let (_d, p) = setup(b"abc");
-        let sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        verify(&p, 3, sha, None).unwrap();
-        assert_eq!(
-            verify(&p, 4, sha, None).unwrap_err().code(),
-            "size_mismatch"
-        );
-        assert_eq!(
-            verify(&p, 3, &"0".repeat(64), None).unwrap_err().code(),
-            "sha256_mismatch"
-        );
-        // A digest computed as the chunks arrived stands for the read-back.
-        verify(&p, 3, sha, Some(sha.to_string())).unwrap();
-        let wrong = Some("1".repeat(64));
-        assert_eq!(
-            verify(&p, 3, sha, wrong).unwrap_err().code(),
-            "sha256_mismatch"
-        );
-        assert_eq!(
-            verify(&p, 4, sha, Some(sha.into())).unwrap_err().code(),
-            "size_mismatch"
-        );
-    }
-
-    #[test]
     fn modes() {
         let (d, p) = setup(b"one");
         let inbox = d.path();
@@ -229,7 +406,7 @@ mod tests {
             place(&p, inbox, "f", Mode::New, |_, _| Ok(()))
                 .unwrap_err()
                 .code(),
-            "file_exists"
+            crate::error_code::ErrorCode::FileExists
         );
         place(&p, inbox, "f", Mode::Append, |_, _| Ok(())).unwrap();
         assert_eq!(fs::read(&t).unwrap(), b"onetwo");

@@ -1,20 +1,147 @@
-//! Chunk and publish one spooled file to one receiving node: SHA-256 computed
-//! while streaming, publisher confirms pipelined in a window bounded in bytes.
-//! On a broker error the caller retries from the first unconfirmed chunk,
-//! re-read from the spooled file.
+//! Publish: chunk one spooled file for one receiving node and publish it
+//! until the broker confirms every chunk. SHA-256 computed while streaming;
+//! each body passes the transform stage before it is framed; confirms
+//! pipelined in a window bounded in bytes, and all transfers together
+//! within a budget of bytes in flight. On a broker error the transfer
+//! resumes from the first unconfirmed chunk, re-read from the spooled file.
 
 use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use tracing::{error, info, warn};
 
+use super::Sender;
 use crate::broker::{BrokerError, Confirm};
 use crate::coalesce::Coalescer;
-use crate::store::Row;
+use crate::domain::{NodeName, TransferId};
+use crate::error_code::ErrorCode;
+use crate::store::{SendRow, Status};
+use crate::transform::Transform;
 use crate::wire::{ChunkHeader, Message, Trailer, chunk_count};
+
+/// Bytes in flight to the broker, as this many windows: four large files
+/// publish at once, or many small ones (each weighs its size, rounded up to
+/// [`PERMIT_UNIT`]); more wait their turn.
+pub(super) const PARALLEL_WINDOWS: u64 = 4;
+const PERMIT_UNIT: u64 = 64 << 10;
+
+/// The permits a transfer of `bytes` holds while it publishes.
+pub(super) fn permits_for(bytes: u64, window: u64) -> u32 {
+    bytes
+        .min(window)
+        .div_ceil(PERMIT_UNIT)
+        .clamp(1, u64::from(u32::MAX)) as u32
+}
+
+impl Sender {
+    /// Publishes a transfer to one peer in the background, retrying until
+    /// the broker confirms it (or the agent stops: the ledger still says
+    /// `sending`, and the next start publishes it again).
+    pub(super) fn enqueue(self: &Arc<Self>, row: &SendRow) {
+        let key = (row.transfer_id.clone(), row.peer.clone());
+        let size = row.size;
+        if !self
+            .publishing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+        {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = this.stop.cancelled() => {}
+                _ = this.publish_until_confirmed(&key.0, &key.1, size) => {}
+            }
+            this.publishing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        });
+    }
+
+    async fn publish_until_confirmed(&self, tid: &TransferId, peer: &NodeName, size: u64) {
+        let Ok(_permit) = self
+            .permits
+            .acquire_many(permits_for(size, self.window))
+            .await
+        else {
+            return;
+        };
+        let mut resume = Resume::default();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            // `sending` was recorded by a call that waited (claim, recovery,
+            // poll_queued): the read need not wait for a flush.
+            let row = match self.ledger.deferred().get((tid, peer)).await {
+                Ok(Some(r)) if r.status == Status::Sending => r,
+                Ok(_) => return,
+                Err(e) => {
+                    error!(message = "State database failed; retrying.", error = %e, error_code = %e.code());
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
+            // Progress for `hakobu send --wait`, written at most twice a
+            // second; the end is recorded with the digest.
+            let last = std::sync::Mutex::new(Instant::now());
+            let record = |bytes: u64| {
+                let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                if bytes < row.size && last.elapsed() >= Duration::from_millis(500) {
+                    *last = Instant::now();
+                    self.ledger
+                        .deferred()
+                        .set_progress((tid, peer), bytes)
+                        .detach();
+                }
+            };
+            let transform = self
+                .cfg
+                .send_profile(&row.file_id)
+                .map(Transform::for_send)
+                .unwrap_or_default();
+            let chunks = Chunks {
+                node: &self.cfg.node,
+                row: &row,
+                transform,
+            };
+            match chunks
+                .publish(&self.out, self.window, &mut resume, &record)
+                .await
+            {
+                Ok(sha) => {
+                    // Not waited for: a crash that loses it publishes the
+                    // file again, and the receiver ignores the duplicate.
+                    self.ledger.deferred().published((tid, peer), &sha).detach();
+                    info!(message = "Published; awaiting the receipt.", transfer_id = %tid, to = %peer, size = row.size);
+                    return;
+                }
+                Err(PublishError::Spool(path, e)) => {
+                    error!(message = "Spooled file unreadable; failing the transfer.", transfer_id = %tid, path, error = %e);
+                    let msg =
+                        format!("cannot read the spooled file {path}: {e}; send the file again");
+                    let code = ErrorCode::SpoolUnreadable;
+                    let _ = self
+                        .ledger
+                        .fail((tid, peer), Status::SendFailed, (code, &msg))
+                        .await;
+                    return;
+                }
+                Err(PublishError::Broker(e)) => {
+                    warn!(message = "Publishing interrupted; resuming from the first unconfirmed chunk.",
+                        transfer_id = %tid, to = %peer, next_chunk = resume.next, error_code = %e.code(), error = %e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
 
 /// Where to pick up after a failure: the first chunk not known to be durable,
 /// and the digest state just before it.
@@ -39,160 +166,168 @@ struct InFlight {
     confirm: Confirm,
 }
 
-/// Publishes the chunks of `row`'s spooled file from `resume` on. Returns the
-/// file's SHA-256 once every chunk is confirmed; `on_progress` sees confirmed bytes.
-/// A file of one chunk goes through `out` with whatever else waits for the
-/// same node; the chunks of a larger one straight to the broker, in a window.
-pub async fn publish(
-    out: &Coalescer,
-    node: &str,
-    row: &Row,
-    window: u64,
-    resume: &mut Resume,
-    on_progress: &(dyn Fn(u64) + Send + Sync),
-) -> Result<String, PublishError> {
-    let path = row.path.clone().unwrap_or_default();
-    let file = std::fs::File::open(&path).map_err(|e| PublishError::Spool(path.clone(), e))?;
-    let file = Arc::new(file);
-    let count = chunk_count(row.size, row.chunk_size).unwrap_or(1);
-    if count == 1 {
-        let body = read_at(&file, &path, 0, row.size).await?;
-        let sha256 = hex::encode(Sha256::digest(&body));
-        let msg = Message::Chunk(chunk_header(node, row, 0, Some(sha256.clone())), body);
-        out.publish(&row.peer, msg).await?;
-        on_progress(row.size);
-        return Ok(sha256);
-    }
-    let broker = out.broker();
-    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    let mut bytes_in_flight = 0u64;
-    let mut idx = resume.next;
-    let mut confirmed = idx * row.chunk_size;
-    // Read ahead: the next chunk is read, hashed and framed on a blocking
-    // thread while this one waits for room in the window.
-    let mut hasher_before = resume.hasher.clone();
-    let mut next =
-        (idx < count).then(|| prepare(&file, node, row, idx, count, hasher_before.clone()));
-    let mut digest = hex::encode(hasher_before.clone().finalize());
-
-    while let Some(reading) = next.take() {
-        let (payload, hasher_after) = reading
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-            .map_err(|e| PublishError::Spool(path.clone(), e))?;
-        let len = chunk_len(row, idx);
-        if idx + 1 < count {
-            next = Some(prepare(
-                &file,
-                node,
-                row,
-                idx + 1,
-                count,
-                hasher_after.clone(),
-            ));
-        } else {
-            digest = hex::encode(hasher_after.clone().finalize());
-        }
-        while bytes_in_flight + len > window && !in_flight.is_empty() {
-            let done = settle(&mut in_flight, resume).await?;
-            bytes_in_flight -= done;
-            confirmed += done;
-            on_progress(confirmed);
-        }
-        match broker.publish(&row.peer, payload).await {
-            Ok(confirm) => in_flight.push_back(InFlight {
-                idx,
-                len,
-                hasher_before,
-                confirm,
-            }),
-            Err(e) => {
-                *resume = match in_flight.front() {
-                    Some(f) => Resume {
-                        next: f.idx,
-                        hasher: f.hasher_before.clone(),
-                    },
-                    None => Resume {
-                        next: idx,
-                        hasher: hasher_before,
-                    },
-                };
-                return Err(e.into());
-            }
-        }
-        bytes_in_flight += len;
-        hasher_before = hasher_after;
-        idx += 1;
-    }
-    while !in_flight.is_empty() {
-        confirmed += settle(&mut in_flight, resume).await?;
-        on_progress(confirmed);
-    }
-    *resume = Resume::default();
-    Ok(digest)
+/// One spooled file's chunks, as framed for one receiving node.
+struct Chunks<'a> {
+    node: &'a NodeName,
+    row: &'a SendRow,
+    transform: Transform,
 }
 
-fn chunk_len(row: &Row, idx: u64) -> u64 {
+impl Chunks<'_> {
+    /// Publishes the chunks of the spooled file from `resume` on. Returns the
+    /// file's SHA-256 once every chunk is confirmed; `on_progress` sees confirmed bytes.
+    /// A file of one chunk goes through `out` with whatever else waits for the
+    /// same node; the chunks of a larger one straight to the broker, in a window.
+    async fn publish(
+        &self,
+        out: &Coalescer,
+        window: u64,
+        resume: &mut Resume,
+        on_progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<String, PublishError> {
+        let row = self.row;
+        let path = row.path.display().to_string();
+        let file =
+            std::fs::File::open(&row.path).map_err(|e| PublishError::Spool(path.clone(), e))?;
+        let file = Arc::new(file);
+        let count = chunk_count(row.size, row.chunk_size).unwrap_or(1);
+        if count == 1 {
+            let body = read_at(&file, &path, 0, row.size).await?;
+            let sha256 = hex::encode(Sha256::digest(&body));
+            let header = self.header(0, Some(sha256.clone()));
+            let msg = Message::Chunk(header, self.transform.encode(body));
+            out.publish(&row.peer, msg).await?;
+            on_progress(row.size);
+            return Ok(sha256);
+        }
+        let broker = out.broker();
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut bytes_in_flight = 0u64;
+        let mut idx = resume.next;
+        let mut confirmed = idx * row.chunk_size;
+        // Read ahead: the next chunk is read, hashed and framed on a blocking
+        // thread while this one waits for room in the window.
+        let mut hasher_before = resume.hasher.clone();
+        let mut next =
+            (idx < count).then(|| self.prepare(&file, idx, count, hasher_before.clone()));
+        let mut digest = hex::encode(hasher_before.clone().finalize());
+
+        while let Some(reading) = next.take() {
+            let (payload, hasher_after) = reading
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+                .map_err(|e| PublishError::Spool(path.clone(), e))?;
+            let len = chunk_len(row, idx);
+            if idx + 1 < count {
+                next = Some(self.prepare(&file, idx + 1, count, hasher_after.clone()));
+            } else {
+                digest = hex::encode(hasher_after.clone().finalize());
+            }
+            while bytes_in_flight + len > window && !in_flight.is_empty() {
+                let done = settle(&mut in_flight, resume).await?;
+                bytes_in_flight -= done;
+                confirmed += done;
+                on_progress(confirmed);
+            }
+            match broker.publish(&row.peer, payload).await {
+                Ok(confirm) => in_flight.push_back(InFlight {
+                    idx,
+                    len,
+                    hasher_before,
+                    confirm,
+                }),
+                Err(e) => {
+                    *resume = match in_flight.front() {
+                        Some(f) => Resume {
+                            next: f.idx,
+                            hasher: f.hasher_before.clone(),
+                        },
+                        None => Resume {
+                            next: idx,
+                            hasher: hasher_before,
+                        },
+                    };
+                    return Err(e.into());
+                }
+            }
+            bytes_in_flight += len;
+            hasher_before = hasher_after;
+            idx += 1;
+        }
+        while !in_flight.is_empty() {
+            confirmed += settle(&mut in_flight, resume).await?;
+            on_progress(confirmed);
+        }
+        *resume = Resume::default();
+        Ok(digest)
+    }
+
+    /// Reads chunk `idx` into its frame, on a blocking thread, and continues
+    /// `hasher` with it. With a transform that works in place the body is read
+    /// straight into the frame; otherwise it is read, transformed, then framed.
+    /// The last chunk's header carries the file's digest, known only once its
+    /// body is hashed: that one is framed after.
+    fn prepare(
+        &self,
+        file: &Arc<std::fs::File>,
+        idx: u64,
+        count: u64,
+        mut hasher: Sha256,
+    ) -> Prepared {
+        let file = file.clone();
+        let offset = idx * self.row.chunk_size;
+        let len = chunk_len(self.row, idx);
+        let last = idx + 1 == count;
+        let mut header = self.header(offset, last.then(String::new));
+        let transform = self.transform;
+        tokio::task::spawn_blocking(move || {
+            if !last && transform.in_place() {
+                let frame = Message::encode_chunk_in_place(&header, len as usize, |body| {
+                    file.read_exact_at(body, offset)?;
+                    hasher.update(&*body);
+                    Ok::<_, std::io::Error>(())
+                })?;
+                return Ok((frame, hasher));
+            }
+            let mut body = vec![0u8; len as usize];
+            file.read_exact_at(&mut body, offset)?;
+            hasher.update(&body);
+            if let Some(t) = header.last.as_mut() {
+                t.sha256 = hex::encode(hasher.clone().finalize());
+            }
+            let body = transform.encode(Bytes::from(body));
+            Ok((Message::Chunk(header, body).encode(), hasher))
+        })
+    }
+
+    /// The header of the chunk at `offset`; the last one carries the file's
+    /// digest in its trailer.
+    fn header(&self, offset: u64, digest: Option<String>) -> ChunkHeader {
+        let row = self.row;
+        ChunkHeader {
+            transfer_id: row.transfer_id.clone(),
+            file_id: row.file_id.clone(),
+            from: self.node.clone(),
+            to: row.peer.clone(),
+            file_name: row.file_name.clone(),
+            size: row.size,
+            chunk_size: row.chunk_size,
+            offset,
+            last: digest.map(|sha256| Trailer {
+                sha256,
+                started_at: row.started_at.clone(),
+                meta: row.meta.clone(),
+            }),
+        }
+    }
+}
+
+fn chunk_len(row: &SendRow, idx: u64) -> u64 {
     let offset = idx * row.chunk_size;
     row.chunk_size.min(row.size - offset.min(row.size))
 }
 
 type Prepared = tokio::task::JoinHandle<std::io::Result<(Bytes, Sha256)>>;
-
-/// Reads chunk `idx` straight into its frame, on a blocking thread, and
-/// continues `hasher` with it. The last chunk's header carries the file's
-/// digest, known only once its body is hashed: that one is copied once.
-fn prepare(
-    file: &Arc<std::fs::File>,
-    node: &str,
-    row: &Row,
-    idx: u64,
-    count: u64,
-    mut hasher: Sha256,
-) -> Prepared {
-    let file = file.clone();
-    let offset = idx * row.chunk_size;
-    let len = chunk_len(row, idx);
-    let last = idx + 1 == count;
-    let mut header = chunk_header(node, row, offset, last.then(String::new));
-    tokio::task::spawn_blocking(move || {
-        if !last {
-            let frame = Message::encode_chunk_in_place(&header, len as usize, |body| {
-                file.read_exact_at(body, offset)?;
-                hasher.update(&*body);
-                Ok::<_, std::io::Error>(())
-            })?;
-            return Ok((frame, hasher));
-        }
-        let mut body = vec![0u8; len as usize];
-        file.read_exact_at(&mut body, offset)?;
-        hasher.update(&body);
-        if let Some(t) = header.last.as_mut() {
-            t.sha256 = hex::encode(hasher.clone().finalize());
-        }
-        Ok((Message::Chunk(header, Bytes::from(body)).encode(), hasher))
-    })
-}
-
-/// The header of `row`'s chunk at `offset`; the last one carries the
-/// file's digest in its trailer.
-fn chunk_header(node: &str, row: &Row, offset: u64, digest: Option<String>) -> ChunkHeader {
-    ChunkHeader {
-        transfer_id: row.transfer_id.clone(),
-        file_id: row.file_id.clone(),
-        from: node.to_string(),
-        to: row.peer.clone(),
-        file_name: row.file_name.clone(),
-        size: row.size,
-        chunk_size: row.chunk_size,
-        offset,
-        last: digest.map(|sha256| Trailer {
-            sha256,
-            started_at: row.started_at.clone(),
-            meta: row.meta.clone(),
-        }),
-    }
-}
 
 /// Awaits the oldest confirm; on failure, points `resume` at it.
 async fn settle(
@@ -230,62 +365,5 @@ async fn read_at(
     match read {
         Ok(Ok(b)) => Ok(b),
         Ok(Err(e)) | Err(e) => Err(PublishError::Spool(path.to_string(), e)),
-    }
-}
-
-/// The spool path of a claimed file: `spool/<file_id>/<transfer_id>.<name>`,
-/// one flat directory per file id (no directory to create, flush and remove
-/// per file). A name too long to take the transfer id in front keeps a
-/// directory of its own, `spool/<file_id>/<transfer_id>/<name>`, the layout
-/// of earlier versions, which recovery still reads.
-pub fn spool_path(
-    spool: &Path,
-    file_id: &str,
-    transfer_id: &str,
-    name: &str,
-) -> std::path::PathBuf {
-    let dir = spool.join(file_id);
-    if transfer_id.len() + 1 + name.len() <= NAME_MAX {
-        dir.join(format!("{transfer_id}.{name}"))
-    } else {
-        dir.join(transfer_id).join(name)
-    }
-}
-
-/// The longest file name the filesystems hakobu runs on take, in bytes.
-const NAME_MAX: usize = 255;
-
-/// The transfer id and file name of a spool entry `<transfer_id>.<name>`.
-pub fn parse_spooled(entry: &str) -> Option<(&str, &str)> {
-    let (tid, name) = entry.split_at_checked(36)?;
-    let name = name.strip_prefix('.')?;
-    (crate::receiver::valid_transfer_id(tid) && !name.is_empty()).then_some((tid, name))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spool_paths_are_flat_unless_the_name_is_too_long() {
-        let tid = "0190f6c4-0000-7000-8000-000000000001";
-        let flat = spool_path(Path::new("/s"), "sales", tid, "a.b.csv");
-        assert_eq!(flat, Path::new("/s/sales").join(format!("{tid}.a.b.csv")));
-        let entry = flat.file_name().unwrap().to_str().unwrap();
-        assert_eq!(parse_spooled(entry), Some((tid, "a.b.csv")));
-        let long = "x".repeat(230);
-        assert_eq!(
-            spool_path(Path::new("/s"), "sales", tid, &long),
-            Path::new("/s/sales").join(tid).join(&long)
-        );
-        for other in [
-            ".a.tmp",
-            "a.csv",
-            tid,
-            &format!("{tid}."),
-            &format!("{tid}xa"),
-        ] {
-            assert_eq!(parse_spooled(other), None, "{other}");
-        }
     }
 }

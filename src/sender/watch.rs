@@ -1,6 +1,6 @@
-//! Watches one outbox: inotify as a wake-up hint, a periodic rescan as the
-//! fallback, and the readiness rule (`stable_for` or `done_marker`) decides
-//! when a file is complete and may be claimed.
+//! Watch: one outbox, with inotify as a wake-up hint and a periodic rescan as
+//! the fallback; the readiness rule (`stable_for` or `done_marker`) decides
+//! when a file is complete and may be claimed. Runs until the agent stops.
 
 use std::collections::HashMap;
 use std::fs;
@@ -29,6 +29,9 @@ struct Seen {
     since: Instant,
 }
 
+/// Watches `profile`'s outbox and claims what is ready, until the sender's
+/// stop token is cancelled (checked between claims: a claim under way
+/// finishes, so that its files are recorded).
 pub async fn watch(sender: Arc<Sender>, profile: SendProfile) {
     if let Err(e) = fs::create_dir_all(&profile.outbox) {
         warn!(message = "Cannot create outbox; retrying at each rescan.", outbox = %profile.outbox.display(), error = %e);
@@ -49,17 +52,23 @@ pub async fn watch(sender: Arc<Sender>, profile: SendProfile) {
         Ready::DoneMarker(_) => Duration::from_secs(1),
     };
     let mut seen: HashMap<String, Seen> = HashMap::new();
-    loop {
+    let stop = sender.stop.clone();
+    while !stop.is_cancelled() {
         let ready = ready_files(&profile, &mut seen);
         if !ready.is_empty() {
             sender.claim(&profile, ready).await;
         }
         // With stable_for, a file must be re-looked at when its time is up
         // even if nothing else happens, hence the timeout.
-        if let Ok(Some(())) = tokio::time::timeout(rescan, wake.recv()).await {
-            // A burst of events (files dropped together) makes one scan.
-            tokio::time::sleep(COALESCE).await;
-            let _ = wake.try_recv();
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            woken = tokio::time::timeout(rescan, wake.recv()) => {
+                if let Ok(Some(())) = woken {
+                    // A burst of events (files dropped together) makes one scan.
+                    tokio::time::sleep(COALESCE).await;
+                    let _ = wake.try_recv();
+                }
+            }
         }
     }
 }

@@ -1,0 +1,384 @@
+//! Validation: the configuration file as written (`raw.rs`) turned into
+//! the checked types the rest of the agent uses. Every error names the
+//! file, the line and the key.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::locate::LineIndex;
+use super::raw::{RawAfterSend, RawBroker, RawConfig, RawHook, RawReady, RawReceive, RawSend};
+use super::*;
+
+pub(super) struct Validator<'a> {
+    pub(super) file: &'a Path,
+    pub(super) index: &'a LineIndex,
+}
+
+type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+impl Validator<'_> {
+    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: self.index.line_of(key),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub(super) fn config(&mut self, raw: RawConfig) -> Result<Config> {
+        let node = self.node("node", &raw.node)?;
+        let broker = self.broker(raw.broker)?;
+        let send = raw
+            .send
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| self.send(&format!("send[{i}]"), s))
+            .collect::<Result<Vec<_>>>()?;
+        let receive = raw
+            .receive
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| self.receive(&format!("receive[{i}]"), r))
+            .collect::<Result<Vec<_>>>()?;
+        self.unique("send", send.iter().map(|p| p.file_id.as_str()))?;
+        self.unique("receive", receive.iter().map(|p| p.file_id.as_str()))?;
+        if send.is_empty() && receive.is_empty() {
+            return Err(self.err("send", "no send and no receive profile: nothing to do"));
+        }
+        Ok(Config {
+            file: self.file.to_path_buf(),
+            node,
+            state_dir: absolute(&raw.state_dir),
+            broker,
+            send,
+            receive,
+        })
+    }
+
+    fn node(&self, key: &str, value: &str) -> Result<NodeName> {
+        NodeName::parse(value)
+            .map_err(|_| self.err(key, format!("`{value}` must be {}", NodeName::RULE)))
+    }
+
+    fn file_id(&self, key: &str, value: &str) -> Result<FileId> {
+        FileId::parse(value)
+            .map_err(|_| self.err(key, format!("`{value}` must be {}", FileId::RULE)))
+    }
+
+    fn nodes(&self, key: &str, values: &[String]) -> Result<Vec<NodeName>> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, n)| self.node(&format!("{key}[{i}]"), n))
+            .collect()
+    }
+
+    fn unique<'s>(&self, section: &str, ids: impl Iterator<Item = &'s str>) -> Result<()> {
+        let mut seen = HashSet::new();
+        for (i, id) in ids.enumerate() {
+            if !seen.insert(id) {
+                return Err(self.err(
+                    &format!("{section}[{i}].file_id"),
+                    format!("file id `{id}` appears twice in `{section}`"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn broker(&self, raw: RawBroker) -> Result<BrokerConfig> {
+        match (raw.rabbitmq, raw.embedded) {
+            (Some(r), None) => {
+                if r.urls.is_empty() {
+                    return Err(self.err("broker.rabbitmq.urls", "list at least one amqp:// URL"));
+                }
+                for (i, url) in r.urls.iter().enumerate() {
+                    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                        return Err(self.err(
+                            &format!("broker.rabbitmq.urls[{i}]"),
+                            "a URL must start with amqp:// or amqps://",
+                        ));
+                    }
+                }
+                let confirm_timeout = match &r.confirm_timeout {
+                    Some(t) => self.duration("broker.rabbitmq.confirm_timeout", t)?,
+                    None => Duration::from_secs(30),
+                };
+                let window = match &r.window {
+                    Some(w) => self.size("broker.rabbitmq.window", w)?,
+                    None => 8 << 20,
+                };
+                // A receiver acks a chunk only once it is on disk and
+                // recorded, so it holds one batch being committed while the
+                // next arrives: 16 x 512 KiB left the consumer behind the
+                // publisher on the test cluster, 32 kept up.
+                let prefetch = r.prefetch.unwrap_or(32);
+                if prefetch == 0 {
+                    return Err(self.err("broker.rabbitmq.prefetch", "must be at least 1"));
+                }
+                Ok(BrokerConfig::Rabbitmq(RabbitmqConfig {
+                    urls: r.urls,
+                    confirm_timeout,
+                    prefetch,
+                    delivery_limit: r.delivery_limit.unwrap_or(20),
+                    window: window.max(MAX_CHUNK),
+                    verify_sender: r.verify_sender.unwrap_or(false),
+                    max_queue: r
+                        .max_queue
+                        .as_deref()
+                        .map(|m| self.size("broker.rabbitmq.max_queue", m))
+                        .transpose()?,
+                }))
+            }
+            (None, Some(e)) => {
+                for (key, addr) in [("listen", &e.listen), ("connect", &e.connect)] {
+                    let Some(addr) = addr else { continue };
+                    let Ok(sock) = addr.parse::<std::net::SocketAddr>() else {
+                        return Err(self.err(
+                            &format!("broker.embedded.{key}"),
+                            format!("`{addr}` is not an address such as 127.0.0.1:7800"),
+                        ));
+                    };
+                    if key == "listen" && !sock.ip().is_loopback() && e.token_file.is_none() {
+                        return Err(self.err(
+                            "broker.embedded.listen",
+                            "listening beyond loopback needs a token_file, or any host could connect",
+                        ));
+                    }
+                }
+                if e.listen.is_some() == e.connect.is_some() {
+                    return Err(self.err(
+                        "broker.embedded",
+                        "give exactly one of `listen: ADDR` (host the broker here) or `connect: ADDR`",
+                    ));
+                }
+                Ok(BrokerConfig::Embedded(EmbeddedConfig {
+                    max_queue: match &e.max_queue {
+                        Some(m) => self.size("broker.embedded.max_queue", m)?,
+                        None => crate::broker::embedded::server::DEFAULT_MAX_QUEUE,
+                    },
+                    listen: e.listen,
+                    connect: e.connect,
+                    token_file: e.token_file.map(|p| absolute(&p)),
+                }))
+            }
+            _ => Err(self.err("broker", "give exactly one of `rabbitmq:` or `embedded:`")),
+        }
+    }
+
+    fn send(&self, key: &str, raw: RawSend) -> Result<SendProfile> {
+        let file_id = self.file_id(&format!("{key}.file_id"), &raw.file_id)?;
+        if raw.to.is_empty() {
+            return Err(self.err(&format!("{key}.to"), "name at least one receiving node"));
+        }
+        let to = self.nodes(&format!("{key}.to"), &raw.to)?;
+        let include = raw
+            .include
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                glob::Pattern::new(g).map_err(|e| {
+                    self.err(&format!("{key}.include[{i}]"), format!("bad pattern: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ready = match raw.ready {
+            None => Ready::StableFor(DEFAULT_STABLE_FOR),
+            Some(RawReady {
+                stable_for: Some(d),
+                done_marker: None,
+            }) => Ready::StableFor(self.duration(&format!("{key}.ready.stable_for"), &d)?),
+            Some(RawReady {
+                stable_for: None,
+                done_marker: Some(m),
+            }) => {
+                if m.is_empty() || m.contains('/') || m.contains('\0') {
+                    return Err(self.err(
+                        &format!("{key}.ready.done_marker"),
+                        "a marker is a file name suffix such as `.done`",
+                    ));
+                }
+                Ready::DoneMarker(m)
+            }
+            Some(_) => {
+                return Err(self.err(
+                    &format!("{key}.ready"),
+                    "give exactly one of `stable_for: 2s` or `done_marker: \".done\"`",
+                ));
+            }
+        };
+        let after_send = match raw.after_send {
+            None => AfterSend::Delete,
+            Some(RawAfterSend::Word(w)) if w == "delete" => AfterSend::Delete,
+            Some(RawAfterSend::Word(w)) if w == "keep" => AfterSend::Keep,
+            Some(RawAfterSend::Word(w)) => {
+                return Err(self.err(
+                    &format!("{key}.after_send"),
+                    format!("`{w}` is not one of delete, keep, {{ move_to: DIR }}"),
+                ));
+            }
+            Some(RawAfterSend::Move(m)) => AfterSend::MoveTo(absolute(&m.move_to)),
+        };
+        let chunk_size = match &raw.chunk_size {
+            None => DEFAULT_CHUNK,
+            Some(c) => {
+                let n = self.size(&format!("{key}.chunk_size"), c)?;
+                if !(MIN_CHUNK..=MAX_CHUNK).contains(&n) {
+                    return Err(self.err(
+                        &format!("{key}.chunk_size"),
+                        "must be between 64KiB and 8MiB",
+                    ));
+                }
+                n
+            }
+        };
+        Ok(SendProfile {
+            on_success: self.hook(&format!("{key}.on_success"), raw.on_success)?,
+            on_failure: self.hook(&format!("{key}.on_failure"), raw.on_failure)?,
+            file_id,
+            outbox: absolute(&raw.outbox),
+            include,
+            to,
+            ready,
+            after_send,
+            chunk_size,
+        })
+    }
+
+    fn receive(&self, key: &str, raw: RawReceive) -> Result<ReceiveProfile> {
+        let file_id = self.file_id(&format!("{key}.file_id"), &raw.file_id)?;
+        if raw.from.is_empty() {
+            return Err(self.err(&format!("{key}.from"), "name at least one sending node"));
+        }
+        let from = self.nodes(&format!("{key}.from"), &raw.from)?;
+        let mode = match raw.mode.as_deref().unwrap_or("new") {
+            "new" => Mode::New,
+            "replace" => Mode::Replace,
+            "append" => Mode::Append,
+            "generations" => {
+                let keep = raw.keep.unwrap_or(7);
+                if !(1..=1000).contains(&keep) {
+                    return Err(self.err(
+                        &format!("{key}.keep"),
+                        "keep between 1 and 1000 generations",
+                    ));
+                }
+                Mode::Generations(keep)
+            }
+            other => {
+                return Err(self.err(
+                    &format!("{key}.mode"),
+                    format!("`{other}` is not one of new, replace, append, generations"),
+                ));
+            }
+        };
+        if raw.keep.is_some() && !matches!(mode, Mode::Generations(_)) {
+            return Err(self.err(
+                &format!("{key}.keep"),
+                "`keep` applies only to mode: generations",
+            ));
+        }
+        let max_size = match &raw.max_size {
+            Some(s) => self.size(&format!("{key}.max_size"), s)?,
+            None => u64::MAX,
+        };
+        Ok(ReceiveProfile {
+            on_success: self.hook(&format!("{key}.on_success"), raw.on_success)?,
+            on_failure: self.hook(&format!("{key}.on_failure"), raw.on_failure)?,
+            file_id,
+            from,
+            inbox: absolute(&raw.inbox),
+            mode,
+            max_size,
+            partial_ttl: match &raw.partial_ttl {
+                Some(t) => self.duration(&format!("{key}.partial_ttl"), t)?,
+                None => DEFAULT_PARTIAL_TTL,
+            },
+        })
+    }
+
+    /// A hook key holds one hook, or none.
+    fn hook(&self, key: &str, raw: Option<RawHook>) -> Result<Option<HookSpec>> {
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        let (argv, timeout, shell, env, cwd) = match raw {
+            RawHook::Argv(argv) => (argv, None, None, None, None),
+            RawHook::Full(f) => (f.run, f.timeout, f.shell, f.env, f.cwd),
+        };
+        if argv.is_empty() || argv[0].is_empty() {
+            return Err(self.err(
+                key,
+                "a hook needs a command: [ \"hooks/import.sh\", \"{path}\" ]",
+            ));
+        }
+        for (i, arg) in argv.iter().enumerate() {
+            self.placeholders(&format!("{key}[{i}]"), arg)?;
+        }
+        let timeout = match timeout {
+            Some(t) => self.duration(&format!("{key}.timeout"), &t)?,
+            None => DEFAULT_HOOK_TIMEOUT,
+        };
+        let env = env.unwrap_or_default();
+        for name in env.keys() {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return Err(self.err(
+                    &format!("{key}.env"),
+                    format!("`{name}` is not a variable name"),
+                ));
+            }
+        }
+        let mut argv = argv;
+        // A relative program path such as hooks/import.sh is resolved now, so
+        // that a hook's own `cwd` does not change which program runs.
+        if !shell.unwrap_or(false) && argv[0].contains('/') {
+            argv[0] = absolute(Path::new(&argv[0])).display().to_string();
+        }
+        Ok(Some(HookSpec {
+            argv,
+            timeout,
+            shell: shell.unwrap_or(false),
+            env,
+            cwd: cwd.map(|c| absolute(&c)),
+        }))
+    }
+
+    fn placeholders(&self, key: &str, arg: &str) -> Result<()> {
+        let mut rest = arg;
+        while let Some(open) = rest.find('{') {
+            let after = &rest[open + 1..];
+            let Some(close) = after.find('}') else { break };
+            let name = &after[..close];
+            if !PLACEHOLDERS.contains(&name) {
+                return Err(self.err(
+                    key,
+                    format!("unknown placeholder `{{{name}}}`; use one of {{path}} {{file_id}} {{transfer_id}} {{file_name}} {{peer}}"),
+                ));
+            }
+            rest = &after[close + 1..];
+        }
+        Ok(())
+    }
+
+    fn duration(&self, key: &str, text: &str) -> Result<Duration> {
+        parse_duration(text).map_err(|m| self.err(key, m))
+    }
+
+    fn size(&self, key: &str, text: &str) -> Result<u64> {
+        parse_size(text).map_err(|m| self.err(key, m))
+    }
+}
+
+/// Relative paths are taken from the directory the agent starts in.
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    }
+}

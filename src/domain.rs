@@ -1,0 +1,249 @@
+//! The names a transfer carries: the node, the file id, the transfer id and
+//! the file name. Each is checked once, where it enters the agent (the
+//! configuration, a message, the command line, the state database), and
+//! travels as its own type from then on: a function that takes a
+//! [`TransferId`] never checks it again, and cannot be handed a path.
+
+use std::fmt;
+
+/// A value that is not a valid name of its kind, with the rule it broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?} is not a valid {kind}: {rule}")]
+pub struct NameError {
+    pub kind: &'static str,
+    pub rule: &'static str,
+    pub value: String,
+}
+
+/// Defines a string newtype that can only be built by `check`, and reads as
+/// a `&str` everywhere else.
+macro_rules! checked_name {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $rule:literal, $check:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(String);
+
+        impl $name {
+            /// What the value must look like, for error messages.
+            pub const RULE: &'static str = $rule;
+
+            pub fn parse(value: &str) -> Result<$name, NameError> {
+                let check: fn(&str) -> bool = $check;
+                if check(value) {
+                    Ok($name(value.to_string()))
+                } else {
+                    Err(NameError {
+                        kind: $kind,
+                        rule: $rule,
+                        value: value.to_string(),
+                    })
+                }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<std::path::Path> for $name {
+            fn as_ref(&self) -> &std::path::Path {
+                std::path::Path::new(&self.0)
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                &self.0 == other
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        /// Reading one (from a message) checks it: a value that breaks the
+        /// rule makes the whole message malformed.
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                $name::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = NameError;
+            fn from_str(s: &str) -> Result<Self, NameError> {
+                $name::parse(s)
+            }
+        }
+    };
+}
+
+/// Node names and file ids share one rule: 1–50 characters from
+/// `[A-Za-z0-9_.-]`, and neither `.` nor `..` (both become path parts).
+fn plain_id(s: &str) -> bool {
+    (1..=50).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && s != "."
+        && s != ".."
+}
+
+checked_name!(
+    /// One agent's identity, unique in the cluster (`tokyo-db1`); it names
+    /// the node's broker queue and its broker user.
+    NodeName,
+    "node name",
+    "1-50 characters from A-Z a-z 0-9 _ . -",
+    plain_id
+);
+
+checked_name!(
+    /// The name of a transfer profile, the same on both sides (HULFT's file
+    /// ID); it names a spool directory.
+    FileId,
+    "file id",
+    "1-50 characters from A-Z a-z 0-9 _ . -",
+    plain_id
+);
+
+checked_name!(
+    /// One file's journey: a UUID (v7 when hakobu assigns it) or a ULID. It
+    /// names partial files, spool entries and hook logs, so it is letters,
+    /// digits and dashes only.
+    TransferId,
+    "transfer id",
+    "10-64 characters from A-Z a-z 0-9 -",
+    |id| (10..=64).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+);
+
+checked_name!(
+    /// A file's base name as it arrives in an inbox: it cannot leave the
+    /// inbox (no separator, no `.` or `..`), hide (no leading dot) or confuse
+    /// a hook or a log (no NUL or other control character).
+    FileName,
+    "file name",
+    "a plain base name: no separator, `..`, leading dot, NUL or control character, at most 255 bytes",
+    |name| !(name.is_empty()
+        || name.len() > 255
+        || name.starts_with('.')
+        || name.contains('/')
+        || name.contains('\\')
+        || name.chars().any(|c| c.is_control()))
+);
+
+impl TransferId {
+    /// A new transfer id: a UUIDv7, so that ids sort by the time they were made.
+    pub fn new() -> TransferId {
+        TransferId(uuid::Uuid::now_v7().to_string())
+    }
+}
+
+impl Default for TransferId {
+    fn default() -> Self {
+        TransferId::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/etc/passwd",
+            "a\0b",
+            "a\nb",
+            ".hidden",
+            "a\\b",
+            "x\u{7f}",
+            &"x".repeat(256),
+        ] {
+            let e = FileName::parse(bad).unwrap_err();
+            assert_eq!(e.kind, "file name");
+        }
+        for good in ["sales.csv", "売上.csv", "a b.txt", "x..y", &"x".repeat(255)] {
+            assert!(FileName::parse(good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn transfer_ids() {
+        assert!(TransferId::parse("0190f6c4-1234-7000-8000-0123456789ab").is_ok());
+        assert!(TransferId::parse("01ARZ3NDEKTSV4RRFFQ69G5FAV").is_ok());
+        for bad in ["../../etc", "short", "a_b_c_d_e_f_g", &"a".repeat(65)] {
+            assert!(TransferId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        let fresh = TransferId::new();
+        assert_eq!(TransferId::parse(&fresh).unwrap(), fresh);
+    }
+
+    #[test]
+    fn node_names_and_file_ids() {
+        for good in ["beta", "tokyo-db1", "DAILY_SALES", "a.b", &"n".repeat(50)] {
+            assert!(NodeName::parse(good).is_ok(), "{good:?}");
+            assert!(FileId::parse(good).is_ok(), "{good:?}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "é", &"n".repeat(51)] {
+            assert!(NodeName::parse(bad).is_err(), "{bad:?}");
+            assert!(FileId::parse(bad).is_err(), "{bad:?}");
+        }
+        let e = NodeName::parse("a/b").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "\"a/b\" is not a valid node name: 1-50 characters from A-Z a-z 0-9 _ . -"
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! `hakobu rerun`: runs a settled transfer's hook again, recorded the way
+//! the agent records a hook: `hook_running` before the hook starts (so that
+//! a rerun cut off shows as `hook_interrupted` once an agent starts), and
+//! the outcome only if the row is still the rerun's when the hook ends.
+
+use crate::config::{Config, HookSpec};
+use crate::domain::TransferId;
+use crate::error_code::ErrorCode;
+use crate::hooks::{self, Event, HookContext, HookOutcome};
+use crate::store::{Entry, HookRun, Status, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RerunError {
+    #[error("no transfer {0} in the history of this state directory")]
+    NotFound(TransferId),
+    #[error(
+        "transfer {0} is still {1} and the agent is working on it; rerun it once it has settled"
+    )]
+    NotSettled(TransferId, &'static str),
+    #[error(
+        "the running agent has not yet sent the receipt of transfer {0}; rerun it once `hakobu history` shows it sent"
+    )]
+    ReceiptPending(TransferId),
+    #[error("no {0} profile for file id {1} in the configuration")]
+    NoProfile(&'static str, String),
+    #[error(
+        "transfer {0} changed while the rerun started (its status is no longer {1}); look at `hakobu history` and try again"
+    )]
+    Changed(TransferId, &'static str),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a rerun did.
+pub enum Rerun {
+    /// The profile has no hook for the transfer's outcome.
+    NoHook(Event),
+    /// The hook ran; `recorded` is false when the agent took the transfer
+    /// over meanwhile (its history says what happened).
+    Ran {
+        event: Event,
+        outcome: HookOutcome,
+        recorded: bool,
+    },
+}
+
+/// Reruns the hook of transfer `tid` (its first row: the receiving side's
+/// when this node both sent and received it). `agent_running`: an agent
+/// holds this state directory now.
+pub async fn rerun(
+    cfg: &Config,
+    store: &Store,
+    tid: &TransferId,
+    agent_running: bool,
+) -> Result<Rerun, RerunError> {
+    let rows = store.find(tid).await?;
+    let Some(entry) = rows.into_iter().next() else {
+        return Err(RerunError::NotFound(tid.clone()));
+    };
+    let t = entry.transfer();
+    let was = t.status;
+    if !was.is_final() {
+        return Err(RerunError::NotSettled(tid.clone(), was.as_str()));
+    }
+    if let (Entry::Receive(r), true) = (&entry, agent_running) {
+        // The agent still has this row to finish (failure hook, receipt):
+        // it must not find it in `hook_running`.
+        if !r.receipt_sent {
+            return Err(RerunError::ReceiptPending(tid.clone()));
+        }
+    }
+    let (event, spec, path) = hook_of(cfg, &entry)?;
+    let Some(spec) = spec else {
+        return Ok(Rerun::NoHook(event));
+    };
+    let key = (&t.transfer_id, &t.peer);
+    let started = match &entry {
+        Entry::Send(_) => store.sending().advance(key, was, Status::HookRunning),
+        Entry::Receive(_) => store.receiving().advance(key, was, Status::HookRunning),
+    };
+    if !started.await? {
+        return Err(RerunError::Changed(tid.clone(), was.as_str()));
+    }
+    let ctx = HookContext::for_transfer(t, &path, &cfg.node, event);
+    let log = hooks::log_path(&cfg.log_dir(), tid, event);
+    let outcome = hooks::run(spec, &ctx, &log).await;
+    let (status, error) = after_rerun(event, was, &outcome);
+    let recorded = finish(store, &entry, outcome.record(), status, error).await?;
+    Ok(Rerun::Ran {
+        event,
+        outcome,
+        recorded,
+    })
+}
+
+/// The event a rerun repeats, its hook, and the file's path on this node:
+/// the success hook of a transfer that was placed or delivered (whatever
+/// became of its hook), the failure hook otherwise.
+fn hook_of<'c>(
+    cfg: &'c Config,
+    entry: &Entry,
+) -> Result<(Event, Option<&'c HookSpec>, String), RerunError> {
+    let file_id = &entry.transfer().file_id;
+    Ok(match entry {
+        Entry::Receive(r) => {
+            let p = cfg
+                .receive_profile(file_id)
+                .ok_or_else(|| RerunError::NoProfile("receive", file_id.to_string()))?;
+            let path = r
+                .path
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if r.status == Status::ReceiveFailed {
+                (Event::ReceiveFailed, p.on_failure.as_ref(), path)
+            } else {
+                (Event::Received, p.on_success.as_ref(), path)
+            }
+        }
+        Entry::Send(s) => {
+            let p = cfg
+                .send_profile(file_id)
+                .ok_or_else(|| RerunError::NoProfile("send", file_id.to_string()))?;
+            let path = s.path.to_string_lossy().into_owned();
+            if s.delivered {
+                (Event::Sent, p.on_success.as_ref(), path)
+            } else {
+                (Event::SendFailed, p.on_failure.as_ref(), path)
+            }
+        }
+    })
+}
+
+/// The status a rerun leaves: a success hook decides between success and
+/// `hook_failed`; a failure hook leaves the transfer as it was.
+fn after_rerun(
+    event: Event,
+    was: Status,
+    outcome: &HookOutcome,
+) -> (Status, Option<(ErrorCode, String)>) {
+    match (event, outcome.ok()) {
+        (Event::Received, true) => (Status::Received, None),
+        (Event::Sent, true) => (Status::Sent, None),
+        (Event::Received | Event::Sent, false) => (Status::HookFailed, Some(outcome.failure())),
+        (Event::ReceiveFailed | Event::SendFailed, _) => (was, None),
+    }
+}
+
+async fn finish(
+    store: &Store,
+    entry: &Entry,
+    hook: HookRun,
+    status: Status,
+    error: Option<(ErrorCode, String)>,
+) -> Result<bool, StoreError> {
+    let t = entry.transfer();
+    let key = (&t.transfer_id, &t.peer);
+    match entry {
+        Entry::Send(_) => store.sending().finish_hook(key, hook, status, error).await,
+        Entry::Receive(_) => {
+            store
+                .receiving()
+                .finish_hook(key, hook, status, error)
+                .await
+        }
+    }
+}

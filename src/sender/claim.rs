@@ -1,0 +1,168 @@
+//! Claim: a ready file leaves the outbox by an atomic rename into the spool,
+//! under a new transfer id, and gets one ledger row per receiving node. The
+//! rename is the one effect that comes before its row: a crash between the
+//! two leaves a spooled file without rows, which recovery records
+//! (`recovery.rs`). From the rename on, the file is never lost.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::{error, info, warn};
+
+use super::Sender;
+use super::spool::{Spool, Spooled};
+use crate::clock::now_rfc3339;
+use crate::config::{Ready, SendProfile};
+use crate::domain::TransferId;
+use crate::durable;
+use crate::error_code::ErrorCode;
+use crate::store::{SendLedger, SendRow, Status, StoreError, Transfer};
+
+impl Sender {
+    /// Claims the ready files `names` from the profile's outbox, together:
+    /// each is renamed into the spool (atomic), then the directories are
+    /// flushed once for all of them, then one row per file and receiving
+    /// node is recorded in one transaction, then they are published.
+    pub(super) async fn claim(self: &Arc<Self>, profile: &SendProfile, names: Vec<String>) {
+        let (p, spool) = (profile.clone(), self.spool.clone());
+        let claimed = tokio::task::spawn_blocking(move || claim_files(&p, &spool, &names))
+            .await
+            .unwrap_or_default();
+        if claimed.is_empty() {
+            return;
+        }
+        let rows: Vec<SendRow> = claimed
+            .iter()
+            .flat_map(|file| claim_rows(profile, file, &BTreeMap::new(), Status::Sending))
+            .collect();
+        // On failure the spooled files are recorded at the next start.
+        if let Err(e) = self.ledger.insert_all(rows.clone()).await {
+            error!(message = "Cannot record claimed files; they are recorded at the next start.",
+                files = claimed.len(), error = %e, error_code = %e.code());
+            return;
+        }
+        for file in claimed {
+            info!(message = "Claimed.", transfer_id = %file.tid, file_id = %profile.file_id, file_name = %file.name);
+        }
+        for row in &rows {
+            self.enqueue(row);
+        }
+    }
+}
+
+/// Moves ready files from the outbox into the spool, each under a new
+/// transfer id. The renames are made durable together (one flush per
+/// directory, not per file).
+fn claim_files(profile: &SendProfile, spool: &Spool, names: &[String]) -> Vec<Spooled> {
+    let file_dir = spool.dir_of(&profile.file_id);
+    if let Err(e) = std::fs::create_dir_all(&file_dir) {
+        error!(message = "Cannot create the spool directory; check the state directory's permissions and space.",
+            dir = %file_dir.display(), error = %e, error_code = %ErrorCode::ClaimFailed);
+        return Vec::new();
+    }
+    let mut claimed = Vec::new();
+    // Directories whose entries changed, flushed once each at the end: the
+    // profile's spool directory, the outbox, and the directory of each file
+    // whose name is too long for the flat layout.
+    let mut changed: Vec<PathBuf> = vec![file_dir.clone(), profile.outbox.clone()];
+    for name in names {
+        // The marker goes first: a crash after it leaves the file in the
+        // outbox waiting for a new marker, never a stale marker that would
+        // let the next file of that name be claimed half-written.
+        if let Ready::DoneMarker(marker) = &profile.ready {
+            let _ = durable::remove_if_exists(&profile.outbox.join(format!("{name}{marker}")));
+        }
+        let tid = TransferId::new();
+        let from = profile.outbox.join(name);
+        let to = spool.path_of(&profile.file_id, &tid, name);
+        let own_dir = to.parent().filter(|d| *d != file_dir);
+        let moved = own_dir
+            .map_or(Ok(()), std::fs::create_dir)
+            .and_then(|()| std::fs::rename(&from, &to));
+        match moved {
+            Ok(()) => {
+                changed.extend(own_dir.map(Path::to_path_buf));
+                claimed.push(Spooled {
+                    tid,
+                    name: name.clone(),
+                    path: to,
+                });
+            }
+            Err(e) => {
+                let _ = own_dir.map(std::fs::remove_dir);
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    error!(message = "Cannot claim file into the spool; the spool must be on the outbox's filesystem.",
+                        file = %from.display(), spool = %to.display(), error = %e, error_code = %ErrorCode::ClaimFailed);
+                }
+            }
+        }
+    }
+    if claimed.is_empty() {
+        return claimed;
+    }
+    // On a journalling filesystem the first flush commits the journal for
+    // all the renames and the rest find nothing left to write; without a
+    // journal each directory is still flushed once per batch, not per file.
+    for dir in changed {
+        if let Err(e) = durable::fsync_dir(&dir) {
+            // Not durable yet, but claimed: recorded and sent all the same.
+            warn!(message = "Cannot flush a spool directory.", dir = %dir.display(), error = %e);
+        }
+    }
+    claimed
+}
+
+/// One row per receiving node for a file already in the spool.
+pub(super) fn claim_rows(
+    profile: &SendProfile,
+    file: &Spooled,
+    meta: &BTreeMap<String, String>,
+    status: Status,
+) -> Vec<SendRow> {
+    let size = std::fs::metadata(&file.path).map(|m| m.len()).unwrap_or(0);
+    let started_at = now_rfc3339();
+    profile
+        .to
+        .iter()
+        .map(|peer| {
+            let mut t = Transfer::begin(
+                file.tid.clone(),
+                peer.clone(),
+                profile.file_id.clone(),
+                &file.name,
+                (size, profile.chunk_size),
+                status,
+            );
+            t.meta = meta.clone();
+            t.started_at = started_at.clone();
+            SendRow::new(t, file.path.clone())
+        })
+        .collect()
+}
+
+/// `hakobu send` and `hakobu resend`: copies `src` into the spool as a new
+/// transfer that arrives as `name`, queued (one row per node of the
+/// profile's `to`) for the agent on this state directory to pick up.
+pub async fn queue(
+    ledger: &SendLedger,
+    spool: &Spool,
+    profile: &SendProfile,
+    (src, name): (&Path, &str),
+    meta: &BTreeMap<String, String>,
+) -> Result<TransferId, QueueError> {
+    let file = spool
+        .copy_in(&profile.file_id, src, name)
+        .map_err(|e| QueueError::Copy(src.to_path_buf(), e))?;
+    let rows = claim_rows(profile, &file, meta, Status::Queued);
+    ledger.insert_all(rows).await?;
+    Ok(file.tid)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("cannot copy {0} into the spool: {1}")]
+    Copy(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

@@ -1,0 +1,109 @@
+//! Receipts: a receiving node's outcome for a transfer sent to it. It is
+//! recorded (once: a duplicate finds no transfer waiting), acked, and then
+//! the sender's own hook for that outcome runs and `after_send` follows.
+
+use std::sync::Arc;
+
+use tracing::{error, info, warn};
+
+use super::Sender;
+use crate::broker::Delivery;
+use crate::domain::{NodeName, TransferId};
+use crate::error_code::ErrorCode;
+use crate::hooks::{self, Event, HookContext};
+use crate::store::{Status, StoreError};
+use crate::wire::Receipt;
+
+impl Sender {
+    pub(super) async fn receipt(self: &Arc<Self>, r: Receipt, d: Delivery) {
+        if self.cfg.verify_sender() && d.user_id.as_deref() != Some(r.from.as_str()) {
+            // A forged receipt could make this agent delete the only copy.
+            warn!(message = "Dead-lettering a receipt whose sender is not its broker user.",
+                transfer_id = %r.transfer_id, from = %r.from, user = ?d.user_id, error_code = %ErrorCode::SenderMismatch);
+            let _ = d.dead_letter().await;
+            return;
+        }
+        if r.to != self.cfg.node {
+            warn!(message = "Ignoring a receipt addressed to another node.", to = %r.to, transfer_id = %r.transfer_id);
+            let _ = d.ack().await;
+            return;
+        }
+        // Without a hook for this outcome the transfer ends with the receipt.
+        let hook = self
+            .cfg
+            .send_profile(&r.file_id)
+            .is_some_and(|p| if r.ok { &p.on_success } else { &p.on_failure }.is_some());
+        let next = match (hook, r.ok) {
+            (true, _) => Status::HookRunning,
+            (false, true) => Status::Sent,
+            (false, false) => Status::SendFailed,
+        };
+        match self.ledger.record_receipt(&r, next).await {
+            Ok(true) => {
+                info!(message = "Receipt.", transfer_id = %r.transfer_id, from = %r.from, ok = r.ok, error_code = ?r.error_code);
+                let _ = d.ack().await;
+                let this = self.clone();
+                self.tasks.spawn(async move {
+                    if hook {
+                        if let Err(e) = this.run_hook(&r.transfer_id, &r.from).await {
+                            error!(message = "State database failed while running a sender hook.", error = %e, error_code = %e.code());
+                        }
+                    }
+                    this.settle_spool(&r.transfer_id).await;
+                });
+            }
+            Ok(false) => {
+                info!(message = "Duplicate or unknown receipt.", transfer_id = %r.transfer_id, from = %r.from);
+                let _ = d.ack().await;
+            }
+            // Not acked: delivered again after a reconnect.
+            Err(e) => {
+                error!(message = "State database failed while recording a receipt.", error = %e, error_code = %e.code())
+            }
+        }
+    }
+
+    /// Runs the send profile's hook for the receipt's outcome, recorded in
+    /// `hook_running` by the receipt itself.
+    async fn run_hook(&self, tid: &TransferId, peer: &NodeName) -> Result<(), StoreError> {
+        let key = (tid, peer);
+        // The row was recorded with the receipt by a call that waited.
+        let Some(row) = self.ledger.deferred().get(key).await? else {
+            return Ok(());
+        };
+        let status = if row.delivered {
+            Status::Sent
+        } else {
+            Status::SendFailed
+        };
+        let (event, spec) = match self.cfg.send_profile(&row.file_id) {
+            Some(p) if row.delivered => (Event::Sent, p.on_success.as_ref()),
+            Some(p) => (Event::SendFailed, p.on_failure.as_ref()),
+            None => (Event::Sent, None),
+        };
+        let Some(spec) = spec else {
+            // The profile lost its hook since the receipt was recorded.
+            self.ledger
+                .advance(key, Status::HookRunning, status)
+                .await?;
+            return Ok(());
+        };
+        let path = row.path.to_string_lossy();
+        let ctx = HookContext::for_transfer(&row, &path, &self.cfg.node, event);
+        let log = hooks::log_path(&self.cfg.log_dir(), tid, event);
+        let outcome = hooks::run(spec, &ctx, &log).await;
+        let mut error = None;
+        let mut status = status;
+        if !outcome.ok() {
+            warn!(message = "Sender hook failed.", transfer_id = %tid, error = %outcome.describe());
+            if row.delivered {
+                status = Status::HookFailed;
+                error = Some(outcome.failure());
+            }
+        }
+        self.ledger
+            .finish_hook(key, outcome.record(), status, error)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,207 @@
+//! The sending side's ledger: a row per claimed file and receiving node, the
+//! bytes confirmed so far, the receipt's outcome. What the sender's stages
+//! read and move.
+
+use std::path::Path;
+
+use rusqlite::{OptionalExtension, params};
+
+use super::row::{Direction, HookRun, SendRow, Status};
+use super::{COLUMNS, Cached, Call, Store, ledger};
+use crate::domain::{NodeName, TransferId};
+use crate::error_code::ErrorCode;
+use crate::wire::Receipt;
+
+const TX: Direction = Direction::Send;
+
+#[derive(Clone)]
+pub struct SendLedger {
+    store: Store,
+}
+
+impl SendLedger {
+    pub(super) fn new(store: Store) -> Self {
+        SendLedger { store }
+    }
+
+    /// This ledger through a [`Store::deferred`] handle.
+    pub fn deferred(&self) -> SendLedger {
+        SendLedger::new(self.store.deferred())
+    }
+
+    /// Records new rows (a claimed file, one per receiving node) in one
+    /// transaction; existing rows stay as they are.
+    pub fn insert_all(&self, rows: Vec<SendRow>) -> Call<()> {
+        self.store.call(move |db| {
+            let tx = db.transaction()?;
+            for row in &rows {
+                let path = row.path.to_string_lossy();
+                ledger::insert(&tx, TX, &row.transfer, Some(&path))?;
+            }
+            tx.commit()
+        })
+    }
+
+    pub fn get(&self, (tid, peer): (&TransferId, &NodeName)) -> Call<Option<SendRow>> {
+        let (tid, peer) = (tid.clone(), peer.clone());
+        self.store.call(move |db| {
+            db.one(
+                &format!(
+                    "SELECT {COLUMNS} FROM transfers
+                     WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3"
+                ),
+                params![TX, tid, peer],
+                SendRow::from_sql,
+            )
+            .optional()
+        })
+    }
+
+    /// Every row of one transfer (one per receiving node).
+    pub fn rows_of(&self, tid: &TransferId) -> Call<Vec<SendRow>> {
+        let tid = tid.clone();
+        self.store.call(move |db| {
+            db.all(
+                &format!(
+                    "SELECT {COLUMNS} FROM transfers WHERE direction = ?1 AND transfer_id = ?2
+                     ORDER BY peer"
+                ),
+                params![TX, tid],
+                SendRow::from_sql,
+            )
+        })
+    }
+
+    /// Rows in `status`, oldest first.
+    pub fn in_status(&self, status: Status) -> Call<Vec<SendRow>> {
+        self.store.call(move |db| {
+            db.all(
+                &format!(
+                    "SELECT {COLUMNS} FROM transfers WHERE direction = ?1 AND status = ?2
+                     ORDER BY seq"
+                ),
+                params![TX, status],
+                SendRow::from_sql,
+            )
+        })
+    }
+
+    /// Rows not final, oldest first.
+    pub fn unfinished(&self) -> Call<Vec<SendRow>> {
+        self.store
+            .call(|db| ledger::unfinished(db, TX, SendRow::from_sql))
+    }
+
+    /// Moves from `from` to `to`; false when the row was no longer in `from`.
+    pub fn advance(&self, key: (&TransferId, &NodeName), from: Status, to: Status) -> Call<bool> {
+        let (tid, peer) = (key.0.clone(), key.1.clone());
+        self.store
+            .call(move |db| ledger::advance(db, TX, (&tid, &peer), from, to))
+    }
+
+    /// Records how many bytes of a transfer the broker has confirmed.
+    pub fn set_progress(&self, key: (&TransferId, &NodeName), bytes: u64) -> Call<()> {
+        let (tid, peer) = (key.0.clone(), key.1.clone());
+        self.store.call(move |db| {
+            db.run(
+                "UPDATE transfers SET progress = ?4
+                 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3",
+                params![TX, tid, peer, bytes as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Every chunk is confirmed: records the file's digest and moves the
+    /// transfer from `sending` to `awaiting_receipt`.
+    pub fn published(&self, key: (&TransferId, &NodeName), sha256: &str) -> Call<()> {
+        let (tid, peer, sha256) = (key.0.clone(), key.1.clone(), sha256.to_string());
+        self.store.call(move |db| {
+            db.run(
+                "UPDATE transfers SET sha256 = ?4, progress = size, status = ?6
+                 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = ?5",
+                params![
+                    TX,
+                    tid,
+                    peer,
+                    sha256,
+                    Status::Sending,
+                    Status::AwaitingReceipt
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Fails a transfer (unless it is final already) with a code and a sentence.
+    pub fn fail(
+        &self,
+        key: (&TransferId, &NodeName),
+        status: Status,
+        (code, error): (ErrorCode, &str),
+    ) -> Call<()> {
+        let (tid, peer, error) = (key.0.clone(), key.1.clone(), error.to_string());
+        self.store
+            .call(move |db| ledger::fail(db, TX, (&tid, &peer), status, (code, &error)))
+    }
+
+    /// Records a receipt. False when no such transfer waits for one (a
+    /// duplicate, or a receipt naming another transfer or file id). The row
+    /// moves to `next`: `hook_running` when the sender's hook comes next,
+    /// else straight to its final status.
+    pub fn record_receipt(&self, r: &Receipt, next: Status) -> Call<bool> {
+        let r = r.clone();
+        self.store.call(move |db| {
+            let finished = next.is_final().then(crate::clock::now_rfc3339);
+            let n = db.run(
+                "UPDATE transfers SET remote_path = ?5, remote_hook_exit = ?6, error_code = ?7,
+                    error = ?8, delivered = ?9, status = ?10, finished_at = IFNULL(?11, finished_at)
+                 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND file_id = ?4
+                   AND status IN (?12, ?13)",
+                params![
+                    TX,
+                    r.transfer_id,
+                    r.from,
+                    r.file_id,
+                    r.path,
+                    r.hook_exit,
+                    r.error_code,
+                    r.error,
+                    r.ok,
+                    next,
+                    finished,
+                    Status::Sending,
+                    Status::AwaitingReceipt
+                ],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// See [`ledger::finish_hook`].
+    pub fn finish_hook(
+        &self,
+        key: (&TransferId, &NodeName),
+        hook: HookRun,
+        status: Status,
+        error: Option<(ErrorCode, String)>,
+    ) -> Call<bool> {
+        let (tid, peer) = (key.0.clone(), key.1.clone());
+        self.store.call(move |db| {
+            let error = error.as_ref().map(|(c, m)| (*c, m.as_str()));
+            ledger::finish_hook(db, TX, (&tid, &peer), &hook, status, error)
+        })
+    }
+
+    /// Records where `after_send` moved the file, on every row of the transfer.
+    pub fn moved(&self, tid: &TransferId, to: &Path) -> Call<()> {
+        let (tid, to) = (tid.clone(), to.to_string_lossy().into_owned());
+        self.store.call(move |db| {
+            db.run(
+                "UPDATE transfers SET path = ?3 WHERE direction = ?1 AND transfer_id = ?2",
+                params![TX, tid, to],
+            )?;
+            Ok(())
+        })
+    }
+}
