@@ -1178,6 +1178,20 @@ impl Tmpfs {
     }
 }
 
+impl Tmpfs {
+    /// [`Tmpfs::mount`], or the test fails: a disk-full scenario that cannot
+    /// run must not pass as if it had (run the suite as root, as
+    /// `tests/run.sh` in CI does).
+    fn mount_or_fail(dir: &Path, size: &str) -> Tmpfs {
+        Tmpfs::mount(dir, size).unwrap_or_else(|e| {
+            panic!(
+                "cannot mount a {size} tmpfs at {}: {e}; this scenario needs root (or CAP_SYS_ADMIN) and is never skipped",
+                dir.display()
+            )
+        })
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         use std::os::unix::ffi::OsStrExt;
@@ -1203,21 +1217,7 @@ impl Drop for Tmpfs {
 fn receiver_disk_full() {
     let _g = serial();
     let mut p = Pair::new(PairOpts::default());
-    let _tmpfs = match Tmpfs::mount(&p.inbox, "8m") {
-        Ok(m) => m,
-        Err(e) => {
-            assert_eq!(
-                e.raw_os_error(),
-                Some(nix::libc::EPERM),
-                "mounting a tmpfs failed for another reason than a missing permission: {e}"
-            );
-            let _ = writeln!(
-                std::io::stderr(),
-                "receiver_disk_full: SKIPPED: this machine does not allow mounting a tmpfs (EPERM: {e}); the disk-full scenario was not run"
-            );
-            return;
-        }
-    };
+    let _tmpfs = Tmpfs::mount_or_fail(&p.inbox, "8m");
     // A second pair of profiles, SMALL, with its inbox on the normal disk.
     let root = p.tmp.path().to_path_buf();
     let hook = p.hooks.join("hook.sh");
@@ -1333,8 +1333,8 @@ fn receiver_disk_full() {
 
 /// The state a `kill -9` leaves when it lands in the receiver between
 /// recording a rejected chunk (`receive_failed`, committed) and removing the
-/// transfer's partial file (src/receiver/mod.rs, `on_chunk`: `store.fail`,
-/// then `remove_if_exists(partial)`). That window is microseconds wide, so
+/// transfer's partial file (src/receiver/ingest.rs, `reject`: the failure
+/// recorded, then `remove_if_exists(partial)`). That window is microseconds wide, so
 /// the test builds the state by hand, from a real disk-full rejection: beta
 /// stopped, the row's receipt and failure hook marked as not done yet, the
 /// partial file back in place. The restarted receiver finishes the failure
@@ -1344,17 +1344,7 @@ fn receiver_disk_full() {
 fn receiver_crash_after_rejecting_a_chunk_leaves_no_partial() {
     let _g = serial();
     let mut p = Pair::new(PairOpts::default());
-    let _tmpfs = match Tmpfs::mount(&p.inbox, "8m") {
-        Ok(m) => m,
-        Err(e) => {
-            assert_eq!(e.raw_os_error(), Some(nix::libc::EPERM), "mount: {e}");
-            let _ = writeln!(
-                std::io::stderr(),
-                "receiver_crash_after_rejecting_a_chunk_leaves_no_partial: SKIPPED: mounting a tmpfs is not permitted here (EPERM: {e})"
-            );
-            return;
-        }
-    };
+    let _tmpfs = Tmpfs::mount_or_fail(&p.inbox, "8m");
     start_and_wait_consuming(&mut p);
     drop_pattern(&p.outbox, "big.bin", 20 << 20, 61);
     wait_until(Duration::from_secs(120), "the disk_full receipt", || {
