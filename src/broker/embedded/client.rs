@@ -1,0 +1,346 @@
+//! The client: the `Broker` trait over the embedded broker's protocol. One
+//! connection publishes (pipelined, each publish matched to its confirm by
+//! sequence number); each subscription has a connection of its own, which
+//! reconnects with a fresh subscription whenever it fails.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::Framed;
+use tracing::{info, warn};
+
+use super::frame::{Frame, PROTOCOL_VERSION};
+use super::server;
+use crate::broker::{Acker, Broker, BrokerError, Confirm, Delivery, queue_name};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A full queue parks publishes on purpose (backpressure), so a confirm may
+/// take as long as the receiver needs; only a lost connection fails it early.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3600);
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), BrokerError>>>>>;
+
+pub struct Embedded {
+    addr: String,
+    token: String,
+    prefetch: u32,
+    publisher: tokio::sync::Mutex<Option<PubConn>>,
+}
+
+struct PubConn {
+    out: mpsc::UnboundedSender<Frame>,
+    pending: Pending,
+    next_seq: AtomicU64,
+    dead: Arc<AtomicBool>,
+}
+
+impl Embedded {
+    pub fn new(addr: &str, token: Option<String>, prefetch: u32) -> Self {
+        Embedded {
+            addr: addr.to_string(),
+            token: token.unwrap_or_default(),
+            prefetch,
+            publisher: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+/// Connects and shakes hands; returns the framed stream ready for use.
+async fn connect(
+    addr: &str,
+    token: &str,
+) -> Result<Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>, BrokerError> {
+    let unavailable =
+        |what: String| BrokerError::Unavailable(format!("embedded broker at {addr}: {what}"));
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| unavailable("connect timed out".into()))?
+        .map_err(|e| unavailable(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let mut framed = Framed::new(stream, server::codec());
+    framed
+        .send(
+            Frame::Hello {
+                version: PROTOCOL_VERSION,
+                token: token.to_string(),
+            }
+            .encode(),
+        )
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, framed.next()).await {
+        Ok(Some(Ok(b))) => match Frame::decode(b.freeze()) {
+            Ok(Frame::Welcome { .. }) => Ok(framed),
+            Ok(Frame::Error { message }) => Err(unavailable(message)),
+            other => Err(unavailable(format!("unexpected handshake reply {other:?}"))),
+        },
+        _ => Err(unavailable("no handshake reply".into())),
+    }
+}
+
+impl Embedded {
+    async fn publisher(
+        &self,
+    ) -> Result<(mpsc::UnboundedSender<Frame>, Pending, u64, Arc<AtomicBool>), BrokerError> {
+        let mut slot = self.publisher.lock().await;
+        if slot.as_ref().is_none_or(|c| c.dead.load(Ordering::Relaxed)) {
+            let framed = connect(&self.addr, &self.token).await?;
+            let (mut sink, mut frames) = framed.split();
+            let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
+            let pending: Pending = Arc::default();
+            let dead = Arc::new(AtomicBool::new(false));
+            let dead_w = dead.clone();
+            tokio::spawn(async move {
+                while let Some(f) = out_rx.recv().await {
+                    if sink.send(f.encode()).await.is_err() {
+                        break;
+                    }
+                }
+                dead_w.store(true, Ordering::Relaxed);
+            });
+            let (pending_r, dead_r) = (pending.clone(), dead.clone());
+            tokio::spawn(async move {
+                while let Some(Ok(b)) = frames.next().await {
+                    let (seq, outcome) = match Frame::decode(b.freeze()) {
+                        Ok(Frame::Confirm { seq }) => (seq, Ok(())),
+                        Ok(Frame::Nack { seq, reason }) => {
+                            warn!(message = "The embedded broker refused a message.", reason);
+                            (seq, Err(BrokerError::Nack))
+                        }
+                        Ok(Frame::Error { message }) => {
+                            warn!(
+                                message = "The embedded broker closed the connection.",
+                                reason = message
+                            );
+                            break;
+                        }
+                        _ => break,
+                    };
+                    if let Some(tx) = pending_r
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&seq)
+                    {
+                        let _ = tx.send(outcome);
+                    }
+                }
+                dead_r.store(true, Ordering::Relaxed);
+                // Every unconfirmed publish is now unknown: fail it, to be republished.
+                pending_r.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            });
+            *slot = Some(PubConn {
+                out,
+                pending,
+                next_seq: AtomicU64::new(1),
+                dead,
+            });
+        }
+        let c = slot.as_ref().expect("set above");
+        Ok((
+            c.out.clone(),
+            c.pending.clone(),
+            c.next_seq.fetch_add(1, Ordering::Relaxed),
+            c.dead.clone(),
+        ))
+    }
+}
+
+#[async_trait]
+impl Broker for Embedded {
+    async fn publish(&self, node: &str, payload: Bytes) -> Result<Confirm, BrokerError> {
+        let (out, pending, seq, dead) = self.publisher().await?;
+        let (tx, rx) = oneshot::channel();
+        pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(seq, tx);
+        if out
+            .send(Frame::Publish {
+                seq,
+                queue: queue_name(node),
+                payload,
+            })
+            .is_err()
+        {
+            dead.store(true, Ordering::Relaxed);
+            return Err(BrokerError::Connection(
+                "the embedded broker connection closed".into(),
+            ));
+        }
+        Ok(Box::pin(async move {
+            match tokio::time::timeout(CONFIRM_TIMEOUT, rx).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(_)) => Err(BrokerError::Connection(
+                    "the embedded broker connection closed before confirming".into(),
+                )),
+                Err(_) => {
+                    dead.store(true, Ordering::Relaxed);
+                    Err(BrokerError::ConfirmTimeout(CONFIRM_TIMEOUT))
+                }
+            }
+        }))
+    }
+
+    async fn subscribe(&self, node: &str) -> Result<mpsc::Receiver<Delivery>, BrokerError> {
+        let (tx, rx) = mpsc::channel(self.prefetch as usize);
+        let (addr, token, prefetch, queue) = (
+            self.addr.clone(),
+            self.token.clone(),
+            self.prefetch,
+            queue_name(node),
+        );
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            while !tx.is_closed() {
+                match consume_once(&addr, &token, &queue, prefetch, &tx).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        warn!(message = "Consumer lost the embedded broker; reconnecting.", error = %e, ?backoff);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+async fn consume_once(
+    addr: &str,
+    token: &str,
+    queue: &str,
+    prefetch: u32,
+    tx: &mpsc::Sender<Delivery>,
+) -> Result<(), BrokerError> {
+    let framed = connect(addr, token).await?;
+    let (mut sink, mut frames) = framed.split();
+    let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
+    out.send(Frame::Subscribe {
+        queue: queue.to_string(),
+        prefetch,
+    })
+    .map_err(|_| BrokerError::Connection("closed".into()))?;
+    let closing = tokio_util::sync::CancellationToken::new();
+    let mut writer = {
+        let closing = closing.clone();
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    f = out_rx.recv() => f,
+                    // Closing: what is queued (the last acks) still goes, so
+                    // that an ack that returned Ok is never lost; then EOF.
+                    () = closing.cancelled() => {
+                        while let Ok(f) = out_rx.try_recv() {
+                            if sink.send(f.encode()).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = sink.close().await;
+                        return;
+                    }
+                };
+                match frame {
+                    Some(f) if sink.send(f.encode()).await.is_ok() => {}
+                    _ => return,
+                }
+            }
+        })
+    };
+    info!(message = "Consuming.", queue, broker = addr);
+    let result = loop {
+        let next = tokio::select! {
+            next = frames.next() => next,
+            // Nobody listens: close, and the broker requeues what we held.
+            _ = tx.closed() => break Ok(()),
+        };
+        match next {
+            Some(Ok(b)) => match Frame::decode(b.freeze()) {
+                Ok(Frame::Deliver {
+                    tag,
+                    redelivered,
+                    payload,
+                }) => {
+                    let acker = Box::new(EmbeddedAcker {
+                        out: out.clone(),
+                        tag,
+                    });
+                    if tx
+                        .send(Delivery {
+                            payload,
+                            redelivered,
+                            user_id: None,
+                            acker,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        break Ok(());
+                    }
+                }
+                Ok(Frame::Error { message }) => break Err(BrokerError::Connection(message)),
+                other => {
+                    break Err(BrokerError::Connection(format!(
+                        "unexpected frame {other:?}"
+                    )));
+                }
+            },
+            Some(Err(e)) => break Err(BrokerError::Connection(e.to_string())),
+            None => {
+                break Err(BrokerError::Connection(
+                    "the embedded broker closed the connection".into(),
+                ));
+            }
+        }
+    };
+    if result.is_ok() {
+        closing.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+            .await
+            .is_ok()
+        {
+            return result;
+        }
+    }
+    writer.abort();
+    result
+}
+
+struct EmbeddedAcker {
+    out: mpsc::UnboundedSender<Frame>,
+    tag: u64,
+}
+
+#[async_trait]
+impl Acker for EmbeddedAcker {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        self.out.send(Frame::Ack { tag: self.tag }).map_err(|_| {
+            BrokerError::Connection(
+                "the embedded broker connection closed; the message comes again".into(),
+            )
+        })
+    }
+
+    async fn requeue(&self) -> Result<(), BrokerError> {
+        self.out
+            .send(Frame::Requeue { tag: self.tag })
+            .map_err(|_| {
+                BrokerError::Connection(
+                    "the embedded broker connection closed; the message comes again".into(),
+                )
+            })
+    }
+
+    async fn dead_letter(&self) -> Result<(), BrokerError> {
+        self.out
+            .send(Frame::Reject { tag: self.tag })
+            .map_err(|_| BrokerError::Connection("the embedded broker connection closed".into()))
+    }
+}
