@@ -1,11 +1,12 @@
 //! The statements both ledgers make alike: a new row, a status change, a
 //! failure, the record of a hook run. Each takes the side it acts on; the
-//! ledgers (`send_ledger.rs`, `receive_ledger.rs`) call them with theirs.
+//! ledgers (`send_ledger.rs`, `receive_ledger.rs`) call them with theirs,
+//! and offer the calls that need nothing else through [`Side`].
 
 use rusqlite::{Connection, params};
 
 use super::row::{Direction, HookRun, Status, Transfer};
-use super::{Cached, unix_now};
+use super::{Cached, Call, Store, unix_now};
 use crate::domain::{NodeName, TransferId};
 use crate::error_code::ErrorCode;
 
@@ -173,4 +174,56 @@ pub fn unfinished<T>(
         params![dir, Status::set(false), Direction::Receive],
         read,
     )
+}
+
+type Key<'a> = (&'a TransferId, &'a NodeName);
+
+/// The calls both ledgers make alike, bound to one side (each ledger
+/// dereferences to its own).
+#[derive(Clone)]
+pub struct Side {
+    store: Store,
+    dir: Direction,
+}
+
+impl Side {
+    pub(super) fn new(store: Store, dir: Direction) -> Side {
+        Side { store, dir }
+    }
+
+    /// Moves from `from` to `to`; false when the row was no longer in `from`.
+    pub fn advance(&self, (tid, peer): Key<'_>, from: Status, to: Status) -> Call<bool> {
+        let (dir, tid, peer) = (self.dir, tid.clone(), peer.clone());
+        self.store
+            .call(move |db| advance(db, dir, (&tid, &peer), from, to))
+    }
+
+    /// See [`finish_hook`].
+    pub fn finish_hook(
+        &self,
+        (tid, peer): Key<'_>,
+        hook: HookRun,
+        status: Status,
+        error: Option<(ErrorCode, String)>,
+    ) -> Call<bool> {
+        let (dir, tid, peer) = (self.dir, tid.clone(), peer.clone());
+        self.store.call(move |db| {
+            let error = error.as_ref().map(|(c, m)| (*c, m.as_str()));
+            finish_hook(db, dir, (&tid, &peer), &hook, status, error)
+        })
+    }
+
+    /// Records a hook run without changing the status.
+    pub fn set_hook(&self, (tid, peer): Key<'_>, hook: HookRun) -> Call<()> {
+        let (dir, tid, peer) = (self.dir, tid.clone(), peer.clone());
+        self.store
+            .call(move |db| set_hook(db, dir, (&tid, &peer), &hook))
+    }
+
+    /// Claims the one run of the failure hook; false if claimed before.
+    pub fn claim_failure_hook(&self, (tid, peer): Key<'_>) -> Call<bool> {
+        let (dir, tid, peer) = (self.dir, tid.clone(), peer.clone());
+        self.store
+            .call(move |db| claim_failure_hook(db, dir, (&tid, &peer)))
+    }
 }

@@ -33,6 +33,7 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 pub use history::Entry;
+pub use ledger::Side;
 pub use receive_ledger::{Placing, ReceiveLedger};
 pub use row::{Direction, HookRun, ReceiveRow, SendRow, Status, Transfer, UnknownStatus};
 pub use schema::LATEST as SCHEMA_VERSION;

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use rusqlite::{OptionalExtension, params};
 
-use super::row::{self, Direction, HookRun, ReceiveRow, Status};
-use super::{COLUMNS, Cached, Call, Store, ledger, unix_now};
+use super::ledger::{self, Side};
+use super::row::{self, Direction, ReceiveRow, Status};
+use super::{COLUMNS, Cached, Call, Store, unix_now};
 use crate::domain::{FileId, NodeName, TransferId};
 use crate::error_code::ErrorCode;
 
@@ -26,11 +27,21 @@ pub struct Placing {
 #[derive(Clone)]
 pub struct ReceiveLedger {
     store: Store,
+    side: Side,
+}
+
+/// The status changes and hook records both ledgers make alike.
+impl std::ops::Deref for ReceiveLedger {
+    type Target = Side;
+    fn deref(&self) -> &Side {
+        &self.side
+    }
 }
 
 impl ReceiveLedger {
     pub(super) fn new(store: Store) -> Self {
-        ReceiveLedger { store }
+        let side = Side::new(store.clone(), RX);
+        ReceiveLedger { store, side }
     }
 
     /// This ledger through a [`Store::deferred`] handle.
@@ -225,42 +236,6 @@ impl ReceiveLedger {
             tx.run("DELETE FROM chunks WHERE transfer_id = ?1", params![tid])?;
             tx.commit()
         })
-    }
-
-    /// Moves from `from` to `to`; false when the row was no longer in `from`.
-    pub fn advance(&self, key: (&TransferId, &NodeName), from: Status, to: Status) -> Call<bool> {
-        let (tid, peer) = (key.0.clone(), key.1.clone());
-        self.store
-            .call(move |db| ledger::advance(db, RX, (&tid, &peer), from, to))
-    }
-
-    /// See [`ledger::finish_hook`].
-    pub fn finish_hook(
-        &self,
-        key: (&TransferId, &NodeName),
-        hook: HookRun,
-        status: Status,
-        error: Option<(ErrorCode, String)>,
-    ) -> Call<bool> {
-        let (tid, peer) = (key.0.clone(), key.1.clone());
-        self.store.call(move |db| {
-            let error = error.as_ref().map(|(c, m)| (*c, m.as_str()));
-            ledger::finish_hook(db, RX, (&tid, &peer), &hook, status, error)
-        })
-    }
-
-    /// Records a hook run without changing the status.
-    pub fn set_hook(&self, key: (&TransferId, &NodeName), hook: HookRun) -> Call<()> {
-        let (tid, peer) = (key.0.clone(), key.1.clone());
-        self.store
-            .call(move |db| ledger::set_hook(db, RX, (&tid, &peer), &hook))
-    }
-
-    /// Claims the one run of the failure hook; false if claimed before.
-    pub fn claim_failure_hook(&self, key: (&TransferId, &NodeName)) -> Call<bool> {
-        let (tid, peer) = (key.0.clone(), key.1.clone());
-        self.store
-            .call(move |db| ledger::claim_failure_hook(db, RX, (&tid, &peer)))
     }
 
     pub fn set_receipt_sent(&self, key: (&TransferId, &NodeName)) -> Call<()> {

@@ -6,8 +6,9 @@ use std::path::Path;
 
 use rusqlite::{OptionalExtension, params};
 
-use super::row::{Direction, HookRun, SendRow, Status};
-use super::{COLUMNS, Cached, Call, Store, ledger};
+use super::ledger::{self, Side};
+use super::row::{Direction, SendRow, Status};
+use super::{COLUMNS, Cached, Call, Store};
 use crate::domain::{NodeName, TransferId};
 use crate::error_code::ErrorCode;
 use crate::wire::Receipt;
@@ -17,11 +18,21 @@ const TX: Direction = Direction::Send;
 #[derive(Clone)]
 pub struct SendLedger {
     store: Store,
+    side: Side,
+}
+
+/// The status changes and hook records both ledgers make alike.
+impl std::ops::Deref for SendLedger {
+    type Target = Side;
+    fn deref(&self) -> &Side {
+        &self.side
+    }
 }
 
 impl SendLedger {
     pub(super) fn new(store: Store) -> Self {
-        SendLedger { store }
+        let side = Side::new(store.clone(), TX);
+        SendLedger { store, side }
     }
 
     /// This ledger through a [`Store::deferred`] handle.
@@ -90,13 +101,6 @@ impl SendLedger {
     pub fn unfinished(&self) -> Call<Vec<SendRow>> {
         self.store
             .call(|db| ledger::unfinished(db, TX, SendRow::from_sql))
-    }
-
-    /// Moves from `from` to `to`; false when the row was no longer in `from`.
-    pub fn advance(&self, key: (&TransferId, &NodeName), from: Status, to: Status) -> Call<bool> {
-        let (tid, peer) = (key.0.clone(), key.1.clone());
-        self.store
-            .call(move |db| ledger::advance(db, TX, (&tid, &peer), from, to))
     }
 
     /// Records how many bytes of a transfer the broker has confirmed.
@@ -175,21 +179,6 @@ impl SendLedger {
                 ],
             )?;
             Ok(n == 1)
-        })
-    }
-
-    /// See [`ledger::finish_hook`].
-    pub fn finish_hook(
-        &self,
-        key: (&TransferId, &NodeName),
-        hook: HookRun,
-        status: Status,
-        error: Option<(ErrorCode, String)>,
-    ) -> Call<bool> {
-        let (tid, peer) = (key.0.clone(), key.1.clone());
-        self.store.call(move |db| {
-            let error = error.as_ref().map(|(c, m)| (*c, m.as_str()));
-            ledger::finish_hook(db, TX, (&tid, &peer), &hook, status, error)
         })
     }
 
