@@ -227,3 +227,35 @@ impl Side {
             .call(move |db| claim_failure_hook(db, dir, (&tid, &peer)))
     }
 }
+
+/// A ledger facade for one side: the store, and the [`Side`] it
+/// dereferences to for the calls both sides make alike.
+macro_rules! facade {
+    ($name:ident, $dir:expr) => {
+        #[derive(Clone)]
+        pub struct $name {
+            store: Store,
+            side: super::ledger::Side,
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = super::ledger::Side;
+            fn deref(&self) -> &super::ledger::Side {
+                &self.side
+            }
+        }
+
+        impl $name {
+            pub(super) fn new(store: Store) -> Self {
+                let side = super::ledger::Side::new(store.clone(), $dir);
+                $name { store, side }
+            }
+
+            /// This ledger through a [`Store::deferred`] handle.
+            pub fn deferred(&self) -> $name {
+                $name::new(self.store.deferred())
+            }
+        }
+    };
+}
+pub(super) use facade;

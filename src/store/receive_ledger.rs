@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rusqlite::{OptionalExtension, params};
 
-use super::ledger::{self, Side};
+use super::ledger;
 use super::row::{self, Direction, ReceiveRow, Status};
 use super::{COLUMNS, Cached, Call, Store, unix_now};
 use crate::domain::{FileId, NodeName, TransferId};
@@ -24,31 +24,9 @@ pub struct Placing {
     pub inode: u64,
 }
 
-#[derive(Clone)]
-pub struct ReceiveLedger {
-    store: Store,
-    side: Side,
-}
-
-/// The status changes and hook records both ledgers make alike.
-impl std::ops::Deref for ReceiveLedger {
-    type Target = Side;
-    fn deref(&self) -> &Side {
-        &self.side
-    }
-}
+ledger::facade!(ReceiveLedger, RX);
 
 impl ReceiveLedger {
-    pub(super) fn new(store: Store) -> Self {
-        let side = Side::new(store.clone(), RX);
-        ReceiveLedger { store, side }
-    }
-
-    /// This ledger through a [`Store::deferred`] handle.
-    pub fn deferred(&self) -> ReceiveLedger {
-        ReceiveLedger::new(self.store.deferred())
-    }
-
     /// Records a transfer seen for the first time; an existing row stays as
     /// it is (false).
     pub fn insert(&self, row: &ReceiveRow) -> Call<bool> {

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rusqlite::{OptionalExtension, params};
 
-use super::ledger::{self, Side};
+use super::ledger;
 use super::row::{Direction, SendRow, Status};
 use super::{COLUMNS, Cached, Call, Store};
 use crate::domain::{NodeName, TransferId};
@@ -15,31 +15,9 @@ use crate::wire::Receipt;
 
 const TX: Direction = Direction::Send;
 
-#[derive(Clone)]
-pub struct SendLedger {
-    store: Store,
-    side: Side,
-}
-
-/// The status changes and hook records both ledgers make alike.
-impl std::ops::Deref for SendLedger {
-    type Target = Side;
-    fn deref(&self) -> &Side {
-        &self.side
-    }
-}
+ledger::facade!(SendLedger, TX);
 
 impl SendLedger {
-    pub(super) fn new(store: Store) -> Self {
-        let side = Side::new(store.clone(), TX);
-        SendLedger { store, side }
-    }
-
-    /// This ledger through a [`Store::deferred`] handle.
-    pub fn deferred(&self) -> SendLedger {
-        SendLedger::new(self.store.deferred())
-    }
-
     /// Records new rows (a claimed file, one per receiving node) in one
     /// transaction; existing rows stay as they are.
     pub fn insert_all(&self, rows: Vec<SendRow>) -> Call<()> {
