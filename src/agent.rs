@@ -171,7 +171,9 @@ impl Agent {
         let cfg = Arc::new(cfg);
         prepare_state_dir(&cfg)?;
         let lock = StateLock::acquire(&cfg)?;
-        let store = Store::open(&cfg.db_path())?;
+        // Opening migrates the schema: a blocking task, not an async worker.
+        let db = cfg.db_path();
+        let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
         let (broker, window, hosted) = open_broker(&cfg).await?;
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
         let out = Coalescer::new(broker.clone());

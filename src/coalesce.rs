@@ -43,9 +43,9 @@ impl Coalescer {
         &self.broker
     }
 
-    /// Stops taking messages: each node's publishing task ends once what
-    /// it was handed is published. For the end of an agent's stop, after
-    /// the receipts under way are sent.
+    /// Ends each node's publishing task once what it was handed is
+    /// published (a later `publish` would start a new one). For the end of
+    /// an agent's stop, after the receipts under way are sent.
     pub fn close(&self) {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }

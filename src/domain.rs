@@ -72,7 +72,8 @@ macro_rules! checked_name {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                // `pad`, so that `{:<36}` lines a table up.
+                f.pad(&self.0)
             }
         }
 
@@ -228,6 +229,8 @@ mod tests {
         }
         let fresh = TransferId::new();
         assert_eq!(TransferId::parse(&fresh).unwrap(), fresh);
+        let node = NodeName::parse("beta").unwrap();
+        assert_eq!(format!("[{node:<6}]"), "[beta  ]", "widths pad");
     }
 
     #[test]

@@ -62,11 +62,21 @@ pub async fn rerun(
     if !was.is_final() {
         return Err(RerunError::NotSettled(tid.clone(), was.as_str()));
     }
-    if let (Entry::Receive(r), true) = (&entry, agent_running) {
-        // The agent still has this row to finish (failure hook, receipt):
-        // it must not find it in `hook_running`.
-        if !r.receipt_sent {
-            return Err(RerunError::ReceiptPending(tid.clone()));
+    if agent_running {
+        // The agent must have nothing left to do with the transfer while
+        // its row says `hook_running`: the receiver its receipt, the sender
+        // the receipts of the other nodes (then `after_send`).
+        match &entry {
+            Entry::Receive(r) if !r.receipt_sent => {
+                return Err(RerunError::ReceiptPending(tid.clone()));
+            }
+            Entry::Send(_) => {
+                let rows = store.sending().rows_of(tid).await?;
+                if let Some(r) = rows.iter().find(|r| !r.status.is_final()) {
+                    return Err(RerunError::NotSettled(tid.clone(), r.status.as_str()));
+                }
+            }
+            Entry::Receive(_) => {}
         }
     }
     let (event, spec, path) = hook_of(cfg, &entry)?;

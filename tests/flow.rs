@@ -403,3 +403,83 @@ async fn an_agent_stopped_mid_stream_finishes_after_a_restart() {
     alpha.stop().await;
     beta.stop().await;
 }
+
+/// `hakobu rerun` while the agent runs: a duplicate chunk of the transfer
+/// arriving during the rerun's hook must not make the agent record the
+/// hook as interrupted (the row says `hook_running` because the rerun runs
+/// it, not because an agent died).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_is_not_taken_for_an_interrupted_hook() {
+    let w = World::new().await;
+    // The hook takes a second while `slow` exists.
+    let slow = w.path("slow");
+    let hook = fs::read_to_string(&w.hook).unwrap().replace(
+        "#!/bin/sh\n",
+        &format!("#!/bin/sh\n[ -e {} ] && sleep 1\n", slow.display()),
+    );
+    fs::write(&w.hook, hook).unwrap();
+    let beta_cfg = w.beta();
+    let beta = Agent::start(w.beta()).await.unwrap();
+    let alpha = Agent::start(w.alpha()).await.unwrap();
+    fs::create_dir_all(w.path("outbox")).unwrap();
+    let data = b"rerun me\n";
+    fs::write(w.path("outbox/r.txt"), data).unwrap();
+    let store = w.store("beta");
+    let rows = wait_for(&store, "the receipt to be sent", |rows| {
+        rows.iter().any(
+            |e| matches!(e, Entry::Receive(r) if r.receipt_sent && r.status == Status::Received),
+        )
+    })
+    .await;
+    let tid = rows[0].transfer().transfer_id.clone();
+    fs::write(&slow, b"").unwrap();
+    let rerun = {
+        let (cfg, store, tid) = (beta_cfg.clone(), store.clone(), tid.clone());
+        tokio::spawn(async move { hakobu::rerun::rerun(&cfg, &store, &tid, true).await })
+    };
+    wait_for(&store, "the rerun's hook to start", |rows| {
+        status_of(rows, Direction::Receive, &tid) == Some(Status::HookRunning)
+    })
+    .await;
+    // The sender publishes the file again (it lost its `published`).
+    let header = hakobu::wire::ChunkHeader {
+        transfer_id: tid.clone(),
+        file_id: FileId::parse("DATA").unwrap(),
+        from: NodeName::parse("alpha").unwrap(),
+        to: NodeName::parse("beta").unwrap(),
+        file_name: "r.txt".into(),
+        size: data.len() as u64,
+        chunk_size: 512 << 10,
+        offset: 0,
+        last: Some(hakobu::wire::Trailer {
+            sha256: sha(data),
+            started_at: "2026-12-02T00:00:00Z".into(),
+            meta: BTreeMap::new(),
+        }),
+    };
+    let msg = hakobu::wire::Message::Chunk(header, bytes::Bytes::from_static(data));
+    let client = hakobu::broker::embedded::Embedded::new(&w.broker.addr.to_string(), None, 1);
+    use hakobu::broker::Broker;
+    client
+        .publish("beta", msg.encode())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    match rerun.await.unwrap().unwrap() {
+        hakobu::rerun::Rerun::Ran {
+            recorded, outcome, ..
+        } => {
+            assert!(outcome.ok(), "{outcome:?}");
+            assert!(recorded, "the agent took the rerun's row over");
+        }
+        hakobu::rerun::Rerun::NoHook(_) => panic!("the profile has a hook"),
+    }
+    let rows = store.history(10).await.unwrap();
+    assert_eq!(
+        status_of(&rows, Direction::Receive, &tid),
+        Some(Status::Received)
+    );
+    alpha.stop().await;
+    beta.stop().await;
+}

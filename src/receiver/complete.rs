@@ -62,12 +62,16 @@ impl Receiver {
     /// transfer was placed; one found already in `hook_running` was cut off
     /// mid-hook).
     async fn advance(&self, tid: &TransferId, mut placed_here: bool) -> Result<(), StoreError> {
-        // Reads need not wait for a flush: every status this loop acts on
-        // was written by a call that waited (here, or before the transfer
-        // was handed to this task).
-        let reads = self.ledger.deferred();
+        // The first read waits for a flush: the status may have been
+        // written by another task's call still waiting for its own (a
+        // rejection, say), and what this loop does next (remove a partial
+        // file) must not come before it is durable. Later reads see what
+        // this loop's own waiting calls wrote.
+        let mut reads = self.ledger.clone();
         loop {
-            let Some(row) = reads.get(tid).await? else {
+            let row = reads.get(tid).await?;
+            reads = self.ledger.deferred();
+            let Some(row) = row else {
                 return Ok(());
             };
             let key = (tid, &row.peer);
@@ -96,8 +100,12 @@ impl Receiver {
                     self.run_success_hook(&row, p).await?;
                 }
                 (Status::HookRunning, _) => {
-                    let e = ReceiveError::HookInterrupted;
-                    self.fail_with(key, Status::HookInterrupted, &e).await?;
+                    // Not placed by this task: the hook runs in another
+                    // process (`hakobu rerun`), which records its end.
+                    // (A hook the last run left running was recorded as
+                    // interrupted by recovery, before any task started.)
+                    info!(message = "A hook runs elsewhere for this transfer; leaving it.", transfer_id = %tid);
+                    return Ok(());
                 }
                 (status, p) if status.is_final() => {
                     // A rejection recorded just before a crash may have left

@@ -53,9 +53,12 @@ impl Receiver {
                 }
             }
         }
-        // Not waited for: if a crash loses it, recovery sends the receipt
-        // again and the sender ignores the duplicate.
-        self.ledger.deferred().set_receipt_sent(key).detach();
+        // Not flushed before going on: if a crash loses it, recovery sends
+        // the receipt again and the sender ignores the duplicate.
+        if let Err(e) = self.ledger.deferred().set_receipt_sent(key).await {
+            warn!(message = "Cannot record that a receipt was sent; it is sent again at the next start.",
+                transfer_id = %row.transfer_id, error = %e, error_code = %e.code());
+        }
         info!(message = "Receipt sent.", transfer_id = %row.transfer_id, to = %row.peer, ok, error_code = ?row.error_code);
         Ok(())
     }

@@ -3,8 +3,9 @@
 //! must be durable before it returns waits here until an fdatasync of the
 //! WAL covers its change. One thread makes those fdatasyncs: every call that
 //! arrives while one runs is covered by the next, so callers that arrive
-//! together share one flush, and the database thread never waits for the
-//! disk (it runs the next statements meanwhile).
+//! together share one flush, and the database thread does not wait for it
+//! (it runs the next statements meanwhile; only SQLite's own checkpoints
+//! flush on that thread).
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -34,6 +35,7 @@ pub(super) struct Flush {
 pub(super) struct Flusher {
     counts: Arc<Flush>,
     requests: mpsc::Sender<(u64, Reply)>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Flusher {
@@ -52,7 +54,7 @@ impl Flusher {
         });
         let (requests, rx) = mpsc::channel::<(u64, Reply)>();
         let c = counts.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("hakobu-db-flush".into())
             .spawn(move || {
                 let mut file = None;
@@ -75,7 +77,18 @@ impl Flusher {
                     }
                 }
             })?;
-        Ok(Flusher { counts, requests })
+        Ok(Flusher {
+            counts,
+            requests,
+            thread,
+        })
+    }
+
+    /// Flushes what is still asked for, then ends the flush thread: before
+    /// the connection closes (closing removes the WAL file it syncs).
+    pub fn close(self) {
+        drop(self.requests);
+        let _ = self.thread.join();
     }
 
     /// Publishes the connection's change count after a statement.

@@ -84,7 +84,9 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the database at `path`, migrates it to this
-    /// version's schema, and starts its threads.
+    /// version's schema, and starts its threads. It blocks (the migration
+    /// runs on the calling thread): call it from a blocking task or before
+    /// the runtime's work starts.
     pub fn open(path: &Path) -> Result<Store> {
         let mut conn = Connection::open(path)?;
         // The schema commits with FULL, everything after with NORMAL plus
@@ -163,6 +165,10 @@ fn serve(mut conn: Connection, jobs: mpsc::Receiver<(bool, Job)>, flusher: Flush
             reply();
         }
     }
+    // Every handle is gone: the last waiting calls are flushed before the
+    // connection closes.
+    flusher.close();
+    drop(conn);
 }
 
 /// The result of a [`Store`] call.

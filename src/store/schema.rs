@@ -4,35 +4,12 @@
 //! the old version or the new one. A database from a newer hakobu is
 //! refused rather than misread.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Transaction, params};
 
 use super::StoreError;
 
 /// Migration `i` takes a database from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
-    // 1: the first schema (release 0.1). `IF NOT EXISTS`: databases made
-    // before `user_version` was kept have these tables at version 0.
-    "CREATE TABLE IF NOT EXISTS transfers (
-        direction TEXT NOT NULL, transfer_id TEXT NOT NULL, peer TEXT NOT NULL,
-        file_id TEXT NOT NULL, file_name TEXT NOT NULL, size INTEGER NOT NULL,
-        sha256 TEXT, chunk_size INTEGER NOT NULL, status TEXT NOT NULL,
-        error_code TEXT, error TEXT, path TEXT, remote_path TEXT, remote_hook_exit INTEGER,
-        meta TEXT NOT NULL DEFAULT '{}', started_at TEXT NOT NULL, finished_at TEXT,
-        hook_exit INTEGER, hook_ms INTEGER, hook_tail TEXT,
-        receipt_sent INTEGER NOT NULL DEFAULT 0,
-        delivered INTEGER NOT NULL DEFAULT 0, inode INTEGER,
-        failure_hook INTEGER NOT NULL DEFAULT 0,
-        progress INTEGER NOT NULL DEFAULT 0,
-        chunks_have INTEGER NOT NULL DEFAULT 0,
-        touched_at INTEGER NOT NULL DEFAULT 0,
-        seq INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (direction, transfer_id, peer));
-     CREATE INDEX IF NOT EXISTS transfers_status ON transfers(status);
-     CREATE INDEX IF NOT EXISTS transfers_seq ON transfers(seq);
-     CREATE TABLE IF NOT EXISTS chunks (
-        transfer_id TEXT NOT NULL, idx INTEGER NOT NULL,
-        PRIMARY KEY (transfer_id, idx)) WITHOUT ROWID;",
-];
+const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[first_schema, checked_names];
 
 /// The version this hakobu writes.
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
@@ -47,13 +24,86 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             known: LATEST,
         });
     }
-    for (from, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+    for (from, step) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
+        step(&tx)?;
         tx.pragma_update(None, "user_version", from as i64 + 1)?;
         tx.commit()?;
     }
     Ok(())
+}
+
+/// 1: the schema of release 0.1. A database at version 0 is new, or was
+/// made by a build from before `user_version` was kept, whose table lacks
+/// the columns added with it: they are added, and the chunk count taken
+/// from the chunk rows.
+fn first_schema(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS transfers (
+            direction TEXT NOT NULL, transfer_id TEXT NOT NULL, peer TEXT NOT NULL,
+            file_id TEXT NOT NULL, file_name TEXT NOT NULL, size INTEGER NOT NULL,
+            sha256 TEXT, chunk_size INTEGER NOT NULL, status TEXT NOT NULL,
+            error_code TEXT, error TEXT, path TEXT, remote_path TEXT, remote_hook_exit INTEGER,
+            meta TEXT NOT NULL DEFAULT '{}', started_at TEXT NOT NULL, finished_at TEXT,
+            hook_exit INTEGER, hook_ms INTEGER, hook_tail TEXT,
+            receipt_sent INTEGER NOT NULL DEFAULT 0,
+            delivered INTEGER NOT NULL DEFAULT 0, inode INTEGER,
+            failure_hook INTEGER NOT NULL DEFAULT 0,
+            progress INTEGER NOT NULL DEFAULT 0,
+            chunks_have INTEGER NOT NULL DEFAULT 0,
+            touched_at INTEGER NOT NULL DEFAULT 0,
+            seq INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (direction, transfer_id, peer));
+         CREATE TABLE IF NOT EXISTS chunks (
+            transfer_id TEXT NOT NULL, idx INTEGER NOT NULL,
+            PRIMARY KEY (transfer_id, idx)) WITHOUT ROWID;",
+    )?;
+    let has = |column: &str| -> rusqlite::Result<bool> {
+        tx.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('transfers') WHERE name = ?1",
+            params![column],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+    };
+    if !has("chunks_have")? {
+        tx.execute_batch(
+            "ALTER TABLE transfers ADD COLUMN chunks_have INTEGER NOT NULL DEFAULT 0;
+             UPDATE transfers SET chunks_have =
+                (SELECT COUNT(*) FROM chunks WHERE chunks.transfer_id = transfers.transfer_id)
+              WHERE direction = 'receive';",
+        )?;
+    }
+    if !has("touched_at")? {
+        tx.execute_batch(
+            "ALTER TABLE transfers ADD COLUMN touched_at INTEGER NOT NULL DEFAULT 0;
+             UPDATE transfers SET touched_at = CAST(strftime('%s', 'now') AS INTEGER);",
+        )?;
+    }
+    if !has("seq")? {
+        tx.execute_batch(
+            "ALTER TABLE transfers ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+             UPDATE transfers SET seq = rowid;",
+        )?;
+    }
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS transfers_status ON transfers(status);
+         CREATE INDEX IF NOT EXISTS transfers_seq ON transfers(seq);",
+    )
+}
+
+/// 2: rows are read back as checked names. Release 0.1 recorded the file id
+/// of an incoming transfer before it refused it, so a rogue message could
+/// leave a refused row (`unknown_file_id`) whose file id breaks the rule
+/// (its `error` sentence still quotes it). Such a file id becomes `-`, and
+/// the row counts as answered: no sender of ours sent it.
+fn checked_names(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "UPDATE transfers SET file_id = '-', receipt_sent = 1, failure_hook = 1
+          WHERE length(CAST(file_id AS BLOB)) NOT BETWEEN 1 AND 50
+             OR file_id GLOB '*[^A-Za-z0-9_.-]*'
+             OR file_id IN ('.', '..');",
+    )
 }
 
 #[cfg(test)]
@@ -76,5 +126,44 @@ mod tests {
         let e = migrate(&mut conn).unwrap_err();
         assert!(matches!(e, StoreError::TooNew { .. }), "{e}");
         assert!(e.to_string().contains("newer hakobu"), "{e}");
+    }
+
+    /// A table as builds before `user_version` made it: the missing columns
+    /// are added and the chunk count taken from the chunk rows.
+    #[test]
+    fn a_database_from_before_user_version_gets_its_missing_columns() {
+        let d = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(d.path().join("db")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE transfers (
+                direction TEXT NOT NULL, transfer_id TEXT NOT NULL, peer TEXT NOT NULL,
+                file_id TEXT NOT NULL, file_name TEXT NOT NULL, size INTEGER NOT NULL,
+                sha256 TEXT, chunk_size INTEGER NOT NULL, status TEXT NOT NULL,
+                error_code TEXT, error TEXT, path TEXT, remote_path TEXT, remote_hook_exit INTEGER,
+                meta TEXT NOT NULL DEFAULT '{}', started_at TEXT NOT NULL, finished_at TEXT,
+                hook_exit INTEGER, hook_ms INTEGER, hook_tail TEXT,
+                receipt_sent INTEGER NOT NULL DEFAULT 0,
+                delivered INTEGER NOT NULL DEFAULT 0, inode INTEGER,
+                failure_hook INTEGER NOT NULL DEFAULT 0,
+                progress INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (direction, transfer_id, peer));
+             CREATE TABLE chunks (transfer_id TEXT NOT NULL, idx INTEGER NOT NULL,
+                PRIMARY KEY (transfer_id, idx)) WITHOUT ROWID;
+             INSERT INTO transfers (direction, transfer_id, peer, file_id, file_name, size,
+                chunk_size, status, started_at)
+             VALUES ('receive', '0190f6c4-0000-7000-8000-000000000001', 'alpha', 'daily sales',
+                'a.csv', 10, 65536, 'receiving', 'x');
+             INSERT INTO chunks VALUES ('0190f6c4-0000-7000-8000-000000000001', 0),
+                ('0190f6c4-0000-7000-8000-000000000001', 1);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let (have, seq, file_id): (i64, i64, String) = conn
+            .query_row("SELECT chunks_have, seq, file_id FROM transfers", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((have, seq), (2, 1));
+        assert_eq!(file_id, "-", "a file id that breaks the rule is replaced");
     }
 }
