@@ -16,7 +16,7 @@ use tokio::process::Command;
 use crate::config::HookSpec;
 use crate::domain::NodeName;
 use crate::error_code::ErrorCode;
-use crate::store::{HookRun, Transfer};
+use crate::store::{HookRun, ReceiveRow, SendRow, Transfer};
 
 /// What happened, as `HAKOBU_EVENT` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,10 +59,23 @@ pub struct HookContext {
 }
 
 impl HookContext {
+    /// A received transfer's context: `HAKOBU_PATH` is its inbox name,
+    /// empty when it was not placed.
+    pub fn for_received(row: &ReceiveRow, node: &NodeName, event: Event) -> Self {
+        let path = row.path.as_deref().map(Path::to_string_lossy);
+        Self::for_transfer(row, path.as_deref().unwrap_or_default(), node, event)
+    }
+
+    /// A sent transfer's context: `HAKOBU_PATH` is the spooled file (or
+    /// where `after_send` moved it).
+    pub fn for_sent(row: &SendRow, node: &NodeName, event: Event) -> Self {
+        Self::for_transfer(row, &row.path.to_string_lossy(), node, event)
+    }
+
     /// The context of a transfer as its ledger row records it, with `path`
-    /// the file on this node (empty when there is none). The error variables
-    /// are set for the failure events only.
-    pub fn for_transfer(row: &Transfer, path: &str, node: &NodeName, event: Event) -> Self {
+    /// the file on this node. The error variables are set for the failure
+    /// events only.
+    fn for_transfer(row: &Transfer, path: &str, node: &NodeName, event: Event) -> Self {
         let failed = matches!(event, Event::ReceiveFailed | Event::SendFailed);
         HookContext {
             event,

@@ -7,7 +7,7 @@ use crate::config::{Config, HookSpec};
 use crate::domain::TransferId;
 use crate::error_code::ErrorCode;
 use crate::hooks::{self, Event, HookContext, HookOutcome};
-use crate::store::{Entry, HookRun, Status, Store, StoreError};
+use crate::store::{Entry, Status, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RerunError {
@@ -79,23 +79,25 @@ pub async fn rerun(
             Entry::Receive(_) => {}
         }
     }
-    let (event, spec, path) = hook_of(cfg, &entry)?;
+    let (event, spec) = hook_of(cfg, &entry)?;
     let Some(spec) = spec else {
         return Ok(Rerun::NoHook(event));
     };
     let key = (&t.transfer_id, &t.peer);
-    let started = match &entry {
-        Entry::Send(_) => store.sending().advance(key, was, Status::HookRunning),
-        Entry::Receive(_) => store.receiving().advance(key, was, Status::HookRunning),
-    };
-    if !started.await? {
+    let side = store.side(entry.direction());
+    if !side.advance(key, was, Status::HookRunning).await? {
         return Err(RerunError::Changed(tid.clone(), was.as_str()));
     }
-    let ctx = HookContext::for_transfer(t, &path, &cfg.node, event);
+    let ctx = match &entry {
+        Entry::Send(s) => HookContext::for_sent(s, &cfg.node, event),
+        Entry::Receive(r) => HookContext::for_received(r, &cfg.node, event),
+    };
     let log = hooks::log_path(&cfg.log_dir(), tid, event);
     let outcome = hooks::run(spec, &ctx, &log).await;
     let (status, error) = after_rerun(event, was, &outcome);
-    let recorded = finish(store, &entry, outcome.record(), status, error).await?;
+    let recorded = side
+        .finish_hook(key, outcome.record(), status, error)
+        .await?;
     Ok(Rerun::Ran {
         event,
         outcome,
@@ -103,39 +105,33 @@ pub async fn rerun(
     })
 }
 
-/// The event a rerun repeats, its hook, and the file's path on this node:
-/// the success hook of a transfer that was placed or delivered (whatever
-/// became of its hook), the failure hook otherwise.
+/// The event a rerun repeats and its hook: the success hook of a transfer
+/// that was placed or delivered (whatever became of its hook), the failure
+/// hook otherwise.
 fn hook_of<'c>(
     cfg: &'c Config,
     entry: &Entry,
-) -> Result<(Event, Option<&'c HookSpec>, String), RerunError> {
+) -> Result<(Event, Option<&'c HookSpec>), RerunError> {
     let file_id = &entry.transfer().file_id;
     Ok(match entry {
         Entry::Receive(r) => {
             let p = cfg
                 .receive_profile(file_id)
                 .ok_or_else(|| RerunError::NoProfile("receive", file_id.to_string()))?;
-            let path = r
-                .path
-                .as_ref()
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default();
             if r.status == Status::ReceiveFailed {
-                (Event::ReceiveFailed, p.on_failure.as_ref(), path)
+                (Event::ReceiveFailed, p.on_failure.as_ref())
             } else {
-                (Event::Received, p.on_success.as_ref(), path)
+                (Event::Received, p.on_success.as_ref())
             }
         }
         Entry::Send(s) => {
             let p = cfg
                 .send_profile(file_id)
                 .ok_or_else(|| RerunError::NoProfile("send", file_id.to_string()))?;
-            let path = s.path.to_string_lossy().into_owned();
             if s.delivered {
-                (Event::Sent, p.on_success.as_ref(), path)
+                (Event::Sent, p.on_success.as_ref())
             } else {
-                (Event::SendFailed, p.on_failure.as_ref(), path)
+                (Event::SendFailed, p.on_failure.as_ref())
             }
         }
     })
@@ -153,25 +149,5 @@ fn after_rerun(
         (Event::Sent, true) => (Status::Sent, None),
         (Event::Received | Event::Sent, false) => (Status::HookFailed, Some(outcome.failure())),
         (Event::ReceiveFailed | Event::SendFailed, _) => (was, None),
-    }
-}
-
-async fn finish(
-    store: &Store,
-    entry: &Entry,
-    hook: HookRun,
-    status: Status,
-    error: Option<(ErrorCode, String)>,
-) -> Result<bool, StoreError> {
-    let t = entry.transfer();
-    let key = (&t.transfer_id, &t.peer);
-    match entry {
-        Entry::Send(_) => store.sending().finish_hook(key, hook, status, error).await,
-        Entry::Receive(_) => {
-            store
-                .receiving()
-                .finish_hook(key, hook, status, error)
-                .await
-        }
     }
 }

@@ -176,8 +176,7 @@ impl Receiver {
                 .await?;
             return Ok(());
         };
-        let ctx =
-            HookContext::for_transfer(row, &placed_path(row), &self.cfg.node, Event::Received);
+        let ctx = HookContext::for_received(row, &self.cfg.node, Event::Received);
         let log = hooks::log_path(&self.cfg.log_dir(), &row.transfer_id, Event::Received);
         let outcome = hooks::run(spec, &ctx, &log).await;
         if outcome.ok() {
@@ -215,8 +214,7 @@ impl Receiver {
         if row.failure_hook || !self.ledger.claim_failure_hook(key).await? {
             return Ok(());
         }
-        let ctx =
-            HookContext::for_transfer(row, &placed_path(row), &self.cfg.node, Event::ReceiveFailed);
+        let ctx = HookContext::for_received(row, &self.cfg.node, Event::ReceiveFailed);
         let log = hooks::log_path(&self.cfg.log_dir(), &row.transfer_id, Event::ReceiveFailed);
         let outcome = hooks::run(spec, &ctx, &log).await;
         // A success hook's exit code, if any, stays; the failure hook's is logged.
@@ -238,12 +236,4 @@ pub(super) fn after_placing(p: &ReceiveProfile) -> Status {
     } else {
         Status::Received
     }
-}
-
-/// Where the row's file is on this node, for a hook (empty: not placed).
-fn placed_path(row: &ReceiveRow) -> String {
-    row.path
-        .as_ref()
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }

@@ -88,8 +88,7 @@ impl Sender {
                 .await?;
             return Ok(());
         };
-        let path = row.path.to_string_lossy();
-        let ctx = HookContext::for_transfer(&row, &path, &self.cfg.node, event);
+        let ctx = HookContext::for_sent(&row, &self.cfg.node, event);
         let log = hooks::log_path(&self.cfg.log_dir(), tid, event);
         let outcome = hooks::run(spec, &ctx, &log).await;
         let mut error = None;

@@ -134,6 +134,12 @@ impl Store {
         ReceiveLedger::new(self.clone())
     }
 
+    /// The calls both ledgers make alike, for the side `dir` (for a caller
+    /// that holds a row of either side, as `hakobu rerun` does).
+    pub fn side(&self, dir: Direction) -> Side {
+        Side::new(self.clone(), dir)
+    }
+
     /// Runs `f` on the database thread.
     fn call<T: Send + 'static>(
         &self,
