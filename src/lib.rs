@@ -20,6 +20,8 @@
 //! - [`hooks`]: the hook runner; only it starts hook commands.
 //! - [`error_code`]: the one table of the stable error codes users see.
 //! - [`durable`]: fsync/rename helpers for files the agent places or moves.
+//! - [`secret`]: secret files (credentials, tokens, keys): read only when
+//!   private, created 0600.
 //! - [`agent`]: `hakobu run`, wiring the above together, and its lifecycle.
 //! - [`rerun`]: `hakobu rerun`, a settled transfer's hook again.
 //! - [`cli`]: the command line.
@@ -39,6 +41,7 @@ pub mod failpoint;
 pub mod hooks;
 pub mod receiver;
 pub mod rerun;
+pub mod secret;
 pub mod sender;
 pub mod store;
 pub mod transform;

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+pub mod attacker;
+
 /// The cluster's AMQP URLs. A test that needs the cluster and finds none fails:
 /// a suite that silently checks nothing is worse than a red one.
 pub fn amqp_urls() -> Vec<String> {
