@@ -94,6 +94,12 @@ pub async fn open_broker(
     }
 }
 
+/// Whether this process runs as root (its effective uid, as /proc shows it).
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
 /// Reads a shared-secret token file (surrounding white space ignored).
 pub fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
     let Some(path) = path else { return Ok(None) };
@@ -169,6 +175,11 @@ impl Agent {
     /// intake.
     pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         let cfg = Arc::new(cfg);
+        if running_as_root() && !cfg.run_as_root {
+            warn!(
+                message = "The agent runs as root: its hooks run as root and it can write wherever a profile points. Run it as its own user (README, Security), or set `run_as_root: true` if this is meant."
+            );
+        }
         prepare_state_dir(&cfg)?;
         let lock = StateLock::acquire(&cfg)?;
         // Opening migrates the schema: a blocking task, not an async worker.

@@ -230,17 +230,20 @@ fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::R
         "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4}",
         "STARTED", "DIR", "TRANSFER", "PEER", "FILE_ID", "FILE", "SIZE", "STATUS", "ERROR", "HOOK"
     )?;
+    // Text that came from the network (a sender's clock, a name recorded
+    // by an older release) is escaped: it cannot drive the terminal.
+    let safe = crate::domain::escape_text;
     for e in rows {
         let r = e.transfer();
         writeln!(
             out,
             "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4}",
-            r.started_at,
+            safe(&r.started_at),
             e.direction().as_str(),
             r.transfer_id,
             r.peer,
             r.file_id,
-            r.file_name,
+            safe(&r.file_name),
             r.size,
             r.status.as_str(),
             r.error_code.as_deref().unwrap_or("-"),
@@ -260,16 +263,9 @@ fn parse_meta(items: &[String]) -> Result<BTreeMap<String, String>, Exit> {
                 "--meta {item:?}: write it as KEY=VALUE"
             )));
         };
-        if k.is_empty()
-            || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            || v.contains('\0')
-        {
-            return Err(usage(anyhow::anyhow!(
-                "--meta {item:?}: keys are letters, digits and _"
-            )));
-        }
         meta.insert(k.to_string(), v.to_string());
     }
+    crate::domain::check_meta(&meta).map_err(|e| usage(anyhow::anyhow!("--meta: {e}")))?;
     Ok(meta)
 }
 

@@ -50,6 +50,8 @@ codes! {
     /// The broker authenticated another user than the node a message names.
     SenderMismatch = "sender_mismatch", Log;
     BadFileName = "bad_file_name", History;
+    /// The transfer's metadata breaks the rules of `--meta`.
+    BadMetadata = "bad_metadata", History;
     FileTooLarge = "file_too_large", History;
     ChunkOutOfRange = "chunk_out_of_range", History;
     InconsistentChunk = "inconsistent_chunk", History;
@@ -74,6 +76,8 @@ codes! {
     BrokerNack = "broker_nack", Log;
     BrokerConfirmTimeout = "broker_confirm_timeout", Log;
     BrokerConnectionLost = "broker_connection_lost", Log;
+    /// Failure hooks of refused transfers suppressed by the rate limit.
+    AlertsSuppressed = "alerts_suppressed", Log;
 }
 
 impl ErrorCode {

@@ -346,6 +346,42 @@ fn substitute(arg: &str, with: impl Fn(&str) -> String) -> String {
     out
 }
 
+/// The placeholders a `shell: true` command line holds inside quotes. Each
+/// placeholder becomes a double-quoted variable (`"$HAKOBU_PATH"`); inside
+/// the user's own quotes that would end their quoting and leave the value
+/// open to word splitting and globbing, so configuration refuses it.
+pub fn quoted_placeholders(line: &str) -> Vec<String> {
+    #[derive(PartialEq)]
+    enum Quote {
+        None,
+        Single,
+        Double,
+    }
+    let mut found = Vec::new();
+    let mut state = Quote::None;
+    let mut chars = line.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match (&state, c) {
+            (Quote::None | Quote::Double, '\\') => {
+                chars.next();
+            }
+            (Quote::None, '\'') => state = Quote::Single,
+            (Quote::None, '"') => state = Quote::Double,
+            (Quote::Single, '\'') | (Quote::Double, '"') => state = Quote::None,
+            (Quote::Single | Quote::Double, '{') => {
+                let after = &line[i + 1..];
+                if let Some(close) = after.find('}') {
+                    if is_placeholder(&after[..close]) {
+                        found.push(after[..close].to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
 fn is_placeholder(name: &str) -> bool {
     matches!(
         name,
@@ -411,6 +447,17 @@ mod tests {
             "--in=/in/a b; rm -rf x.csv"
         );
         assert_eq!(substitute("{nope} {", |_| "X".into()), "{nope} {");
+    }
+
+    #[test]
+    fn placeholders_inside_shell_quotes_are_found() {
+        assert!(quoted_placeholders("cp {path} /archive/ && echo done").is_empty());
+        assert!(quoted_placeholders("echo \\\"{path}").is_empty());
+        assert!(quoted_placeholders("echo '\"' {path}").is_empty());
+        assert_eq!(quoted_placeholders("echo \"{file_name}\""), ["file_name"]);
+        assert_eq!(quoted_placeholders("echo 'x {path} y' {peer}"), ["path"]);
+        assert_eq!(quoted_placeholders("echo \"it's {peer}\""), ["peer"]);
+        assert!(quoted_placeholders("echo '{unknown}'").is_empty());
     }
 
     #[tokio::test]

@@ -41,6 +41,8 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub send: Vec<SendProfile>,
     pub receive: Vec<ReceiveProfile>,
+    /// Running as root is meant: no warning at start.
+    pub run_as_root: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -22,6 +22,8 @@ pub struct RawConfig {
     /// Receive profiles.
     #[serde(default)]
     pub receive: Vec<RawReceive>,
+    /// Silences the warning an agent running as root logs at start.
+    pub run_as_root: Option<bool>,
 }
 
 /// Exactly one of the two backends.

@@ -83,3 +83,26 @@ fn rejects_bad_ids_and_placeholders() {
     let e = parse(&GOOD.replace("stable_for: 2s", "stable_for: 2s, done_marker: x")).unwrap_err();
     assert_eq!(e.key, "send[0].ready");
 }
+
+#[test]
+fn shell_hook_placeholder_inside_quotes_is_refused() {
+    let quoted = r#"on_failure: { run: [ "hooks/alert.sh" ] }"#;
+    let e = parse(&GOOD.replace(
+        quoted,
+        r#"on_failure: { run: [ "echo \"failed: {file_name}\" >> var/log" ], shell: true }"#,
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "receive[0].on_failure");
+    assert!(
+        e.to_string().contains("{file_name} is inside quotes"),
+        "{e}"
+    );
+    // Bare, the same placeholder is fine: hakobu quotes it.
+    assert!(
+        parse(&GOOD.replace(
+            quoted,
+            r#"on_failure: { run: [ "echo failed: {file_name} >> var/log" ], shell: true }"#,
+        ))
+        .is_ok()
+    );
+}

@@ -54,6 +54,7 @@ impl Validator<'_> {
             broker,
             send,
             receive,
+            run_as_root: raw.run_as_root.unwrap_or(false),
         })
     }
 
@@ -317,6 +318,17 @@ impl Validator<'_> {
         }
         for (i, arg) in argv.iter().enumerate() {
             self.placeholders(&format!("{key}[{i}]"), arg)?;
+        }
+        if shell == Some(true) {
+            if let Some(name) = crate::hooks::quoted_placeholders(&argv.join(" ")).first() {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "{{{name}}} is inside quotes in a shell hook; write it bare, hakobu passes it quoted (\"$HAKOBU_{}\")",
+                        name.to_ascii_uppercase()
+                    ),
+                ));
+            }
         }
         let timeout = match timeout {
             Some(t) => self.duration(&format!("{key}.timeout"), &t)?,

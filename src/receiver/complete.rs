@@ -9,13 +9,14 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::Receiver;
 use super::error::ReceiveError;
 use super::ingest::partial_path;
+use super::{Receiver, alert_limit};
 use crate::config::ReceiveProfile;
 use crate::domain::{NodeName, TransferId};
+use crate::error_code::ErrorCode;
 use crate::hooks::{self, Event, HookContext};
 use crate::store::{ReceiveRow, Status, StoreError};
 
@@ -212,6 +213,15 @@ impl Receiver {
             return Ok(());
         };
         if row.failure_hook || !self.ledger.claim_failure_hook(key).await? {
+            return Ok(());
+        }
+        let refused = row
+            .error_code
+            .as_deref()
+            .and_then(ErrorCode::parse)
+            .is_some_and(alert_limit::is_refusal);
+        if refused && !self.alerts.admit() {
+            debug!(message = "Failure hook suppressed by the rate limit.", transfer_id = %row.transfer_id);
             return Ok(());
         }
         let ctx = HookContext::for_received(row, &self.cfg.node, Event::ReceiveFailed);

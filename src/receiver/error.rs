@@ -18,9 +18,11 @@ pub enum ReceiveError {
     #[error("the broker authenticated the sender as user `{user}`, which is not node `{node}`")]
     SenderMismatch { user: String, node: String },
     #[error(
-        "file name {0:?} is not a plain base name (separator, `..`, NUL or control character); rename it on the sender"
+        "file name \"{0}\" (escaped) is not a plain base name (separator, `..`, leading dot or dash, NUL, control or Unicode format character); rename it on the sender"
     )]
     BadFileName(String),
+    #[error("the transfer's metadata is refused: {0}; fix the sender's --meta")]
+    BadMetadata(String),
     #[error(
         "declared size {size} bytes exceeds the profile's max_size of {max} bytes; raise max_size or send a smaller file"
     )]
@@ -62,6 +64,7 @@ impl ReceiveError {
             ReceiveError::SenderNotAllowed(..) => ErrorCode::SenderNotAllowed,
             ReceiveError::SenderMismatch { .. } => ErrorCode::SenderMismatch,
             ReceiveError::BadFileName(_) => ErrorCode::BadFileName,
+            ReceiveError::BadMetadata(_) => ErrorCode::BadMetadata,
             ReceiveError::TooLarge { .. } => ErrorCode::FileTooLarge,
             ReceiveError::ChunkOutOfRange { .. } => ErrorCode::ChunkOutOfRange,
             ReceiveError::Inconsistent(_) => ErrorCode::InconsistentChunk,

@@ -22,11 +22,11 @@ use super::error::ReceiveError;
 use super::{Receiver, SIDE_BY_SIDE};
 use crate::broker::Delivery;
 use crate::config::{MAX_CHUNK, MIN_CHUNK, ReceiveProfile};
-use crate::domain::{FileName, TransferId};
+use crate::domain::{FileName, TransferId, check_meta, escape_name};
 use crate::error_code::ErrorCode;
 use crate::store::{ReceiveRow, Status, StoreError, Transfer};
 use crate::transform::Transform;
-use crate::wire::ChunkHeader;
+use crate::wire::{ChunkHeader, Trailer};
 
 /// Directory, inside the inbox, where partial files live: same filesystem as
 /// the final name, and a dot name that no outbox watcher picks up.
@@ -209,9 +209,7 @@ impl Receiver {
         let body = Transform::for_receive(profile).decode(body)?;
         let idx = check_chunk(h, &row, body.len() as u64)?;
         if let Some(t) = &h.last {
-            if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(ReceiveError::Inconsistent("the digest (not 64 hex digits)").into());
-            }
+            check_trailer(t)?;
         }
         let partial = partial_path(&profile.inbox, tid);
         let (path, offset) = (partial.clone(), h.offset);
@@ -240,22 +238,49 @@ impl Receiver {
 
 /// The ledger row of a transfer seen for the first time, with the trailer
 /// when this chunk carries it. Its path stays empty until the file is
-/// placed: until then no inbox name is its own.
+/// placed: until then no inbox name is its own. The name and the metadata
+/// come from the network before admission checked them, and a rejected
+/// transfer's row reaches the failure hook: the name is recorded escaped
+/// and metadata only when it is valid.
 fn new_row(h: &ChunkHeader) -> ReceiveRow {
     let mut t = Transfer::begin(
         h.transfer_id.clone(),
         h.from.clone(),
         h.file_id.clone(),
-        &h.file_name,
+        &escape_name(&h.file_name),
         (h.size, h.chunk_size),
         Status::Receiving,
     );
     if let Some(trailer) = &h.last {
         t.sha256 = Some(trailer.sha256.clone());
-        t.started_at = trailer.started_at.clone();
-        t.meta = trailer.meta.clone();
+        if is_timestamp(&trailer.started_at) {
+            t.started_at = trailer.started_at.clone();
+        }
+        if check_meta(&trailer.meta).is_ok() {
+            t.meta = trailer.meta.clone();
+        }
     }
     ReceiveRow::new(t)
+}
+
+/// The last chunk's trailer: everything in it reaches the ledger and the
+/// hooks' environment.
+fn check_trailer(t: &Trailer) -> Result<(), ReceiveError> {
+    if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ReceiveError::Inconsistent("the digest (not 64 hex digits)"));
+    }
+    if !is_timestamp(&t.started_at) {
+        return Err(ReceiveError::Inconsistent("the start time"));
+    }
+    check_meta(&t.meta).map_err(ReceiveError::BadMetadata)
+}
+
+/// RFC 3339 from the sender's clock: digits, letters, `:`, `.`, `+`, `-`.
+fn is_timestamp(text: &str) -> bool {
+    text.len() <= 40
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":.+-".contains(&b))
 }
 
 /// Checks a transfer's first chunk against the receive profile.
@@ -267,7 +292,8 @@ fn admit(h: &ChunkHeader, profile: Option<&ReceiveProfile>) -> Result<(), Receiv
             h.file_id.to_string(),
         ));
     }
-    FileName::parse(&h.file_name).map_err(|_| ReceiveError::BadFileName(h.file_name.clone()))?;
+    FileName::parse(&h.file_name)
+        .map_err(|_| ReceiveError::BadFileName(escape_name(&h.file_name)))?;
     if h.size > profile.max_size {
         return Err(ReceiveError::TooLarge {
             size: h.size,

@@ -13,9 +13,11 @@
 //! 5. `complete.rs`: the state machine from a complete (or failed) transfer
 //!    to its hooks and receipt.
 //! 6. `receipt.rs`: the outcome, back to the sender.
-//! 7. `recovery.rs`: start-up recovery, the sweep of leftover partial files,
+//! 7. `alert_limit.rs`: the failure hooks of refused transfers, rate-limited.
+//! 8. `recovery.rs`: start-up recovery, the sweep of leftover partial files,
 //!    expiry of transfers whose sender stopped.
 
+mod alert_limit;
 mod commit;
 mod complete;
 mod error;
@@ -60,6 +62,7 @@ pub struct Receiver {
     tasks: TaskTracker,
     names: place::NameLocks,
     digests: verify::RunningDigests,
+    alerts: alert_limit::AlertLimit,
 }
 
 impl Receiver {
@@ -77,6 +80,7 @@ impl Receiver {
             tasks,
             names: Default::default(),
             digests: Default::default(),
+            alerts: Default::default(),
         })
     }
 

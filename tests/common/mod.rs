@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 pub mod attacker;
+pub mod rogue;
 
 /// The cluster's AMQP URLs. A test that needs the cluster and finds none fails:
 /// a suite that silently checks nothing is worse than a red one.
