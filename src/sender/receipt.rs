@@ -23,6 +23,7 @@ impl Sender {
             let _ = d.dead_letter().await;
             return;
         }
+        let r = tame(r);
         if r.to != self.cfg.node {
             warn!(message = "Ignoring a receipt addressed to another node.", to = %r.to, transfer_id = %r.transfer_id);
             let _ = d.ack().await;
@@ -104,5 +105,68 @@ impl Sender {
             .finish_hook(key, outcome.record(), status, error)
             .await?;
         Ok(())
+    }
+}
+
+/// A receipt's free text comes from another node and goes into history,
+/// `hakobu history` and this node's hook environment: control and format
+/// characters escaped, an error code that is no code dropped to `None`
+/// (the sentence stays), a sentence cut to 2000 bytes.
+fn tame(mut r: Receipt) -> Receipt {
+    use crate::domain::escape_text;
+    r.error_code = r.error_code.filter(|c| {
+        (1..=40).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+    });
+    r.error = r.error.map(|e| {
+        let mut e = escape_text(&e);
+        if e.len() > 2000 {
+            let cut = (0..=2000)
+                .rev()
+                .find(|&i| e.is_char_boundary(i))
+                .unwrap_or(0);
+            e.truncate(cut);
+        }
+        e
+    });
+    r.path = r.path.map(|p| escape_text(&p));
+    if !r
+        .finished_at
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b":.+-".contains(&b))
+        || r.finished_at.len() > 40
+    {
+        r.finished_at = crate::clock::now_rfc3339();
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipt_text_is_tamed() {
+        let r = Receipt {
+            transfer_id: TransferId::new(),
+            file_id: crate::domain::FileId::parse("F").unwrap(),
+            from: NodeName::parse("beta").unwrap(),
+            to: NodeName::parse("alpha").unwrap(),
+            ok: false,
+            error_code: Some("x\u{1b}[2J".into()),
+            error: Some(format!("bad\n{}", "e".repeat(5000))),
+            path: Some("/in/\u{202E}x".into()),
+            hook_exit: None,
+            finished_at: "\u{1b}".into(),
+        };
+        let t = tame(r);
+        assert_eq!(t.error_code, None);
+        let e = t.error.unwrap();
+        assert!(
+            e.starts_with("bad\\u{a}e") && e.len() == 2000,
+            "{}",
+            &e[..20]
+        );
+        assert_eq!(t.path.as_deref(), Some("/in/\\u{202e}x"));
+        assert!(t.finished_at.starts_with("20"));
     }
 }
