@@ -20,6 +20,7 @@ mod commit;
 mod complete;
 mod error;
 mod ingest;
+mod partial;
 mod place;
 mod receipt;
 mod recovery;
