@@ -56,7 +56,10 @@ pub fn append_durable(from: &Path, to: &Path) -> io::Result<u64> {
 /// in it whatever its mode). The umask plays no part.
 pub fn private_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     let meta = fs::metadata(dir)?;
     let me = nix::unistd::Uid::effective().as_raw();
     if meta.uid() != me {

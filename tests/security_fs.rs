@@ -137,9 +137,15 @@ fn final_row(agent: &Agent, direction: &str, tid: Option<&str>) -> Value {
                 .find(|r| {
                     r["direction"] == direction
                         && tid.is_none_or(|t| r["transfer_id"] == t)
-                        && ["received", "receive_failed", "hook_failed", "sent", "send_failed"]
-                            .iter()
-                            .any(|s| r["status"] == *s)
+                        && [
+                            "received",
+                            "receive_failed",
+                            "hook_failed",
+                            "sent",
+                            "send_failed",
+                        ]
+                        .iter()
+                        .any(|s| r["status"] == *s)
                 })
                 .unwrap_or(Value::Null);
             !row.is_null()
@@ -257,7 +263,9 @@ fn a_partial_directory_the_attacker_owns_is_refused() {
     publish(&rt, &rig.broker.addr, chunk(&tid, "b.bin", &body, 0));
     // The first chunk is in (or refused): either way the row exists.
     wait_until(WAIT, "the first chunk", || {
-        beta.history().iter().any(|r| r["transfer_id"] == tid.as_str())
+        beta.history()
+            .iter()
+            .any(|r| r["transfer_id"] == tid.as_str())
     });
     ok(sh_as_nobody(&format!(
         "ln -sf {} {}/{tid}.part",

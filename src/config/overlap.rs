@@ -5,7 +5,11 @@
 //! - an inbox equal to or inside an outbox: the agent would send what it
 //!   receives, again and again;
 //! - an outbox inside an inbox, or a `move_to` directory inside an outbox;
-//! - the state directory inside an inbox or an outbox, or one inside it;
+//! - the state directory equal to or inside an inbox or an outbox (the agent
+//!   would send, or other users reach, its database and spool), or an
+//!   inbox or outbox inside the state directory's own parts (`spool/`,
+//!   `logs/`, `broker/`); an inbox or outbox elsewhere under the state
+//!   directory (`var/beta/inbox`, the README's layout) is fine;
 //! - two receive profiles sharing an inbox with different `mode` or
 //!   `file_mode`.
 //!
@@ -41,7 +45,7 @@ impl Validator<'_> {
                     )));
                 }
             }
-            if inbox.starts_with(&state) || state.starts_with(inbox) {
+            if state.starts_with(inbox) || in_state_parts(&state, inbox) {
                 return Err(self.err(&key, "the inbox and the state directory overlap: received files would mix with the agent's database and spool; give each a directory of its own"));
             }
             for (j, other) in inboxes.iter().enumerate().take(i) {
@@ -54,7 +58,7 @@ impl Validator<'_> {
             }
         }
         for (j, (outbox, s)) in outboxes.iter().zip(send).enumerate() {
-            if outbox.starts_with(&state) || state.starts_with(outbox) {
+            if state.starts_with(outbox) || in_state_parts(&state, outbox) {
                 return Err(self.err(&format!("send[{j}].outbox"), "the outbox and the state directory overlap: the agent would send its own database and spool; give each a directory of its own"));
             }
             if let AfterSend::MoveTo(dir) = &s.after_send {
@@ -68,6 +72,13 @@ impl Validator<'_> {
         }
         Ok(())
     }
+}
+
+/// True when `dir` is inside one of the agent's own parts of `state`.
+fn in_state_parts(state: &Path, dir: &Path) -> bool {
+    ["spool", "logs", "broker"]
+        .iter()
+        .any(|part| dir.starts_with(state.join(part)))
 }
 
 /// `p` with `.` and `..` resolved lexically, then its longest existing

@@ -385,7 +385,9 @@ impl Validator<'_> {
             .ok_or_else(|| {
                 self.err(
                     key,
-                    format!("`{text}` is not an octal mode such as \"0640\" (permission bits only)"),
+                    format!(
+                        "`{text}` is not an octal mode such as \"0640\" (permission bits only)"
+                    ),
                 )
             })?;
         if mode & 0o002 != 0 {

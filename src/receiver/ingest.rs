@@ -331,7 +331,10 @@ fn write_chunk(partial: &Path, offset: u64, body: &[u8]) -> Result<(), ReceiveEr
         partial.parent().and_then(Path::parent),
         partial.file_name().and_then(|n| n.to_str()),
     ) else {
-        return Err(ReceiveError::Io(format!("not a partial file: {}", partial.display())));
+        return Err(ReceiveError::Io(format!(
+            "not a partial file: {}",
+            partial.display()
+        )));
     };
     let dirs = super::partial::open_dirs(inbox, true)?;
     let f: File = super::partial::open_file(&dirs, name, true)?;
@@ -344,4 +347,36 @@ pub fn sync_partial(partial: &Path) -> Result<(), ReceiveError> {
     super::partial::open_path(partial)?
         .sync_data()
         .map_err(|e| ReceiveError::from_io("syncing the partial file", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_max_size_a_declared_size_is_bounded_by_free_space() {
+        let d = tempfile::tempdir().unwrap();
+        let free = free_space(&d.path().join("not/yet")).unwrap();
+        assert!(free > 0);
+        let text = format!(
+            "node: beta\nstate_dir: {r}/s\nbroker:\n  embedded: {{ listen: \"127.0.0.1:0\" }}\nreceive:\n  - file_id: A\n    from: [ alpha ]\n    inbox: {r}/in\n",
+            r = d.path().display()
+        );
+        let cfg = crate::config::Config::parse(Path::new("t.yaml"), &text).unwrap();
+        let h = |size: u64| ChunkHeader {
+            transfer_id: TransferId::new(),
+            file_id: crate::domain::FileId::parse("A").unwrap(),
+            from: crate::domain::NodeName::parse("alpha").unwrap(),
+            to: crate::domain::NodeName::parse("beta").unwrap(),
+            file_name: "f".into(),
+            size,
+            chunk_size: MIN_CHUNK,
+            offset: 0,
+            last: None,
+        };
+        let p = cfg.receive_profile("A");
+        admit(&h(1000), p).unwrap();
+        let e = admit(&h(free.saturating_mul(2).max(1 << 62)), p).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::DiskFull, "{e}");
+    }
 }

@@ -89,10 +89,7 @@ pub fn open_dirs(inbox: &Path, create: bool) -> Result<Dirs, ReceiveError> {
 
 fn open_partial_dir(inbox_fd: &OwnedFd, inbox: &Path) -> Result<OwnedFd, ReceiveError> {
     let unsafe_dir = |why: &str| {
-        ReceiveError::UnsafeInbox(format!(
-            "{} {why}",
-            inbox.join(PARTIAL_DIR).display()
-        ))
+        ReceiveError::UnsafeInbox(format!("{} {why}", inbox.join(PARTIAL_DIR).display()))
     };
     let fd = openat(inbox_fd, PARTIAL_DIR, DIR, Perm::empty()).map_err(|e| match e {
         Errno::ELOOP | Errno::ENOTDIR => unsafe_dir("is a link or not a directory"),
@@ -272,11 +269,8 @@ mod tests {
         std::fs::remove_file(inbox.join(PARTIAL_DIR)).unwrap();
         std::fs::create_dir(inbox.join(PARTIAL_DIR)).unwrap();
         let set = |m| {
-            std::fs::set_permissions(
-                inbox.join(PARTIAL_DIR),
-                std::fs::Permissions::from_mode(m),
-            )
-            .unwrap()
+            std::fs::set_permissions(inbox.join(PARTIAL_DIR), std::fs::Permissions::from_mode(m))
+                .unwrap()
         };
         set(0o777);
         assert!(open_dirs(&inbox, true).is_err());

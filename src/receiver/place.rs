@@ -481,7 +481,11 @@ fn tidy(staged: &Staged, mode: Mode) -> Result<(), ReceiveError> {
 /// moved, never followed.
 fn rotate(dirs: &Dirs, name: &str, keep: u32) -> io::Result<()> {
     let generation = |i: u32| format!("{name}.{i}");
-    match unlinkat(&dirs.inbox, generation(keep).as_str(), UnlinkatFlags::NoRemoveDir) {
+    match unlinkat(
+        &dirs.inbox,
+        generation(keep).as_str(),
+        UnlinkatFlags::NoRemoveDir,
+    ) {
         Ok(()) | Err(Errno::ENOENT) => {}
         Err(e) => return Err(e.into()),
     }

@@ -112,8 +112,8 @@ pub enum SourceError {
 /// Opens a spooled file to send it: never through a link (`O_NOFOLLOW`),
 /// never blocking on a special file, and only a regular file with one link.
 pub fn open_source(path: &Path) -> Result<std::fs::File, SourceError> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     use nix::libc::{ELOOP, O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK};
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
