@@ -131,10 +131,8 @@ pub fn prepare_state_dir(cfg: &Config) -> anyhow::Result<()> {
         crate::durable::private_dir(&dir)
             .with_context(|| format!("cannot create {} private (mode 0700)", dir.display()))?;
     }
-    for dir in [cfg.log_dir()] {
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-    }
+    let logs = cfg.log_dir();
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     Ok(())
 }
 
