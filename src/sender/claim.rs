@@ -34,11 +34,30 @@ impl Sender {
         if claimed.is_empty() && refused.is_empty() {
             return;
         }
-        let rows: Vec<SendRow> = claimed
+        let hook = profile.on_failure.is_some();
+        let mut rows: Vec<SendRow> = claimed
             .iter()
-            .chain(refused.iter().map(|(file, _)| file))
             .flat_map(|file| claim_rows(profile, file, &BTreeMap::new(), Status::Sending))
             .collect();
+        // A refused file's rows are recorded failed from the start: no crash
+        // can leave one `sending`, to be published at the next start.
+        for (file, why) in &refused {
+            let status = if hook {
+                Status::HookRunning
+            } else {
+                Status::SendFailed
+            };
+            for mut row in claim_rows(profile, file, &BTreeMap::new(), status) {
+                let code = ErrorCode::UnsafeSource;
+                let msg = unsafe_source_message(why);
+                warn!(message = "Refusing a claimed file that is not the file the watcher saw.",
+                    transfer_id = %row.transfer_id, to = %row.peer, error_code = %code, error = %msg);
+                row.transfer.error_code = Some(code.as_str().to_string());
+                row.transfer.error = Some(msg);
+                row.transfer.finished_at = (!hook).then(now_rfc3339);
+                rows.push(row);
+            }
+        }
         // On failure the spooled files are recorded at the next start.
         if let Err(e) = self.ledger.insert_all(rows.clone()).await {
             error!(message = "Cannot record claimed files; they are recorded at the next start.",
@@ -49,9 +68,16 @@ impl Sender {
             info!(message = "Claimed.", transfer_id = %file.tid, file_id = %profile.file_id, file_name = %file.name);
         }
         for row in &rows {
-            match refused.iter().find(|(file, _)| file.tid == row.transfer_id) {
-                Some((_, why)) => self.refuse_source(row, why).await,
-                None => self.enqueue(row),
+            if row.status == Status::Sending {
+                self.enqueue(row);
+            } else if hook {
+                // Off the watcher's loop, like a receipt's hook.
+                let (this, key) = (self.clone(), (row.transfer_id.clone(), row.peer.clone()));
+                self.tasks.spawn(async move {
+                    if let Err(e) = this.run_hook(&key.0, &key.1).await {
+                        error!(message = "State database failed while running a sender hook.", error = %e, error_code = %e.code());
+                    }
+                });
             }
         }
     }
@@ -71,10 +97,8 @@ impl Sender {
             Status::SendFailed
         };
         let code = ErrorCode::UnsafeSource;
-        let msg = format!(
-            "{why}; nothing of it was sent: put a regular file of its own into the outbox (copy it, do not link it), then send it again"
-        );
-        warn!(message = "Refusing a claimed file that is not the file the watcher saw.",
+        let msg = unsafe_source_message(why);
+        warn!(message = "Refusing a spooled file that is not the file the watcher saw.",
             transfer_id = %row.transfer_id, to = %row.peer, error_code = %code, error = %msg);
         if let Err(e) = self.ledger.fail(key, status, (code, &msg)).await {
             error!(message = "State database failed while refusing a claimed file.", error = %e, error_code = %e.code());
@@ -86,6 +110,12 @@ impl Sender {
             }
         }
     }
+}
+
+fn unsafe_source_message(why: &str) -> String {
+    format!(
+        "{why}; nothing of it was sent: put a regular file of its own into the outbox (copy it, do not link it), then send it again"
+    )
 }
 
 /// Checks what the claim's rename brought into the spool (where nobody else
