@@ -130,12 +130,15 @@ const EMBEDDED_PREFETCH: u32 = 32;
 /// the broker flushed in the background (64 MiB doubled the sender's memory).
 const EMBEDDED_WINDOW: u64 = 16 << 20;
 
-/// Creates the state directory and its parts.
+/// Creates the state directory and its parts; the state directory and the
+/// spool are private (0700, an existing one tightened).
 pub fn prepare_state_dir(cfg: &Config) -> anyhow::Result<()> {
-    for dir in [cfg.state_dir.clone(), cfg.spool_dir(), cfg.log_dir()] {
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+    for dir in [cfg.state_dir.clone(), cfg.spool_dir()] {
+        crate::durable::private_dir(&dir)
+            .with_context(|| format!("cannot create {} private (mode 0700)", dir.display()))?;
     }
+    let logs = cfg.log_dir();
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     Ok(())
 }
 

@@ -49,6 +49,35 @@ pub fn append_durable(from: &Path, to: &Path) -> io::Result<u64> {
     Ok(n)
 }
 
+/// Creates `dir` (and any missing parent) with mode 0700, or tightens an
+/// existing one to 0700: the state directory, the spool and the embedded
+/// broker's data hold files other local users must not read or replace.
+/// A directory owned by another user is refused (it could change what is
+/// in it whatever its mode). The umask plays no part.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = fs::metadata(dir)?;
+    let me = nix::unistd::Uid::effective().as_raw();
+    if meta.uid() != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} belongs to uid {}, not to the agent's user (uid {me}); give the agent a directory of its own",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// Removes a file if it exists; a missing file is not an error.
 pub fn remove_if_exists(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
@@ -76,5 +105,18 @@ mod tests {
         remove_if_exists(&c).unwrap();
         remove_if_exists(&c).unwrap();
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_private_dir_is_created_or_tightened_to_0700() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let new = d.path().join("a/b");
+        private_dir(&new).unwrap();
+        assert_eq!(mode(&new), 0o700);
+        fs::set_permissions(&new, fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&new).unwrap();
+        assert_eq!(mode(&new), 0o700);
     }
 }

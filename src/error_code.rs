@@ -65,6 +65,11 @@ codes! {
     HookInterrupted = "hook_interrupted", History;
     TransferExpired = "transfer_expired", History;
     SpoolUnreadable = "spool_unreadable", History;
+    /// A link, a foreign directory or a non-regular file where the receiver
+    /// keeps its partial files or places one.
+    UnsafeInbox = "unsafe_inbox", History;
+    /// The claimed file was swapped (a link, another inode, more links).
+    UnsafeSource = "unsafe_source", History;
     /// A message that cannot be parsed, or names no usable transfer.
     MalformedMessage = "malformed_message", Log;
     ClaimFailed = "claim_failed", Log;

@@ -2,6 +2,7 @@
 //! checked types. Only this module knows YAML.
 
 mod locate;
+mod overlap;
 mod raw;
 mod units;
 mod validate;
@@ -105,6 +106,9 @@ pub struct ReceiveProfile {
     pub inbox: PathBuf,
     pub mode: Mode,
     pub max_size: u64,
+    /// Permissions of a placed file, exactly (the umask plays no part);
+    /// default 0600.
+    pub file_mode: u32,
     /// An unfinished transfer idle this long expires.
     pub partial_ttl: Duration,
     pub on_success: Option<HookSpec>,
@@ -138,6 +142,7 @@ pub struct HookSpec {
 
 const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(3600);
 const DEFAULT_STABLE_FOR: Duration = Duration::from_secs(2);
+const DEFAULT_FILE_MODE: u32 = 0o600;
 const DEFAULT_PARTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
 const PLACEHOLDERS: [&str; 5] = ["path", "file_id", "transfer_id", "file_name", "peer"];
 

@@ -132,4 +132,14 @@ pub struct RawReceive {
     pub partial_ttl: Option<String>,
     pub on_success: Option<RawHook>,
     pub on_failure: Option<RawHook>,
+    /// Permissions of placed files, octal: `"0640"` (default 0600).
+    pub file_mode: Option<RawFileMode>,
+}
+
+/// An octal mode, written as a string (`"0640"`) or a number (`640`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawFileMode {
+    Number(u64),
+    Text(String),
 }

@@ -106,3 +106,162 @@ fn shell_hook_placeholder_inside_quotes_is_refused() {
         .is_ok()
     );
 }
+
+#[test]
+fn file_mode_is_octal_and_never_writable_by_others() {
+    let with = |m: &str| {
+        GOOD.replace(
+            "mode: replace",
+            &format!("mode: replace\n    file_mode: {m}"),
+        )
+    };
+    assert_eq!(parse(GOOD).unwrap().receive[0].file_mode, 0o600);
+    for (text, want) in [
+        ("\"0640\"", 0o640),
+        ("0640", 0o640),
+        ("640", 0o640),
+        ("\"0o440\"", 0o440),
+    ] {
+        assert_eq!(
+            parse(&with(text)).unwrap().receive[0].file_mode,
+            want,
+            "{text}"
+        );
+    }
+    for bad in ["\"0666\"", "\"rw\"", "\"1777\"", "\"0689\""] {
+        let e = parse(&with(bad)).unwrap_err();
+        assert_eq!(e.key, "receive[0].file_mode", "{bad}: {e}");
+        assert_eq!(e.line, Some(21), "{e}");
+    }
+}
+
+/// A configuration with the given outbox, inbox and state directory (and
+/// `extra` lines after the receive profile).
+fn dirs(outbox: &str, inbox: &str, state: &str, extra: &str) -> String {
+    format!(
+        "node: beta\nstate_dir: {state}\nbroker:\n  embedded: {{ listen: \"127.0.0.1:0\" }}\nsend:\n  - file_id: A\n    outbox: {outbox}\n    to: [ alpha ]\nreceive:\n  - file_id: B\n    from: [ alpha ]\n    inbox: {inbox}\n{extra}"
+    )
+}
+
+#[test]
+fn overlapping_directories_are_refused_with_their_line() {
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path().display();
+    let ok = parse(&dirs(
+        &format!("{r}/out"),
+        &format!("{r}/in"),
+        &format!("{r}/state"),
+        "",
+    ));
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    let cases = [
+        // An inbox equal to or inside an outbox: sent again, forever.
+        (
+            dirs(
+                &format!("{r}/out"),
+                &format!("{r}/out"),
+                &format!("{r}/state"),
+                "",
+            ),
+            "receive[0].inbox",
+            12,
+        ),
+        (
+            dirs(
+                &format!("{r}/out"),
+                &format!("{r}/out/x/../in"),
+                &format!("{r}/state"),
+                "",
+            ),
+            "receive[0].inbox",
+            12,
+        ),
+        // An outbox inside an inbox.
+        (
+            dirs(
+                &format!("{r}/in/out"),
+                &format!("{r}/in"),
+                &format!("{r}/state"),
+                "",
+            ),
+            "send[0].outbox",
+            7,
+        ),
+        // The state directory inside an inbox, or an outbox inside it.
+        (
+            dirs(
+                &format!("{r}/out"),
+                &format!("{r}/in"),
+                &format!("{r}/in/state"),
+                "",
+            ),
+            "receive[0].inbox",
+            12,
+        ),
+        (
+            dirs(
+                &format!("{r}/state"),
+                &format!("{r}/in"),
+                &format!("{r}/state"),
+                "",
+            ),
+            "send[0].outbox",
+            7,
+        ),
+        (
+            dirs(
+                &format!("{r}/out"),
+                &format!("{r}/state/spool/x"),
+                &format!("{r}/state"),
+                "",
+            ),
+            "receive[0].inbox",
+            12,
+        ),
+        // Two profiles sharing an inbox with different modes.
+        (
+            dirs(
+                &format!("{r}/out"),
+                &format!("{r}/in"),
+                &format!("{r}/state"),
+                &format!(
+                    "  - file_id: C\n    from: [ alpha ]\n    inbox: {r}/in\n    mode: append\n"
+                ),
+            ),
+            "receive[1].mode",
+            16,
+        ),
+    ];
+    for (text, key, line) in cases {
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key, key, "{e}\n{text}");
+        assert_eq!(e.line, Some(line), "{e}");
+    }
+    // Through a link: the inbox named by a link into the outbox.
+    std::fs::create_dir_all(d.path().join("out/sub")).unwrap();
+    std::os::unix::fs::symlink(d.path().join("out/sub"), d.path().join("link")).unwrap();
+    let e = parse(&dirs(
+        &format!("{r}/out"),
+        &format!("{r}/link/in"),
+        &format!("{r}/state"),
+        "",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "receive[0].inbox", "{e}");
+    // Inbox and outbox inside the state directory (README's layout): allowed.
+    let inside = dirs(
+        &format!("{r}/state/outbox"),
+        &format!("{r}/state/inbox"),
+        &format!("{r}/state"),
+        "",
+    );
+    assert!(parse(&inside).is_ok());
+    // Same inbox, same mode: allowed.
+    let same = dirs(
+        &format!("{r}/out"),
+        &format!("{r}/in"),
+        &format!("{r}/state"),
+        &format!("  - file_id: C\n    from: [ alpha ]\n    inbox: {r}/in\n"),
+    );
+    assert!(parse(&same).is_ok());
+}

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::locate::LineIndex;
-use super::raw::{RawAfterSend, RawBroker, RawConfig, RawHook, RawReady, RawReceive, RawSend};
+use super::raw::{
+    RawAfterSend, RawBroker, RawConfig, RawFileMode, RawHook, RawReady, RawReceive, RawSend,
+};
 use super::*;
 
 pub(super) struct Validator<'a> {
@@ -18,7 +20,7 @@ pub(super) struct Validator<'a> {
 type Result<T, E = ConfigError> = std::result::Result<T, E>;
 
 impl Validator<'_> {
-    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError {
             file: self.file.to_path_buf(),
             line: self.index.line_of(key),
@@ -47,10 +49,12 @@ impl Validator<'_> {
         if send.is_empty() && receive.is_empty() {
             return Err(self.err("send", "no send and no receive profile: nothing to do"));
         }
+        let state_dir = absolute(&raw.state_dir);
+        self.overlaps(&state_dir, &send, &receive)?;
         Ok(Config {
             file: self.file.to_path_buf(),
             node,
-            state_dir: absolute(&raw.state_dir),
+            state_dir,
             broker,
             send,
             receive,
@@ -294,6 +298,10 @@ impl Validator<'_> {
             inbox: absolute(&raw.inbox),
             mode,
             max_size,
+            file_mode: match &raw.file_mode {
+                Some(m) => self.file_mode(&format!("{key}.file_mode"), m)?,
+                None => DEFAULT_FILE_MODE,
+            },
             partial_ttl: match &raw.partial_ttl {
                 Some(t) => self.duration(&format!("{key}.partial_ttl"), t)?,
                 None => DEFAULT_PARTIAL_TTL,
@@ -375,6 +383,34 @@ impl Validator<'_> {
         Ok(())
     }
 
+    /// An octal mode for placed files: permission bits only, and never
+    /// writable by others.
+    fn file_mode(&self, key: &str, raw: &RawFileMode) -> Result<u32> {
+        let text = match raw {
+            RawFileMode::Number(n) => n.to_string(),
+            RawFileMode::Text(t) => t.trim().to_string(),
+        };
+        let digits = text.strip_prefix("0o").unwrap_or(&text);
+        let mode = u32::from_str_radix(digits, 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                self.err(
+                    key,
+                    format!(
+                        "`{text}` is not an octal mode such as \"0640\" (permission bits only)"
+                    ),
+                )
+            })?;
+        if mode & 0o002 != 0 {
+            return Err(self.err(
+                key,
+                format!("mode {mode:04o} lets any local user change a received file before its hook reads it; drop the others' write bit"),
+            ));
+        }
+        Ok(mode)
+    }
+
     fn duration(&self, key: &str, text: &str) -> Result<Duration> {
         parse_duration(text).map_err(|m| self.err(key, m))
     }
@@ -385,7 +421,7 @@ impl Validator<'_> {
 }
 
 /// Relative paths are taken from the directory the agent starts in.
-fn absolute(p: &Path) -> PathBuf {
+pub(super) fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {

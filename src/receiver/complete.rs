@@ -113,7 +113,7 @@ impl Receiver {
                     // the partial file: remove it (idempotent), under the
                     // transfer's own profile.
                     if let (Status::ReceiveFailed, Some(p)) = (status, p) {
-                        let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, tid));
+                        let _ = super::partial::remove(&p.inbox, tid);
                     }
                     if matches!(status, Status::ReceiveFailed | Status::HookFailed) {
                         self.run_failure_hook(&row).await?;
@@ -160,7 +160,7 @@ impl Receiver {
             .placing_failed((tid, &row.peer), (e.code(), &e.to_string()))
             .await?;
         crate::failpoint::hit("receiver.placing_failed.recorded");
-        let _ = crate::durable::remove_if_exists(partial);
+        let _ = super::partial::remove_path(partial);
         Ok(())
     }
 

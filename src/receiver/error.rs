@@ -55,6 +55,8 @@ pub enum ReceiveError {
         "no chunk arrived for {0:?} (the profile's partial_ttl); the partial file was removed, send the file again"
     )]
     Expired(std::time::Duration),
+    #[error("{0}; nothing was written through it: remove it, then send the file again")]
+    UnsafeInbox(String),
 }
 
 impl ReceiveError {
@@ -76,6 +78,7 @@ impl ReceiveError {
             ReceiveError::Hook(code, _) => *code,
             ReceiveError::HookInterrupted => ErrorCode::HookInterrupted,
             ReceiveError::Expired(_) => ErrorCode::TransferExpired,
+            ReceiveError::UnsafeInbox(_) => ErrorCode::UnsafeInbox,
         }
     }
 

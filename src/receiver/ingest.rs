@@ -6,7 +6,7 @@
 //! on the same bytes.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -171,7 +171,7 @@ impl Receiver {
             return;
         }
         if let Some(p) = self.cfg.receive_profile(&h.file_id) {
-            let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, tid));
+            let _ = super::partial::remove(&p.inbox, tid);
         }
         self.digests.forget(tid);
         let _ = d.ack().await;
@@ -300,10 +300,29 @@ fn admit(h: &ChunkHeader, profile: Option<&ReceiveProfile>) -> Result<(), Receiv
             max: profile.max_size,
         });
     }
+    if profile.max_size == u64::MAX {
+        // No max_size: the declared size is bounded by the inbox's free space.
+        if let Some(free) = free_space(&profile.inbox) {
+            if h.size > free {
+                return Err(ReceiveError::DiskFull(format!(
+                    "the file declares {} bytes, the inbox's filesystem has {free} free; set max_size or free space",
+                    h.size
+                )));
+            }
+        }
+    }
     if !(MIN_CHUNK..=MAX_CHUNK).contains(&h.chunk_size) {
         return Err(ReceiveError::Inconsistent("the chunk size"));
     }
     Ok(())
+}
+
+/// Bytes available to the agent on the filesystem of `dir` (or of its
+/// nearest existing ancestor); `None` when it cannot be told.
+fn free_space(dir: &Path) -> Option<u64> {
+    let existing = dir.ancestors().find(|d| d.exists())?;
+    let st = nix::sys::statvfs::statvfs(existing).ok()?;
+    Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
 }
 
 /// Checks a chunk against what earlier chunks of its transfer declared;
@@ -328,27 +347,62 @@ fn check_chunk(h: &ChunkHeader, row: &ReceiveRow, body_len: u64) -> Result<u64, 
     }
 }
 
-/// Writes `body` at `offset` of the partial file. Not yet durable: the
-/// commit stage syncs every partial file a batch touched ([`sync_partial`])
-/// before recording (and acking) the batch's chunks.
+/// Writes `body` at `offset` of the partial file, reached without following
+/// links (`partial.rs`): created once, mode 0600, in the inbox's private
+/// partial directory. Not yet durable: the commit stage syncs every partial
+/// file a batch touched ([`sync_partial`]) before recording (and acking)
+/// the batch's chunks.
 fn write_chunk(partial: &Path, offset: u64, body: &[u8]) -> Result<(), ReceiveError> {
-    if let Some(dir) = partial.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| ReceiveError::from_io("creating the partial directory", e))?;
-    }
-    let f: File = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(partial)
-        .map_err(|e| ReceiveError::from_io("opening the partial file", e))?;
+    let (Some(inbox), Some(name)) = (
+        partial.parent().and_then(Path::parent),
+        partial.file_name().and_then(|n| n.to_str()),
+    ) else {
+        return Err(ReceiveError::Io(format!(
+            "not a partial file: {}",
+            partial.display()
+        )));
+    };
+    let dirs = super::partial::open_dirs(inbox, true)?;
+    let f: File = super::partial::open_file(&dirs, name, true)?;
     f.write_all_at(body, offset)
         .map_err(|e| ReceiveError::from_io("writing a chunk", e))
 }
 
 /// Flushes a partial file's data (one fsync for all the chunks a batch wrote).
 pub fn sync_partial(partial: &Path) -> Result<(), ReceiveError> {
-    File::open(partial)
-        .and_then(|f| f.sync_data())
+    super::partial::open_path(partial)?
+        .sync_data()
         .map_err(|e| ReceiveError::from_io("syncing the partial file", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_max_size_a_declared_size_is_bounded_by_free_space() {
+        let d = tempfile::tempdir().unwrap();
+        let free = free_space(&d.path().join("not/yet")).unwrap();
+        assert!(free > 0);
+        let text = format!(
+            "node: beta\nstate_dir: {r}/s\nbroker:\n  embedded: {{ listen: \"127.0.0.1:0\" }}\nreceive:\n  - file_id: A\n    from: [ alpha ]\n    inbox: {r}/in\n",
+            r = d.path().display()
+        );
+        let cfg = crate::config::Config::parse(Path::new("t.yaml"), &text).unwrap();
+        let h = |size: u64| ChunkHeader {
+            transfer_id: TransferId::new(),
+            file_id: crate::domain::FileId::parse("A").unwrap(),
+            from: crate::domain::NodeName::parse("alpha").unwrap(),
+            to: crate::domain::NodeName::parse("beta").unwrap(),
+            file_name: "f".into(),
+            size,
+            chunk_size: MIN_CHUNK,
+            offset: 0,
+            last: None,
+        };
+        let p = cfg.receive_profile("A");
+        admit(&h(1000), p).unwrap();
+        let e = admit(&h(free.saturating_mul(2).max(1 << 62)), p).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::DiskFull, "{e}");
+    }
 }

@@ -22,6 +22,7 @@ mod commit;
 mod complete;
 mod error;
 mod ingest;
+mod partial;
 mod place;
 mod receipt;
 mod recovery;

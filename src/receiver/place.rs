@@ -7,22 +7,25 @@
 //! directory flush per inbox for all of them.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
-use std::io;
+use std::fs::{self, File};
+use std::io::{self, Seek};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat, renameat};
+use nix::unistd::{UnlinkatFlags, linkat, unlinkat};
 use tracing::info;
 
 use super::Receiver;
 use super::complete::after_placing;
 use super::error::ReceiveError;
 use super::ingest::partial_path;
-use super::verify::verify;
+use super::partial::{self, Dirs};
+use super::verify::verify_file;
 use crate::config::{Mode, ReceiveProfile};
 use crate::domain::TransferId;
-use crate::durable;
 use crate::store::{Placing, ReceiveRow, Status, StoreError};
 use crate::transform::Transform;
 
@@ -54,31 +57,33 @@ impl Receiver {
         row: &ReceiveRow,
         p: &ReceiveProfile,
     ) -> Result<PathBuf, ReceiveError> {
-        let partial = partial_path(&p.inbox, &row.transfer_id);
         if let (Some(ino), Some(target)) = (row.inode, &row.path) {
             if already_placed(target, ino) {
                 // Only the partial (ours, by its transfer id) may remain.
-                let _ = durable::remove_if_exists(&partial);
+                let _ = partial::remove(&p.inbox, &row.transfer_id);
                 return Ok(target.clone());
             }
         }
         let ledger = self.ledger.clone();
         let (tid, peer) = (row.transfer_id.clone(), row.peer.clone());
         let (inbox, name, mode, size) = (p.inbox.clone(), row.file_name.clone(), p.mode, row.size);
+        let file_mode = p.file_mode;
         let sha = row.sha256.clone().unwrap_or_default();
         let hashed = self.digests.finish(&row.transfer_id, size);
         let transform = Transform::for_receive(p);
-        let checked = partial.clone();
-        tokio::task::spawn_blocking(move || {
-            verify(&checked, size, &sha, hashed)?;
-            transform.finish_file(&checked)
+        let (checked_inbox, checked_name, checked_tid) = (inbox.clone(), name.clone(), tid.clone());
+        let staged = tokio::task::spawn_blocking(move || {
+            let mut staged = Staged::open(&checked_inbox, &checked_tid, &checked_name)?;
+            verify_file(&mut staged.file, size, &sha, hashed)?;
+            transform.finish_file(&partial_path(&checked_inbox, &checked_tid))?;
+            Ok::<_, ReceiveError>(staged)
         })
         .await
         .map_err(|e| ReceiveError::Io(e.to_string()))??;
         let name_lock = self.names.of(&inbox.join(&name));
         let _placing = name_lock.lock().await;
         let placed = tokio::task::spawn_blocking(move || {
-            place(&partial, &inbox, &name, mode, |target, inode| {
+            place(staged, &inbox, &name, (mode, file_mode), |target, inode| {
                 let placing = Placing {
                     transfer_id: tid,
                     peer,
@@ -129,10 +134,12 @@ impl Receiver {
                 .into_iter()
                 .filter_map(|mut i| {
                     let sha = i.row.sha256.clone().unwrap_or_default();
-                    verify(&i.partial, i.row.size, &sha, i.hashed.take()).ok()?;
+                    let mut staged =
+                        Staged::open(&i.inbox, &i.row.transfer_id, &i.row.file_name).ok()?;
+                    verify_file(&mut staged.file, i.row.size, &sha, i.hashed.take()).ok()?;
                     i.transform.finish_file(&i.partial).ok()?;
-                    let inode = partial_inode(&i.partial).ok()?;
-                    Some((i, inode))
+                    staged.chmod(i.file_mode).ok()?;
+                    Some((i, staged))
                 })
                 .collect::<Vec<_>>()
         })
@@ -145,11 +152,11 @@ impl Receiver {
         }
         let placing = ready
             .iter()
-            .map(|(i, inode)| Placing {
+            .map(|(i, staged)| Placing {
                 transfer_id: i.row.transfer_id.clone(),
                 peer: i.row.peer.clone(),
                 target: i.target.clone(),
-                inode: *inode,
+                inode: staged.ino,
             })
             .collect();
         self.ledger.placing(placing).await?;
@@ -204,8 +211,10 @@ impl Receiver {
             }
             items.push(Item {
                 partial: partial_path(&p.inbox, tid),
+                inbox: p.inbox.clone(),
                 target,
                 mode: p.mode,
+                file_mode: p.file_mode,
                 next: after_placing(p),
                 hashed: self.digests.finish(tid, row.size),
                 transform: Transform::for_receive(p),
@@ -222,112 +231,197 @@ impl Receiver {
 struct Item {
     row: ReceiveRow,
     partial: PathBuf,
+    inbox: PathBuf,
     target: PathBuf,
     mode: Mode,
+    file_mode: u32,
     next: Status,
     hashed: Option<String>,
     transform: Transform,
 }
 
+/// A verified partial file about to be placed: its inbox and partial
+/// directory open, its name there, its descriptor (checked: a regular file
+/// of the agent's own, one link) and its inode.
+pub struct Staged {
+    dirs: Dirs,
+    name: String,
+    file: File,
+    ino: u64,
+}
+
+impl Staged {
+    /// Opens the partial file of `tid` in `inbox` without following links.
+    /// Two links are accepted only when the second is the inbox name
+    /// `target` itself: mode `new` linked it before a crash.
+    pub fn open(inbox: &Path, tid: &TransferId, target: &str) -> Result<Staged, ReceiveError> {
+        let dirs = partial::open_dirs(inbox, false)?;
+        let name = partial::name_of(tid);
+        let file = partial::open_raw(&dirs, &name, false)?;
+        let st = match partial::check_file(&file, &name, 1) {
+            Ok(st) => st,
+            Err(e) => {
+                let st = partial::check_file(&file, &name, 2).map_err(|_| e)?;
+                let linked = partial::stat_in_inbox(&dirs, target)?
+                    .is_some_and(|t| t.st_ino == st.st_ino && t.st_dev == st.st_dev);
+                if !linked {
+                    return Err(ReceiveError::UnsafeInbox(format!(
+                        "the partial file {name} has another link"
+                    )));
+                }
+                st
+            }
+        };
+        Ok(Staged {
+            dirs,
+            name,
+            file,
+            ino: st.st_ino,
+        })
+    }
+
+    /// Gives the file the profile's `file_mode`, exactly (the umask plays no part).
+    fn chmod(&self, file_mode: u32) -> Result<(), ReceiveError> {
+        use std::os::unix::fs::PermissionsExt;
+        self.file
+            .set_permissions(fs::Permissions::from_mode(file_mode))
+            .map_err(|e| ReceiveError::from_io("setting the file's mode", e))
+    }
+}
+
 /// Puts every verified file of a group in place, then flushes each inbox
 /// directory once for all the names put there, then drops the partial
 /// names that must outlive that flush.
-fn put_together(ready: &[(Item, u64)]) -> Vec<Result<(), ReceiveError>> {
+fn put_together(ready: &[(Item, Staged)]) -> Vec<Result<(), ReceiveError>> {
     let mut results: Vec<Result<(), ReceiveError>> = ready
         .iter()
-        .map(|(i, ino)| put(&i.partial, &i.target, i.mode, *ino))
+        .map(|(i, staged)| put(staged, &i.row.file_name, &i.target, i.mode))
         .collect();
-    let mut dirs: Vec<&Path> = ready
-        .iter()
-        .zip(&results)
-        .filter(|(_, r)| r.is_ok())
-        .filter_map(|((i, _), _)| i.target.parent())
-        .collect();
-    dirs.sort();
-    dirs.dedup();
-    let failed_dirs: Vec<(&Path, String)> = dirs
-        .into_iter()
-        .filter_map(|d| durable::fsync_dir(d).err().map(|e| (d, e.to_string())))
-        .collect();
-    for ((i, _), r) in ready.iter().zip(results.iter_mut()) {
+    let mut flushed: HashMap<&Path, Option<String>> = HashMap::new();
+    for ((i, staged), r) in ready.iter().zip(&results) {
+        if r.is_ok() && !flushed.contains_key(i.inbox.as_path()) {
+            let e = partial::fsync_dir(&staged.dirs.inbox).err();
+            flushed.insert(&i.inbox, e.map(|e| e.to_string()));
+        }
+    }
+    for ((i, staged), r) in ready.iter().zip(results.iter_mut()) {
         if r.is_err() {
             continue;
         }
-        *r = match failed_dirs
-            .iter()
-            .find(|(d, _)| Some(*d) == i.target.parent())
-        {
-            Some((_, e)) => Err(ReceiveError::Io(format!(
+        *r = match flushed.get(i.inbox.as_path()) {
+            Some(Some(e)) => Err(ReceiveError::Io(format!(
                 "flushing the inbox directory: {e}"
             ))),
-            None => tidy(&i.partial, i.mode),
+            _ => tidy(staged, i.mode),
         };
     }
     results
 }
 
-fn inode(path: &Path) -> io::Result<u64> {
-    Ok(fs::metadata(path)?.ino())
-}
-
 /// True when `target` is the file whose inode was recorded before placing:
-/// the placement happened before a crash.
+/// the placement happened before a crash. A link at the name is never it.
 pub fn already_placed(target: &Path, recorded: u64) -> bool {
-    inode(target).map(|i| i == recorded).unwrap_or(false)
+    fs::symlink_metadata(target)
+        .map(|m| m.file_type().is_file() && m.ino() == recorded)
+        .unwrap_or(false)
 }
 
-/// Puts `partial` in place as `inbox/name`. `record(target, inode)` is called
-/// with the inode that will carry the name, before the step that makes it
-/// visible, so that recovery can tell whether that step happened.
+/// Puts `staged` in place as `inbox/name`, in `mode`, with the permissions
+/// `file_mode`. `record(target, inode)` is called with the inode that will
+/// carry the name, before the step that makes it visible, so that recovery
+/// can tell whether that step happened. Every step works on the inbox's
+/// and the partial directory's descriptors; `append` and `generations`
+/// refuse a link or a non-regular file at the name (`unsafe_inbox`).
 pub fn place(
-    partial: &Path,
+    staged: Staged,
     inbox: &Path,
     name: &str,
-    mode: Mode,
+    (mode, file_mode): (Mode, u32),
     record: impl FnOnce(&Path, u64) -> Result<(), ReceiveError>,
 ) -> Result<PathBuf, ReceiveError> {
     let target = inbox.join(name);
     let io = |what: &'static str| move |e: io::Error| ReceiveError::from_io(what, e);
+    let errno = |what: &'static str| move |e: Errno| ReceiveError::from_io(what, e.into());
+    let dirs = &staged.dirs;
     match mode {
         Mode::New | Mode::Replace => {
-            let ino = inode(partial).map_err(io("reading the partial file"))?;
-            record(&target, ino)?;
-            put(partial, &target, mode, ino)?;
-            durable::fsync_dir(inbox).map_err(io("placing the file"))?;
-            tidy(partial, mode)?;
+            staged.chmod(file_mode)?;
+            record(&target, staged.ino)?;
+            put(&staged, name, &target, mode)?;
+            partial::fsync_dir(&dirs.inbox).map_err(io("placing the file"))?;
+            tidy(&staged, mode)?;
         }
         Mode::Append => {
             // Build old + new beside the partial, then rename it over the
             // name: a reader sees the old file or the whole new one.
-            let combined = partial.with_extension("append");
-            durable::remove_if_exists(&combined).map_err(io("preparing the append"))?;
-            if target.exists() {
-                fs::copy(&target, &combined).map_err(io("copying the existing file"))?;
+            let combined = format!("{}.append", staged.name.trim_end_matches(".part"));
+            partial::remove_at(dirs, &combined).map_err(io("preparing the append"))?;
+            let mut out = partial::open_file(dirs, &combined, true)?;
+            if let Some(mut existing) = open_existing(dirs, name, &target)? {
+                io::copy(&mut existing, &mut out).map_err(io("copying the existing file"))?;
             }
-            durable::append_durable(partial, &combined).map_err(io("appending"))?;
-            let ino = inode(&combined).map_err(io("reading the appended file"))?;
+            let mut src = &staged.file;
+            src.seek(io::SeekFrom::Start(0))
+                .map_err(io("reading the partial file"))?;
+            io::copy(&mut src, &mut out).map_err(io("appending"))?;
+            out.sync_all().map_err(io("appending"))?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                out.set_permissions(fs::Permissions::from_mode(file_mode))
+                    .map_err(io("setting the file's mode"))?;
+            }
+            let ino = out.metadata().map_err(io("appending"))?.ino();
             record(&target, ino)?;
-            durable::rename_durable(&combined, &target).map_err(io("placing the file"))?;
-            durable::remove_if_exists(partial).map_err(io("removing the partial file"))?;
+            renameat(&dirs.partial, combined.as_str(), &dirs.inbox, name)
+                .map_err(errno("placing the file"))?;
+            partial::fsync_dir(&dirs.inbox).map_err(io("placing the file"))?;
+            partial::fsync_dir(&dirs.partial).map_err(io("placing the file"))?;
+            partial::remove_at(dirs, &staged.name).map_err(io("removing the partial file"))?;
         }
         Mode::Generations(keep) => {
             // Rotate only while the name is taken, so that a rotation redone
             // after a crash between rotating and placing does not shift twice.
-            if target.exists() {
-                rotate(inbox, name, keep).map_err(io("rotating generations"))?;
+            match partial::stat_in_inbox(dirs, name)? {
+                None => {}
+                Some(st) if partial::is_regular(&st) => {
+                    rotate(dirs, name, keep).map_err(io("rotating generations"))?
+                }
+                Some(_) => return Err(not_regular(&target)),
             }
-            let ino = inode(partial).map_err(io("reading the partial file"))?;
-            record(&target, ino)?;
-            durable::rename_into(partial, &target).map_err(io("placing the file"))?;
+            staged.chmod(file_mode)?;
+            record(&target, staged.ino)?;
+            renameat(&dirs.partial, staged.name.as_str(), &dirs.inbox, name)
+                .map_err(errno("placing the file"))?;
+            partial::fsync_dir(&dirs.inbox).map_err(io("placing the file"))?;
         }
     }
     Ok(target)
 }
 
-/// The inode `partial` will carry under its inbox name (modes `new` and
-/// `replace`), to record before [`put`].
-pub fn partial_inode(partial: &Path) -> Result<u64, ReceiveError> {
-    inode(partial).map_err(|e| ReceiveError::from_io("reading the partial file", e))
+fn not_regular(target: &Path) -> ReceiveError {
+    ReceiveError::UnsafeInbox(format!(
+        "{} is a link or not a regular file, and the profile's mode keeps the file at that name",
+        target.display()
+    ))
+}
+
+/// The regular file at the inbox name, opened without following a link;
+/// `None` when the name is free.
+fn open_existing(dirs: &Dirs, name: &str, target: &Path) -> Result<Option<File>, ReceiveError> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let f = match openat(&dirs.inbox, name, flags, nix::sys::stat::Mode::empty()) {
+        Ok(fd) => File::from(fd),
+        Err(Errno::ENOENT) => return Ok(None),
+        Err(Errno::ELOOP | Errno::ENXIO) => return Err(not_regular(target)),
+        Err(e) => return Err(ReceiveError::from_io("opening the existing file", e.into())),
+    };
+    let meta = f
+        .metadata()
+        .map_err(|e| ReceiveError::from_io("reading the existing file", e))?;
+    if !meta.file_type().is_file() {
+        return Err(not_regular(target));
+    }
+    Ok(Some(f))
 }
 
 /// True for the modes whose placement is one rename or link, which
@@ -336,24 +430,37 @@ pub fn simple(mode: Mode) -> bool {
     matches!(mode, Mode::New | Mode::Replace)
 }
 
-/// Gives `partial` (inode `ino`) the name `target`, mode `new` or `replace`,
-/// without flushing the directory: the caller flushes it, once for every
-/// file it put there, and then calls [`tidy`]. `new` never overwrites, and
-/// knows its own earlier link.
-pub fn put(partial: &Path, target: &Path, mode: Mode, ino: u64) -> Result<(), ReceiveError> {
-    let io = |what: &'static str| move |e: io::Error| ReceiveError::from_io(what, e);
+/// Gives `staged` the inbox name `name`, mode `new` or `replace`, without
+/// flushing the directory: the caller flushes it, once for every file it
+/// put there, and then calls [`tidy`]. `new` never overwrites, and knows
+/// its own earlier link; `replace` renames over whatever is at the name
+/// (a link there is replaced, never followed).
+fn put(staged: &Staged, name: &str, target: &Path, mode: Mode) -> Result<(), ReceiveError> {
+    let errno = |e: Errno| ReceiveError::from_io("placing the file", e.into());
+    let dirs = &staged.dirs;
     if mode == Mode::Replace {
         // Only the new name needs to last: a leftover partial link after a
         // crash is removed at the next start (`recovery.rs`, `sweep_partials`).
-        return fs::rename(partial, target).map_err(io("placing the file"));
+        return renameat(&dirs.partial, staged.name.as_str(), &dirs.inbox, name).map_err(errno);
     }
-    match fs::hard_link(partial, target) {
+    match linkat(
+        &dirs.partial,
+        staged.name.as_str(),
+        &dirs.inbox,
+        name,
+        AtFlags::empty(),
+    ) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && already_placed(target, ino) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            Err(ReceiveError::FileExists(target.display().to_string()))
+        Err(Errno::EEXIST) => {
+            let ours = partial::stat_in_inbox(dirs, name)?
+                .is_some_and(|st| partial::is_regular(&st) && st.st_ino == staged.ino);
+            if ours {
+                Ok(())
+            } else {
+                Err(ReceiveError::FileExists(target.display().to_string()))
+            }
         }
-        Err(e) => Err(io("placing the file")(e)),
+        Err(e) => Err(errno(e)),
     }
 }
 
@@ -361,61 +468,86 @@ pub fn put(partial: &Path, target: &Path, mode: Mode, ino: u64) -> Result<(), Re
 /// file's name, which must outlive the flush of the new one (the two are in
 /// different directories, and a crash may keep either change without the
 /// other).
-pub fn tidy(partial: &Path, mode: Mode) -> Result<(), ReceiveError> {
+fn tidy(staged: &Staged, mode: Mode) -> Result<(), ReceiveError> {
     if mode != Mode::New {
         return Ok(());
     }
-    durable::remove_if_exists(partial)
+    partial::remove_at(&staged.dirs, &staged.name)
         .map_err(|e| ReceiveError::from_io("removing the partial file", e))
 }
 
 /// `name.(keep-1)` → `name.keep` … `name` → `name.1`; the oldest drops off.
-fn rotate(inbox: &Path, name: &str, keep: u32) -> io::Result<()> {
-    let generation = |i: u32| inbox.join(format!("{name}.{i}"));
-    durable::remove_if_exists(&generation(keep))?;
+/// Names inside the inbox's descriptor: a link among the generations is
+/// moved, never followed.
+fn rotate(dirs: &Dirs, name: &str, keep: u32) -> io::Result<()> {
+    let generation = |i: u32| format!("{name}.{i}");
+    match unlinkat(
+        &dirs.inbox,
+        generation(keep).as_str(),
+        UnlinkatFlags::NoRemoveDir,
+    ) {
+        Ok(()) | Err(Errno::ENOENT) => {}
+        Err(e) => return Err(e.into()),
+    }
     for i in (1..keep).rev() {
-        let from = generation(i);
-        if from.exists() {
-            fs::rename(&from, generation(i + 1))?;
+        let (from, to) = (generation(i), generation(i + 1));
+        match renameat(&dirs.inbox, from.as_str(), &dirs.inbox, to.as_str()) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    fs::rename(inbox.join(name), generation(1))?;
-    durable::fsync_dir(inbox)
+    renameat(&dirs.inbox, name, &dirs.inbox, generation(1).as_str())?;
+    partial::fsync_dir(&dirs.inbox)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn setup(content: &[u8]) -> (tempfile::TempDir, PathBuf) {
+    /// An inbox with the partial file of a new transfer holding `content`.
+    fn setup(content: &[u8]) -> (tempfile::TempDir, PathBuf, TransferId) {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("t.part");
-        fs::write(&p, content).unwrap();
-        (d, p)
+        let inbox = d.path().join("inbox");
+        let tid = TransferId::new();
+        write(&inbox, &tid, content);
+        (d, inbox, tid)
+    }
+
+    fn write(inbox: &Path, tid: &TransferId, content: &[u8]) {
+        use std::io::Write;
+        let dirs = partial::open_dirs(inbox, true).unwrap();
+        let mut f = partial::open_file(&dirs, &partial::name_of(tid), true).unwrap();
+        f.write_all(content).unwrap();
+    }
+
+    fn place_as(inbox: &Path, tid: &TransferId, mode: Mode) -> Result<PathBuf, ReceiveError> {
+        let staged = Staged::open(inbox, tid, "f")?;
+        place(staged, inbox, "f", (mode, 0o640), |_, _| Ok(()))
     }
 
     #[test]
     fn modes() {
-        let (d, p) = setup(b"one");
-        let inbox = d.path();
-        let t = place(&p, inbox, "f", Mode::New, |_, _| Ok(())).unwrap();
+        let (_d, inbox, tid) = setup(b"one");
+        let t = place_as(&inbox, &tid, Mode::New).unwrap();
         assert_eq!(fs::read(&t).unwrap(), b"one");
-        assert!(!p.exists());
-        fs::write(&p, b"two").unwrap();
+        assert_eq!(fs::metadata(&t).unwrap().mode() & 0o7777, 0o640);
+        assert!(!partial_path(&inbox, &tid).exists());
+        let tid = TransferId::new();
+        write(&inbox, &tid, b"two");
         assert_eq!(
-            place(&p, inbox, "f", Mode::New, |_, _| Ok(()))
-                .unwrap_err()
-                .code(),
+            place_as(&inbox, &tid, Mode::New).unwrap_err().code(),
             crate::error_code::ErrorCode::FileExists
         );
-        place(&p, inbox, "f", Mode::Append, |_, _| Ok(())).unwrap();
+        place_as(&inbox, &tid, Mode::Append).unwrap();
         assert_eq!(fs::read(&t).unwrap(), b"onetwo");
-        fs::write(&p, b"three").unwrap();
-        place(&p, inbox, "f", Mode::Replace, |_, _| Ok(())).unwrap();
+        let tid = TransferId::new();
+        write(&inbox, &tid, b"three");
+        place_as(&inbox, &tid, Mode::Replace).unwrap();
         assert_eq!(fs::read(&t).unwrap(), b"three");
         for g in ["g1", "g2", "g3"] {
-            fs::write(&p, g).unwrap();
-            place(&p, inbox, "f", Mode::Generations(2), |_, _| Ok(())).unwrap();
+            let tid = TransferId::new();
+            write(&inbox, &tid, g.as_bytes());
+            place_as(&inbox, &tid, Mode::Generations(2)).unwrap();
         }
         assert_eq!(fs::read(&t).unwrap(), b"g3");
         assert_eq!(fs::read(inbox.join("f.1")).unwrap(), b"g2");
@@ -425,11 +557,29 @@ mod tests {
 
     #[test]
     fn new_mode_recognises_its_own_earlier_placement() {
-        let (d, p) = setup(b"one");
-        let target = d.path().join("f");
+        let (_d, inbox, tid) = setup(b"one");
+        let target = inbox.join("f");
         // Simulates a crash after the link and before the partial was removed.
-        fs::hard_link(&p, &target).unwrap();
-        place(&p, d.path(), "f", Mode::New, |_, _| Ok(())).unwrap();
+        fs::hard_link(partial_path(&inbox, &tid), &target).unwrap();
+        place_as(&inbox, &tid, Mode::New).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"one");
+    }
+
+    #[test]
+    fn append_and_generations_refuse_a_link_at_the_name() {
+        let (d, inbox, tid) = setup(b"new");
+        let secret = d.path().join("secret");
+        fs::write(&secret, b"secret").unwrap();
+        std::os::unix::fs::symlink(&secret, inbox.join("f")).unwrap();
+        for mode in [Mode::Append, Mode::Generations(3)] {
+            let e = place_as(&inbox, &tid, mode).unwrap_err();
+            assert_eq!(e.code(), crate::error_code::ErrorCode::UnsafeInbox, "{e}");
+        }
+        assert_eq!(fs::read(&secret).unwrap(), b"secret");
+        assert!(!inbox.join("f.1").exists());
+        // Replace renames over the link, never through it.
+        place_as(&inbox, &tid, Mode::Replace).unwrap();
+        assert_eq!(fs::read(inbox.join("f")).unwrap(), b"new");
+        assert_eq!(fs::read(&secret).unwrap(), b"secret");
     }
 }

@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 
 use super::Receiver;
 use super::error::ReceiveError;
-use super::ingest::{PARTIAL_DIR, partial_path};
+use super::partial;
 use crate::domain::TransferId;
 use crate::store::{Status, StoreError};
 
@@ -41,14 +41,24 @@ impl Receiver {
     /// Removes partial files left by transfers that are past placing: a
     /// second link to a placed file (placing makes only the new name
     /// durable), or the partial of a transfer that failed. Partial files of
-    /// transfers still receiving or placing, or unknown here, stay.
+    /// transfers still receiving or placing, or unknown here, stay. The
+    /// partial directory is listed and its entries removed through its
+    /// descriptor (`partial.rs`): a link planted at its name is not
+    /// followed, and a directory not the agent's own is left alone.
     async fn sweep_partials(&self) -> Result<(), StoreError> {
         for p in &self.cfg.receive {
-            let Ok(entries) = std::fs::read_dir(p.inbox.join(PARTIAL_DIR)) else {
+            let Ok(dirs) = partial::open_dirs(&p.inbox, false) else {
                 continue;
             };
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
+            let names: Vec<String> = match dirs.partial.try_clone().map(nix::dir::Dir::from_fd) {
+                Ok(Ok(mut dir)) => dir
+                    .iter()
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str().ok().map(String::from))
+                    .collect(),
+                _ => continue,
+            };
+            for name in names {
                 let Some(tid) = name
                     .strip_suffix(".part")
                     .and_then(|t| TransferId::parse(t).ok())
@@ -62,7 +72,7 @@ impl Receiver {
                     .is_some_and(|r| !matches!(r.status, Status::Receiving | Status::Placing));
                 if done {
                     info!(message = "Removing a leftover partial file.", transfer_id = %tid);
-                    let _ = crate::durable::remove_if_exists(&entry.path());
+                    let _ = partial::remove_at(&dirs, &name);
                 }
             }
         }
@@ -111,7 +121,7 @@ impl Receiver {
                         continue;
                     }
                     crate::failpoint::hit("receiver.expire.recorded");
-                    let _ = crate::durable::remove_if_exists(&partial_path(&p.inbox, tid));
+                    let _ = partial::remove(&p.inbox, tid);
                     self.digests.forget(tid);
                     self.tasks
                         .spawn(self.clone().complete(row.transfer.transfer_id));

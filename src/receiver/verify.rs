@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
-use std::path::Path;
+
 use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
@@ -19,14 +19,25 @@ use crate::domain::TransferId;
 /// order; otherwise the file is read back. No flush here: each chunk was
 /// flushed (fdatasync) before it was recorded, so a complete transfer's
 /// partial file is on disk already.
+#[cfg(test)]
 pub fn verify(
-    partial: &Path,
+    partial: &std::path::Path,
     size: u64,
     sha256: &str,
     hashed: Option<String>,
 ) -> Result<(), ReceiveError> {
     let mut f =
         File::open(partial).map_err(|e| ReceiveError::from_io("opening the partial file", e))?;
+    verify_file(&mut f, size, sha256, hashed)
+}
+
+/// [`verify`] on a partial file already open (and checked, `partial.rs`).
+pub fn verify_file(
+    f: &mut File,
+    size: u64,
+    sha256: &str,
+    hashed: Option<String>,
+) -> Result<(), ReceiveError> {
     let actual_size = f
         .metadata()
         .map_err(|e| ReceiveError::from_io("reading the partial file", e))?

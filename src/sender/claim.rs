@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use super::Sender;
 use super::spool::{Spool, Spooled};
+use super::watch::ReadyFile;
 use crate::clock::now_rfc3339;
 use crate::config::{Ready, SendProfile};
 use crate::domain::TransferId;
@@ -24,49 +25,148 @@ impl Sender {
     /// each is renamed into the spool (atomic), then the directories are
     /// flushed once for all of them, then one row per file and receiving
     /// node is recorded in one transaction, then they are published.
-    pub(super) async fn claim(self: &Arc<Self>, profile: &SendProfile, names: Vec<String>) {
+    pub(super) async fn claim(self: &Arc<Self>, profile: &SendProfile, names: Vec<ReadyFile>) {
         let (p, spool) = (profile.clone(), self.spool.clone());
-        let claimed = tokio::task::spawn_blocking(move || claim_files(&p, &spool, &names))
-            .await
-            .unwrap_or_default();
-        if claimed.is_empty() {
+        let (claimed, refused) =
+            tokio::task::spawn_blocking(move || claim_files(&p, &spool, &names))
+                .await
+                .unwrap_or_default();
+        if claimed.is_empty() && refused.is_empty() {
             return;
         }
-        let rows: Vec<SendRow> = claimed
+        let hook = profile.on_failure.is_some();
+        let mut rows: Vec<SendRow> = claimed
             .iter()
             .flat_map(|file| claim_rows(profile, file, &BTreeMap::new(), Status::Sending))
             .collect();
+        // A refused file's rows are recorded failed from the start: no crash
+        // can leave one `sending`, to be published at the next start.
+        for (file, why) in &refused {
+            let status = if hook {
+                Status::HookRunning
+            } else {
+                Status::SendFailed
+            };
+            for mut row in claim_rows(profile, file, &BTreeMap::new(), status) {
+                let code = ErrorCode::UnsafeSource;
+                let msg = unsafe_source_message(why);
+                warn!(message = "Refusing a claimed file that is not the file the watcher saw.",
+                    transfer_id = %row.transfer_id, to = %row.peer, error_code = %code, error = %msg);
+                row.transfer.error_code = Some(code.as_str().to_string());
+                row.transfer.error = Some(msg);
+                row.transfer.finished_at = (!hook).then(now_rfc3339);
+                rows.push(row);
+            }
+        }
         // On failure the spooled files are recorded at the next start.
         if let Err(e) = self.ledger.insert_all(rows.clone()).await {
             error!(message = "Cannot record claimed files; they are recorded at the next start.",
                 files = claimed.len(), error = %e, error_code = %e.code());
             return;
         }
-        for file in claimed {
+        for file in &claimed {
             info!(message = "Claimed.", transfer_id = %file.tid, file_id = %profile.file_id, file_name = %file.name);
         }
         for row in &rows {
-            self.enqueue(row);
+            if row.status == Status::Sending {
+                self.enqueue(row);
+            } else if hook {
+                // Off the watcher's loop, like a receipt's hook.
+                let (this, key) = (self.clone(), (row.transfer_id.clone(), row.peer.clone()));
+                self.tasks.spawn(async move {
+                    if let Err(e) = this.run_hook(&key.0, &key.1).await {
+                        error!(message = "State database failed while running a sender hook.", error = %e, error_code = %e.code());
+                    }
+                });
+            }
+        }
+    }
+
+    /// Fails a transfer whose claimed file is not the regular file the
+    /// watcher saw (`unsafe_source`), then runs the profile's failure hook.
+    /// Nothing of the file is sent.
+    pub(super) async fn refuse_source(&self, row: &SendRow, why: &str) {
+        let key = (&row.transfer_id, &row.peer);
+        let hook = self
+            .cfg
+            .send_profile(&row.file_id)
+            .is_some_and(|p| p.on_failure.is_some());
+        let status = if hook {
+            Status::HookRunning
+        } else {
+            Status::SendFailed
+        };
+        let code = ErrorCode::UnsafeSource;
+        let msg = unsafe_source_message(why);
+        warn!(message = "Refusing a spooled file that is not the file the watcher saw.",
+            transfer_id = %row.transfer_id, to = %row.peer, error_code = %code, error = %msg);
+        if let Err(e) = self.ledger.fail(key, status, (code, &msg)).await {
+            error!(message = "State database failed while refusing a claimed file.", error = %e, error_code = %e.code());
+            return;
+        }
+        if hook {
+            if let Err(e) = self.run_hook(&row.transfer_id, &row.peer).await {
+                error!(message = "State database failed while running a sender hook.", error = %e, error_code = %e.code());
+            }
         }
     }
 }
 
+fn unsafe_source_message(why: &str) -> String {
+    format!(
+        "{why}; nothing of it was sent: put a regular file of its own into the outbox (copy it, do not link it), then send it again"
+    )
+}
+
+/// Checks what the claim's rename brought into the spool (where nobody else
+/// can change it): the regular file, with one link, whose inode the watcher
+/// saw. Otherwise the outbox's name was swapped between the watcher's look
+/// and the rename (a link to a file only the agent may read, a hard link, a
+/// device): what came in is removed when it is only a name (a link, a
+/// second hard link, a special file) and kept when it is a file of its own,
+/// and the transfer is refused.
+fn check_claimed(path: &Path, seen_ino: u64) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| format!("the claimed file cannot be read back: {e}"))?;
+    let why = if meta.file_type().is_symlink() {
+        "the outbox's name was a link when it was claimed"
+    } else if !meta.is_file() {
+        "the outbox's name was not a regular file when it was claimed"
+    } else if meta.nlink() != 1 {
+        "the claimed file has other hard links"
+    } else if meta.ino() != seen_ino {
+        "the outbox's name was swapped for another file between the check and the claim"
+    } else {
+        return Ok(());
+    };
+    let only_a_name = !meta.is_dir() && (!meta.is_file() || meta.nlink() != 1);
+    if only_a_name {
+        let _ = durable::remove_if_exists(path);
+    }
+    Err(why.to_string())
+}
+
+/// Claimed files, and those refused with why (see [`check_claimed`]).
+type Claims = (Vec<Spooled>, Vec<(Spooled, String)>);
+
 /// Moves ready files from the outbox into the spool, each under a new
 /// transfer id. The renames are made durable together (one flush per
 /// directory, not per file).
-fn claim_files(profile: &SendProfile, spool: &Spool, names: &[String]) -> Vec<Spooled> {
+fn claim_files(profile: &SendProfile, spool: &Spool, names: &[ReadyFile]) -> Claims {
     let file_dir = spool.dir_of(&profile.file_id);
     if let Err(e) = std::fs::create_dir_all(&file_dir) {
         error!(message = "Cannot create the spool directory; check the state directory's permissions and space.",
             dir = %file_dir.display(), error = %e, error_code = %ErrorCode::ClaimFailed);
-        return Vec::new();
+        return Claims::default();
     }
     let mut claimed = Vec::new();
+    let mut refused = Vec::new();
     // Directories whose entries changed, flushed once each at the end: the
     // profile's spool directory, the outbox, and the directory of each file
     // whose name is too long for the flat layout.
     let mut changed: Vec<PathBuf> = vec![file_dir.clone(), profile.outbox.clone()];
-    for name in names {
+    for (name, seen_ino) in names {
         // The marker goes first: a crash after it leaves the file in the
         // outbox waiting for a new marker, never a stale marker that would
         // let the next file of that name be claimed half-written.
@@ -83,11 +183,16 @@ fn claim_files(profile: &SendProfile, spool: &Spool, names: &[String]) -> Vec<Sp
         match moved {
             Ok(()) => {
                 changed.extend(own_dir.map(Path::to_path_buf));
-                claimed.push(Spooled {
+                let checked = check_claimed(&to, *seen_ino);
+                let file = Spooled {
                     tid,
                     name: name.clone(),
                     path: to,
-                });
+                };
+                match checked {
+                    Ok(()) => claimed.push(file),
+                    Err(why) => refused.push((file, why)),
+                }
             }
             Err(e) => {
                 let _ = own_dir.map(std::fs::remove_dir);
@@ -98,8 +203,8 @@ fn claim_files(profile: &SendProfile, spool: &Spool, names: &[String]) -> Vec<Sp
             }
         }
     }
-    if claimed.is_empty() {
-        return claimed;
+    if claimed.is_empty() && refused.is_empty() {
+        return (claimed, refused);
     }
     // On a journalling filesystem the first flush commits the journal for
     // all the renames and the rest find nothing left to write; without a
@@ -110,7 +215,7 @@ fn claim_files(profile: &SendProfile, spool: &Spool, names: &[String]) -> Vec<Sp
             warn!(message = "Cannot flush a spool directory.", dir = %dir.display(), error = %e);
         }
     }
-    claimed
+    (claimed, refused)
 }
 
 /// One row per receiving node for a file already in the spool.
@@ -120,7 +225,9 @@ pub(super) fn claim_rows(
     meta: &BTreeMap<String, String>,
     status: Status,
 ) -> Vec<SendRow> {
-    let size = std::fs::metadata(&file.path).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::symlink_metadata(&file.path)
+        .map(|m| m.len())
+        .unwrap_or(0);
     let started_at = now_rfc3339();
     profile
         .to

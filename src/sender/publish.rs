@@ -132,6 +132,10 @@ impl Sender {
                         .await;
                     return;
                 }
+                Err(e @ PublishError::Unsafe(..)) => {
+                    self.refuse_source(&row, &e.to_string()).await;
+                    return;
+                }
                 Err(PublishError::Broker(e)) => {
                     warn!(message = "Publishing interrupted; resuming from the first unconfirmed chunk.",
                         transfer_id = %tid, to = %peer, next_chunk = resume.next, error_code = %e.code(), error = %e);
@@ -157,6 +161,8 @@ pub enum PublishError {
     Broker(#[from] BrokerError),
     #[error("cannot read the spooled file {0}: {1}; it may have been removed by hand")]
     Spool(String, std::io::Error),
+    #[error("the spooled file {0} {1}")]
+    Unsafe(String, &'static str),
 }
 
 struct InFlight {
@@ -187,8 +193,10 @@ impl Chunks<'_> {
     ) -> Result<String, PublishError> {
         let row = self.row;
         let path = row.path.display().to_string();
-        let file =
-            std::fs::File::open(&row.path).map_err(|e| PublishError::Spool(path.clone(), e))?;
+        let file = super::spool::open_source(&row.path).map_err(|e| match e {
+            super::spool::SourceError::Io(e) => PublishError::Spool(path.clone(), e),
+            super::spool::SourceError::Unsafe(why) => PublishError::Unsafe(path.clone(), why),
+        })?;
         let file = Arc::new(file);
         let count = chunk_count(row.size, row.chunk_size).unwrap_or(1);
         if count == 1 {

@@ -66,7 +66,11 @@ impl Sender {
 
     /// Runs the send profile's hook for the receipt's outcome, recorded in
     /// `hook_running` by the receipt itself.
-    async fn run_hook(&self, tid: &TransferId, peer: &NodeName) -> Result<(), StoreError> {
+    pub(super) async fn run_hook(
+        &self,
+        tid: &TransferId,
+        peer: &NodeName,
+    ) -> Result<(), StoreError> {
         let key = (tid, peer);
         // The row was recorded with the receipt by a call that waited.
         let Some(row) = self.ledger.deferred().get(key).await? else {

@@ -101,6 +101,37 @@ impl Spool {
     }
 }
 
+/// Why a spooled file may not be read for sending.
+#[derive(Debug)]
+pub enum SourceError {
+    Io(io::Error),
+    /// Not a regular file with one link (see [`open_source`]).
+    Unsafe(&'static str),
+}
+
+/// Opens a spooled file to send it: never through a link (`O_NOFOLLOW`),
+/// never blocking on a special file, and only a regular file with one link.
+pub fn open_source(path: &Path) -> Result<std::fs::File, SourceError> {
+    use nix::libc::{ELOOP, O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK};
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(ELOOP) => SourceError::Unsafe("is a link"),
+            _ => SourceError::Io(e),
+        })?;
+    let meta = f.metadata().map_err(SourceError::Io)?;
+    if !meta.is_file() {
+        return Err(SourceError::Unsafe("is not a regular file"));
+    }
+    if meta.nlink() != 1 {
+        return Err(SourceError::Unsafe("has other hard links"));
+    }
+    Ok(f)
+}
+
 /// The transfer id and file name of a spool entry `<transfer_id>.<name>`.
 fn parse_entry(entry: &str) -> Option<(TransferId, &str)> {
     let (tid, name) = entry.split_at_checked(36)?;
@@ -185,5 +216,19 @@ mod tests {
             (&listed[0].tid, listed[0].name.as_str()),
             (&s.tid, "sales.csv")
         );
+    }
+
+    #[test]
+    fn a_source_is_opened_only_as_a_regular_file_with_one_link() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        assert!(open_source(&f).is_ok());
+        let l = d.path().join("l");
+        std::os::unix::fs::symlink(&f, &l).unwrap();
+        assert!(matches!(open_source(&l), Err(SourceError::Unsafe(_))));
+        std::fs::hard_link(&f, d.path().join("h")).unwrap();
+        assert!(matches!(open_source(&f), Err(SourceError::Unsafe(_))));
+        assert!(matches!(open_source(d.path()), Err(SourceError::Unsafe(_))));
     }
 }

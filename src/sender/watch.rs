@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,8 +27,13 @@ const COALESCE: Duration = Duration::from_millis(5);
 struct Seen {
     size: u64,
     mtime: SystemTime,
+    ino: u64,
     since: Instant,
 }
+
+/// A file ready to be claimed: its name and the inode the watcher saw
+/// there, which the claim checks again once the file is in the spool.
+pub type ReadyFile = (String, u64);
 
 /// Watches `profile`'s outbox and claims what is ready, until the sender's
 /// stop token is cancelled (checked between claims: a claim under way
@@ -73,8 +79,9 @@ pub async fn watch(sender: Arc<Sender>, profile: SendProfile) {
     }
 }
 
-/// Names in the outbox that are complete now.
-fn ready_files(profile: &SendProfile, seen: &mut HashMap<String, Seen>) -> Vec<String> {
+/// Names in the outbox that are complete now, regular files (a link is
+/// never ready), each with the inode seen.
+fn ready_files(profile: &SendProfile, seen: &mut HashMap<String, Seen>) -> Vec<ReadyFile> {
     let entries = match fs::read_dir(&profile.outbox) {
         Ok(e) => e,
         Err(e) => {
@@ -96,17 +103,16 @@ fn ready_files(profile: &SendProfile, seen: &mut HashMap<String, Seen>) -> Vec<S
             Ready::DoneMarker(marker) => {
                 let is_marker = entry.file_type().is_ok_and(|t| t.is_file());
                 if let Some(target) = name.strip_suffix(marker.as_str()).filter(|_| is_marker) {
-                    let is_file = profile
+                    let file = profile
                         .outbox
                         .join(target)
                         .symlink_metadata()
-                        .is_ok_and(|m| m.is_file());
-                    if !target.is_empty()
-                        && !ignored(target)
-                        && included(profile, target)
-                        && is_file
-                    {
-                        ready.push(target.to_string());
+                        .ok()
+                        .filter(|m| m.is_file());
+                    if let Some(m) = file.filter(|_| {
+                        !target.is_empty() && !ignored(target) && included(profile, target)
+                    }) {
+                        ready.push((target.to_string(), m.ino()));
                     }
                 }
             }
@@ -116,12 +122,13 @@ fn ready_files(profile: &SendProfile, seen: &mut HashMap<String, Seen>) -> Vec<S
                     continue;
                 }
                 let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                let size = meta.len();
+                let (size, ino) = (meta.len(), meta.ino());
                 present.push(name.clone());
                 match seen.get(&name) {
-                    Some(s) if s.size == size && s.mtime == mtime => {
+                    // Another inode under the name is another file: its wait starts over.
+                    Some(s) if s.size == size && s.mtime == mtime && s.ino == ino => {
                         if s.since.elapsed() >= *d {
-                            ready.push(name.clone());
+                            ready.push((name.clone(), ino));
                             seen.remove(&name);
                         }
                     }
@@ -131,6 +138,7 @@ fn ready_files(profile: &SendProfile, seen: &mut HashMap<String, Seen>) -> Vec<S
                             Seen {
                                 size,
                                 mtime,
+                                ino,
                                 since: Instant::now(),
                             },
                         );

@@ -93,7 +93,7 @@ pub async fn start(
     if token.is_none() && !addr.ip().is_loopback() {
         return Err(ServerError::NoToken(listen.to_string()));
     }
-    std::fs::create_dir_all(data).map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
+    crate::durable::private_dir(data).map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
