@@ -334,7 +334,12 @@ async fn a_spooled_file_without_rows_is_recorded_and_sent_at_start() {
         fs::read(w.path("inbox/orphan.csv")).unwrap(),
         b"claimed, never recorded\n"
     );
-    assert!(!spooled.exists(), "after_send (delete) settled it");
+    // after_send runs once the receipt is recorded, so shortly after `sent`.
+    let start = Instant::now();
+    while spooled.exists() {
+        assert!(start.elapsed() < WAIT, "after_send (delete) did not settle it");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     alpha.stop().await;
     beta.stop().await;
 }
