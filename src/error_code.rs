@@ -63,6 +63,12 @@ codes! {
     HookInterrupted = "hook_interrupted", History;
     TransferExpired = "transfer_expired", History;
     SpoolUnreadable = "spool_unreadable", History;
+    /// A sealed chunk did not open: no or another private key, or changed on the way.
+    DecryptFailed = "decrypt_failed", History;
+    /// A plain chunk for a profile with `require_encryption`.
+    EncryptionRequired = "encryption_required", History;
+    /// An encrypting send profile has no public key for the receiving node.
+    PeerKeyMissing = "peer_key_missing", History;
     /// A message that cannot be parsed, or names no usable transfer.
     MalformedMessage = "malformed_message", Log;
     ClaimFailed = "claim_failed", Log;

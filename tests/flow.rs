@@ -456,6 +456,7 @@ async fn a_rerun_is_not_taken_for_an_interrupted_hook() {
             started_at: "2026-12-02T00:00:00Z".into(),
             meta: BTreeMap::new(),
         }),
+        sealed: None,
     };
     let msg = hakobu::wire::Message::Chunk(header, bytes::Bytes::from_static(data));
     let client = hakobu::broker::embedded::Embedded::new(&w.broker.addr.to_string(), None, 1);

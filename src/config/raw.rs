@@ -22,6 +22,17 @@ pub struct RawConfig {
     /// Receive profiles.
     #[serde(default)]
     pub receive: Vec<RawReceive>,
+    /// End-to-end encryption: this node's private key, peers' public keys.
+    pub keys: Option<RawKeys>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeys {
+    /// This node's age private key (`hakobu keygen`), mode 0600.
+    pub private_key_file: Option<PathBuf>,
+    /// Public keys (`age1...`) of the nodes this one encrypts to, by node name.
+    pub peers: Option<BTreeMap<String, String>>,
 }
 
 /// Exactly one of the two backends.
@@ -76,6 +87,8 @@ pub struct RawSend {
     pub on_failure: Option<RawHook>,
     /// Bytes per chunk message, 64KiB to 8MiB (default 512KiB).
     pub chunk_size: Option<String>,
+    /// Seal chunk bodies for the receiving nodes' public keys (`keys.peers`).
+    pub encrypt: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,4 +143,6 @@ pub struct RawReceive {
     pub partial_ttl: Option<String>,
     pub on_success: Option<RawHook>,
     pub on_failure: Option<RawHook>,
+    /// Refuse chunks that are not sealed for this node (`encryption_required`).
+    pub require_encryption: Option<bool>,
 }

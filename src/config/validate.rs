@@ -7,8 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::locate::LineIndex;
-use super::raw::{RawAfterSend, RawBroker, RawConfig, RawHook, RawReady, RawReceive, RawSend};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::raw::{
+    RawAfterSend, RawBroker, RawConfig, RawHook, RawKeys, RawReady, RawReceive, RawSend,
+};
 use super::*;
+use crate::keys::Keyring;
 
 pub(super) struct Validator<'a> {
     pub(super) file: &'a Path,
@@ -47,6 +53,7 @@ impl Validator<'_> {
         if send.is_empty() && receive.is_empty() {
             return Err(self.err("send", "no send and no receive profile: nothing to do"));
         }
+        let keys = self.keys(raw.keys, &send, &receive)?;
         Ok(Config {
             file: self.file.to_path_buf(),
             node,
@@ -54,6 +61,7 @@ impl Validator<'_> {
             broker,
             send,
             receive,
+            keys,
         })
     }
 
@@ -245,6 +253,7 @@ impl Validator<'_> {
             ready,
             after_send,
             chunk_size,
+            encrypt: raw.encrypt.unwrap_or(false),
         })
     }
 
@@ -297,7 +306,49 @@ impl Validator<'_> {
                 Some(t) => self.duration(&format!("{key}.partial_ttl"), t)?,
                 None => DEFAULT_PARTIAL_TTL,
             },
+            require_encryption: raw.require_encryption.unwrap_or(false),
         })
+    }
+
+    /// The `keys:` section: peers' public keys parsed, and every node an
+    /// encrypting profile sends to has one; a profile that requires
+    /// encryption needs this node's private key.
+    fn keys(
+        &self,
+        raw: Option<RawKeys>,
+        send: &[SendProfile],
+        receive: &[ReceiveProfile],
+    ) -> Result<Arc<Keyring>> {
+        let raw = raw.unwrap_or(RawKeys {
+            private_key_file: None,
+            peers: None,
+        });
+        let mut peers = BTreeMap::new();
+        for (name, key) in raw.peers.unwrap_or_default() {
+            let at = format!("keys.peers.{name}");
+            let node = self.node(&at, &name)?;
+            let recipient =
+                crate::keys::parse_public_key(key.trim()).map_err(|e| self.err(&at, e))?;
+            peers.insert(node, recipient);
+        }
+        for (i, p) in send.iter().enumerate().filter(|(_, p)| p.encrypt) {
+            if let Some(n) = p.to.iter().find(|n| !peers.contains_key(*n)) {
+                return Err(self.err(
+                    &format!("send[{i}].encrypt"),
+                    format!("node `{n}` has no public key in keys.peers; run `hakobu keygen` on {n} and add the key it prints"),
+                ));
+            }
+        }
+        let private_key_file = raw.private_key_file.map(|p| absolute(&p));
+        if private_key_file.is_none() {
+            if let Some(i) = receive.iter().position(|p| p.require_encryption) {
+                return Err(self.err(
+                    &format!("receive[{i}].require_encryption"),
+                    "needs this node's private key: set keys.private_key_file (made by `hakobu keygen`)",
+                ));
+            }
+        }
+        Ok(Arc::new(Keyring::new(private_key_file, peers)))
     }
 
     /// A hook key holds one hook, or none.

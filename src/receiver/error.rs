@@ -53,6 +53,14 @@ pub enum ReceiveError {
         "no chunk arrived for {0:?} (the profile's partial_ttl); the partial file was removed, send the file again"
     )]
     Expired(std::time::Duration),
+    #[error(
+        "cannot decrypt a chunk: {0}; the transfer was refused (give the sender this node's public key, `hakobu keygen` prints it, and resend)"
+    )]
+    DecryptFailed(String),
+    #[error(
+        "the profile requires encryption and a chunk came unencrypted; set `encrypt: true` on the sender's profile and resend"
+    )]
+    EncryptionRequired,
 }
 
 impl ReceiveError {
@@ -73,6 +81,8 @@ impl ReceiveError {
             ReceiveError::Hook(code, _) => *code,
             ReceiveError::HookInterrupted => ErrorCode::HookInterrupted,
             ReceiveError::Expired(_) => ErrorCode::TransferExpired,
+            ReceiveError::DecryptFailed(_) => ErrorCode::DecryptFailed,
+            ReceiveError::EncryptionRequired => ErrorCode::EncryptionRequired,
         }
     }
 

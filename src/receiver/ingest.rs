@@ -206,7 +206,7 @@ impl Receiver {
             .cfg
             .receive_profile(&row.file_id)
             .ok_or_else(|| ReceiveError::UnknownFileId(row.file_id.to_string()))?;
-        let body = Transform::for_receive(profile).decode(body)?;
+        let body = Transform::for_chunk(profile, &self.cfg.keys, h)?.decode(h, body)?;
         let idx = check_chunk(h, &row, body.len() as u64)?;
         if let Some(t) = &h.last {
             if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
