@@ -169,6 +169,7 @@ impl Agent {
     /// intake.
     pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         let cfg = Arc::new(cfg);
+        cfg.keys.check()?;
         prepare_state_dir(&cfg)?;
         let lock = StateLock::acquire(&cfg)?;
         // Opening migrates the schema: a blocking task, not an async worker.
