@@ -182,4 +182,56 @@ mod tests {
             Err(KeyError::NoPrivateKey)
         ));
     }
+
+    fn parse(extra: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+        let yaml = format!(
+            "node: alpha\nstate_dir: /tmp/x\nbroker: {{ embedded: {{ connect: \"127.0.0.1:1\" }} }}\n{extra}"
+        );
+        crate::config::Config::parse(Path::new("a.yaml"), &yaml)
+    }
+
+    #[test]
+    fn the_configuration_names_the_line_of_a_key_mistake() {
+        let (_, public) = generate("t");
+        let send = "send:\n  - file_id: X\n    outbox: /tmp/o\n    to: [ beta, gamma ]\n    encrypt: true\n";
+        let ok = parse(&format!(
+            "{send}keys:\n  peers:\n    beta: \"{public}\"\n    gamma: \"{public}\"\n"
+        ))
+        .unwrap();
+        assert!(ok.send[0].encrypt);
+        assert!(ok.keys.peer(&NodeName::parse("gamma").unwrap()).is_some());
+        let e = parse(&format!("{send}keys:\n  peers:\n    beta: \"{public}\"\n")).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(8), "send[0].encrypt"),
+            "{e}"
+        );
+        assert!(e.message.contains("`gamma`"), "{e}");
+        let e = parse(&format!(
+            "{send}keys:\n  peers:\n    beta: \"{public}\"\n    gamma: \"age1x\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(12), "keys.peers.gamma"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{send}keys:\n  peers:\n    \"no/de\": \"{public}\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "keys.peers.no/de", "{e}");
+        let recv = "receive:\n  - file_id: X\n    from: [ beta ]\n    inbox: /tmp/i\n    require_encryption: true\n";
+        let e = parse(recv).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(8), "receive[0].require_encryption"),
+            "{e}"
+        );
+        let ok = parse(&format!("{recv}keys: {{ private_key_file: k.key }}\n")).unwrap();
+        assert!(ok.receive[0].require_encryption);
+        assert!(ok.keys.private_key_file().unwrap().is_absolute());
+        // Unknown keys are refused, as everywhere.
+        assert!(parse(&format!("{recv}keys: {{ private_key: k.key }}\n")).is_err());
+    }
 }
