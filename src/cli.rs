@@ -341,6 +341,11 @@ async fn queue_copy(
         ))
     })?;
     if let Some(node) = to {
+        if profile.encrypt && cfg.keys.peer(&node).is_none() {
+            return Err(usage(anyhow::anyhow!(
+                "file id `{file_id}` is sent encrypted and keys.peers has no public key for `{node}`; run `hakobu keygen` on {node} and add the key it prints"
+            )));
+        }
         profile.to = vec![node];
     }
     let spool = Spool::new(cfg.spool_dir());

@@ -697,3 +697,38 @@ fn embedded_resume_after_a_receiver_restart_mid_file() {
 fn rabbitmq_resume_after_a_receiver_restart_mid_file() {
     resume_mid_file(Kind::Rabbit);
 }
+
+// ---- `hakobu send --to` a node without a public key ----
+
+#[test]
+fn sending_encrypted_to_a_node_without_a_key_is_refused_at_once() {
+    let rig = Rig::new(Kind::Embedded, &[Keys::Right]);
+    let file = rig.root.join("one.bin");
+    fs::write(&file, b"payroll").unwrap();
+    let out = rig.alpha.cli(&[
+        "send",
+        "--file-id",
+        "SECRET",
+        "--to",
+        "stranger",
+        file.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no public key for `stranger`"), "{err}");
+    assert!(rig.alpha.history().is_empty());
+    // A plain profile may still send there.
+    let out = rig.alpha.cli(&[
+        "send",
+        "--file-id",
+        "PLAIN",
+        "--to",
+        "stranger",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
