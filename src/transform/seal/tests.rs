@@ -188,3 +188,31 @@ fn opening_arbitrary_bodies_never_panics() {
         let _ = try_open(&beta, &g, &body);
     }
 }
+
+mod mutated {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// A wrapped key or a body changed anywhere never panics and never opens.
+        #[test]
+        fn mutated_keys_and_bodies_never_open(pos in 0usize..4096, byte in any::<u8>(), in_key in any::<bool>()) {
+            let beta = node();
+            let s = Sealer::new(&beta.public).unwrap();
+            let (mut h, mut body) = seal(&s, header(0, 200_000), &[9u8; 300]);
+            if in_key {
+                let mut raw = BASE64.decode(&h.sealed.as_ref().unwrap().key).unwrap();
+                let i = pos % raw.len();
+                prop_assume!(raw[i] != byte);
+                raw[i] = byte;
+                h.sealed.as_mut().unwrap().key = BASE64.encode(raw);
+            } else {
+                let i = pos % body.len();
+                prop_assume!(body[i] != byte);
+                body[i] = byte;
+            }
+            prop_assert!(try_open(&beta, &h, &body).is_err());
+        }
+    }
+}
