@@ -18,6 +18,9 @@
 #             `hakobu broker` process; both agents `embedded: { connect }`).
 #             The ceiling and hakobu (cp+sync and embedded) alternate, A B A B,
 #             HAKOBU_BENCH_ROUNDS times; ratios are per round, then averaged.
+#   encrypted the large file through the cluster again, end-to-end encrypted
+#             (`encrypt: true`, the receiver's key made with `hakobu keygen`,
+#             `require_encryption: true`), in the same rounds, beside the plain one.
 #   small     2,000 files of 4 KiB written elsewhere, moved in with one `mv`,
 #             then their done markers; files/s from the first `mv` to the
 #             start of the last hook; through the cluster and the embedded broker.
@@ -58,7 +61,7 @@
 #   HAKOBU_BENCH_SMALL       small files [2000]
 #   HAKOBU_BENCH_LATENCY     latency samples [200]
 #   HAKOBU_BENCH_SKIP        space-separated parts to skip: ceiling disk floor latency huge,
-#                            large (or large_cluster, large_embedded), small (or
+#                            large (or large_cluster, large_encrypted, large_embedded), small (or
 #                            small_cluster, small_embedded)
 #   HAKOBU_BENCH_PROFILE     a directory: for each hakobu measurement, keep the agents'
 #                            logs and configurations there, and record the whole machine
@@ -281,7 +284,7 @@ PAIR_KIND=''
 # embedded, the embedded broker already started) and starts them. Sets
 # SEND_PID, RECV_PID, OUTBOX, INBOX, HOOKLOGS, STAGE, PAIR_A, PAIR_B.
 pair() {
-  local kind=$1 dir=$2 a b sb rb
+  local kind=$1 dir=$2 enc=${3:-} a b sb rb skeys='' rkeys='' sprof='' rprof='' pub
   PAIR_N=$((PAIR_N + 1))
   a=bench-$$-$PAIR_N-a
   b=bench-$$-$PAIR_N-b
@@ -300,10 +303,19 @@ pair() {
   STAGE=$dir/stage
   HOOKLOGS=$dir/recv/logs
   mkdir -p "$OUTBOX" "$INBOX" "$STAGE"
+  # pair KIND DIR encrypted: end-to-end encryption, the receiver's key made here.
+  if [[ $enc == encrypted ]]; then
+    pub=$("$HAKOBU" keygen --out "$dir/recv.key" 2>/dev/null) || die "hakobu keygen failed"
+    skeys="keys: { peers: { $b: \"$pub\" } }"
+    rkeys="keys: { private_key_file: $dir/recv.key }"
+    sprof="    encrypt: true"
+    rprof="    require_encryption: true"
+  fi
   cat >"$dir/send.yaml" <<EOF
 node: $a
 state_dir: $dir/send
 $sb
+$skeys
 send:
   - file_id: BENCH
     outbox: $OUTBOX
@@ -311,17 +323,20 @@ send:
     ready: { done_marker: ".done" }
     after_send: delete
     chunk_size: $CHUNK
+$sprof
 EOF
   cat >"$dir/recv.yaml" <<EOF
 node: $b
 state_dir: $dir/recv
 $rb
+$rkeys
 receive:
   - file_id: BENCH
     from: [ $a ]
     inbox: $INBOX
     mode: replace
     on_success: { run: [ "/bin/date", "+%s.%N {file_name}" ], timeout: 5m }
+$rprof
 EOF
   "$HAKOBU" check -c "$dir/send.yaml" >/dev/null || die "bad configuration $dir/send.yaml"
   "$HAKOBU" check -c "$dir/recv.yaml" >/dev/null || die "bad configuration $dir/recv.yaml"
@@ -433,12 +448,13 @@ prof_stop() {
 declare -A R   # results: key -> number
 
 # Large file through hakobu: sets R[<tag>_mibs], R[<tag>_send_kib], R[<tag>_recv_kib].
+# large_run KIND TAG FILE BYTES [encrypted]
 large_run() {
-  local kind=$1 tag=$2 file=$3 bytes=$4 dir t0 t1 name
+  local kind=$1 tag=$2 file=$3 bytes=$4 enc=${5:-} dir t0 t1 name
   dir=$WORK/$tag
   mkdir -p "$dir"
   if [[ $kind == embedded ]]; then embedded_broker "$dir"; fi
-  pair "$kind" "$dir"
+  pair "$kind" "$dir" "$enc"
   name=big-$tag.bin
   sync
   ln "$file" "$STAGE/$name"
@@ -596,6 +612,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
   if ! skipped large_cluster large; then
     large_run cluster "large_cluster_r$r" "$BIG" "$LARGE_BYTES"
   fi
+  if ! skipped large_encrypted large; then
+    large_run cluster "large_encrypted_r$r" "$BIG" "$LARGE_BYTES" encrypted
+  fi
   if ! skipped disk; then
     disk_run "disk_r$r"
   fi
@@ -688,6 +707,11 @@ two=$(mean_of disk two_mibs)
 row "two durable copies at once ($L, dsync 8 MiB)" "(reference)" "$(fmt "$two") MiB/s each [$(list "$(rounds_of disk two_mibs)" 1)]" "-" "${two:-null}" null "MiB/s"
 row "large file ($L) via cluster / ceiling" ">= 0.90" "$(fmt "$rcm" 2) [$(list "$rc")] = $(fmt "$clus") MiB/s" "$(verdict "$rcm" '>=' 0.9)" "${rcm:-null}" 0.9 "ratio"
 row "large file ($L) via embedded / (cp+sync)" ">= 0.40" "$(fmt "$rem" 2) [$(list "$re")] = $(fmt "$emb") MiB/s" "$(verdict "$rem" '>=' 0.4)" "${rem:-null}" 0.4 "ratio"
+# End-to-end encrypted, beside the plain line: against the ceiling, and against plain.
+enc=$(mean_of large_encrypted mibs)
+rx=$(ratio_rounds large_encrypted ceiling)
+rxp=$(ratio_rounds large_encrypted large_cluster)
+row "large file ($L) encrypted via cluster / ceiling" "(no target)" "$(fmt "$(mean "$rx")" 2) [$(list "$rx")] = $(fmt "$enc") MiB/s; $(fmt "$(mean "$rxp")" 2) of plain" "-" "${enc:-null}" null "MiB/s"
 # The bound the embedded path cannot pass on one disk (see the reference row).
 rt=$(ratio_rounds large_embedded disk two)
 rtm=$(mean "$rt")
@@ -735,6 +759,11 @@ e_rcv=$(mean_of large_embedded recv_cpu_s)
 e_brk=$(mean_of large_embedded broker_cpu_s)
 row "CPU s, $L: raw client + RabbitMQ (info)" "(no target)" "$(fmt "$c_cli") + $(fmt "$c_rmq")" "-" "${c_cli:-null}" null "s"
 row "CPU s, $L via cluster: sender + receiver + RabbitMQ (info)" "(no target)" "$(fmt "$h_snd") + $(fmt "$h_rcv") + $(fmt "$h_rmq")" "-" "${h_snd:-null}" null "s"
+x_snd=$(mean_of large_encrypted send_cpu_s)
+x_send_kib=$(max_of "$(rounds_of large_encrypted send_kib)")
+x_recv_kib=$(max_of "$(rounds_of large_encrypted recv_kib)")
+row "CPU s, $L encrypted via cluster: sender + receiver + RabbitMQ (info)" "(no target)" "$(fmt "$x_snd") + $(fmt "$(mean_of large_encrypted recv_cpu_s)") + $(fmt "$(mean_of large_encrypted rmq_cpu_s)")" "-" "${x_snd:-null}" null "s"
+row "peak RSS sender / receiver, $L encrypted via cluster (info)" "(no target)" "$(mib "$x_send_kib") / $(mib "$x_recv_kib") MiB" "-" "${x_recv_kib:-null}" null "KiB"
 row "CPU s, $L via embedded: sender + receiver + broker (info)" "(no target)" "$(fmt "$e_snd") + $(fmt "$e_rcv") + $(fmt "$e_brk")" "-" "${e_snd:-null}" null "s"
 s_snd=${R[small_cluster_send_cpu_s]:-}
 row "CPU s, small via cluster: sender + receiver + hooks + RabbitMQ (info)" "(no target)" "$(fmt "$s_snd") + $(fmt "${R[small_cluster_recv_cpu_s]:-}") + $(fmt "${R[small_cluster_hook_cpu_s]:-}") + $(fmt "${R[small_cluster_rmq_cpu_s]:-}") in $(fmt "${R[small_cluster_s]:-}") s" "-" "${s_snd:-null}" null "s"

@@ -183,6 +183,7 @@ impl Agent {
                 message = "The agent runs as root: its hooks run as root and it can write wherever a profile points. Run it as its own user (README, Security), or set `run_as_root: true` if this is meant."
             );
         }
+        cfg.keys.check()?;
         prepare_state_dir(&cfg)?;
         let lock = StateLock::acquire(&cfg)?;
         // Opening migrates the schema: a blocking task, not an async worker.

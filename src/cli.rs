@@ -90,6 +90,16 @@ enum Command {
         #[arg(long, default_value = "1GiB")]
         max_queue: String,
     },
+    /// Make this node's key pair for end-to-end encryption: the private key
+    /// file (mode 0600; an existing one is kept) and its public key, printed.
+    Keygen {
+        /// Write the file the configuration names in keys.private_key_file.
+        #[arg(short, long, conflicts_with = "out", required_unless_present = "out")]
+        config: Option<PathBuf>,
+        /// Write this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// A failure with the exit code it maps to.
@@ -137,6 +147,7 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
         Command::Run { config } => agent::run(load(&config)?).await.map_err(failure),
         Command::Check { config } => {
             let cfg = load(&config)?;
+            cfg.keys.check().map_err(usage)?;
             println!(
                 "{}: ok (node {}, {} send and {} receive profiles)",
                 config.display(),
@@ -177,7 +188,47 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
                 .map_err(|e| usage(anyhow::anyhow!("--max-queue: {e}")))?;
             broker(&listen, &data, token_file.as_deref(), max_queue).await
         }
+        Command::Keygen { config, out } => keygen(config.as_deref(), out.as_deref()),
     }
+}
+
+/// `hakobu keygen`: writes a new private key file with mode 0600 (never over
+/// an existing file: that one is kept) and prints the public key, for the
+/// `keys.peers` of the nodes that send here.
+fn keygen(config: Option<&Path>, out: Option<&Path>) -> Result<(), Exit> {
+    let (path, node) = match (config, out) {
+        (Some(c), _) => {
+            let cfg = load(c)?;
+            let path = cfg.keys.private_key_file().map(Path::to_path_buf).ok_or_else(|| {
+                usage(anyhow::anyhow!(
+                    "{}: keys.private_key_file is not set; add it, or use `hakobu keygen --out PATH`",
+                    c.display()
+                ))
+            })?;
+            (path, cfg.node.to_string())
+        }
+        (None, Some(o)) => (o.to_path_buf(), "this node".to_string()),
+        (None, None) => return Err(usage(anyhow::anyhow!("give -c FILE or --out PATH"))),
+    };
+    // Absolute, so that the directory synced after the write is the right one.
+    let path = std::path::absolute(&path).map_err(usage)?;
+    if std::fs::symlink_metadata(&path).is_ok() {
+        let identity = crate::keys::read_identity(&path).map_err(usage)?;
+        eprintln!(
+            "{} exists: kept (remove it first to make a new key; senders then need the new public key)",
+            path.display()
+        );
+        println!("{}", identity.to_public());
+        return Ok(());
+    }
+    let (text, public) = crate::keys::generate(&format!("hakobu private key of {node}"));
+    crate::secret::create(&path, &text).map_err(failure)?;
+    eprintln!(
+        "wrote {} (mode 0600); give the public key below to the nodes that send here, under keys.peers",
+        path.display()
+    );
+    println!("{public}");
+    Ok(())
 }
 
 /// `hakobu broker`: the embedded broker alone, until SIGINT or SIGTERM.
@@ -286,6 +337,11 @@ async fn queue_copy(
         ))
     })?;
     if let Some(node) = to {
+        if profile.encrypt && cfg.keys.peer(&node).is_none() {
+            return Err(usage(anyhow::anyhow!(
+                "file id `{file_id}` is sent encrypted and keys.peers has no public key for `{node}`; run `hakobu keygen` on {node} and add the key it prints"
+            )));
+        }
         profile.to = vec![node];
     }
     let spool = Spool::new(cfg.spool_dir());

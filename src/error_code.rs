@@ -70,6 +70,12 @@ codes! {
     UnsafeInbox = "unsafe_inbox", History;
     /// The claimed file was swapped (a link, another inode, more links).
     UnsafeSource = "unsafe_source", History;
+    /// A sealed chunk did not open: no or another private key, or changed on the way.
+    DecryptFailed = "decrypt_failed", History;
+    /// A plain chunk for a profile with `require_encryption`.
+    EncryptionRequired = "encryption_required", History;
+    /// An encrypting send profile has no public key for the receiving node.
+    PeerKeyMissing = "peer_key_missing", History;
     /// A message that cannot be parsed, or names no usable transfer.
     MalformedMessage = "malformed_message", Log;
     ClaimFailed = "claim_failed", Log;

@@ -20,6 +20,7 @@
 //! - [`hooks`]: the hook runner; only it starts hook commands.
 //! - [`error_code`]: the one table of the stable error codes users see.
 //! - [`durable`]: fsync/rename helpers for files the agent places or moves.
+//! - [`keys`]: node keys for end-to-end encryption (`hakobu keygen`).
 //! - [`secret`]: secret files (credentials, tokens, keys): read only when
 //!   private, created 0600.
 //! - [`agent`]: `hakobu run`, wiring the above together, and its lifecycle.
@@ -39,6 +40,7 @@ pub mod durable;
 pub mod error_code;
 pub mod failpoint;
 pub mod hooks;
+pub mod keys;
 pub mod receiver;
 pub mod rerun;
 pub mod secret;

@@ -6,63 +6,162 @@
 //! offsets count those bytes, so a transform changes neither the ledger
 //! nor the state machine.
 //!
-//! Today every transfer is [`Transform::Identity`]; compression, encryption
-//! and code conversion are to be added here as variants, chosen from the
-//! profile (and, on the receiver, from what the chunk header declares).
+//! Variants: [`Transform::Identity`] (the bytes as they are) and end-to-end
+//! encryption (`encrypt: true` on a send profile, [`seal`]): the sender
+//! seals each body for the receiving node ([`Transform::Seal`]), the
+//! receiver opens what a chunk header declares sealed ([`Transform::Open`]).
+//! Compression and code conversion are to be added here as variants too.
+
+pub(crate) mod seal;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::config::{ReceiveProfile, SendProfile};
+use crate::domain::NodeName;
+use crate::keys::Keyring;
 use crate::receiver::ReceiveError;
+use crate::wire::{ChunkHeader, Sealed};
+
+pub use seal::{OVERHEAD as SEAL_OVERHEAD, Sealer};
 
 /// How one transfer's bytes change between the outbox and the inbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub enum Transform {
     /// The bytes travel as they are.
     #[default]
     Identity,
+    /// Sender: each body sealed with the transfer's data key, wrapped for
+    /// the receiving node.
+    Seal(Arc<Sealer>),
+    /// Receiver: sealed bodies opened with this node's private key.
+    Open(Arc<Keyring>),
+}
+
+/// Why a send profile's transform cannot be made for a node.
+#[derive(Debug, thiserror::Error)]
+pub enum SendTransformError {
+    #[error(
+        "file id `{file_id}` is sent encrypted but keys.peers has no public key for node `{node}`; run `hakobu keygen` on {node} and add the key it prints, then resend"
+    )]
+    NoPeerKey { file_id: String, node: String },
+    #[error("{0}")]
+    Seal(String),
 }
 
 impl Transform {
-    /// What a send profile asks for.
-    pub fn for_send(_profile: &SendProfile) -> Transform {
-        Transform::Identity
+    /// What a send profile asks for, for the transfer's receiving node
+    /// `peer`: with `encrypt`, a fresh data key wrapped for that node.
+    pub fn for_send(
+        profile: &SendProfile,
+        keys: &Keyring,
+        peer: &NodeName,
+    ) -> Result<Transform, SendTransformError> {
+        if !profile.encrypt {
+            return Ok(Transform::Identity);
+        }
+        let recipient = keys
+            .peer(peer)
+            .ok_or_else(|| SendTransformError::NoPeerKey {
+                file_id: profile.file_id.to_string(),
+                node: peer.to_string(),
+            })?;
+        let sealer = Sealer::new(recipient).map_err(SendTransformError::Seal)?;
+        Ok(Transform::Seal(Arc::new(sealer)))
     }
 
-    /// What a receive profile asks for.
+    /// What a receive profile asks for, for the whole-file step.
     pub fn for_receive(_profile: &ReceiveProfile) -> Transform {
         Transform::Identity
     }
 
-    /// True when a chunk's body goes into its frame as read, so that the
-    /// sender may read it straight into the frame without a copy.
-    pub fn in_place(self) -> bool {
-        matches!(self, Transform::Identity)
+    /// Receiver: how to decode one chunk, from what its header declares and
+    /// what the profile requires.
+    pub fn for_chunk(
+        profile: &ReceiveProfile,
+        keys: &Arc<Keyring>,
+        h: &ChunkHeader,
+    ) -> Result<Transform, ReceiveError> {
+        match &h.sealed {
+            Some(_) => Ok(Transform::Open(keys.clone())),
+            None if profile.require_encryption => Err(ReceiveError::EncryptionRequired),
+            None => Ok(Transform::Identity),
+        }
     }
 
-    /// Sender: the body to frame for the chunk read as `plain`.
-    pub fn encode(self, plain: Bytes) -> Bytes {
+    /// True when a chunk's body can be read straight into its frame and
+    /// encoded there ([`Transform::encode_in_place`]), without a copy.
+    pub fn in_place(&self) -> bool {
+        matches!(self, Transform::Identity | Transform::Seal(_))
+    }
+
+    /// What the chunk headers of this transfer carry to say how to decode.
+    pub fn sealed(&self) -> Option<Sealed> {
         match self {
-            Transform::Identity => plain,
+            Transform::Seal(s) => Some(s.sealed()),
+            _ => None,
+        }
+    }
+
+    /// Bytes a framed body has for a plain body of `len` bytes, in place.
+    pub fn framed_len(&self, len: usize) -> usize {
+        match self {
+            Transform::Seal(_) => len + seal::OVERHEAD,
+            _ => len,
+        }
+    }
+
+    /// Where, in a framed body encoded in place, the plain bytes go.
+    pub fn plain_at(&self) -> usize {
+        match self {
+            Transform::Seal(_) => seal::NONCE,
+            _ => 0,
+        }
+    }
+
+    /// Sender: encodes in place a body of [`Transform::framed_len`] bytes
+    /// that holds the plain ones at [`Transform::plain_at`].
+    pub fn encode_in_place(&self, h: &ChunkHeader, body: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            Transform::Seal(s) => s.seal_in_place(h, body).map_err(std::io::Error::other),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sender: the body to frame for the chunk read as `plain`, whose
+    /// header is `h` (complete: a seal binds the chunk to it).
+    pub fn encode(&self, h: &ChunkHeader, plain: Bytes) -> std::io::Result<Bytes> {
+        match self {
+            Transform::Seal(_) => {
+                let mut body = vec![0u8; self.framed_len(plain.len())];
+                let at = self.plain_at();
+                body[at..at + plain.len()].copy_from_slice(&plain);
+                self.encode_in_place(h, &mut body)?;
+                Ok(Bytes::from(body))
+            }
+            _ => Ok(plain),
         }
     }
 
     /// Receiver: the bytes to write for a chunk's body as framed. The chunk
     /// grid (offset, length) is checked on what this returns.
-    pub fn decode(self, framed: Bytes) -> Result<Bytes, ReceiveError> {
-        match self {
-            Transform::Identity => Ok(framed),
+    pub fn decode(&self, h: &ChunkHeader, framed: Bytes) -> Result<Bytes, ReceiveError> {
+        match (self, &h.sealed) {
+            (Transform::Identity, None) => Ok(framed),
+            (Transform::Open(keys), Some(sealed)) => seal::open(keys, h, sealed, &framed)
+                .map_err(|e| ReceiveError::DecryptFailed(e.to_string())),
+            _ => Err(ReceiveError::DecryptFailed(
+                "the chunk's header and the transform chosen for it disagree".into(),
+            )),
         }
     }
 
     /// Receiver: the whole-file step, on the verified partial file just
     /// before it is placed (code conversion, for one, works on whole lines).
-    pub fn finish_file(self, _partial: &Path) -> Result<(), ReceiveError> {
-        match self {
-            Transform::Identity => Ok(()),
-        }
+    pub fn finish_file(&self, _partial: &Path) -> Result<(), ReceiveError> {
+        Ok(())
     }
 }
 
@@ -74,8 +173,12 @@ mod tests {
     fn identity_changes_nothing() {
         let body = Bytes::from_static(b"a,b\r\n");
         let t = Transform::default();
+        let h = seal::tests::header(0, 5);
         assert!(t.in_place());
-        assert_eq!(t.decode(t.encode(body.clone())).unwrap(), body);
+        assert_eq!(
+            t.decode(&h, t.encode(&h, body.clone()).unwrap()).unwrap(),
+            body
+        );
         assert!(t.finish_file(Path::new("/nonexistent")).is_ok());
     }
 }

@@ -52,6 +52,23 @@ pub struct ChunkHeader {
     /// Only on the last chunk: what the whole file must verify against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<Trailer>,
+    /// Only when the body is sealed end to end (`encrypt: true`): how to
+    /// open it (`src/transform/seal.rs`). Absent: the body is the plain bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<Sealed>,
+}
+
+/// How a sealed chunk body is opened: the transfer's data key, wrapped for
+/// the receiving node. Every sealed chunk carries it, so that any chunk can
+/// be opened first (after a restart, a redelivery, a resume).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sealed {
+    /// The scheme: 1 is an age X25519 file holding a 32-byte
+    /// XChaCha20-Poly1305 key; the body is nonce (24) · ciphertext · tag (16).
+    pub v: u8,
+    /// The age file, standard base64.
+    pub key: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -336,6 +353,7 @@ mod tests {
                     started_at: "2026-01-01T00:00:00Z".into(),
                     meta: BTreeMap::from([("k".into(), "v".into())]),
                 }),
+                sealed: None,
             },
             Bytes::from_static(b"hello"),
         )

@@ -337,7 +337,10 @@ async fn a_spooled_file_without_rows_is_recorded_and_sent_at_start() {
     // after_send runs once the receipt is recorded, so shortly after `sent`.
     let start = Instant::now();
     while spooled.exists() {
-        assert!(start.elapsed() < WAIT, "after_send (delete) did not settle it");
+        assert!(
+            start.elapsed() < WAIT,
+            "after_send (delete) did not settle it"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     alpha.stop().await;
@@ -461,6 +464,7 @@ async fn a_rerun_is_not_taken_for_an_interrupted_hook() {
             started_at: "2026-12-02T00:00:00Z".into(),
             meta: BTreeMap::new(),
         }),
+        sealed: None,
     };
     let msg = hakobu::wire::Message::Chunk(header, bytes::Bytes::from_static(data));
     let client = hakobu::broker::embedded::Embedded::new(&w.broker.addr.to_string(), None, 1);

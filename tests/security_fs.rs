@@ -101,6 +101,7 @@ fn chunk(tid: &TransferId, name: &str, data: &[u8], idx: u64) -> Message {
             started_at: "2026-12-01T00:00:00Z".into(),
             meta: Default::default(),
         }),
+        sealed: None,
     };
     Message::Chunk(
         header,

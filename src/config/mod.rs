@@ -44,6 +44,9 @@ pub struct Config {
     pub receive: Vec<ReceiveProfile>,
     /// Running as root is meant: no warning at start.
     pub run_as_root: bool,
+    /// This node's private key (loaded on first use) and its peers' public
+    /// keys, for end-to-end encryption; empty when `keys:` is absent.
+    pub keys: std::sync::Arc<crate::keys::Keyring>,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +87,8 @@ pub struct SendProfile {
     pub on_success: Option<HookSpec>,
     pub on_failure: Option<HookSpec>,
     pub chunk_size: u64,
+    /// Chunk bodies sealed for each receiving node (`keys.peers`).
+    pub encrypt: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +118,8 @@ pub struct ReceiveProfile {
     pub partial_ttl: Duration,
     pub on_success: Option<HookSpec>,
     pub on_failure: Option<HookSpec>,
+    /// Plain (unsealed) chunks fail their transfer with `encryption_required`.
+    pub require_encryption: bool,
 }
 
 /// How a verified file takes its place in the inbox.

@@ -24,6 +24,17 @@ pub struct RawConfig {
     pub receive: Vec<RawReceive>,
     /// Silences the warning an agent running as root logs at start.
     pub run_as_root: Option<bool>,
+    /// End-to-end encryption: this node's private key, peers' public keys.
+    pub keys: Option<RawKeys>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeys {
+    /// This node's age private key (`hakobu keygen`), mode 0600.
+    pub private_key_file: Option<PathBuf>,
+    /// Public keys (`age1...`) of the nodes this one encrypts to, by node name.
+    pub peers: Option<BTreeMap<String, String>>,
 }
 
 /// Exactly one of the two backends.
@@ -78,6 +89,8 @@ pub struct RawSend {
     pub on_failure: Option<RawHook>,
     /// Bytes per chunk message, 64KiB to 8MiB (default 512KiB).
     pub chunk_size: Option<String>,
+    /// Seal chunk bodies for the receiving nodes' public keys (`keys.peers`).
+    pub encrypt: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +145,8 @@ pub struct RawReceive {
     pub partial_ttl: Option<String>,
     pub on_success: Option<RawHook>,
     pub on_failure: Option<RawHook>,
+    /// Refuse chunks that are not sealed for this node (`encryption_required`).
+    pub require_encryption: Option<bool>,
     /// Permissions of placed files, octal: `"0640"` (default 0600).
     pub file_mode: Option<RawFileMode>,
 }

@@ -2,15 +2,18 @@
 //! the checked types the rest of the agent uses. Every error names the
 //! file, the line and the key.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::locate::LineIndex;
 use super::raw::{
-    RawAfterSend, RawBroker, RawConfig, RawFileMode, RawHook, RawReady, RawReceive, RawSend,
+    RawAfterSend, RawBroker, RawConfig, RawFileMode, RawHook, RawKeys, RawReady, RawReceive,
+    RawSend,
 };
 use super::*;
+use crate::keys::Keyring;
 
 pub(super) struct Validator<'a> {
     pub(super) file: &'a Path,
@@ -51,6 +54,7 @@ impl Validator<'_> {
         }
         let state_dir = absolute(&raw.state_dir);
         self.overlaps(&state_dir, &send, &receive)?;
+        let keys = self.keys(raw.keys, &send, &receive)?;
         Ok(Config {
             file: self.file.to_path_buf(),
             node,
@@ -59,6 +63,7 @@ impl Validator<'_> {
             send,
             receive,
             run_as_root: raw.run_as_root.unwrap_or(false),
+            keys,
         })
     }
 
@@ -250,6 +255,7 @@ impl Validator<'_> {
             ready,
             after_send,
             chunk_size,
+            encrypt: raw.encrypt.unwrap_or(false),
         })
     }
 
@@ -306,7 +312,49 @@ impl Validator<'_> {
                 Some(t) => self.duration(&format!("{key}.partial_ttl"), t)?,
                 None => DEFAULT_PARTIAL_TTL,
             },
+            require_encryption: raw.require_encryption.unwrap_or(false),
         })
+    }
+
+    /// The `keys:` section: peers' public keys parsed, and every node an
+    /// encrypting profile sends to has one; a profile that requires
+    /// encryption needs this node's private key.
+    fn keys(
+        &self,
+        raw: Option<RawKeys>,
+        send: &[SendProfile],
+        receive: &[ReceiveProfile],
+    ) -> Result<Arc<Keyring>> {
+        let raw = raw.unwrap_or(RawKeys {
+            private_key_file: None,
+            peers: None,
+        });
+        let mut peers = BTreeMap::new();
+        for (name, key) in raw.peers.unwrap_or_default() {
+            let at = format!("keys.peers.{name}");
+            let node = self.node(&at, &name)?;
+            let recipient =
+                crate::keys::parse_public_key(key.trim()).map_err(|e| self.err(&at, e))?;
+            peers.insert(node, recipient);
+        }
+        for (i, p) in send.iter().enumerate().filter(|(_, p)| p.encrypt) {
+            if let Some(n) = p.to.iter().find(|n| !peers.contains_key(*n)) {
+                return Err(self.err(
+                    &format!("send[{i}].encrypt"),
+                    format!("node `{n}` has no public key in keys.peers; run `hakobu keygen` on {n} and add the key it prints"),
+                ));
+            }
+        }
+        let private_key_file = raw.private_key_file.map(|p| absolute(&p));
+        if private_key_file.is_none() {
+            if let Some(i) = receive.iter().position(|p| p.require_encryption) {
+                return Err(self.err(
+                    &format!("receive[{i}].require_encryption"),
+                    "needs this node's private key: set keys.private_key_file (made by `hakobu keygen`)",
+                ));
+            }
+        }
+        Ok(Arc::new(Keyring::new(private_key_file, peers)))
     }
 
     /// A hook key holds one hook, or none.

@@ -57,6 +57,14 @@ pub enum ReceiveError {
     Expired(std::time::Duration),
     #[error("{0}; nothing was written through it: remove it, then send the file again")]
     UnsafeInbox(String),
+    #[error(
+        "cannot decrypt a chunk: {0}; the transfer was refused (give the sender this node's public key, `hakobu keygen` prints it, and resend)"
+    )]
+    DecryptFailed(String),
+    #[error(
+        "the profile requires encryption and a chunk came unencrypted; set `encrypt: true` on the sender's profile and resend"
+    )]
+    EncryptionRequired,
 }
 
 impl ReceiveError {
@@ -79,6 +87,8 @@ impl ReceiveError {
             ReceiveError::HookInterrupted => ErrorCode::HookInterrupted,
             ReceiveError::Expired(_) => ErrorCode::TransferExpired,
             ReceiveError::UnsafeInbox(_) => ErrorCode::UnsafeInbox,
+            ReceiveError::DecryptFailed(_) => ErrorCode::DecryptFailed,
+            ReceiveError::EncryptionRequired => ErrorCode::EncryptionRequired,
         }
     }
 

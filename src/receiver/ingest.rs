@@ -206,7 +206,7 @@ impl Receiver {
             .cfg
             .receive_profile(&row.file_id)
             .ok_or_else(|| ReceiveError::UnknownFileId(row.file_id.to_string()))?;
-        let body = Transform::for_receive(profile).decode(body)?;
+        let body = Transform::for_chunk(profile, &self.cfg.keys, h)?.decode(h, body)?;
         let idx = check_chunk(h, &row, body.len() as u64)?;
         if let Some(t) = &h.last {
             check_trailer(t)?;
@@ -399,6 +399,7 @@ mod tests {
             chunk_size: MIN_CHUNK,
             offset: 0,
             last: None,
+            sealed: None,
         };
         let p = cfg.receive_profile("A");
         admit(&h(1000), p).unwrap();

@@ -100,11 +100,23 @@ impl Sender {
                         .detach();
                 }
             };
-            let transform = self
-                .cfg
-                .send_profile(&row.file_id)
-                .map(Transform::for_send)
-                .unwrap_or_default();
+            let transform = match self.cfg.send_profile(&row.file_id) {
+                Some(p) => match Transform::for_send(p, &self.cfg.keys, peer) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        error!(message = "Cannot encrypt for the receiving node; failing the transfer.",
+                            transfer_id = %tid, to = %peer, error_code = %ErrorCode::PeerKeyMissing, error = %e);
+                        let code = ErrorCode::PeerKeyMissing;
+                        let msg = e.to_string();
+                        let _ = self
+                            .ledger
+                            .fail((tid, peer), Status::SendFailed, (code, &msg))
+                            .await;
+                        return;
+                    }
+                },
+                None => Transform::Identity,
+            };
             let chunks = Chunks {
                 node: &self.cfg.node,
                 row: &row,
@@ -203,7 +215,11 @@ impl Chunks<'_> {
             let body = read_at(&file, &path, 0, row.size).await?;
             let sha256 = hex::encode(Sha256::digest(&body));
             let header = self.header(0, Some(sha256.clone()));
-            let msg = Message::Chunk(header, self.transform.encode(body));
+            let body = self
+                .transform
+                .encode(&header, body)
+                .map_err(|e| PublishError::Spool(path.clone(), e))?;
+            let msg = Message::Chunk(header, body);
             out.publish(&row.peer, msg).await?;
             on_progress(row.size);
             return Ok(sha256);
@@ -287,13 +303,16 @@ impl Chunks<'_> {
         let len = chunk_len(self.row, idx);
         let last = idx + 1 == count;
         let mut header = self.header(offset, last.then(String::new));
-        let transform = self.transform;
+        let transform = self.transform.clone();
         tokio::task::spawn_blocking(move || {
             if !last && transform.in_place() {
-                let frame = Message::encode_chunk_in_place(&header, len as usize, |body| {
-                    file.read_exact_at(body, offset)?;
-                    hasher.update(&*body);
-                    Ok::<_, std::io::Error>(())
+                let (len, at) = (len as usize, transform.plain_at());
+                let framed = transform.framed_len(len);
+                let frame = Message::encode_chunk_in_place(&header, framed, |body| {
+                    let plain = &mut body[at..at + len];
+                    file.read_exact_at(plain, offset)?;
+                    hasher.update(&*plain);
+                    transform.encode_in_place(&header, body)
                 })?;
                 return Ok((frame, hasher));
             }
@@ -303,7 +322,7 @@ impl Chunks<'_> {
             if let Some(t) = header.last.as_mut() {
                 t.sha256 = hex::encode(hasher.clone().finalize());
             }
-            let body = transform.encode(Bytes::from(body));
+            let body = transform.encode(&header, Bytes::from(body))?;
             Ok((Message::Chunk(header, body).encode(), hasher))
         })
     }
@@ -326,6 +345,7 @@ impl Chunks<'_> {
                 started_at: row.started_at.clone(),
                 meta: row.meta.clone(),
             }),
+            sealed: self.transform.sealed(),
         }
     }
 }
