@@ -15,12 +15,14 @@ use lapin::options::{
     BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, mpsc};
 use tracing::{debug, info, warn};
 
 use super::{Acker, Broker, BrokerError, Confirm, DEAD_LETTER_QUEUE, Delivery, queue_name};
 use crate::config::RabbitmqConfig;
+use crate::config::amqp_url::{redact_text, redact_url, url_user};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -80,15 +82,16 @@ impl Inner {
         for i in 0..n {
             let idx = (start + i) % n;
             let url = &self.cfg.urls[idx];
-            let attempt = Connection::connect(url, ConnectionProperties::default());
+            let attempt = connect_url(url, &self.cfg);
             match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
                 Ok(Ok(conn)) => {
                     // The next connection (after a failure) starts at the next node.
                     self.next_url.store(idx + 1, Ordering::Relaxed);
-                    return Ok((conn, redact(url), url_user(url)));
+                    return Ok((conn, redact_url(url), url_user(url)));
                 }
-                Ok(Err(e)) => errors.push(format!("{}: {e}", redact(url))),
-                Err(_) => errors.push(format!("{}: timed out", redact(url))),
+                // lapin's errors may quote the URL: no password in the log.
+                Ok(Err(e)) => errors.push(format!("{}: {}", redact_url(url), redact_text(&e))),
+                Err(_) => errors.push(format!("{}: timed out", redact_url(url))),
             }
         }
         self.next_url.store(start + 1, Ordering::Relaxed);
@@ -140,53 +143,48 @@ impl Inner {
     }
 }
 
+/// One connection attempt; `amqps://` with the configured CA and client
+/// certificate (rustls). The error is text, for the caller's summary.
+async fn connect_url(url: &str, cfg: &RabbitmqConfig) -> Result<Connection, String> {
+    let props = ConnectionProperties::default();
+    let Some(tls) = cfg.tls.as_ref().filter(|_| url.starts_with("amqps://")) else {
+        return Connection::connect(url, props)
+            .await
+            .map_err(|e| e.to_string());
+    };
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let cert_chain = match &tls.ca_file {
+        Some(p) => Some(String::from_utf8_lossy(&read(p)?).into_owned()),
+        None => None,
+    };
+    let identity = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read(cert)?,
+            // Checked like every secret: a key others may read is refused.
+            key: crate::secret::read(key)
+                .map_err(|e| e.to_string())?
+                .into_bytes(),
+        }),
+        _ => None,
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+    Connection::connect_with_config(
+        url,
+        props,
+        OwnedTLSConfig {
+            identity,
+            cert_chain,
+        },
+        runtime,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
 fn conn_err(e: lapin::Error) -> BrokerError {
     BrokerError::Connection(e.to_string())
-}
-
-/// `amqp://user:secret@host` → `amqp://user@host`, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}@{}", &url[..s + 3], &url[at + 1..])
-        }
-        _ => url.to_string(),
-    }
-}
-
-/// The user name in an AMQP URL, which the broker checks `user_id` against.
-fn url_user(url: &str) -> Option<String> {
-    let s = url.find("://")? + 3;
-    let at = url.rfind('@')?;
-    let user = url.get(s..at)?.split(':').next()?;
-    (!user.is_empty()).then(|| percent_decode(user))
-}
-
-/// `%40` → `@`: user names in URLs are percent-encoded.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (
-            b[i],
-            b.get(i + 1).and_then(|c| hex(*c)),
-            b.get(i + 2).and_then(|c| hex(*c)),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, ..) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn quorum_args(extra: &[(&str, AMQPValue)]) -> FieldTable {
@@ -444,24 +442,5 @@ impl Acker for RabbitAcker {
             .await
             .map(|_| ())
             .map_err(conn_err)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_are_redacted_and_users_found() {
-        assert_eq!(
-            redact("amqp://hakobu:secret@127.0.0.1:5672/%2f"),
-            "amqp://hakobu@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            url_user("amqp://hakobu:secret@127.0.0.1:5672/%2f").as_deref(),
-            Some("hakobu")
-        );
-        assert_eq!(url_user("amqp://127.0.0.1:5672"), None);
-        assert_eq!(url_user("amqp://a%40b:x@h/").as_deref(), Some("a@b"));
     }
 }
