@@ -14,8 +14,8 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, mpsc};
 use tracing::{debug, info, warn};
@@ -330,7 +330,11 @@ async fn ensure_peer_queue(
         ..QueueDeclareOptions::default()
     };
     match ch
-        .queue_declare(queue_name(node).as_str().into(), passive, FieldTable::default())
+        .queue_declare(
+            queue_name(node).as_str().into(),
+            passive,
+            FieldTable::default(),
+        )
         .await
     {
         Ok(_) => Ok(None),
@@ -359,7 +363,10 @@ pub async fn queue_depths(
     };
     let (conn, _, _) = inner.connect().await?;
     let mut out = Vec::new();
-    for name in [queue_name(node).as_str().to_string(), DEAD_LETTER_QUEUE.to_string()] {
+    for name in [
+        queue_name(node).as_str().to_string(),
+        DEAD_LETTER_QUEUE.to_string(),
+    ] {
         let depth = match check_queue(&conn, &name).await {
             Ok((_, n)) => Some(n),
             Err(BrokerError::Connection(e)) if e.contains("does not exist") => None,

@@ -166,7 +166,10 @@ mod tests {
 
     #[test]
     fn hosts_and_loopback() {
-        assert_eq!(url_host("amqp://u:p@10.0.0.1:5672/").as_deref(), Some("10.0.0.1"));
+        assert_eq!(
+            url_host("amqp://u:p@10.0.0.1:5672/").as_deref(),
+            Some("10.0.0.1")
+        );
         assert_eq!(url_host("amqps://[::1]:5671").as_deref(), Some("::1"));
         assert_eq!(url_host("amqp://localhost").as_deref(), Some("localhost"));
         assert!(is_loopback_host("127.0.0.2") && is_loopback_host("::1"));

@@ -27,9 +27,10 @@ impl Validator<'_> {
             }
         };
         let password = match &r.password_file {
-            Some(p) => Some(crate::secret::read(&absolute(p)).map_err(|e| {
-                self.err(&format!("{K}.password_file"), e.to_string())
-            })?),
+            Some(p) => Some(
+                crate::secret::read(&absolute(p))
+                    .map_err(|e| self.err(&format!("{K}.password_file"), e.to_string()))?,
+            ),
             None => None,
         };
         let insecure = r.insecure.unwrap_or(false);
@@ -184,7 +185,8 @@ impl Validator<'_> {
         }
         if let Some(p) = &tls.key_file {
             // A private key is a secret: refused when others may read it.
-            crate::secret::read(p).map_err(|e| self.err(&format!("{K}.key_file"), e.to_string()))?;
+            crate::secret::read(p)
+                .map_err(|e| self.err(&format!("{K}.key_file"), e.to_string()))?;
         }
         Ok(tls)
     }
