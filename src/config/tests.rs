@@ -8,7 +8,7 @@ node: beta
 state_dir: var/beta
 broker:
   rabbitmq:
-    urls: [ "amqp://hakobu:secret@127.0.0.1:5672/%2f" ]
+    urls: [ "amqp://beta:secret@127.0.0.1:5672/%2f" ]
 send:
   - file_id: DAILY_SALES
     outbox: var/alpha/outbox/sales
@@ -82,4 +82,46 @@ fn rejects_bad_ids_and_placeholders() {
     assert_eq!(e.key, "send[0].on_failure[1]");
     let e = parse(&GOOD.replace("stable_for: 2s", "stable_for: 2s, done_marker: x")).unwrap_err();
     assert_eq!(e.key, "send[0].ready");
+}
+
+#[test]
+fn rabbitmq_identity_and_transport_rules() {
+    let with = |from: &str, to: &str| parse(&GOOD.replace(from, to));
+    // verify_sender is on by default, and the login must then be the node.
+    let BrokerConfig::Rabbitmq(r) = parse(GOOD).unwrap().broker else {
+        panic!()
+    };
+    assert!(r.verify_sender);
+    assert_eq!(r.dead_letter_max, DEFAULT_DEAD_LETTER_MAX);
+    let e = with("amqp://beta:", "amqp://hakobu:").unwrap_err();
+    assert_eq!(e.key, "broker.rabbitmq.urls[0]");
+    assert!(e.message.contains("verify_sender"), "{e}");
+    assert!(with("amqp://beta:", "amqp://hakobu:").map(|_| ()).is_err());
+    let ok = GOOD.replace(
+        "urls: [ \"amqp://beta:",
+        "verify_sender: false\n    urls: [ \"amqp://hakobu:",
+    );
+    assert!(parse(&ok).is_ok());
+    // Plain AMQP beyond loopback, unless insecure.
+    let e = with("@127.0.0.1:5672", "@192.0.2.1:5672").unwrap_err();
+    assert!(e.message.contains("insecure"), "{e}");
+    let ok = GOOD
+        .replace("@127.0.0.1:5672", "@192.0.2.1:5672")
+        .replace("    urls:", "    insecure: true\n    urls:");
+    assert!(parse(&ok).is_ok());
+    // EXTERNAL: amqps, a client certificate, and the node as the user.
+    let e = with(
+        "amqp://beta:secret@127.0.0.1:5672/%2f\" ]",
+        "amqps://127.0.0.1:5671/%2f\" ]\n    auth_mechanism: external",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "broker.rabbitmq.auth_mechanism", "{e}");
+    // Serde errors quote what was written: never the password.
+    let e = with(
+        "urls: [ \"amqp://beta:secret@127.0.0.1:5672/%2f\" ]",
+        "urls: \"amqp://beta:secret@127.0.0.1:5672/%2f\"",
+    )
+    .unwrap_err();
+    assert!(!e.to_string().contains("secret"), "{e}");
+    assert!(e.to_string().contains("amqp://beta:***@"), "{e}");
 }
