@@ -12,14 +12,16 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::rabbit::{
+    FILE_ID, WAIT, hakobu, login_url, outbox, receiver, rt, sender, spooled, start_consuming,
+    wait_for,
+};
 use common::{Agent, node_broker, node_urls, node_users, unique, wait_until};
 use hakobu::broker::Broker;
 use hakobu::broker::rabbitmq::RabbitMq;
 use hakobu::config::RabbitmqConfig;
-use hakobu::config::amqp_url::with_password;
 use hakobu::domain::{FileId, NodeName, TransferId};
 use hakobu::wire::{Message, Receipt};
 use lapin::options::{
@@ -28,90 +30,6 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-
-const WAIT: Duration = Duration::from_secs(60);
-const FILE_ID: &str = "DATA";
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Runtime::new().unwrap()
-}
-
-/// A node's URL with its password in it, for a test-side client.
-fn login_url(node: &str, password_file: &Path) -> String {
-    let pw = fs::read_to_string(password_file).unwrap();
-    with_password(&node_urls(node, 0)[0], pw.trim())
-}
-
-/// A receiving agent `b` that accepts `FILE_ID` from `from`, logging in as itself.
-fn receiver(root: &Path, b: &str, pw: &Path, from: &str) -> Agent {
-    let yaml = format!(
-        "node: {b}\nstate_dir: {root}/{b}/state\n{broker}receive:\n  - file_id: {FILE_ID}\n    from: [ {from} ]\n    inbox: {root}/{b}/inbox\n",
-        root = root.display(),
-        broker = node_broker(b, pw),
-    );
-    Agent::new(b, &root.join(b), &yaml)
-}
-
-/// A sending agent: node `a` sending `FILE_ID` to `to`, with `broker` as its section.
-fn sender(root: &Path, a: &str, broker: &str, to: &str) -> Agent {
-    let yaml = format!(
-        "node: {a}\nstate_dir: {root}/{a}/state\n{broker}send:\n  - file_id: {FILE_ID}\n    outbox: {root}/{a}/outbox\n    to: [ {to} ]\n    ready: {{ stable_for: 300ms }}\n",
-        root = root.display(),
-    );
-    Agent::new(a, &root.join(a), &yaml)
-}
-
-/// `wait_until`, with the agents' logs in the failure message.
-fn wait_for(agents: &[&Agent], what: &str, mut f: impl FnMut() -> bool) {
-    let start = std::time::Instant::now();
-    while !f() {
-        if start.elapsed() > WAIT {
-            let logs: Vec<String> = agents
-                .iter()
-                .map(|a| format!("--- {} ---\n{}", a.node, a.log()))
-                .collect();
-            panic!("timed out waiting for {what}\n{}", logs.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Starts `agent` and waits until it consumes its queue, which it declares
-/// first: a node's queue exists once its agent has run (other nodes' users
-/// may not create it).
-fn start_consuming(agent: &mut Agent) {
-    let before = agent.log().matches("Consuming.").count();
-    agent.start();
-    wait_for(&[agent], "the agent to consume its queue", || {
-        agent.log().matches("Consuming.").count() > before
-    });
-}
-
-fn outbox(root: &Path, a: &str) -> PathBuf {
-    root.join(a).join("outbox")
-}
-
-/// The files in a sender's spool for `FILE_ID`.
-fn spooled(root: &Path, a: &str) -> Vec<String> {
-    common::dir_names(&root.join(a).join("state/spool").join(FILE_ID))
-}
-
-/// Runs `hakobu ARGS -c CONFIG` from `dir`: (exit code, stdout + stderr).
-fn hakobu(dir: &Path, args: &[&str], config: &Path) -> (Option<i32>, String) {
-    let out = std::process::Command::new(common::bin())
-        .args(args)
-        .arg("-c")
-        .arg(config)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
-}
 
 /// Beta's queue holds a file from alpha while beta is away; a process with
 /// alpha's credentials tries to take it (consume, get, purge, delete,

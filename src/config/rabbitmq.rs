@@ -115,6 +115,15 @@ impl Validator<'_> {
             Some(t) => Some(self.rabbit_tls(t)?),
             None => None,
         };
+        if tls.is_some() {
+            // TLS settings beside a plain URL would be silently unused.
+            if let Some(i) = r.urls.iter().position(|u| u.starts_with("amqp://")) {
+                return Err(self.err(
+                    &format!("{K}.urls[{i}]"),
+                    "`tls:` is given but this URL is plain amqp://: use amqps://",
+                ));
+            }
+        }
         if auth_external && tls.as_ref().is_none_or(|t| t.cert_file.is_none()) {
             return Err(self.err(
                 &format!("{K}.auth_mechanism"),

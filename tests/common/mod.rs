@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 pub mod attacker;
+pub mod rabbit;
+
+#[allow(unused_imports)]
+pub use rabbit::{amqps_urls, client_cert, node_broker, node_urls, node_users};
 
 /// The cluster's AMQP URLs. A test that needs the cluster and finds none fails:
 /// a suite that silently checks nothing is worse than a red one.
@@ -270,81 +274,6 @@ pub fn rabbit_broker(first: usize) -> String {
     format!(
         "broker:\n  rabbitmq:\n    urls: [ {} ]\n    confirm_timeout: 20s\n    verify_sender: false\n",
         ordered.join(", ")
-    )
-}
-
-/// Creates a RabbitMQ user for each of `nodes` with a node's narrow
-/// permissions (`local-cluster.sh user`); returns their password files.
-pub fn node_users(nodes: &[&str]) -> Vec<PathBuf> {
-    let mut args = vec!["user"];
-    args.extend_from_slice(nodes);
-    cluster(&args).lines().map(PathBuf::from).collect()
-}
-
-/// The test cluster's URLs with `user` instead of the administrator and no
-/// password (the agent takes it from `password_file`), starting at `first`.
-pub fn node_urls(user: &str, first: usize) -> Vec<String> {
-    let urls = amqp_urls();
-    (0..3)
-        .map(|i| {
-            let u = &urls[(first + i) % 3];
-            let (scheme, rest) = u.split_once("://").unwrap();
-            let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-            format!("{scheme}://{user}@{host}")
-        })
-        .collect()
-}
-
-/// The `broker:` section for `node` logging in as its own user, password
-/// from `password_file`, `verify_sender` on (the default).
-pub fn node_broker(node: &str, password_file: &Path) -> String {
-    let urls: Vec<String> = node_urls(node, 0)
-        .iter()
-        .map(|u| format!("\"{u}\""))
-        .collect();
-    format!(
-        "broker:\n  rabbitmq:\n    urls: [ {} ]\n    confirm_timeout: 20s\n    password_file: {}\n",
-        urls.join(", "),
-        password_file.display()
-    )
-}
-
-/// The cluster's amqps URLs (tests/run.sh exports them), and its TLS
-/// directory; a test that needs them and finds none fails.
-pub fn amqps_urls() -> (Vec<String>, PathBuf) {
-    let urls: Vec<String> = std::env::var("HAKOBU_TEST_AMQPS_URLS")
-        .unwrap_or_default()
-        .split(',')
-        .filter(|u| !u.is_empty())
-        .map(String::from)
-        .collect();
-    assert_eq!(
-        urls.len(),
-        3,
-        "HAKOBU_TEST_AMQPS_URLS must list the cluster's three amqps URLs: run the tests with tests/run.sh"
-    );
-    let dir = PathBuf::from(std::env::var("HAKOBU_RMQ_TLS_DIR").expect(
-        "HAKOBU_RMQ_TLS_DIR must name the cluster's TLS directory: run the tests with tests/run.sh",
-    ));
-    (urls, dir)
-}
-
-/// A client certificate and key for `node` (CN = node), signed by the
-/// test CA in `tls_dir` (tests/certs.sh): `(cert, key)`.
-pub fn client_cert(tls_dir: &Path, node: &str) -> (PathBuf, PathBuf) {
-    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/certs.sh"))
-        .arg(tls_dir)
-        .arg(node)
-        .output()
-        .expect("run tests/certs.sh");
-    assert!(
-        out.status.success(),
-        "tests/certs.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        tls_dir.join(format!("{node}.pem")),
-        tls_dir.join(format!("{node}.key")),
     )
 }
 
