@@ -291,9 +291,9 @@ pair() {
   PAIR_A=$a PAIR_B=$b PAIR_KIND=$kind
   if [[ $kind == cluster ]]; then
     sb="broker:
-  rabbitmq: { urls: [ $SEND_URLS ], window: $WINDOW, prefetch: $PREFETCH }"
+  rabbitmq: { urls: [ $SEND_URLS ], window: $WINDOW, prefetch: $PREFETCH, verify_sender: false }"
     rb="broker:
-  rabbitmq: { urls: [ $RECV_URLS ], window: $WINDOW, prefetch: $PREFETCH }"
+  rabbitmq: { urls: [ $RECV_URLS ], window: $WINDOW, prefetch: $PREFETCH, verify_sender: false }"
   else
     sb=$BROKER_SECTION
     rb=$BROKER_SECTION

@@ -78,6 +78,12 @@ enum Command {
         config: PathBuf,
         transfer_id: String,
     },
+    /// Ask the RabbitMQ broker how many messages wait in this node's queue
+    /// and in the dead-letter queue.
+    Status {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// Run the embedded broker alone.
     Broker {
         #[arg(long)]
@@ -178,6 +184,7 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
             config,
             transfer_id,
         } => resend(&load(&config)?, &transfer_id).await,
+        Command::Status { config } => status(&load(&config)?).await,
         Command::Broker {
             listen,
             data,
@@ -228,6 +235,29 @@ fn keygen(config: Option<&Path>, out: Option<&Path>) -> Result<(), Exit> {
         path.display()
     );
     println!("{public}");
+    Ok(())
+}
+
+/// `hakobu status`: queue depths as the RabbitMQ broker reports them.
+async fn status(cfg: &Config) -> Result<(), Exit> {
+    let crate::config::BrokerConfig::Rabbitmq(r) = &cfg.broker else {
+        return Err(usage(anyhow::anyhow!(
+            "`hakobu status` asks a RabbitMQ broker; this configuration uses the embedded broker"
+        )));
+    };
+    let depths = crate::broker::rabbitmq::queue_depths(r, cfg.node.as_str())
+        .await
+        .map_err(|e| failure(anyhow::anyhow!("{e} (error_code={})", e.code())))?;
+    for (queue, depth) in depths {
+        match depth {
+            Some(n) => println!("{queue}: {n} messages"),
+            None => println!("{queue}: does not exist yet"),
+        }
+    }
+    println!(
+        "dead letters are kept up to {} bytes (dead_letter_max), the oldest dropped first",
+        r.dead_letter_max
+    );
     Ok(())
 }
 

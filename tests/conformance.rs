@@ -126,13 +126,13 @@ impl Backend {
         match self.kind {
             Kind::Embedded => Arc::new(Embedded::new(&self.addr, self.token.clone(), 16)),
             Kind::Rabbit => Arc::new(RabbitMq::new(RabbitmqConfig {
-                urls: common::amqp_urls(),
                 confirm_timeout: Duration::from_secs(20),
                 prefetch: 16,
                 delivery_limit: 20,
                 window: 8 << 20,
                 verify_sender: false,
                 max_queue: self.max_queue,
+                ..RabbitmqConfig::with_urls(common::amqp_urls())
             })),
         }
     }

@@ -9,6 +9,13 @@
 #   HAKOBU_RMQ_BASE, HAKOBU_RMQ_NAME, HAKOBU_RMQ_PORTS
 #                           so a test can run `local-cluster.sh pid N|stop N|start N`
 #   HAKOBU_RMQ_CLUSTER      the path of local-cluster.sh
+#   HAKOBU_RMQ_TLS_DIR      the cluster's TLS files (tests/certs.sh: a private CA,
+#                           ca.pem and ca.key, and the server's certificate);
+#                           client certificates are made there per node
+#   HAKOBU_TEST_AMQPS_URLS  the three nodes' amqps URLs (client certificates
+#                           required), comma-separated, without credentials
+# Node users (local-cluster.sh `user NODE`) keep their passwords in
+# $HAKOBU_RMQ_BASE/secrets.
 # HAKOBU_RMQ_BASE defaults to a fresh temporary directory, removed after a
 # successful run and kept (for the nodes' logs) after a failed one.
 # The tests are built (`cargo test --release --no-run "$@"`) before the cluster
@@ -57,6 +64,9 @@ export HAKOBU_RMQ_BASE
 export HAKOBU_RMQ_NAME=${HAKOBU_RMQ_NAME:-rabbit}
 export HAKOBU_RMQ_PORTS=${HAKOBU_RMQ_PORTS:-5672 5673 5674}
 export HAKOBU_RMQ_CLUSTER=$CLUSTER
+# TLS listeners (AMQP port + 1000) with a private CA made here.
+export HAKOBU_RMQ_TLS_DIR=${HAKOBU_RMQ_TLS_DIR:-$HAKOBU_RMQ_BASE/tls}
+"$ROOT/tests/certs.sh" "$HAKOBU_RMQ_TLS_DIR"
 
 # shellcheck disable=SC2317 # (trap handlers)
 cleanup() {
@@ -93,6 +103,8 @@ urls=$("$CLUSTER" up </dev/null)
 HAKOBU_TEST_AMQP_URLS=$(paste -sd, <<<"$urls")
 export HAKOBU_TEST_AMQP_URLS
 echo "tests/run.sh: HAKOBU_TEST_AMQP_URLS=$HAKOBU_TEST_AMQP_URLS" >&2
+HAKOBU_TEST_AMQPS_URLS=$("$CLUSTER" tls-urls | paste -sd,)
+export HAKOBU_TEST_AMQPS_URLS
 
 # In the background and in a process group of its own, so that a signal to
 # this script is handled at once (bash defers traps while a foreground command

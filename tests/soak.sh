@@ -132,7 +132,8 @@ chmod 755 "$HOOK"
 BROKER="broker:
   rabbitmq:
     urls: [ \"${URLS[0]}\", \"${URLS[1]}\", \"${URLS[2]}\" ]
-    confirm_timeout: 10s"
+    confirm_timeout: 10s
+    verify_sender: false"
 cat >"$WORK/alpha.yaml" <<EOF
 node: $A
 state_dir: $WORK/alpha/state

@@ -9,10 +9,27 @@
 # from its own pid files, after checking that the process is the node it
 # expects.
 #
-# Usage: local-cluster.sh up|down|status|urls
+# Usage: local-cluster.sh up|down|status|urls|tls-urls
 #        local-cluster.sh pid N | start N | stop N        (N = 1, 2 or 3)
 #        local-cluster.sh leader QUEUE    the number (1..3) of the node that
 #                                         leads quorum queue QUEUE in the vhost
+#        local-cluster.sh user NODE...    a RabbitMQ user per hakobu node, with
+#                                         the narrowest permissions (below);
+#                                         prints each password file's path
+#
+# Users: HAKOBU_RMQ_USER is the administrator (full rights, for tests and
+# operators). Every hakobu node gets a user of its own, named after it, so
+# that the broker checks `user_id` against the node's name and peers can
+# verify the sender (`verify_sender`, on by default). A node's permissions in
+# the vhost (regular expressions; a `.` in a node name is escaped):
+#   configure  ^hakobu\.(node\.NODE|dead-letter)$   declare its own queue and the dead-letter queue
+#   write      ^amq\.default$                       publish through the default exchange (to any
+#                                                   node's queue); dead-letter through it
+#   read       ^hakobu\.node\.NODE$                 consume its own queue, and no other
+# Passwords are random, written once (0600) to $HAKOBU_RMQ_SECRETS/NODE.password
+# and given to agents with `password_file:`; users are created with
+# `rabbitmqctl import_definitions` (salted SHA-256 hashes), so no password is
+# ever on a command line.
 #
 # Environment (defaults in brackets):
 #   HAKOBU_RMQ_NAME        node name prefix [rabbit] -> rabbit1@localhost ...
@@ -23,19 +40,27 @@
 #   HAKOBU_RMQ_VHOST       vhost for that user, created if missing [/]
 #   HAKOBU_RMQ_TIMEOUT     seconds to wait for a node to boot [120]
 #   HAKOBU_RMQ_BIN         RabbitMQ scripts [/usr/lib/rabbitmq/bin]
+#   HAKOBU_RMQ_NODES       hakobu nodes that get a user at `up` ["alpha beta"]
+#   HAKOBU_RMQ_SECRETS     their password files [$HAKOBU_RMQ_BASE/secrets]
+#   HAKOBU_RMQ_TLS_DIR     if set, TLS listeners too: the directory holds ca.pem,
+#                          server.pem and server.key (tests/run.sh makes them);
+#                          clients must present a certificate the CA signed,
+#                          and may log in with it (SASL EXTERNAL, user = its CN)
+#   HAKOBU_RMQ_TLS_PORTS   three amqps ports [AMQP port + 1000]
 # Two clusters can run side by side given distinct NAME, PORTS and BASE. They
 # share one epmd (port 4369): if none runs, `up` starts one on 127.0.0.1 and
 # records its pid in ${TMPDIR:-/tmp}/hakobu-rmq-epmd.pid; `down` stops that
 # epmd once no node is registered with it. Another epmd (e.g. systemd's
 # epmd.socket) is used as is and never stopped.
 #
-# No plugins are enabled (enabled_plugins is `[].`), so there is no management
-# or prometheus port to clash. `up` prints the AMQP URLs on stdout, one a line;
+# No plugins are enabled (enabled_plugins is `[].`, or only
+# rabbitmq_auth_mechanism_ssl with TLS), so there is no management or
+# prometheus port to clash. `up` prints the AMQP URLs on stdout, one a line;
 # progress goes to stderr.
 set -euo pipefail
 
-usage() { echo "usage: $0 up|down|status|urls|pid N|start N|stop N|leader QUEUE" >&2; exit 2; }
-case ${1:-} in up | down | status | urls | pid | start | stop | leader) ;; *) usage ;; esac
+usage() { echo "usage: $0 up|down|status|urls|tls-urls|pid N|start N|stop N|leader QUEUE|user NODE..." >&2; exit 2; }
+case ${1:-} in up | down | status | urls | tls-urls | pid | start | stop | leader | user) ;; *) usage ;; esac
 
 NAME=${HAKOBU_RMQ_NAME:-rabbit}
 BASE=${HAKOBU_RMQ_BASE:-${TMPDIR:-/tmp}/hakobu-rmq}
@@ -58,10 +83,25 @@ else
   DIST_PORTS=($((PORTS[0] + 20000)) $((PORTS[1] + 20000)) $((PORTS[2] + 20000)))
 fi
 [[ $NAME =~ ^[A-Za-z][A-Za-z0-9_-]*$ ]] || die "HAKOBU_RMQ_NAME must be a plain name, got '$NAME'"
+if [[ -n ${HAKOBU_RMQ_TLS_PORTS:-} ]]; then
+  read -r -a TLS_PORTS <<<"${HAKOBU_RMQ_TLS_PORTS//,/ }"
+  [[ ${#TLS_PORTS[@]} -eq 3 ]] || die "HAKOBU_RMQ_TLS_PORTS must hold three ports"
+else
+  TLS_PORTS=($((PORTS[0] + 1000)) $((PORTS[1] + 1000)) $((PORTS[2] + 1000)))
+fi
+TLS_DIR=${HAKOBU_RMQ_TLS_DIR:-}
+NODES=${HAKOBU_RMQ_NODES-alpha beta}
 
 EPMD_PIDFILE=${TMPDIR:-/tmp}/hakobu-rmq-epmd.pid
 mkdir -p "$BASE"
 BASE=$(cd "$BASE" && pwd) # absolute: RabbitMQ resolves paths from its own cwd
+SECRETS=${HAKOBU_RMQ_SECRETS:-$BASE/secrets}
+if [[ -n $TLS_DIR ]]; then
+  TLS_DIR=$(cd "$TLS_DIR" && pwd) || die "HAKOBU_RMQ_TLS_DIR '$HAKOBU_RMQ_TLS_DIR' is not a directory"
+  for f in ca.pem server.pem server.key; do
+    [[ -r $TLS_DIR/$f ]] || die "HAKOBU_RMQ_TLS_DIR lacks $f"
+  done
+fi
 
 # Environment shared by the servers and by rabbitmqctl: the same HOME (hence
 # the same cookie), epmd and distribution on loopback only, and no
@@ -173,7 +213,11 @@ write_files() {
   fi
   chmod 400 "$HOME/.erlang.cookie"
   [[ -f $RABBITMQ_CONF_ENV_FILE ]] || : >"$RABBITMQ_CONF_ENV_FILE"
-  echo '[].' >"$BASE/enabled_plugins"
+  if [[ -n $TLS_DIR ]]; then
+    echo '[rabbitmq_auth_mechanism_ssl].' >"$BASE/enabled_plugins"
+  else
+    echo '[].' >"$BASE/enabled_plugins"
+  fi
   cat >"$d/rabbitmq.conf" <<EOF
 # written by local-cluster.sh; rewritten on every start
 listeners.tcp.default = 127.0.0.1:${PORTS[i - 1]}
@@ -183,6 +227,20 @@ disk_free_limit.absolute = 50MB
 log.console = false
 log.file.level = info
 EOF
+  if [[ -n $TLS_DIR ]]; then
+    cat >>"$d/rabbitmq.conf" <<EOF
+listeners.ssl.default = 127.0.0.1:${TLS_PORTS[i - 1]}
+ssl_options.cacertfile = $TLS_DIR/ca.pem
+ssl_options.certfile = $TLS_DIR/server.pem
+ssl_options.keyfile = $TLS_DIR/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = true
+ssl_cert_login_from = common_name
+auth_mechanisms.1 = PLAIN
+auth_mechanisms.2 = AMQPLAIN
+auth_mechanisms.3 = EXTERNAL
+EOF
+  fi
 }
 
 # Checks before starting node N, made for all nodes before any is started so
@@ -192,6 +250,9 @@ preflight() {
   n=$(node "$i")
   port_busy "${PORTS[i - 1]}" && die "AMQP port ${PORTS[i - 1]} for $n is already in use"
   port_busy "${DIST_PORTS[i - 1]}" && die "distribution port ${DIST_PORTS[i - 1]} for $n is already in use"
+  if [[ -n $TLS_DIR ]] && port_busy "${TLS_PORTS[i - 1]}"; then
+    die "amqps port ${TLS_PORTS[i - 1]} for $n is already in use"
+  fi
   if epmd -names 2>/dev/null | grep -q "^name $NAME$i at port"; then
     die "a node named $n is registered with epmd but is not ours (choose another HAKOBU_RMQ_NAME)"
   fi
@@ -316,6 +377,38 @@ ensure_user() {
   fi
 }
 
+# A user per hakobu node (see the header), created or updated with one
+# `rabbitmqctl import_definitions`: the password (random, kept in
+# $SECRETS/NODE.password, 0600) is hashed here, salted SHA-256 as RabbitMQ
+# stores it, so that it is never on a command line. Prints the password files.
+ensure_node_users() {
+  local n pw pwfile esc tmp bs='\\' users='' perms='' sep=''
+  [[ $# -gt 0 ]] || return 0
+  (umask 077 && mkdir -p "$SECRETS")
+  tmp=$(mktemp -d "$BASE/defs.XXXXXX")
+  for n in "$@"; do
+    [[ $n =~ ^[A-Za-z0-9_.-]{1,50}$ ]] || { rm -rf "$tmp"; die "'$n' is not a hakobu node name"; }
+    pwfile=$SECRETS/$n.password
+    if [[ ! -s $pwfile ]]; then
+      (umask 077 && od -An -N18 -tx1 /dev/urandom | tr -d ' \n' >"$pwfile")
+    fi
+    pw=$(<"$pwfile")
+    head -c4 /dev/urandom >"$tmp/salt"
+    { cat "$tmp/salt"; printf '%s' "$pw"; } | openssl dgst -sha256 -binary >"$tmp/hash"
+    # In JSON, the regular expressions' backslashes are doubled.
+    esc=$(sed 's/\./\\\\./g' <<<"$n")
+    users+=$(printf '%s{"name":"%s","password_hash":"%s","hashing_algorithm":"rabbit_password_hashing_sha256","tags":""}' \
+      "$sep" "$n" "$(cat "$tmp/salt" "$tmp/hash" | base64 -w0)")
+    perms+=$(printf '%s{"user":"%s","vhost":"%s","configure":"^hakobu%s.(node%s.%s|dead-letter)$","write":"^amq%s.default$","read":"^hakobu%s.node%s.%s$"}' \
+      "$sep" "$n" "$VHOST" "$bs" "$bs" "$esc" "$bs" "$bs" "$bs" "$esc")
+    sep=,
+    echo "$pwfile"
+  done
+  printf '{"users":[%s],"permissions":[%s]}\n' "$users" "$perms" >"$tmp/defs.json"
+  ctl_logged 1 import_definitions "$tmp/defs.json"
+  rm -rf "$tmp"
+}
+
 urlencode() {
   local s=$1 out="" c k LC_ALL=C # bytes, for UTF-8 too
   for ((k = 0; k < ${#s}; k++)); do
@@ -332,6 +425,15 @@ urls() {
   local i
   for i in 1 2 3; do
     echo "amqp://$(urlencode "$RMQ_USER"):$(urlencode "$RMQ_PASS")@127.0.0.1:${PORTS[i - 1]}/$(urlencode "$VHOST")"
+  done
+}
+
+# The amqps URLs, without credentials (each agent gives its own).
+tls_urls() {
+  local i
+  [[ -n $TLS_DIR ]] || die "no TLS listeners: set HAKOBU_RMQ_TLS_DIR"
+  for i in 1 2 3; do
+    echo "amqps://127.0.0.1:${TLS_PORTS[i - 1]}/$(urlencode "$VHOST")"
   done
 }
 
@@ -372,7 +474,9 @@ cmd_up() {
   ensure_joined 2
   ensure_joined 3
   ensure_user
-  log "cluster up in $((SECONDS - t0)) s; base $BASE"
+  # shellcheck disable=SC2086 # a list of names
+  ensure_node_users $NODES >/dev/null
+  log "cluster up in $((SECONDS - t0)) s; base $BASE${NODES:+; node users $NODES, passwords in $SECRETS}"
   urls
 }
 
@@ -448,6 +552,8 @@ case ${1:-} in
   down) cmd_down ;;
   status) cmd_status ;;
   urls) urls ;;
+  tls-urls) tls_urls ;;
+  user) shift; [[ $# -gt 0 ]] || usage; ensure_node_users "$@" ;;
   pid) check_n "${2:-}"; node_pid "$2" || die "$(node "$2") is not running" ;;
   start) check_n "${2:-}"; cmd_start "$2" ;;
   stop) check_n "${2:-}"; stop_nodes "$2" ;;

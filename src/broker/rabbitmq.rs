@@ -14,6 +14,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, mpsc};
@@ -21,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::{Acker, Broker, BrokerError, Confirm, DEAD_LETTER_QUEUE, Delivery, queue_name};
 use crate::config::RabbitmqConfig;
+use crate::config::amqp_url::{redact_text, redact_url, url_user};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -80,15 +82,16 @@ impl Inner {
         for i in 0..n {
             let idx = (start + i) % n;
             let url = &self.cfg.urls[idx];
-            let attempt = Connection::connect(url, ConnectionProperties::default());
+            let attempt = connect_url(url, &self.cfg);
             match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
                 Ok(Ok(conn)) => {
                     // The next connection (after a failure) starts at the next node.
                     self.next_url.store(idx + 1, Ordering::Relaxed);
-                    return Ok((conn, redact(url), url_user(url)));
+                    return Ok((conn, redact_url(url), url_user(url)));
                 }
-                Ok(Err(e)) => errors.push(format!("{}: {e}", redact(url))),
-                Err(_) => errors.push(format!("{}: timed out", redact(url))),
+                // lapin's errors may quote the URL: no password in the log.
+                Ok(Err(e)) => errors.push(format!("{}: {}", redact_url(url), redact_text(&e))),
+                Err(_) => errors.push(format!("{}: timed out", redact_url(url))),
             }
         }
         self.next_url.store(start + 1, Ordering::Relaxed);
@@ -101,7 +104,9 @@ impl Inner {
         if st.live.is_none() {
             let (conn, url, user) = self.connect().await?;
             let ch = publishing_channel(&conn).await?;
-            declare_dead_letter(&ch).await?;
+            let ch = declare_dead_letter(&conn, &ch, &self.cfg)
+                .await?
+                .unwrap_or(ch);
             info!(message = "Connected to RabbitMQ for publishing.", url);
             st.generation += 1;
             st.declared.clear();
@@ -113,7 +118,7 @@ impl Inner {
             return Err(BrokerError::Connection("no publishing connection".into()));
         };
         if !state.declared.contains(node) {
-            match declare_node_queue(&live.conn, &live.ch, node, &self.cfg).await {
+            match ensure_peer_queue(&live.conn, &live.ch, node, &self.cfg).await {
                 Ok(Some(ch)) => live.ch = ch,
                 Ok(None) => {}
                 Err(e) => {
@@ -140,53 +145,48 @@ impl Inner {
     }
 }
 
+/// One connection attempt; `amqps://` with the configured CA and client
+/// certificate (rustls). The error is text, for the caller's summary.
+async fn connect_url(url: &str, cfg: &RabbitmqConfig) -> Result<Connection, String> {
+    let props = ConnectionProperties::default();
+    let Some(tls) = cfg.tls.as_ref().filter(|_| url.starts_with("amqps://")) else {
+        return Connection::connect(url, props)
+            .await
+            .map_err(|e| e.to_string());
+    };
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let cert_chain = match &tls.ca_file {
+        Some(p) => Some(String::from_utf8_lossy(&read(p)?).into_owned()),
+        None => None,
+    };
+    let identity = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read(cert)?,
+            // Checked like every secret: a key others may read is refused.
+            key: crate::secret::read(key)
+                .map_err(|e| e.to_string())?
+                .into_bytes(),
+        }),
+        _ => None,
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+    Connection::connect_with_config(
+        url,
+        props,
+        OwnedTLSConfig {
+            identity,
+            cert_chain,
+        },
+        runtime,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
 fn conn_err(e: lapin::Error) -> BrokerError {
     BrokerError::Connection(e.to_string())
-}
-
-/// `amqp://user:secret@host` → `amqp://user@host`, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}@{}", &url[..s + 3], &url[at + 1..])
-        }
-        _ => url.to_string(),
-    }
-}
-
-/// The user name in an AMQP URL, which the broker checks `user_id` against.
-fn url_user(url: &str) -> Option<String> {
-    let s = url.find("://")? + 3;
-    let at = url.rfind('@')?;
-    let user = url.get(s..at)?.split(':').next()?;
-    (!user.is_empty()).then(|| percent_decode(user))
-}
-
-/// `%40` → `@`: user names in URLs are percent-encoded.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (
-            b[i],
-            b.get(i + 1).and_then(|c| hex(*c)),
-            b.get(i + 2).and_then(|c| hex(*c)),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, ..) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn quorum_args(extra: &[(&str, AMQPValue)]) -> FieldTable {
@@ -201,21 +201,82 @@ fn quorum_args(extra: &[(&str, AMQPValue)]) -> FieldTable {
     t
 }
 
-async fn declare_dead_letter(ch: &Channel) -> Result<(), BrokerError> {
-    ch.queue_declare(
-        DEAD_LETTER_QUEUE.into(),
-        QueueDeclareOptions::durable(),
-        quorum_args(&[]),
-    )
-    .await
-    .map_err(conn_err)?;
-    Ok(())
+/// Declares the dead-letter queue, bounded in bytes (`dead_letter_max`;
+/// the oldest dead letters are dropped first). A user without configure
+/// rights on it, or a queue declared by an older hakobu without the bound,
+/// makes RabbitMQ refuse the declaration: the queue is then checked
+/// passively and used as it is (bound it with a policy, see the README).
+async fn declare_dead_letter(
+    conn: &Connection,
+    ch: &Channel,
+    cfg: &RabbitmqConfig,
+) -> Result<Option<Channel>, BrokerError> {
+    let args = quorum_args(&[(
+        "x-max-length-bytes",
+        AMQPValue::LongLongInt(cfg.dead_letter_max.min(i64::MAX as u64) as i64),
+    )]);
+    declare_or_check(conn, ch, DEAD_LETTER_QUEUE, args).await
 }
 
-/// Declares a node's queue. When it exists with other arguments (another
-/// agent configured a different delivery limit or max_queue), RabbitMQ closes
-/// the channel with PRECONDITION_FAILED: then the queue is used as it is,
-/// checked passively on a new channel, which is returned.
+/// Declares `name` with `args`. When RabbitMQ refuses (PRECONDITION_FAILED:
+/// it exists with other arguments; ACCESS_REFUSED: this user may not
+/// configure it), the channel is closed: the queue is then checked
+/// passively, which needs no permission, on a new channel, returned.
+async fn declare_or_check(
+    conn: &Connection,
+    ch: &Channel,
+    name: &str,
+    args: FieldTable,
+) -> Result<Option<Channel>, BrokerError> {
+    let err = match ch
+        .queue_declare(name.into(), QueueDeclareOptions::durable(), args)
+        .await
+    {
+        Ok(_) => return Ok(None),
+        Err(e) => e.to_string(),
+    };
+    if err.contains("PRECONDITION_FAILED") {
+        if name == DEAD_LETTER_QUEUE {
+            warn!(message = "The dead-letter queue exists with other arguments (an older hakobu declared it without a bound); using it as it is. Bound it with a policy: rabbitmqctl set_policy hakobu-dead-letter '^hakobu\\.dead-letter$' '{\"max-length-bytes\":1073741824}' --apply-to queues", queue = %name);
+        } else {
+            warn!(message = "Queue exists with other arguments; using it as it is. Give every agent the same delivery_limit and max_queue.", queue = %name);
+        }
+    } else if err.contains("ACCESS_REFUSED") {
+        debug!(message = "This broker user may not declare the queue; checking that it exists.", queue = %name);
+    } else {
+        return Err(BrokerError::Connection(err));
+    }
+    let (fresh, _) = check_queue(conn, name).await?;
+    Ok(Some(fresh))
+}
+
+/// A passive declaration on a new channel (no permission needed): the
+/// channel and the queue's message count, or an error if it does not exist.
+async fn check_queue(conn: &Connection, name: &str) -> Result<(Channel, u32), BrokerError> {
+    let fresh = publishing_channel(conn).await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let q = fresh
+        .queue_declare(name.into(), passive, FieldTable::default())
+        .await
+        .map_err(|e| {
+            if e.to_string().contains("NOT_FOUND") {
+                BrokerError::Connection(format!(
+                    "the queue {name} does not exist, and this broker user may not create it: a node's queue is made when its agent first starts, the dead-letter queue by the first agent whose user may configure it"
+                ))
+            } else {
+                conn_err(e)
+            }
+        })?;
+    Ok((fresh, q.message_count()))
+}
+
+/// Declares a node's own queue (its user may configure it). When it exists
+/// with other arguments (another agent configured a different delivery
+/// limit or max_queue), it is used as it is, on the channel returned.
 async fn declare_node_queue(
     conn: &Connection,
     ch: &Channel,
@@ -247,28 +308,74 @@ async fn declare_node_queue(
             AMQPValue::LongString(LongString::from("reject-publish")),
         );
     }
-    let name: ShortString = queue_name(node).as_str().into();
+    declare_or_check(conn, ch, queue_name(node).as_str(), args).await
+}
+
+/// Makes sure the queue a publish goes to exists. A node may publish to
+/// another's queue without the right to configure it: a passive check
+/// first, which needs no permission; only a missing queue is declared
+/// (which a user with configure rights may do, so that messages wait for a
+/// node that never ran; a narrower user gets an error and publishes again
+/// later). A queue deleted after the check makes the mandatory publish
+/// come back, never vanish.
+async fn ensure_peer_queue(
+    conn: &Connection,
+    ch: &Channel,
+    node: &str,
+    cfg: &RabbitmqConfig,
+) -> Result<Option<Channel>, BrokerError> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
     match ch
-        .queue_declare(name.clone(), QueueDeclareOptions::durable(), args)
+        .queue_declare(
+            queue_name(node).as_str().into(),
+            passive,
+            FieldTable::default(),
+        )
         .await
     {
         Ok(_) => Ok(None),
-        Err(e) if e.to_string().contains("PRECONDITION_FAILED") => {
-            warn!(message = "Queue exists with other arguments; using it as it is. Give every agent the same delivery_limit and max_queue.", queue = %name);
+        Err(e) if e.to_string().contains("NOT_FOUND") => {
             let fresh = publishing_channel(conn).await?;
-            let passive = QueueDeclareOptions {
-                passive: true,
-                durable: true,
-                ..QueueDeclareOptions::default()
-            };
-            fresh
-                .queue_declare(name, passive, FieldTable::default())
-                .await
-                .map_err(conn_err)?;
-            Ok(Some(fresh))
+            Ok(Some(
+                declare_node_queue(conn, &fresh, node, cfg)
+                    .await?
+                    .unwrap_or(fresh),
+            ))
         }
         Err(e) => Err(conn_err(e)),
     }
+}
+
+/// Messages waiting in a node's queue and in the dead-letter queue, asked
+/// of the broker with passive declarations (`hakobu status`).
+pub async fn queue_depths(
+    cfg: &RabbitmqConfig,
+    node: &str,
+) -> Result<Vec<(String, Option<u32>)>, BrokerError> {
+    let inner = Inner {
+        cfg: cfg.clone(),
+        next_url: AtomicUsize::new(0),
+        publisher: Mutex::new(PublisherState::default()),
+    };
+    let (conn, _, _) = inner.connect().await?;
+    let mut out = Vec::new();
+    for name in [
+        queue_name(node).as_str().to_string(),
+        DEAD_LETTER_QUEUE.to_string(),
+    ] {
+        let depth = match check_queue(&conn, &name).await {
+            Ok((_, n)) => Some(n),
+            Err(BrokerError::Connection(e)) if e.contains("does not exist") => None,
+            Err(e) => return Err(e),
+        };
+        out.push((name, depth));
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    Ok(out)
 }
 
 #[async_trait]
@@ -363,7 +470,9 @@ async fn consume_once(
         ch.basic_qos(inner.cfg.prefetch, BasicQosOptions::default())
             .await
             .map_err(conn_err)?;
-        declare_dead_letter(&ch).await?;
+        let ch = declare_dead_letter(&conn, &ch, &inner.cfg)
+            .await?
+            .unwrap_or(ch);
         let ch = declare_node_queue(&conn, &ch, node, &inner.cfg)
             .await?
             .unwrap_or(ch);
@@ -444,24 +553,5 @@ impl Acker for RabbitAcker {
             .await
             .map(|_| ())
             .map_err(conn_err)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_are_redacted_and_users_found() {
-        assert_eq!(
-            redact("amqp://hakobu:secret@127.0.0.1:5672/%2f"),
-            "amqp://hakobu@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            url_user("amqp://hakobu:secret@127.0.0.1:5672/%2f").as_deref(),
-            Some("hakobu")
-        );
-        assert_eq!(url_user("amqp://127.0.0.1:5672"), None);
-        assert_eq!(url_user("amqp://a%40b:x@h/").as_deref(), Some("a@b"));
     }
 }

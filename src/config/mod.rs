@@ -1,8 +1,10 @@
 //! The agent's configuration: read once, validated once, then handed around as
 //! checked types. Only this module knows YAML.
 
+pub mod amqp_url;
 mod locate;
 mod overlap;
+mod rabbitmq;
 mod raw;
 mod units;
 mod validate;
@@ -55,8 +57,10 @@ pub enum BrokerConfig {
     Embedded(EmbeddedConfig),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RabbitmqConfig {
+    /// With the password of `password_file` put in: never print one whole
+    /// (`amqp_url::redact_url`).
     pub urls: Vec<String>,
     pub confirm_timeout: Duration,
     pub prefetch: u16,
@@ -65,6 +69,60 @@ pub struct RabbitmqConfig {
     /// A chunk's `from` must equal the AMQP `user_id` the broker validated.
     pub verify_sender: bool,
     pub max_queue: Option<u64>,
+    /// TLS files for `amqps://` URLs.
+    pub tls: Option<RabbitTls>,
+    /// Log in with SASL EXTERNAL: the client certificate's CN is the user.
+    pub auth_external: bool,
+    /// `x-max-length-bytes` of the dead-letter queue.
+    pub dead_letter_max: u64,
+}
+
+/// PEM files: the CA that signed the broker's certificate (added to the
+/// system's roots), and this node's certificate and private key (0600).
+#[derive(Debug, Clone, Default)]
+pub struct RabbitTls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+pub const DEFAULT_DEAD_LETTER_MAX: u64 = 1 << 30;
+
+impl RabbitmqConfig {
+    /// The defaults of the configuration file, for `urls`.
+    pub fn with_urls(urls: Vec<String>) -> Self {
+        RabbitmqConfig {
+            urls,
+            confirm_timeout: Duration::from_secs(30),
+            prefetch: 32,
+            delivery_limit: 20,
+            window: 8 << 20,
+            verify_sender: true,
+            max_queue: None,
+            tls: None,
+            auth_external: false,
+            dead_letter_max: DEFAULT_DEAD_LETTER_MAX,
+        }
+    }
+}
+
+/// Passwords stay out of debug output too.
+impl std::fmt::Debug for RabbitmqConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| amqp_url::redact_url(u)).collect();
+        f.debug_struct("RabbitmqConfig")
+            .field("urls", &urls)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("prefetch", &self.prefetch)
+            .field("delivery_limit", &self.delivery_limit)
+            .field("window", &self.window)
+            .field("verify_sender", &self.verify_sender)
+            .field("max_queue", &self.max_queue)
+            .field("tls", &self.tls)
+            .field("auth_external", &self.auth_external)
+            .field("dead_letter_max", &self.dead_letter_max)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -169,7 +227,9 @@ impl Config {
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         let index = LineIndex::build(text);
         let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
-            let (key, message) = split_serde_error(&e.to_string());
+            // serde quotes what was written: a URL given as a string
+            // instead of a list would print its password.
+            let (key, message) = split_serde_error(&amqp_url::redact_text(&e.to_string()));
             ConfigError {
                 file: file.to_path_buf(),
                 line: e.location().map(|l| l.line()),

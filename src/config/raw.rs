@@ -64,6 +64,26 @@ pub struct RawRabbitmq {
     /// Bytes a node's queue may hold before publishes to it are refused and
     /// retried (RabbitMQ `x-max-length-bytes`). Every agent must agree.
     pub max_queue: Option<String>,
+    /// The node's password, read from this file (mode 0600) and put into
+    /// URLs written without one.
+    pub password_file: Option<PathBuf>,
+    /// TLS for `amqps://` URLs: a private CA, a client certificate.
+    pub tls: Option<RawRabbitTls>,
+    /// `external`: log in with the client certificate's CN (no password).
+    pub auth_mechanism: Option<String>,
+    /// Allow plain `amqp://` to a host beyond loopback.
+    pub insecure: Option<bool>,
+    /// Bytes the dead-letter queue keeps at most (default 1GiB); the oldest
+    /// dead letters go first.
+    pub dead_letter_max: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRabbitTls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,7 +8,7 @@ node: beta
 state_dir: var/beta
 broker:
   rabbitmq:
-    urls: [ "amqp://hakobu:secret@127.0.0.1:5672/%2f" ]
+    urls: [ "amqp://beta:secret@127.0.0.1:5672/%2f" ]
 send:
   - file_id: DAILY_SALES
     outbox: var/alpha/outbox/sales
@@ -264,4 +264,46 @@ fn overlapping_directories_are_refused_with_their_line() {
         &format!("  - file_id: C\n    from: [ alpha ]\n    inbox: {r}/in\n"),
     );
     assert!(parse(&same).is_ok());
+}
+
+#[test]
+fn rabbitmq_identity_and_transport_rules() {
+    let with = |from: &str, to: &str| parse(&GOOD.replace(from, to));
+    // verify_sender is on by default, and the login must then be the node.
+    let BrokerConfig::Rabbitmq(r) = parse(GOOD).unwrap().broker else {
+        panic!()
+    };
+    assert!(r.verify_sender);
+    assert_eq!(r.dead_letter_max, DEFAULT_DEAD_LETTER_MAX);
+    let e = with("amqp://beta:", "amqp://hakobu:").unwrap_err();
+    assert_eq!(e.key, "broker.rabbitmq.urls[0]");
+    assert!(e.message.contains("verify_sender"), "{e}");
+    assert!(with("amqp://beta:", "amqp://hakobu:").map(|_| ()).is_err());
+    let ok = GOOD.replace(
+        "urls: [ \"amqp://beta:",
+        "verify_sender: false\n    urls: [ \"amqp://hakobu:",
+    );
+    assert!(parse(&ok).is_ok());
+    // Plain AMQP beyond loopback, unless insecure.
+    let e = with("@127.0.0.1:5672", "@192.0.2.1:5672").unwrap_err();
+    assert!(e.message.contains("insecure"), "{e}");
+    let ok = GOOD
+        .replace("@127.0.0.1:5672", "@192.0.2.1:5672")
+        .replace("    urls:", "    insecure: true\n    urls:");
+    assert!(parse(&ok).is_ok());
+    // EXTERNAL: amqps, a client certificate, and the node as the user.
+    let e = with(
+        "amqp://beta:secret@127.0.0.1:5672/%2f\" ]",
+        "amqps://127.0.0.1:5671/%2f\" ]\n    auth_mechanism: external",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "broker.rabbitmq.auth_mechanism", "{e}");
+    // Serde errors quote what was written: never the password.
+    let e = with(
+        "urls: [ \"amqp://beta:secret@127.0.0.1:5672/%2f\" ]",
+        "urls: \"amqp://beta:secret@127.0.0.1:5672/%2f\"",
+    )
+    .unwrap_err();
+    assert!(!e.to_string().contains("secret"), "{e}");
+    assert!(e.to_string().contains("amqp://beta@127.0.0.1"), "{e}");
 }

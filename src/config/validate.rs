@@ -34,7 +34,7 @@ impl Validator<'_> {
 
     pub(super) fn config(&mut self, raw: RawConfig) -> Result<Config> {
         let node = self.node("node", &raw.node)?;
-        let broker = self.broker(raw.broker)?;
+        let broker = self.broker(&node, raw.broker)?;
         let send = raw
             .send
             .into_iter()
@@ -98,50 +98,9 @@ impl Validator<'_> {
         Ok(())
     }
 
-    fn broker(&self, raw: RawBroker) -> Result<BrokerConfig> {
+    fn broker(&self, node: &NodeName, raw: RawBroker) -> Result<BrokerConfig> {
         match (raw.rabbitmq, raw.embedded) {
-            (Some(r), None) => {
-                if r.urls.is_empty() {
-                    return Err(self.err("broker.rabbitmq.urls", "list at least one amqp:// URL"));
-                }
-                for (i, url) in r.urls.iter().enumerate() {
-                    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-                        return Err(self.err(
-                            &format!("broker.rabbitmq.urls[{i}]"),
-                            "a URL must start with amqp:// or amqps://",
-                        ));
-                    }
-                }
-                let confirm_timeout = match &r.confirm_timeout {
-                    Some(t) => self.duration("broker.rabbitmq.confirm_timeout", t)?,
-                    None => Duration::from_secs(30),
-                };
-                let window = match &r.window {
-                    Some(w) => self.size("broker.rabbitmq.window", w)?,
-                    None => 8 << 20,
-                };
-                // A receiver acks a chunk only once it is on disk and
-                // recorded, so it holds one batch being committed while the
-                // next arrives: 16 x 512 KiB left the consumer behind the
-                // publisher on the test cluster, 32 kept up.
-                let prefetch = r.prefetch.unwrap_or(32);
-                if prefetch == 0 {
-                    return Err(self.err("broker.rabbitmq.prefetch", "must be at least 1"));
-                }
-                Ok(BrokerConfig::Rabbitmq(RabbitmqConfig {
-                    urls: r.urls,
-                    confirm_timeout,
-                    prefetch,
-                    delivery_limit: r.delivery_limit.unwrap_or(20),
-                    window: window.max(MAX_CHUNK),
-                    verify_sender: r.verify_sender.unwrap_or(false),
-                    max_queue: r
-                        .max_queue
-                        .as_deref()
-                        .map(|m| self.size("broker.rabbitmq.max_queue", m))
-                        .transpose()?,
-                }))
-            }
+            (Some(r), None) => self.rabbitmq(node, r).map(BrokerConfig::Rabbitmq),
             (None, Some(e)) => {
                 for (key, addr) in [("listen", &e.listen), ("connect", &e.connect)] {
                     let Some(addr) = addr else { continue };
@@ -459,11 +418,11 @@ impl Validator<'_> {
         Ok(mode)
     }
 
-    fn duration(&self, key: &str, text: &str) -> Result<Duration> {
+    pub(super) fn duration(&self, key: &str, text: &str) -> Result<Duration> {
         parse_duration(text).map_err(|m| self.err(key, m))
     }
 
-    fn size(&self, key: &str, text: &str) -> Result<u64> {
+    pub(super) fn size(&self, key: &str, text: &str) -> Result<u64> {
         parse_size(text).map_err(|m| self.err(key, m))
     }
 }

@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 pub mod attacker;
+pub mod rabbit;
 pub mod rogue;
+
+#[allow(unused_imports)]
+pub use rabbit::{amqps_urls, client_cert, node_broker, node_urls, node_users};
 
 /// The cluster's AMQP URLs. A test that needs the cluster and finds none fails:
 /// a suite that silently checks nothing is worse than a red one.
@@ -266,8 +270,10 @@ pub fn rabbit_broker(first: usize) -> String {
     let ordered: Vec<String> = (0..3)
         .map(|i| format!("\"{}\"", urls[(first + i) % 3]))
         .collect();
+    // One broker user (`hakobu`) for every test's nodes: names unique per
+    // test cost no user each. tests/security_rabbitmq.rs uses node users.
     format!(
-        "broker:\n  rabbitmq:\n    urls: [ {} ]\n    confirm_timeout: 20s\n",
+        "broker:\n  rabbitmq:\n    urls: [ {} ]\n    confirm_timeout: 20s\n    verify_sender: false\n",
         ordered.join(", ")
     )
 }

@@ -190,7 +190,12 @@ impl Rig {
         let yaml = format!(
             "node: {node}\nstate_dir: {root}/state\n{broker}{broker_extra}receive:\n  - file_id: {FILE_ID}\n    from: [ {allowed} ]\n    inbox: {inbox}\n    max_size: 1MiB\n    on_success: {{ run: [ \"{hook}\", \"{{path}}\" ], timeout: 5m }}\n    on_failure: {on_failure}\n{profile_extra}  - file_id: OTHER\n    from: [ {other_sender} ]\n    inbox: {root}/other-inbox\n",
             root = root.display(),
-            broker = rabbit_broker(0),
+            // An explicit verify_sender in broker_extra replaces the harness's.
+            broker = if opts.broker_extra.contains("verify_sender") {
+                rabbit_broker(0).replace("    verify_sender: false\n", "")
+            } else {
+                rabbit_broker(0)
+            },
             broker_extra = opts.broker_extra,
             profile_extra = opts.profile_extra,
             inbox = inbox.display(),

@@ -66,7 +66,7 @@ impl Backend {
                 delivery_limit: 20,
                 window: 8 << 20,
                 verify_sender: false,
-                max_queue: None,
+                ..RabbitmqConfig::with_urls(crate::common::amqp_urls())
             })),
         }
     }
