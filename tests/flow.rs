@@ -177,9 +177,14 @@ async fn a_file_goes_through_every_stage_and_the_spool_is_settled() {
         status_of(&received, Direction::Receive, &tid),
         Some(Status::Received)
     );
-    // after_send (delete) emptied the spool once the receipt came.
+    // after_send (delete) empties the spool once the receipt came: just
+    // after the row says sent, so wait for it.
     let spool = w.path("alpha/spool/DATA");
-    assert!(fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0) == 0);
+    let start = Instant::now();
+    while fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0) != 0 {
+        assert!(start.elapsed() < WAIT, "after_send did not empty the spool");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         w.runs(),
         vec![format!("{tid} received "), format!("{tid} sent ")]
