@@ -74,6 +74,8 @@ codes! {
     BrokerNack = "broker_nack", Log;
     BrokerConfirmTimeout = "broker_confirm_timeout", Log;
     BrokerConnectionLost = "broker_connection_lost", Log;
+    /// A receipt from a node the transfer was not sent to: acked away, no effect.
+    UnexpectedReceipt = "unexpected_receipt", Log;
 }
 
 impl ErrorCode {
