@@ -496,10 +496,16 @@ pub struct BrokerProcess {
     pub addr: String,
     data: PathBuf,
     child: Option<Child>,
+    args: Vec<String>,
 }
 
 impl BrokerProcess {
     pub fn start(dir: &Path) -> BrokerProcess {
+        Self::start_with(dir, &[])
+    }
+
+    /// A broker with extra command-line arguments (`--max-connections 8`).
+    pub fn start_with(dir: &Path, args: &[&str]) -> BrokerProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -509,6 +515,7 @@ impl BrokerProcess {
             addr: format!("127.0.0.1:{port}"),
             data: dir.join("broker-data"),
             child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         b.restart();
         BROKERS
@@ -520,6 +527,10 @@ impl BrokerProcess {
 
     pub fn data(&self) -> &Path {
         &self.data
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("broker running").id()
     }
 
     /// `node`'s credentials on this broker (the same an agent gets).
@@ -536,6 +547,7 @@ impl BrokerProcess {
         let child = Command::new(bin())
             .args(["broker", "--listen", &self.addr, "--data"])
             .arg(&self.data)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

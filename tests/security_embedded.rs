@@ -1,0 +1,709 @@
+//! The embedded broker under attack: a real `hakobu broker` process and real
+//! agents, attacked by a second process running as `nobody` (this test
+//! binary, copied where `nobody` may run it, entering `attacker_entry_point`)
+//! that speaks the broker's protocol over raw TCP, as a rogue local process
+//! would. Each test is a reproduction from the security review (issue 12,
+//! items 1 and 6) that worked before the broker had credentials and limits.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::attacker::{as_nobody, open_dir};
+use common::{Agent, BrokerProcess, hook_runs, recording_hook, unique, visible_names, wait_until};
+use hakobu::broker::embedded::frame::{Frame, PROTOCOL_VERSION};
+use hakobu::domain::{FileId, NodeName, TransferId};
+use hakobu::wire::{ChunkHeader, Message, Receipt, Trailer};
+use sha2::{Digest, Sha256};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+// ---- the attacker: this binary again, as nobody ----
+
+/// This test binary, copied where `nobody` may run it.
+fn attacker_bin() -> PathBuf {
+    static COPY: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, path) = COPY.get_or_init(|| {
+        let d = open_dir("hakobu-attacker-");
+        let p = d.path().join("attacker");
+        std::fs::copy(std::env::current_exe().unwrap(), &p).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        (d, p)
+    });
+    path.clone()
+}
+
+/// An attack, run as `nobody`: `kind` with its settings.
+struct Attack {
+    env: Vec<(String, String)>,
+}
+
+impl Attack {
+    fn new(kind: &str, addr: &str) -> Attack {
+        Attack {
+            env: vec![
+                ("HAKOBU_ATTACK".into(), kind.into()),
+                ("HAKOBU_ATTACK_ADDR".into(), addr.into()),
+            ],
+        }
+    }
+
+    fn set(mut self, k: &str, v: &str) -> Attack {
+        self.env.push((format!("HAKOBU_ATTACK_{k}"), v.to_string()));
+        self
+    }
+
+    /// As node `node` with `secret` (either may be wrong or empty).
+    fn as_node(self, node: &str, secret: &str) -> Attack {
+        self.set("NODE", node).set("SECRET", secret)
+    }
+
+    fn command(&self) -> Command {
+        let mut c = as_nobody(attacker_bin());
+        c.args([
+            "attacker_entry_point",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ]);
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    fn run(&self) -> Report {
+        Report(self.command().output().expect("start the attacker"))
+    }
+
+    fn spawn(&self) -> Child {
+        self.command()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the attacker")
+    }
+}
+
+/// What the attacker printed: `ATTACK key=value` lines.
+struct Report(Output);
+
+impl Report {
+    fn get(&self, key: &str) -> String {
+        let out = String::from_utf8_lossy(&self.0.stdout);
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("ATTACK {key}=")))
+            .map(String::from)
+            .unwrap_or_else(|| {
+                panic!(
+                    "the attacker reported no {key}: status {:?}\n{out}\n{}",
+                    self.0.status,
+                    String::from_utf8_lossy(&self.0.stderr)
+                )
+            })
+    }
+
+    fn num(&self, key: &str) -> u64 {
+        self.get(key).parse().unwrap()
+    }
+}
+
+fn env(k: &str) -> String {
+    std::env::var(format!("HAKOBU_ATTACK_{k}")).unwrap_or_default()
+}
+
+fn put(s: &mut TcpStream, f: &Frame) -> std::io::Result<()> {
+    let b = f.encode();
+    let mut buf = (b.len() as u32).to_be_bytes().to_vec();
+    buf.extend_from_slice(&b);
+    s.write_all(&buf)
+}
+
+/// The next frame, `None` at EOF, a timeout or a reset.
+fn get(s: &mut TcpStream) -> Option<Frame> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).ok()?;
+    Frame::decode(Bytes::from(body)).ok()
+}
+
+/// Connects and says hello as the attack's node; the broker's reply.
+fn hello() -> (TcpStream, String) {
+    let mut s = TcpStream::connect(env("ADDR")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let hello = Frame::Hello {
+        version: PROTOCOL_VERSION,
+        node: env("NODE"),
+        secret: env("SECRET"),
+    };
+    let reply = match put(&mut s, &hello).ok().and_then(|()| get(&mut s)) {
+        Some(Frame::Welcome { .. }) => "welcome".to_string(),
+        Some(Frame::Error { message }) => format!("refused: {message}"),
+        other => format!("{other:?}"),
+    };
+    (s, reply)
+}
+
+/// Frames that arrive within `within`, by kind.
+fn drain(s: &mut TcpStream, within: Duration) -> (u64, String) {
+    s.set_read_timeout(Some(within)).unwrap();
+    let (mut delivered, mut last) = (0, String::from("none"));
+    while let Some(f) = get(s) {
+        match f {
+            Frame::Deliver { .. } => delivered += 1,
+            Frame::Error { message } => last = format!("error: {message}"),
+            other => last = format!("{other:?}"),
+        }
+    }
+    (delivered, last)
+}
+
+/// The attacker's side of each test. In a normal run (no `HAKOBU_ATTACK`)
+/// it does nothing: it is the entry point the attacks run through.
+#[test]
+fn attacker_entry_point() {
+    let Ok(kind) = std::env::var("HAKOBU_ATTACK") else {
+        return;
+    };
+    match kind.as_str() {
+        // Consume another node's queue: with the given credentials, and
+        // without any hello at all.
+        "steal" => {
+            let (mut s, reply) = hello();
+            println!("ATTACK hello={reply}");
+            let sub = Frame::Subscribe {
+                queue: env("QUEUE"),
+                prefetch: 100,
+            };
+            let _ = put(&mut s, &sub);
+            let (delivered, last) = drain(&mut s, Duration::from_secs(3));
+            println!("ATTACK delivered={delivered}");
+            println!("ATTACK last={last}");
+            let mut raw = TcpStream::connect(env("ADDR")).unwrap();
+            let _ = put(&mut raw, &sub);
+            let (no_hello, _) = drain(&mut raw, Duration::from_secs(3));
+            println!("ATTACK delivered_without_hello={no_hello}");
+        }
+        // Publish a prepared message (a file's bytes) to a queue.
+        "publish" => {
+            let (mut s, reply) = hello();
+            println!("ATTACK hello={reply}");
+            let payload = std::fs::read(env("PAYLOAD")).unwrap();
+            let f = Frame::Publish {
+                seq: 1,
+                queue: env("QUEUE"),
+                payload: payload.into(),
+            };
+            let _ = put(&mut s, &f);
+            let outcome = match get(&mut s) {
+                Some(Frame::Confirm { .. }) => "confirmed".to_string(),
+                Some(Frame::Nack { reason, .. }) => format!("nack: {reason}"),
+                other => format!("{other:?}"),
+            };
+            println!("ATTACK publish={outcome}");
+        }
+        // Length prefixes of 16 MiB before any hello, the bytes after them,
+        // on many connections held open together.
+        "oversize" => {
+            let n = 40;
+            let (mut held, mut refused) = (Vec::new(), 0);
+            let piece = vec![1u8; 64 << 10];
+            for _ in 0..n {
+                let mut s = TcpStream::connect(env("ADDR")).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut ok = s.write_all(&(16u32 << 20).to_be_bytes()).is_ok();
+                let mut left = (16usize << 20) - 1;
+                while ok && left > 0 {
+                    let k = left.min(piece.len());
+                    ok = s.write_all(&piece[..k]).is_ok();
+                    left -= k;
+                }
+                refused += u64::from(!ok);
+                held.push(s);
+            }
+            println!("ATTACK refused={refused}");
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        // Connections held open without a word (or, with credentials, after
+        // the hello), many more than the broker should take.
+        "flood" => {
+            let n: usize = env("COUNT").parse().unwrap();
+            let with_hello = !env("NODE").is_empty();
+            let (mut held, mut welcomed) = (Vec::new(), 0);
+            for _ in 0..n {
+                let s = if with_hello {
+                    let (s, reply) = hello();
+                    welcomed += u64::from(reply == "welcome");
+                    s
+                } else {
+                    match TcpStream::connect(env("ADDR")) {
+                        Ok(s) => s,
+                        Err(_) => continue,
+                    }
+                };
+                held.push(s);
+            }
+            println!("ATTACK welcomed={welcomed}");
+            std::thread::sleep(Duration::from_secs(env("HOLD").parse().unwrap()));
+            println!("ATTACK held={}", held.len());
+        }
+        // A consumer of its own queue that never reads, and a publisher
+        // filling that queue.
+        "hog" => {
+            let (mut consumer, reply) = hello();
+            println!("ATTACK hello={reply}");
+            let own = format!("hakobu.node.{}", env("NODE"));
+            let sub = Frame::Subscribe {
+                queue: own.clone(),
+                prefetch: 1024,
+            };
+            put(&mut consumer, &sub).unwrap();
+            let (mut publisher, _) = hello();
+            let mib: u64 = env("MIB").parse().unwrap();
+            let body = Bytes::from(vec![7u8; 1 << 20]);
+            let mut w = publisher.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                for seq in 0..mib {
+                    let f = Frame::Publish {
+                        seq,
+                        queue: own.clone(),
+                        payload: body.clone(),
+                    };
+                    if put(&mut w, &f).is_err() {
+                        return;
+                    }
+                }
+            });
+            publisher
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            let mut confirmed = 0;
+            for _ in 0..mib {
+                match get(&mut publisher) {
+                    Some(Frame::Confirm { .. }) => confirmed += 1,
+                    _ => break,
+                }
+            }
+            let _ = writer.join();
+            println!("ATTACK confirmed={confirmed}");
+            std::fs::write(Path::new(&env("MARK")), b"published").unwrap();
+            std::thread::sleep(Duration::from_secs(4));
+            drop(consumer);
+        }
+        other => panic!("unknown attack {other}"),
+    }
+}
+
+// ---- the victims ----
+
+/// A broker, and agents `alpha` (sends `DATA` to beta) and `beta` (receives
+/// it from alpha, with a recording hook), under a directory the attacker
+/// may read (its payloads go there).
+struct Rig {
+    tmp: tempfile::TempDir,
+    broker: BrokerProcess,
+    hooks: PathBuf,
+    alpha: String,
+    beta: String,
+}
+
+impl Rig {
+    fn new(broker_args: &[&str]) -> Rig {
+        let tmp = open_dir("hakobu-sec-");
+        let broker = BrokerProcess::start_with(tmp.path(), broker_args);
+        let hooks = tmp.path().join("hooks");
+        recording_hook(&hooks, "hook.sh");
+        Rig {
+            broker,
+            hooks,
+            alpha: unique("alpha"),
+            beta: unique("beta"),
+            tmp,
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+
+    fn alpha(&self) -> Agent {
+        let yaml = format!(
+            "node: {a}\nstate_dir: state\n{broker}send:\n  - file_id: DATA\n    outbox: {outbox}\n    to: [ {b} ]\n    ready: {{ stable_for: 200ms }}\n    after_send: delete\n",
+            a = self.alpha,
+            b = self.beta,
+            broker = self.broker.section(),
+            outbox = self.path("outbox").display(),
+        );
+        Agent::new(&self.alpha, &self.path("alpha"), &yaml)
+    }
+
+    fn beta(&self) -> Agent {
+        let hook = self.hooks.join("hook.sh");
+        let yaml = format!(
+            "node: {b}\nstate_dir: state\n{broker}receive:\n  - file_id: DATA\n    from: [ {a} ]\n    inbox: {inbox}\n    on_success: [ \"{hook}\", \"{{path}}\" ]\n    on_failure: [ \"{hook}\" ]\n",
+            a = self.alpha,
+            b = self.beta,
+            broker = self.broker.section(),
+            inbox = self.path("inbox").display(),
+            hook = hook.display(),
+        );
+        Agent::new(&self.beta, &self.path("beta"), &yaml)
+    }
+
+    fn attack(&self, kind: &str) -> Attack {
+        Attack::new(kind, &self.broker.addr)
+    }
+
+    /// An attack with the credentials of node `x`, which the broker knows
+    /// (a node on this host gone rogue, or its secret stolen).
+    fn attack_as(&self, kind: &str, x: &str) -> Attack {
+        let secret = self.broker.credentials(x).secret;
+        self.attack(kind).as_node(x, &secret)
+    }
+
+    /// Writes `msg` where the attacker can read it; returns the path.
+    fn payload(&self, name: &str, msg: &Message) -> String {
+        let p = self.path(name);
+        std::fs::write(&p, msg.encode()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        p.display().to_string()
+    }
+
+    /// A message in beta's queue, published by alpha.
+    fn message_for_beta(&self) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            use hakobu::broker::Broker;
+            let b = hakobu::broker::embedded::Embedded::new(
+                &self.broker.addr,
+                self.broker.credentials(&self.alpha),
+                1,
+            );
+            let c = b.publish(&self.beta, Bytes::from_static(b"payroll")).await;
+            c.unwrap().await.unwrap();
+        });
+    }
+}
+
+/// A whole one-chunk file from `from` to `to`.
+fn forged_file(from: &str, to: &str, data: &[u8]) -> (TransferId, Message) {
+    let tid = TransferId::new();
+    let header = ChunkHeader {
+        transfer_id: tid.clone(),
+        file_id: FileId::parse("DATA").unwrap(),
+        from: NodeName::parse(from).unwrap(),
+        to: NodeName::parse(to).unwrap(),
+        file_name: "forged.csv".into(),
+        size: data.len() as u64,
+        chunk_size: 64 << 10,
+        offset: 0,
+        last: Some(Trailer {
+            sha256: hex::encode(Sha256::digest(data)),
+            started_at: "2026-12-02T00:00:00Z".into(),
+            meta: Default::default(),
+        }),
+    };
+    (tid, Message::Chunk(header, Bytes::copy_from_slice(data)))
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS`).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Samples `f` every 20 ms until `child` exits; the largest value, and the
+/// child's output.
+fn peak_while(mut child: Child, mut f: impl FnMut() -> u64) -> (u64, Report) {
+    let mut peak = 0;
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        peak = peak.max(f());
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the attacker hangs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (peak, Report(child.wait_with_output().unwrap()))
+}
+
+// ---- the attacks ----
+
+/// Review: with no token the broker took any loopback connection, which
+/// could then consume any queue. Now nothing happens before a hello with a
+/// node's secret.
+#[test]
+fn no_credentials_no_access() {
+    let rig = Rig::new(&[]);
+    rig.message_for_beta();
+    let queue = format!("hakobu.node.{}", rig.beta);
+    for (node, secret) in [("", ""), (rig.beta.as_str(), "guess"), ("root", "")] {
+        let r = rig
+            .attack("steal")
+            .as_node(node, secret)
+            .set("QUEUE", &queue)
+            .run();
+        assert!(r.get("hello").starts_with("refused"), "{}", r.get("hello"));
+        assert_eq!(r.num("delivered"), 0, "a message was stolen as {node:?}");
+        assert_eq!(r.num("delivered_without_hello"), 0);
+    }
+}
+
+/// Review: any client could consume any node's queue (steal a file, ack it
+/// away). Node X's own credentials do not open beta's queue.
+#[test]
+fn another_nodes_credentials_cannot_consume_its_queue() {
+    let rig = Rig::new(&[]);
+    rig.message_for_beta();
+    let r = rig
+        .attack_as("steal", &unique("x"))
+        .set("QUEUE", &format!("hakobu.node.{}", rig.beta))
+        .run();
+    assert_eq!(r.get("hello"), "welcome");
+    assert_eq!(r.num("delivered"), 0, "node X consumed beta's queue");
+    assert!(
+        r.get("last").contains("may consume only its own queue"),
+        "{}",
+        r.get("last")
+    );
+    // And the dead-letter queue is no one's.
+    let r = rig
+        .attack_as("steal", &unique("x"))
+        .set("QUEUE", "hakobu.dead-letter")
+        .run();
+    assert_eq!(r.num("delivered"), 0);
+}
+
+/// Review: a chunk claiming `from: alpha` was believed, and beta placed the
+/// file and ran its success hook. From node X it is now dead-lettered as
+/// `sender_mismatch`: no file, no hook.
+#[test]
+fn a_file_forged_as_alpha_is_refused() {
+    let rig = Rig::new(&[]);
+    let mut beta = rig.beta();
+    beta.start();
+    let (tid, msg) = forged_file(&rig.alpha, &rig.beta, b"name,salary\nmallory,1000000\n");
+    let r = rig
+        .attack_as("publish", &unique("x"))
+        .set("QUEUE", &format!("hakobu.node.{}", rig.beta))
+        .set("PAYLOAD", &rig.payload("forged", &msg))
+        .run();
+    assert_eq!(
+        r.get("publish"),
+        "confirmed",
+        "publishing to a node queue is allowed"
+    );
+    wait_until(WAIT, "beta to refuse the forged chunk", || {
+        beta.log().contains("sender_mismatch")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        visible_names(&rig.path("inbox")).is_empty(),
+        "the forged file was placed"
+    );
+    assert!(hook_runs(&rig.hooks).is_empty(), "a hook ran for {tid}");
+    assert!(
+        beta.history().is_empty(),
+        "the forged transfer was recorded"
+    );
+}
+
+/// Review: a success receipt forged for alpha's transfer made alpha delete
+/// its only copy. Neither a receipt claiming to come from beta nor one from
+/// node X (which the transfer was not sent to) changes anything now.
+#[test]
+fn a_forged_receipt_leaves_alphas_file_in_its_spool() {
+    let rig = Rig::new(&[]);
+    let mut alpha = rig.alpha();
+    alpha.start(); // beta is not running: the transfer waits for its receipt
+    common::drop_file(&rig.path("outbox"), "payroll.csv", |p| {
+        std::fs::write(p, b"the only copy\n").unwrap()
+    });
+    wait_until(WAIT, "the transfer to wait for its receipt", || {
+        !alpha.with_status("awaiting_receipt").is_empty()
+    });
+    let row = alpha.with_status("awaiting_receipt").remove(0);
+    let tid = TransferId::parse(row["transfer_id"].as_str().unwrap()).unwrap();
+    let x = unique("x");
+    for (claimed, code) in [
+        (rig.beta.as_str(), "sender_mismatch"),
+        (x.as_str(), "unexpected_receipt"),
+    ] {
+        let receipt = Message::Receipt(Receipt {
+            transfer_id: tid.clone(),
+            file_id: FileId::parse("DATA").unwrap(),
+            from: NodeName::parse(claimed).unwrap(),
+            to: NodeName::parse(&rig.alpha).unwrap(),
+            ok: true,
+            error_code: None,
+            error: None,
+            path: Some("/nowhere".into()),
+            hook_exit: Some(0),
+            finished_at: "2026-12-02T00:00:00Z".into(),
+        });
+        let r = rig
+            .attack_as("publish", &x)
+            .set("QUEUE", &format!("hakobu.node.{}", rig.alpha))
+            .set("PAYLOAD", &rig.payload(code, &receipt))
+            .run();
+        assert_eq!(r.get("publish"), "confirmed");
+        wait_until(WAIT, code, || alpha.log().contains(code));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        alpha.with_status("awaiting_receipt").len(),
+        1,
+        "{:?}",
+        alpha.history()
+    );
+    let spool = rig.path("alpha/state/spool/DATA");
+    assert_eq!(visible_names(&spool).len(), 1, "the spooled copy went");
+}
+
+/// A secret file its group may read is refused when the agent starts, with
+/// a sentence saying how to fix it.
+#[test]
+fn a_group_readable_secret_is_refused_at_start() {
+    let rig = Rig::new(&[]);
+    let alpha = rig.alpha();
+    let secret = alpha.secret_path();
+    std::fs::create_dir_all(secret.parent().unwrap()).unwrap();
+    common::write_secret(&secret, &rig.broker.credentials(&rig.alpha).secret);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = Command::new(common::bin())
+        .args(["run", "-c"])
+        .arg(&alpha.config)
+        .current_dir(&alpha.dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started with an exposed secret: {err}"
+    );
+    assert!(err.contains("chmod 600"), "{err}");
+    assert!(!err.contains(&rig.broker.credentials(&rig.alpha).secret));
+}
+
+/// Review: before the hello the broker read frames of up to 17 MiB, so a
+/// stranger made it buffer 17 MiB per connection. Now a connection that
+/// announces more than 4 KiB before its hello is closed at once.
+#[test]
+fn an_oversized_frame_before_the_hello_is_refused() {
+    let rig = Rig::new(&[]);
+    let pid = rig.broker.pid();
+    let before = status_kib(pid, "VmRSS");
+    let (peak, r) = peak_while(rig.attack("oversize").spawn(), || status_kib(pid, "VmRSS"));
+    assert_eq!(
+        r.num("refused"),
+        40,
+        "connections kept reading a 16 MiB hello"
+    );
+    let grown = peak.saturating_sub(before) >> 10;
+    assert!(
+        grown < 64,
+        "the broker grew {grown} MiB (from {before} KiB)"
+    );
+    rig.message_for_beta(); // still serving
+}
+
+/// Review: no cap on connections. A flood of strangers, then of node X's
+/// authenticated connections, is refused beyond the caps, and agents that
+/// were connected keep transferring files meanwhile.
+#[test]
+fn a_connection_flood_is_refused_and_agents_keep_working() {
+    let rig = Rig::new(&["--max-connections", "24"]);
+    let (mut alpha, mut beta) = (rig.alpha(), rig.beta());
+    beta.start();
+    alpha.start();
+    let pid = rig.broker.pid();
+    let fds = open_fds(pid);
+    let flood = rig
+        .attack("flood")
+        .set("COUNT", "600")
+        .set("HOLD", "4")
+        .spawn();
+    std::thread::sleep(Duration::from_millis(500));
+    common::drop_file(&rig.path("outbox"), "during-flood.csv", |p| {
+        std::fs::write(p, b"still here\n").unwrap()
+    });
+    let (peak, r) = peak_while(flood, || open_fds(pid) as u64);
+    assert!(r.num("held") > 300, "the attacker could not even connect");
+    assert!(
+        peak < (fds + 64 + 40) as u64,
+        "the broker held {peak} descriptors (from {fds})"
+    );
+    wait_until(WAIT, "the file sent during the flood", || {
+        visible_names(&rig.path("inbox")) == ["during-flood.csv"]
+    });
+    let x = unique("x");
+    let secret = rig.broker.credentials(&x).secret;
+    let r = rig
+        .attack("flood")
+        .as_node(&x, &secret)
+        .set("COUNT", "100")
+        .set("HOLD", "1")
+        .run();
+    let welcomed = r.num("welcomed");
+    assert!(
+        welcomed <= 20,
+        "{welcomed} connections beyond max_connections"
+    );
+    common::drop_file(&rig.path("outbox"), "after-flood.csv", |p| {
+        std::fs::write(p, b"and here\n").unwrap()
+    });
+    wait_until(WAIT, "the file sent after the flood", || {
+        visible_names(&rig.path("inbox")).len() == 2
+    });
+}
+
+/// Review: deliveries were limited in number only, and queued for a
+/// consumer in memory: one that never reads made the broker hold every
+/// message of its queue. Now the broker holds at most 32 MiB for it.
+#[test]
+fn a_consumer_that_never_reads_does_not_grow_the_broker() {
+    let rig = Rig::new(&[]);
+    let pid = rig.broker.pid();
+    let before = status_kib(pid, "VmRSS");
+    let mark = rig.path("published");
+    let x = unique("x");
+    let hog = rig
+        .attack_as("hog", &x)
+        .set("MIB", "300")
+        .set("MARK", &mark.display().to_string());
+    let mut after_publish = 0;
+    let (_, r) = peak_while(hog.spawn(), || {
+        if mark.exists() {
+            after_publish = after_publish.max(status_kib(pid, "VmRSS"));
+        }
+        0
+    });
+    assert_eq!(r.num("confirmed"), 300);
+    assert!(
+        after_publish > 0,
+        "the attacker never reported its publishes"
+    );
+    let grown = after_publish.saturating_sub(before) >> 10;
+    assert!(
+        grown < 128,
+        "the broker grew {grown} MiB for a consumer that never reads"
+    );
+}
