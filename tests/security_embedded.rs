@@ -97,7 +97,11 @@ impl Report {
     fn get(&self, key: &str) -> String {
         let out = String::from_utf8_lossy(&self.0.stdout);
         out.lines()
-            .find_map(|l| l.strip_prefix(&format!("ATTACK {key}=")))
+            .find_map(|l| {
+                // libtest may print "test attacker_entry_point ... " first.
+                let tag = format!("ATTACK {key}=");
+                l.find(&tag).map(|i| &l[i + tag.len()..])
+            })
             .map(String::from)
             .unwrap_or_else(|| {
                 panic!(
@@ -683,7 +687,8 @@ fn a_consumer_that_never_reads_does_not_grow_the_broker() {
     let rig = Rig::new(&[]);
     let pid = rig.broker.pid();
     let before = status_kib(pid, "VmRSS");
-    let mark = rig.path("published");
+    common::attacker::let_nobody_write(&rig.path("marks"));
+    let mark = rig.path("marks/published");
     let x = unique("x");
     let hog = rig
         .attack_as("hog", &x)
