@@ -622,6 +622,7 @@ fn an_oversized_frame_before_the_hello_is_refused() {
         "connections kept reading a 16 MiB hello"
     );
     let grown = peak.saturating_sub(before) >> 10;
+    eprintln!("oversized hellos: broker VmRSS {before} KiB, peak {peak} KiB");
     assert!(
         grown < 64,
         "the broker grew {grown} MiB (from {before} KiB)"
@@ -650,6 +651,10 @@ fn a_connection_flood_is_refused_and_agents_keep_working() {
         std::fs::write(p, b"still here\n").unwrap()
     });
     let (peak, r) = peak_while(flood, || open_fds(pid) as u64);
+    eprintln!(
+        "flood: broker descriptors {fds} before, peak {peak}; attacker held {}",
+        r.num("held")
+    );
     assert!(r.num("held") > 300, "the attacker could not even connect");
     assert!(
         peak < (fds + 64 + 40) as u64,
@@ -707,6 +712,9 @@ fn a_consumer_that_never_reads_does_not_grow_the_broker() {
         "the attacker never reported its publishes"
     );
     let grown = after_publish.saturating_sub(before) >> 10;
+    eprintln!(
+        "never-reading consumer: broker VmRSS {before} KiB, after 300 MiB {after_publish} KiB"
+    );
     assert!(
         grown < 128,
         "the broker grew {grown} MiB for a consumer that never reads"
