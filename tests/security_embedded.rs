@@ -720,3 +720,96 @@ fn a_consumer_that_never_reads_does_not_grow_the_broker() {
         "the broker grew {grown} MiB for a consumer that never reads"
     );
 }
+
+/// A broker-wide disk quota: beyond `--max-disk` publishes are refused (a
+/// nack, which senders retry) until consumers make room.
+#[test]
+fn the_disk_quota_refuses_publishes_until_there_is_room() {
+    let rig = Rig::new(&["--max-disk", "3MiB"]);
+    let x = unique("x");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use hakobu::broker::{Broker, BrokerError};
+        let b = hakobu::broker::embedded::Embedded::new(
+            &rig.broker.addr,
+            rig.broker.credentials(&x),
+            16,
+        );
+        let mib = || Bytes::from(vec![1u8; 1 << 20]);
+        for _ in 0..3 {
+            b.publish(&x, mib()).await.unwrap().await.unwrap();
+        }
+        let refused = b.publish(&x, mib()).await.unwrap().await;
+        assert!(matches!(refused, Err(BrokerError::Nack)), "{refused:?}");
+        let mut rx = b.subscribe(&x).await.unwrap();
+        let d = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        d.ack().await.unwrap();
+        let mut again = Err(BrokerError::Nack);
+        for _ in 0..50 {
+            again = b.publish(&x, mib()).await.unwrap().await;
+            if again.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        again.expect("room again once a message was acked");
+    });
+}
+
+/// The dead-letter queue keeps at most `--max-dead-letter` bytes, dropping
+/// its oldest, and `hakobu broker status` shows its depth.
+#[test]
+fn the_dead_letter_queue_is_bounded_and_visible() {
+    let rig = Rig::new(&["--max-dead-letter", "2MiB"]);
+    let x = unique("x");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use hakobu::broker::Broker;
+        let b = hakobu::broker::embedded::Embedded::new(
+            &rig.broker.addr,
+            rig.broker.credentials(&x),
+            16,
+        );
+        for i in 0..6u8 {
+            let c = b.publish(&x, Bytes::from(vec![i; 1 << 20])).await;
+            c.unwrap().await.unwrap();
+        }
+        let mut rx = b.subscribe(&x).await.unwrap();
+        for _ in 0..6 {
+            let d = tokio::time::timeout(WAIT, rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            d.dead_letter().await.unwrap();
+        }
+    });
+    let status = || {
+        let out = Command::new(common::bin())
+            .args(["broker", "status", "--data"])
+            .arg(rig.broker.data())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until(WAIT, "x's queue to empty", || {
+        status()
+            .lines()
+            .all(|l| !l.starts_with(&format!("hakobu.node.{x} ")) || l.contains(" 0 "))
+    });
+    let text = status();
+    let dead = text
+        .lines()
+        .find(|l| l.starts_with("hakobu.dead-letter"))
+        .unwrap_or_else(|| panic!("no dead-letter line in\n{text}"));
+    let depth: u64 = dead.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(depth, 2, "kept the newest 2 MiB only:\n{text}");
+    assert!(text.contains(&x), "{text}");
+}
