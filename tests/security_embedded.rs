@@ -90,7 +90,7 @@ impl Rig {
     /// (a node on this host gone rogue, or its secret stolen).
     fn attack_as(&self, kind: &str, x: &str) -> Attack {
         let secret = self.broker.credentials(x).secret;
-        self.attack(kind).as_node(x, &secret)
+        self.attack(kind).acting_as(x, &secret)
     }
 
     /// Writes `msg` where the attacker can read it; returns the path.
@@ -183,7 +183,7 @@ fn no_credentials_no_access() {
     for (node, secret) in [("", ""), (rig.beta.as_str(), "guess"), ("root", "")] {
         let r = rig
             .attack("steal")
-            .as_node(node, secret)
+            .acting_as(node, secret)
             .set("QUEUE", &queue)
             .run();
         assert!(r.get("hello").starts_with("refused"), "{}", r.get("hello"));
@@ -398,7 +398,7 @@ fn a_connection_flood_is_refused_and_agents_keep_working() {
     let secret = rig.broker.credentials(&x).secret;
     let r = rig
         .attack("flood")
-        .as_node(&x, &secret)
+        .acting_as(&x, &secret)
         .set("COUNT", "100")
         .set("HOLD", "1")
         .run();

@@ -50,7 +50,7 @@ impl Attack {
     }
 
     /// As node `node` with `secret` (either may be wrong or empty).
-    pub fn as_node(self, node: &str, secret: &str) -> Attack {
+    pub fn acting_as(self, node: &str, secret: &str) -> Attack {
         self.set("NODE", node).set("SECRET", secret)
     }
 

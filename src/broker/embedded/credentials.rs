@@ -215,10 +215,13 @@ pub fn ensure(data: &Path, node: &NodeName, secret: &str) -> Result<(), Credenti
     })
 }
 
+/// What identifies a version of the users file: inode, size, modification time.
+type Stamp = (u64, u64, i64, i64);
+
 /// The users file as the running broker sees it: reread when it changed.
 pub struct UsersCache {
     data: PathBuf,
-    state: Mutex<(Option<(u64, u64, i64, i64)>, Arc<Users>)>,
+    state: Mutex<(Option<Stamp>, Arc<Users>)>,
 }
 
 impl UsersCache {
