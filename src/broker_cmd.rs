@@ -35,6 +35,9 @@ pub struct BrokerArgs {
     /// Authenticated connections at once.
     #[arg(long, default_value_t = server::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// A connection silent this long is closed (clients ping every 20s).
+    #[arg(long, default_value = "90s")]
+    idle_timeout: String,
     /// Listen beyond loopback in plain text.
     #[arg(long)]
     insecure: bool,
@@ -147,6 +150,8 @@ async fn serve(args: BrokerArgs) -> Result<(), Failure> {
         max_disk: size("--max-disk", &args.max_disk)?,
         max_dead_letter: size("--max-dead-letter", &args.max_dead_letter)?,
         max_connections: args.max_connections.max(2),
+        idle_timeout: crate::config::parse_duration(&args.idle_timeout)
+            .map_err(|e| usage(anyhow::anyhow!("--idle-timeout: {e}")))?,
     };
     let running = server::start(&listen, &data, limits, args.insecure)
         .await

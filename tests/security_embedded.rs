@@ -544,3 +544,31 @@ fn the_dead_letter_queue_is_bounded_and_visible() {
     assert_eq!(depth, 2, "kept the newest 2 MiB only:\n{text}");
     assert!(text.contains(&x), "{text}");
 }
+
+/// A connection that says nothing after its hello is closed after the idle
+/// timeout; agents, which ping while they wait, stay connected and work.
+#[test]
+fn a_silent_connection_is_closed_and_idle_agents_are_not() {
+    let rig = Rig::new(&["--idle-timeout", "25s"]);
+    let (mut alpha, mut beta) = (rig.alpha(), rig.beta());
+    beta.start();
+    alpha.start();
+    let r = rig.attack_as("silent", &unique("x")).run();
+    assert_eq!(r.get("hello"), "welcome");
+    let ms = r.num("closed_after_ms");
+    assert!((20_000..29_000).contains(&ms), "closed after {ms} ms");
+    // The agents were idle as long: they still deliver at once.
+    common::drop_file(&rig.path("outbox"), "after-idle.csv", |p| {
+        std::fs::write(p, b"awake\n").unwrap()
+    });
+    wait_until(
+        Duration::from_secs(15),
+        "the file sent after the idle time",
+        || visible_names(&rig.path("inbox")) == ["after-idle.csv"],
+    );
+    assert!(
+        !beta.log().contains("Consumer lost the embedded broker"),
+        "{}",
+        beta.log()
+    );
+}

@@ -289,6 +289,15 @@ fn attacker_entry_point() {
             std::thread::sleep(Duration::from_secs(4));
             drop(consumer);
         }
+        // Authenticated, then silent: how long until the broker hangs up.
+        "silent" => {
+            let (mut s, reply) = hello();
+            println!("ATTACK hello={reply}");
+            let start = std::time::Instant::now();
+            let (_, last) = drain(&mut s, Duration::from_secs(30));
+            println!("ATTACK closed_after_ms={}", start.elapsed().as_millis());
+            println!("ATTACK last={last}");
+        }
         other => panic!("unknown attack {other}"),
     }
 }

@@ -17,7 +17,7 @@ use tokio_util::codec::Framed;
 use tracing::{debug, info, warn};
 
 use super::core::{Cmd, Outcome};
-use super::{CONNECTION_IN_FLIGHT, HANDSHAKE_SLOTS, IDLE_TIMEOUT, Limits, hello_codec};
+use super::{CONNECTION_IN_FLIGHT, HANDSHAKE_SLOTS, Limits, hello_codec};
 use crate::broker::embedded::credentials::UsersCache;
 use crate::broker::embedded::frame::{Frame, MAX_FRAME, PROTOCOL_VERSION};
 use crate::broker::queue_name;
@@ -61,7 +61,12 @@ pub(super) async fn accept(
             peer,
             next_conn,
             core.clone(),
-            (users.clone(), hello_slot, members.clone()),
+            (
+                users.clone(),
+                hello_slot,
+                members.clone(),
+                limits.idle_timeout,
+            ),
         ));
     }
 }
@@ -125,7 +130,12 @@ async fn serve_connection(
     peer: SocketAddr,
     conn: u64,
     core: mpsc::UnboundedSender<Cmd>,
-    (users, hello_slot, members): (Arc<UsersCache>, OwnedSemaphorePermit, Arc<Semaphore>),
+    (users, hello_slot, members, idle): (
+        Arc<UsersCache>,
+        OwnedSemaphorePermit,
+        Arc<Semaphore>,
+        Duration,
+    ),
 ) {
     let mut framed = Framed::new(stream, hello_codec());
     let node = match handshake(&mut framed, &users).await {
@@ -172,11 +182,11 @@ async fn serve_connection(
     });
     let in_flight = Arc::new(Semaphore::new(CONNECTION_IN_FLIGHT));
     loop {
-        let item = match tokio::time::timeout(IDLE_TIMEOUT, frames.next()).await {
+        let item = match tokio::time::timeout(idle, frames.next()).await {
             Ok(Some(item)) => item,
             Ok(None) => break,
             Err(_) => {
-                info!(message = "Closing a connection that sent nothing (not even a ping) for the idle timeout.", %peer, node = %node, idle = ?IDLE_TIMEOUT);
+                info!(message = "Closing a connection that sent nothing (not even a ping) for the idle timeout.", %peer, node = %node, ?idle);
                 let _ = out.send(Frame::Error {
                     message: "idle for too long".into(),
                 });

@@ -84,6 +84,8 @@ pub struct Limits {
     pub max_dead_letter: u64,
     /// Authenticated connections at once.
     pub max_connections: usize,
+    /// A connection silent this long is closed (more than [`PING_EVERY`]).
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -93,6 +95,7 @@ impl Default for Limits {
             max_disk: DEFAULT_MAX_DISK,
             max_dead_letter: DEFAULT_MAX_DEAD_LETTER,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: IDLE_TIMEOUT,
         }
     }
 }
