@@ -84,6 +84,19 @@ fn refused(last_report: &mut tokio::time::Instant, why: &str) {
     }
 }
 
+/// A frame's name, for messages about it (never its fields).
+fn kind(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "hello",
+        Frame::Welcome { .. } => "welcome",
+        Frame::Confirm { .. } => "confirm",
+        Frame::Nack { .. } => "nack",
+        Frame::Deliver { .. } => "deliver",
+        Frame::Error { .. } => "error",
+        _ => "frame",
+    }
+}
+
 /// The node a queue name belongs to, when it is `hakobu.node.<valid node name>`.
 fn node_of_queue(q: &str) -> Option<NodeName> {
     NodeName::parse(q.strip_prefix("hakobu.node.")?).ok()
@@ -284,7 +297,8 @@ async fn serve_connection(
             }
             Frame::Ping => {}
             other => {
-                let message = format!("unexpected frame from a client: {other:?}");
+                // Never a frame's fields: a second hello carries a secret.
+                let message = format!("unexpected frame from a client: {}", kind(&other));
                 warn!(message = "Closing a connection after a protocol error.", %peer, error = %message);
                 let _ = out.send(Frame::Error { message });
                 break;
