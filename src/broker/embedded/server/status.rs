@@ -20,16 +20,21 @@ pub enum StatusError {
 /// The report, one line per queue, then the nodes.
 pub fn report(data: &Path) -> Result<String, StatusError> {
     let segments = data.join("segments");
-    if !segments.is_dir() {
+    if !data.is_dir() {
         return Err(StatusError::Data(
             data.to_path_buf(),
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                "no segments/ here: is this a broker's --data directory?",
+                "no such directory: is this a broker's --data directory?",
             ),
         ));
     }
-    let queues = log::census(&segments).map_err(|e| StatusError::Data(data.to_path_buf(), e))?;
+    // A broker that never ran here has no segments yet: no messages.
+    let queues = if segments.is_dir() {
+        log::census(&segments).map_err(|e| StatusError::Data(data.to_path_buf(), e))?
+    } else {
+        Default::default()
+    };
     let users = Users::load(data)?;
     let mut out = String::new();
     let _ = writeln!(out, "{:<40} {:>10} {:>14}", "queue", "messages", "bytes");
