@@ -261,13 +261,14 @@ free_port() {
   die "no free port in 7971-7999"
 }
 
-# embedded_broker DIR: starts `hakobu broker`; sets BROKER_PID and BROKER_SECTION.
+# embedded_broker DIR: starts `hakobu broker`; sets BROKER_PID, BROKER_DATA and BROKER_SECTION.
 embedded_broker() {
   local dir=$1 port _
   port=$(free_port)
   mkdir -p "$dir"
   start "$dir/broker.log" "$HAKOBU" broker --listen "127.0.0.1:$port" --data "$dir/broker-data"
   BROKER_PID=$LAST_PID
+  BROKER_DATA=$dir/broker-data
   for _ in $(seq 200); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
     kill -0 "$BROKER_PID" 2>/dev/null || die "hakobu broker exited: $(tail -n 5 "$dir/broker.log")"
@@ -297,6 +298,11 @@ pair() {
   else
     sb=$BROKER_SECTION
     rb=$BROKER_SECTION
+    # Each node its own credentials (in its state_dir/broker.secret).
+    "$HAKOBU" broker add-node --data "$BROKER_DATA" "$a" -o "$dir/send/broker.secret" >/dev/null ||
+      die "hakobu broker add-node $a failed"
+    "$HAKOBU" broker add-node --data "$BROKER_DATA" "$b" -o "$dir/recv/broker.secret" >/dev/null ||
+      die "hakobu broker add-node $b failed"
   fi
   OUTBOX=$dir/outbox
   INBOX=$dir/inbox

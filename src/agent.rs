@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::broker::Broker;
-use crate::broker::embedded::{Embedded, server};
+use crate::broker::embedded::{Credentials, Embedded, credentials, server};
 use crate::coalesce::Coalescer;
 use crate::config::{BrokerConfig, Config};
 use crate::dispatch::Dispatch;
@@ -74,19 +74,19 @@ pub async fn open_broker(
             None,
         )),
         BrokerConfig::Embedded(e) => {
-            let token = read_token(e.token_file.as_deref())?;
+            let creds = embedded_credentials(cfg, e.listen.is_some())?;
             let (addr, hosted) = match (&e.listen, &e.connect) {
                 (Some(listen), _) => {
-                    let running =
-                        server::start(listen, &cfg.broker_data_dir(), token.clone(), e.max_queue)
-                            .await?;
+                    let data = cfg.broker_data_dir();
+                    credentials::ensure(&data, &cfg.node, &creds.secret)?;
+                    let running = server::start(listen, &data, e.limits, e.insecure).await?;
                     (running.addr.to_string(), Some(running))
                 }
                 (None, Some(connect)) => (connect.clone(), None),
                 (None, None) => anyhow::bail!("broker.embedded needs listen or connect"),
             };
             Ok((
-                Arc::new(Embedded::new(&addr, token, EMBEDDED_PREFETCH)),
+                Arc::new(Embedded::new(&addr, creds, EMBEDDED_PREFETCH)),
                 EMBEDDED_WINDOW,
                 hosted,
             ))
@@ -100,18 +100,31 @@ fn running_as_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-/// Reads a shared-secret token file (surrounding white space ignored).
-pub fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
-    let Some(path) = path else { return Ok(None) };
-    let token = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the token file {}", path.display()))?;
-    let token = token.trim().to_string();
-    anyhow::ensure!(
-        !token.is_empty(),
-        "the token file {} is empty",
-        path.display()
-    );
-    Ok(Some(token))
+/// This node's credentials for the embedded broker, from its secret file
+/// (`embedded.secret_file`, default `state_dir/broker.secret`), which must be
+/// private to its owner. An agent hosting the broker creates its own secret
+/// on its first start; any other node gets one from `hakobu broker add-node`.
+pub fn embedded_credentials(cfg: &Config, hosting: bool) -> anyhow::Result<Credentials> {
+    let path = cfg.embedded_secret_file();
+    let missing = matches!(std::fs::symlink_metadata(&path), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    if hosting && missing {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        crate::secret::create(&path, &credentials::new_secret()?)?;
+        info!(message = "Created this node's secret for the embedded broker.", node = %cfg.node, file = %path.display());
+    } else if missing {
+        anyhow::bail!(
+            "node {node} has no credentials for the embedded broker at {file}: on the broker's host run `hakobu broker add-node --data DIR {node} -o {file}` (or `-c HOST.yaml` for a broker an agent hosts), or name the secret file in broker.embedded.secret_file",
+            node = cfg.node,
+            file = path.display()
+        );
+    }
+    Ok(Credentials {
+        node: cfg.node.to_string(),
+        secret: crate::secret::read(&path)?,
+    })
 }
 
 /// Deliveries a receiver holds unacked from the embedded broker: 32 chunks

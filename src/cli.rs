@@ -84,18 +84,8 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Run the embedded broker alone.
-    Broker {
-        #[arg(long)]
-        listen: String,
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        /// Bytes a queue may hold before its publishers wait.
-        #[arg(long, default_value = "1GiB")]
-        max_queue: String,
-    },
+    /// Run the embedded broker alone; `add-node` and `status` administer it.
+    Broker(crate::broker_cmd::BrokerArgs),
     /// Make this node's key pair for end-to-end encryption: the private key
     /// file (mode 0600; an existing one is kept) and its public key, printed.
     Keygen {
@@ -185,16 +175,9 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
             transfer_id,
         } => resend(&load(&config)?, &transfer_id).await,
         Command::Status { config } => status(&load(&config)?).await,
-        Command::Broker {
-            listen,
-            data,
-            token_file,
-            max_queue,
-        } => {
-            let max_queue = crate::config::parse_size(&max_queue)
-                .map_err(|e| usage(anyhow::anyhow!("--max-queue: {e}")))?;
-            broker(&listen, &data, token_file.as_deref(), max_queue).await
-        }
+        Command::Broker(args) => crate::broker_cmd::run(args)
+            .await
+            .map_err(|(code, e)| Exit(code, e)),
         Command::Keygen { config, out } => keygen(config.as_deref(), out.as_deref()),
     }
 }
@@ -258,27 +241,6 @@ async fn status(cfg: &Config) -> Result<(), Exit> {
         "dead letters are kept up to {} bytes (dead_letter_max), the oldest dropped first",
         r.dead_letter_max
     );
-    Ok(())
-}
-
-/// `hakobu broker`: the embedded broker alone, until SIGINT or SIGTERM.
-async fn broker(
-    listen: &str,
-    data: &Path,
-    token_file: Option<&Path>,
-    max_queue: u64,
-) -> Result<(), Exit> {
-    let token = agent::read_token(token_file).map_err(usage)?;
-    let running = crate::broker::embedded::server::start(listen, data, token, max_queue)
-        .await
-        .map_err(usage)?;
-    println!("hakobu broker listening on {}", running.addr);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(failure)?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
     Ok(())
 }
 

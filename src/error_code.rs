@@ -89,6 +89,8 @@ codes! {
     BrokerConnectionLost = "broker_connection_lost", Log;
     /// Failure hooks of refused transfers suppressed by the rate limit.
     AlertsSuppressed = "alerts_suppressed", Log;
+    /// A receipt from a node the transfer was not sent to: acked away, no effect.
+    UnexpectedReceipt = "unexpected_receipt", Log;
 }
 
 impl ErrorCode {

@@ -26,10 +26,12 @@
 //! - [`agent`]: `hakobu run`, wiring the above together, and its lifecycle.
 //! - [`rerun`]: `hakobu rerun`, a settled transfer's hook again.
 //! - [`cli`]: the command line.
+//! - [`broker_cmd`]: `hakobu broker`: the embedded broker alone, `add-node`, `status`.
 //! - [`failpoint`]: crash points for tests.
 
 pub mod agent;
 pub mod broker;
+pub mod broker_cmd;
 pub mod cli;
 pub mod clock;
 pub mod coalesce;

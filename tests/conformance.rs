@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hakobu::broker::embedded::Embedded;
+use hakobu::broker::embedded::{Credentials, Embedded};
 use hakobu::broker::rabbitmq::RabbitMq;
 use hakobu::broker::{Broker, BrokerError, Delivery};
 use hakobu::config::RabbitmqConfig;
@@ -33,7 +33,6 @@ struct Backend {
     tmp: tempfile::TempDir,
     addr: String,
     max_queue: Option<u64>,
-    token: Option<String>,
     child: Option<Child>,
 }
 
@@ -46,7 +45,7 @@ fn free_port() -> u16 {
 }
 
 impl Backend {
-    fn new(kind: Kind, max_queue: Option<u64>, token: Option<&str>) -> Backend {
+    fn new(kind: Kind, max_queue: Option<u64>) -> Backend {
         let tmp = tempfile::tempdir().unwrap();
         let addr = match kind {
             Kind::Embedded => format!("127.0.0.1:{}", free_port()),
@@ -64,7 +63,6 @@ impl Backend {
             tmp,
             addr,
             max_queue,
-            token: token.map(String::from),
             child: None,
         };
         b.start();
@@ -83,11 +81,6 @@ impl Backend {
             "--max-queue",
             &self.max_queue.unwrap_or(1 << 30).to_string(),
         ]);
-        if let Some(t) = &self.token {
-            let f = self.tmp.path().join("token");
-            std::fs::write(&f, t).unwrap();
-            cmd.arg("--token-file").arg(f);
-        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -122,9 +115,11 @@ impl Backend {
         }
     }
 
-    fn client(&self) -> Arc<dyn Broker> {
+    /// A client for `node`: on the embedded broker it holds that node's
+    /// credentials, so it may consume `node`'s queue.
+    fn client(&self, node: &str) -> Arc<dyn Broker> {
         match self.kind {
-            Kind::Embedded => Arc::new(Embedded::new(&self.addr, self.token.clone(), 16)),
+            Kind::Embedded => Arc::new(Embedded::new(&self.addr, self.credentials(node), 16)),
             Kind::Rabbit => Arc::new(RabbitMq::new(RabbitmqConfig {
                 confirm_timeout: Duration::from_secs(20),
                 prefetch: 16,
@@ -134,6 +129,15 @@ impl Backend {
                 max_queue: self.max_queue,
                 ..RabbitmqConfig::with_urls(common::amqp_urls())
             })),
+        }
+    }
+}
+
+impl Backend {
+    fn credentials(&self, node: &str) -> Credentials {
+        Credentials {
+            node: node.to_string(),
+            secret: common::node_secret(&self.tmp.path().join("data"), node),
         }
     }
 }
@@ -180,10 +184,10 @@ fn numbered(n: usize, tag: &str) -> Vec<Bytes> {
 /// Confirmed messages are delivered, in order; acked ones never come back.
 fn publish_confirm_consume_ack(kind: Kind) {
     let _g = CLUSTER.read().unwrap_or_else(|p| p.into_inner());
-    let backend = Backend::new(kind, None, None);
+    let backend = Backend::new(kind, None);
     run(async {
         let node = common::unique("conf");
-        let b = backend.client();
+        let b = backend.client(&node);
         let msgs = numbered(20, "m");
         publish_all(&b, &node, &msgs).await;
         let mut rx = b.subscribe(&node).await.unwrap();
@@ -196,7 +200,7 @@ fn publish_confirm_consume_ack(kind: Kind) {
             d.ack().await.unwrap();
         }
         drop(rx);
-        let mut again = backend.client().subscribe(&node).await.unwrap();
+        let mut again = backend.client(&node).subscribe(&node).await.unwrap();
         assert!(
             next(&mut again, Duration::from_secs(2)).await.is_none(),
             "an acked message came back"
@@ -207,12 +211,12 @@ fn publish_confirm_consume_ack(kind: Kind) {
 /// A consumer that goes away without acking: its messages go to the next one.
 fn redelivery_after_consumer_dies(kind: Kind) {
     let _g = CLUSTER.read().unwrap_or_else(|p| p.into_inner());
-    let backend = Backend::new(kind, None, None);
+    let backend = Backend::new(kind, None);
     run(async {
         let node = common::unique("conf");
         let msgs = numbered(5, "r");
-        publish_all(&backend.client(), &node, &msgs).await;
-        let first = backend.client();
+        publish_all(&backend.client(&node), &node, &msgs).await;
+        let first = backend.client(&node);
         let mut rx = first.subscribe(&node).await.unwrap();
         for want in &msgs {
             assert_eq!(
@@ -224,7 +228,7 @@ fn redelivery_after_consumer_dies(kind: Kind) {
             );
         }
         drop(rx); // the consumer dies holding five unacked messages
-        let mut rx = backend.client().subscribe(&node).await.unwrap();
+        let mut rx = backend.client(&node).subscribe(&node).await.unwrap();
         for want in &msgs {
             let d = next(&mut rx, Duration::from_secs(30))
                 .await
@@ -239,10 +243,10 @@ fn redelivery_after_consumer_dies(kind: Kind) {
 /// Messages from one publisher arrive in the order published, even pipelined.
 fn ordering_per_publisher(kind: Kind) {
     let _g = CLUSTER.read().unwrap_or_else(|p| p.into_inner());
-    let backend = Backend::new(kind, None, None);
+    let backend = Backend::new(kind, None);
     run(async {
         let node = common::unique("conf");
-        let b = backend.client();
+        let b = backend.client(&node);
         let msgs = numbered(300, "o");
         publish_all(&b, &node, &msgs).await;
         let mut rx = b.subscribe(&node).await.unwrap();
@@ -259,17 +263,17 @@ fn ordering_per_publisher(kind: Kind) {
 /// `kill -9` of the broker and a restart lose no confirmed message.
 fn crash_loses_nothing_confirmed(kind: Kind) {
     let _g = CLUSTER.write().unwrap_or_else(|p| p.into_inner());
-    let mut backend = Backend::new(kind, None, None);
+    let mut backend = Backend::new(kind, None);
     let node = common::unique("conf");
     let msgs: Vec<Bytes> = (0..40)
         .map(|i| Bytes::from(vec![i as u8; 300_000]))
         .collect();
     run(async {
-        publish_all(&backend.client(), &node, &msgs).await;
+        publish_all(&backend.client(&node), &node, &msgs).await;
     });
     backend.crash_and_restart();
     run(async {
-        let mut rx = backend.client().subscribe(&node).await.unwrap();
+        let mut rx = backend.client(&node).subscribe(&node).await.unwrap();
         for (i, want) in msgs.iter().enumerate() {
             let d = next(&mut rx, Duration::from_secs(60))
                 .await
@@ -283,10 +287,10 @@ fn crash_loses_nothing_confirmed(kind: Kind) {
 /// A queue at its limit holds its publisher back until the consumer catches up.
 fn backpressure_makes_publishers_wait(kind: Kind) {
     let _g = CLUSTER.read().unwrap_or_else(|p| p.into_inner());
-    let backend = Backend::new(kind, Some(4 << 20), None);
+    let backend = Backend::new(kind, Some(4 << 20));
     run(async {
         let node = common::unique("conf");
-        let b = backend.client();
+        let b = backend.client(&node);
         let confirmed = Arc::new(AtomicUsize::new(0));
         let (c, n, pb) = (confirmed.clone(), node.clone(), b.clone());
         // A sender as the agent is one: it retries what the broker refuses.
@@ -334,7 +338,7 @@ fn backpressure_makes_publishers_wait(kind: Kind) {
 /// Garbage on the wire closes that connection and nothing else.
 fn bad_frames_are_refused_without_harm(kind: Kind) {
     let _g = CLUSTER.read().unwrap_or_else(|p| p.into_inner());
-    let backend = Backend::new(kind, None, None);
+    let backend = Backend::new(kind, None);
     run(async {
         for garbage in [
             &b"\x00\x00\x00\x05\xffhello"[..],
@@ -361,7 +365,7 @@ fn bad_frames_are_refused_without_harm(kind: Kind) {
         }
         // The broker still serves.
         let node = common::unique("conf");
-        let b = backend.client();
+        let b = backend.client(&node);
         publish_all(&b, &node, &numbered(1, "after")).await;
         let mut rx = b.subscribe(&node).await.unwrap();
         let d = next(&mut rx, Duration::from_secs(20))
@@ -397,24 +401,37 @@ on_both!(
     bad_frames_are_refused_without_harm,
 );
 
-/// The embedded broker's shared secret: a wrong token is refused with a
-/// sentence saying so; the right one works.
+/// The embedded broker's credentials: a wrong secret, or a node it does not
+/// know, is refused with a sentence saying so; the right one works.
 #[test]
-fn embedded_token_is_checked() {
-    let backend = Backend::new(Kind::Embedded, None, Some("s3cret"));
+fn embedded_credentials_are_checked() {
+    let backend = Backend::new(Kind::Embedded, None);
+    let node = common::unique("conf");
+    let right = backend.client(&node);
     run(async {
-        let wrong = Embedded::new(&backend.addr, Some("guess".into()), 16);
+        let wrong = Embedded::new(
+            &backend.addr,
+            Credentials {
+                node: node.clone(),
+                secret: "guess".into(),
+            },
+            16,
+        );
         let e = match wrong.publish("x", Bytes::from_static(b"x")).await {
-            Ok(_) => panic!("a wrong token was accepted"),
+            Ok(_) => panic!("a wrong secret was accepted"),
             Err(e) => e,
         };
-        assert!(e.to_string().contains("wrong token"), "{e}");
-        let none = Embedded::new(&backend.addr, None, 16);
+        assert!(e.to_string().contains("secret is wrong"), "{e}");
+        let mut stranger = backend.credentials(&node);
+        stranger.node = "stranger".into();
+        let stranger = Embedded::new(&backend.addr, stranger, 16);
         assert!(
-            none.publish("x", Bytes::from_static(b"x")).await.is_err(),
-            "no token accepted"
+            stranger
+                .publish("x", Bytes::from_static(b"x"))
+                .await
+                .is_err(),
+            "another node's secret accepted for a node the broker does not know"
         );
-        let right = backend.client();
         publish_all(&right, "x", &numbered(1, "t")).await;
     });
 }

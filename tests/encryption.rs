@@ -52,11 +52,12 @@ fn broker_sees_ciphertext_only(kind: Kind) {
     }
     // What anyone who can consume the queue gets.
     let node = rig.receivers[0].node.clone();
-    let client = rig.backend.client();
+    let client = rig.backend.client(&node);
+    let publisher = rig.backend.client(&rig.alpha.node);
     let total = chunks_of(secret_size) + chunks_of(plain_size) + 1;
     let chunks = run(async {
         let c = take_all(&client, &node, total).await;
-        put_back(&client, &node, &c).await;
+        put_back(&publisher, &node, &c).await;
         c
     });
     let mut sealed = 0;
@@ -75,7 +76,7 @@ fn broker_sees_ciphertext_only(kind: Kind) {
         assert_eq!(body.len() as u64, h.expected_len().unwrap() + 40);
     }
     assert_eq!(sealed, chunks_of(secret_size) + 1);
-    drop(client);
+    drop((client, publisher));
     rig.receivers[0].start();
     let done = rig.wait_settled(3);
     assert!(
@@ -130,7 +131,8 @@ fn tampered_chunks_fail(kind: Kind) {
     }
     rig.wait_published(names.len());
     let node = rig.receivers[0].node.clone();
-    let client = rig.backend.client();
+    let client = rig.backend.client(&node);
+    let publisher = rig.backend.client(&rig.alpha.node);
     let mut chunks = run(take_all(&client, &node, names.len() * chunks_of(size)));
     let find = |chunks: &[(ChunkHeader, Bytes)], name: &str, offset: u64| {
         chunks
@@ -161,8 +163,8 @@ fn tampered_chunks_fail(kind: Kind) {
     // The last chunk cut short by a byte.
     let i = find(&chunks, "cut.bin", 3 * CHUNK);
     chunks[i].1 = chunks[i].1.slice(..chunks[i].1.len() - 1);
-    run(put_back(&client, &node, &chunks));
-    drop(client);
+    run(put_back(&publisher, &node, &chunks));
+    drop((client, publisher));
     rig.receivers[0].start();
     let done = rig.wait_settled(names.len());
     for n in names {
@@ -271,11 +273,12 @@ fn resume_mid_file(kind: Kind) {
     rig.put("SECRET", "big.bin", size, 30);
     rig.wait_published(1);
     let node = rig.receivers[0].node.clone();
-    let client = rig.backend.client();
+    let client = rig.backend.client(&node);
+    let publisher = rig.backend.client(&rig.alpha.node);
     let mut chunks = run(take_all(&client, &node, n));
     chunks.sort_by_key(|(h, _)| h.offset);
     // The first 40 chunks, then the receiver dies (kill -9) once it wrote them.
-    run(put_back(&client, &node, &chunks[..40]));
+    run(put_back(&publisher, &node, &chunks[..40]));
     rig.receivers[0].start();
     let inbox = rig.inbox(0, "SECRET");
     wait_until(WAIT, "the first 40 chunks on the receiver's disk", || {
@@ -287,8 +290,8 @@ fn resume_mid_file(kind: Kind) {
     // has no data key in memory and meets a chunk from the middle first.
     let mut rest: Vec<_> = chunks[50..].to_vec();
     rest.extend_from_slice(&chunks[30..50]);
-    run(put_back(&client, &node, &rest));
-    drop(client);
+    run(put_back(&publisher, &node, &rest));
+    drop((client, publisher));
     rig.receivers[0].start();
     let done = rig.wait_settled(1);
     assert_eq!(

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use hakobu::agent::Agent;
-use hakobu::broker::embedded::server;
+use hakobu::broker::embedded::{Credentials, credentials, server};
 use hakobu::config::Config;
 use hakobu::domain::{FileId, NodeName, TransferId};
 use hakobu::store::{Direction, Entry, Placing, ReceiveRow, SendRow, Status, Store, Transfer};
@@ -30,9 +30,14 @@ struct World {
 impl World {
     async fn new() -> World {
         let dir = tempfile::tempdir().unwrap();
-        let broker = server::start("127.0.0.1:0", &dir.path().join("broker"), None, 1 << 30)
-            .await
-            .unwrap();
+        let broker = server::start(
+            "127.0.0.1:0",
+            &dir.path().join("broker"),
+            server::Limits::default(),
+            false,
+        )
+        .await
+        .unwrap();
         let hook = dir.path().join("hook.sh");
         let runs = dir.path().join("runs.log");
         fs::write(
@@ -74,7 +79,24 @@ impl World {
         )
     }
 
+    /// `node`'s credentials on the world's broker, made on first use and
+    /// kept where its agent looks for them (`state_dir/broker.secret`).
+    fn credentials(&self, node: &str) -> Credentials {
+        let file = self.path(node).join("broker.secret");
+        if !file.exists() {
+            let node = NodeName::parse(node).unwrap();
+            let secret = credentials::add_node(&self.path("broker"), &node).unwrap();
+            fs::create_dir_all(self.path(node.as_str())).unwrap();
+            hakobu::secret::create(&file, &secret).unwrap();
+        }
+        Credentials {
+            node: node.to_string(),
+            secret: hakobu::secret::read(&file).unwrap(),
+        }
+    }
+
     fn config(&self, node: &str, profiles: &str) -> Config {
+        self.credentials(node);
         let yaml = format!(
             "node: {node}\nstate_dir: {}\nbroker:\n  embedded: {{ connect: \"{}\" }}\n{profiles}",
             self.path(node).display(),
@@ -472,7 +494,11 @@ async fn a_rerun_is_not_taken_for_an_interrupted_hook() {
         sealed: None,
     };
     let msg = hakobu::wire::Message::Chunk(header, bytes::Bytes::from_static(data));
-    let client = hakobu::broker::embedded::Embedded::new(&w.broker.addr.to_string(), None, 1);
+    let client = hakobu::broker::embedded::Embedded::new(
+        &w.broker.addr.to_string(),
+        w.credentials("alpha"),
+        1,
+    );
     use hakobu::broker::Broker;
     client
         .publish("beta", msg.encode())

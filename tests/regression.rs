@@ -182,9 +182,9 @@ fn chunk(tid: &TransferId, data: &[u8], idx: u64) -> Message {
     )
 }
 
-fn publish(rt: &tokio::runtime::Runtime, addr: &str, msg: Message) {
+fn publish(rt: &tokio::runtime::Runtime, broker: &BrokerProcess, msg: Message) {
     rt.block_on(async {
-        let broker = Embedded::new(addr, None, 1);
+        let broker = Embedded::new(&broker.addr, broker.credentials("alpha"), 1);
         let confirm = broker.publish("beta", msg.encode()).await.unwrap();
         confirm.await.unwrap();
     });
@@ -205,7 +205,7 @@ fn an_expiry_is_recorded_before_its_partial_file_goes() {
     beta.start();
     let tid = TransferId::new();
     let data: Vec<u8> = (0..(64 << 10) + 1000).map(|i| (i % 251) as u8).collect();
-    publish(&rt, &rig.broker.addr, chunk(&tid, &data, 0));
+    publish(&rt, &rig.broker, chunk(&tid, &data, 0));
     wait_dead(&mut beta, "beta to die at its expiry failpoint");
     assert!(
         beta.log().contains("receiver.expire.recorded"),
@@ -215,7 +215,7 @@ fn an_expiry_is_recorded_before_its_partial_file_goes() {
     let mut beta = rig.beta("new", ttl);
     beta.start();
     // The sender comes back with the rest, before the next expiry round.
-    publish(&rt, &rig.broker.addr, chunk(&tid, &data, 1));
+    publish(&rt, &rig.broker, chunk(&tid, &data, 1));
     let rx = final_row(&beta, "receive");
     assert_eq!(rx["error_code"], "transfer_expired", "{rx}\n{}", beta.log());
     assert!(!beta.log().contains("sha256_mismatch"), "{}", beta.log());

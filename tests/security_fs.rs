@@ -109,9 +109,11 @@ fn chunk(tid: &TransferId, name: &str, data: &[u8], idx: u64) -> Message {
     )
 }
 
-fn publish(rt: &tokio::runtime::Runtime, addr: &str, msg: Message) {
+/// Publishes as alpha, the sender beta's profile accepts (the chunks say
+/// `from: alpha`, and the embedded broker stamps the authenticated node).
+fn publish(rt: &tokio::runtime::Runtime, b: &BrokerProcess, msg: Message) {
     rt.block_on(async {
-        let broker = Embedded::new(addr, None, 1);
+        let broker = Embedded::new(&b.addr, b.credentials("alpha"), 1);
         let confirm = broker.publish("beta", msg.encode()).await.unwrap();
         confirm.await.unwrap();
     });
@@ -121,7 +123,7 @@ fn publish(rt: &tokio::runtime::Runtime, addr: &str, msg: Message) {
 fn send_all(rig: &Rig, rt: &tokio::runtime::Runtime, tid: &TransferId, name: &str, data: &[u8]) {
     let count = (data.len() as u64).div_ceil(CHUNK).max(1);
     for idx in 0..count {
-        publish(rt, &rig.broker.addr, chunk(tid, name, data, idx));
+        publish(rt, &rig.broker, chunk(tid, name, data, idx));
     }
 }
 
@@ -261,7 +263,7 @@ fn a_partial_directory_the_attacker_owns_is_refused() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tid = TransferId::new();
     let body = data(3 * CHUNK as usize, 2);
-    publish(&rt, &rig.broker.addr, chunk(&tid, "b.bin", &body, 0));
+    publish(&rt, &rig.broker, chunk(&tid, "b.bin", &body, 0));
     // The first chunk is in (or refused): either way the row exists.
     wait_until(WAIT, "the first chunk", || {
         beta.history()
@@ -273,8 +275,8 @@ fn a_partial_directory_the_attacker_owns_is_refused() {
         victim.display(),
         partial_dir.display()
     )));
-    publish(&rt, &rig.broker.addr, chunk(&tid, "b.bin", &body, 1));
-    publish(&rt, &rig.broker.addr, chunk(&tid, "b.bin", &body, 2));
+    publish(&rt, &rig.broker, chunk(&tid, "b.bin", &body, 1));
+    publish(&rt, &rig.broker, chunk(&tid, "b.bin", &body, 2));
     let rx = final_row(&beta, "receive", Some(tid.as_str()));
     assert!(
         fs::read(&victim).unwrap() == original,
@@ -297,7 +299,7 @@ fn a_partial_directory_swapped_between_chunks_is_refused() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tid = TransferId::new();
     let body = data(3 * CHUNK as usize, 3);
-    publish(&rt, &rig.broker.addr, chunk(&tid, "c.bin", &body, 0));
+    publish(&rt, &rig.broker, chunk(&tid, "c.bin", &body, 0));
     wait_until(WAIT, "the first chunk", || {
         beta.with_status("receiving")
             .iter()
@@ -310,8 +312,8 @@ fn a_partial_directory_swapped_between_chunks_is_refused() {
         inbox = rig.inbox.display(),
         v = victim.display()
     )));
-    publish(&rt, &rig.broker.addr, chunk(&tid, "c.bin", &body, 1));
-    publish(&rt, &rig.broker.addr, chunk(&tid, "c.bin", &body, 2));
+    publish(&rt, &rig.broker, chunk(&tid, "c.bin", &body, 1));
+    publish(&rt, &rig.broker, chunk(&tid, "c.bin", &body, 2));
     let rx = final_row(&beta, "receive", Some(tid.as_str()));
     assert!(
         dir_names(&victim).is_empty(),

@@ -484,6 +484,11 @@ fn the_dead_letter_queue_is_bounded_and_its_depth_visible() {
     let pw = node_users(&[&a, &b]);
     let mut beta = receiver(root, &b, &pw[1], &a);
     beta.start();
+    // The agent declares the dead-letter queue before it consumes; until
+    // then the queue may not exist, and the declaration below would make it.
+    common::wait_until(Duration::from_secs(30), "beta to consume", || {
+        beta.log().contains("Consuming.")
+    });
     let admin = common::amqp_urls()[0].clone();
     let unbounded = rt().block_on(async {
         let conn = Connection::connect(&admin, ConnectionProperties::default())

@@ -127,10 +127,14 @@ impl std::fmt::Debug for RabbitmqConfig {
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedConfig {
-    pub max_queue: u64,
+    /// The hosted broker's limits (`max_queue`, `max_disk`, ...).
+    pub limits: crate::broker::embedded::server::Limits,
     pub listen: Option<String>,
     pub connect: Option<String>,
-    pub token_file: Option<PathBuf>,
+    /// This node's secret; `None` means `state_dir/broker.secret`.
+    pub secret_file: Option<PathBuf>,
+    /// Plain text beyond loopback is accepted.
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -270,7 +274,22 @@ impl Config {
 
     /// True when a chunk's sender must be the broker-authenticated user.
     pub fn verify_sender(&self) -> bool {
-        matches!(&self.broker, BrokerConfig::Rabbitmq(r) if r.verify_sender)
+        match &self.broker {
+            BrokerConfig::Rabbitmq(r) => r.verify_sender,
+            // The embedded broker always authenticates and stamps publishers.
+            BrokerConfig::Embedded(_) => true,
+        }
+    }
+
+    /// This node's secret for the embedded broker.
+    pub fn embedded_secret_file(&self) -> PathBuf {
+        match &self.broker {
+            BrokerConfig::Embedded(EmbeddedConfig {
+                secret_file: Some(f),
+                ..
+            }) => f.clone(),
+            _ => self.state_dir.join("broker.secret"),
+        }
     }
 
     /// Where an agent that hosts the embedded broker keeps its messages.

@@ -93,7 +93,19 @@ pub struct RawEmbedded {
     pub max_queue: Option<String>,
     pub listen: Option<String>,
     pub connect: Option<String>,
-    pub token_file: Option<PathBuf>,
+    /// This node's secret for the broker (default `state_dir/broker.secret`);
+    /// `token_file` is the name it had before each node had its own.
+    #[serde(alias = "token_file")]
+    pub secret_file: Option<PathBuf>,
+    /// Stored bytes of all queues beyond which the hosted broker refuses
+    /// publishes, which senders retry (default 8GiB).
+    pub max_disk: Option<String>,
+    /// Bytes the hosted broker's dead-letter queue keeps (default 256MiB).
+    pub max_dead_letter: Option<String>,
+    /// Authenticated connections the hosted broker accepts at once (default 256).
+    pub max_connections: Option<usize>,
+    /// Allow a plain-text connection beyond loopback.
+    pub insecure: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

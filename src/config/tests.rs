@@ -307,3 +307,35 @@ fn rabbitmq_identity_and_transport_rules() {
     assert!(!e.to_string().contains("secret"), "{e}");
     assert!(e.to_string().contains("amqp://beta@127.0.0.1"), "{e}");
 }
+
+#[test]
+fn embedded_broker_keys() {
+    let embedded = |section: &str| {
+        GOOD.replace(
+            "  rabbitmq:\n    urls: [ \"amqp://hakobu:secret@127.0.0.1:5672/%2f\" ]\n",
+            section,
+        )
+    };
+    let cfg = parse(&embedded(
+        "  embedded: { connect: 127.0.0.1:7800, token_file: /k/alpha.secret, max_disk: 1GiB }\n",
+    ))
+    .unwrap();
+    assert!(cfg.verify_sender(), "always on for the embedded broker");
+    assert_eq!(cfg.embedded_secret_file(), Path::new("/k/alpha.secret"));
+    let BrokerConfig::Embedded(e) = &cfg.broker else {
+        panic!("embedded")
+    };
+    assert_eq!(e.limits.max_disk, 1 << 30);
+    let cfg = parse(&embedded("  embedded: { listen: 127.0.0.1:7800 }\n")).unwrap();
+    assert_eq!(
+        cfg.embedded_secret_file(),
+        cfg.state_dir.join("broker.secret")
+    );
+    let e = parse(&embedded("  embedded: { listen: 0.0.0.0:7800 }\n")).unwrap_err();
+    assert_eq!(e.key, "broker.embedded.listen", "{e}");
+    assert!(e.message.contains("insecure: true"), "{e}");
+    parse(&embedded(
+        "  embedded: { connect: 10.0.0.1:7800, insecure: true }\n",
+    ))
+    .unwrap();
+}

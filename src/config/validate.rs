@@ -110,10 +110,10 @@ impl Validator<'_> {
                             format!("`{addr}` is not an address such as 127.0.0.1:7800"),
                         ));
                     };
-                    if key == "listen" && !sock.ip().is_loopback() && e.token_file.is_none() {
+                    if !sock.ip().is_loopback() && e.insecure != Some(true) {
                         return Err(self.err(
-                            "broker.embedded.listen",
-                            "listening beyond loopback needs a token_file, or any host could connect",
+                            &format!("broker.embedded.{key}"),
+                            "beyond loopback the embedded broker's traffic (secrets and files) is plain text; use 127.0.0.1, or set `insecure: true` on a network you trust",
                         ));
                     }
                 }
@@ -123,14 +123,35 @@ impl Validator<'_> {
                         "give exactly one of `listen: ADDR` (host the broker here) or `connect: ADDR`",
                     ));
                 }
+                let mut limits = crate::broker::embedded::server::Limits::default();
+                for (key, value, field) in [
+                    ("max_queue", &e.max_queue, &mut limits.max_queue),
+                    ("max_disk", &e.max_disk, &mut limits.max_disk),
+                    (
+                        "max_dead_letter",
+                        &e.max_dead_letter,
+                        &mut limits.max_dead_letter,
+                    ),
+                ] {
+                    if let Some(v) = value {
+                        *field = self.size(&format!("broker.embedded.{key}"), v)?;
+                    }
+                }
+                if let Some(n) = e.max_connections {
+                    if n < 2 {
+                        return Err(self.err(
+                            "broker.embedded.max_connections",
+                            "must be at least 2 (an agent uses two connections)",
+                        ));
+                    }
+                    limits.max_connections = n;
+                }
                 Ok(BrokerConfig::Embedded(EmbeddedConfig {
-                    max_queue: match &e.max_queue {
-                        Some(m) => self.size("broker.embedded.max_queue", m)?,
-                        None => crate::broker::embedded::server::DEFAULT_MAX_QUEUE,
-                    },
+                    limits,
                     listen: e.listen,
                     connect: e.connect,
-                    token_file: e.token_file.map(|p| absolute(&p)),
+                    secret_file: e.secret_file.map(|p| absolute(&p)),
+                    insecure: e.insecure.unwrap_or(false),
                 }))
             }
             _ => Err(self.err("broker", "give exactly one of `rabbitmq:` or `embedded:`")),

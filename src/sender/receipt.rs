@@ -54,7 +54,16 @@ impl Sender {
                 });
             }
             Ok(false) => {
-                info!(message = "Duplicate or unknown receipt.", transfer_id = %r.transfer_id, from = %r.from);
+                // A receipt counts only from a node the transfer was sent to.
+                match self.ledger.get((&r.transfer_id, &r.from)).await {
+                    Ok(None) => {
+                        warn!(message = "Ignoring a receipt from a node this transfer was not sent to (or for a transfer this node did not send); nothing changes.",
+                            transfer_id = %r.transfer_id, from = %r.from, error_code = %ErrorCode::UnexpectedReceipt);
+                    }
+                    _ => {
+                        info!(message = "Duplicate or unknown receipt.", transfer_id = %r.transfer_id, from = %r.from)
+                    }
+                }
                 let _ = d.ack().await;
             }
             // Not acked: delivered again after a reconnect.

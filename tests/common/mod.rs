@@ -191,6 +191,7 @@ impl Agent {
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
+        self.enrol();
         let started_before = self.log().matches("Agent running.").count();
         self.child = Some(cmd.spawn().expect("start hakobu run"));
         // Up means it holds its state directory and consumes its queue.
@@ -202,6 +203,43 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("agent running").id()
+    }
+
+    /// A value of the configuration's top level (`node`, `state_dir`).
+    fn top_level(&self, key: &str) -> Option<String> {
+        let yaml = fs::read_to_string(&self.config).ok()?;
+        yaml.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}:")))
+            .map(|v| v.trim().trim_matches('"').to_string())
+    }
+
+    /// Where the agent keeps its secret for the embedded broker by default.
+    pub fn secret_path(&self) -> PathBuf {
+        let state = self.top_level("state_dir").expect("a state_dir line");
+        self.dir.join(state).join("broker.secret")
+    }
+
+    /// An agent that connects to a `hakobu broker` this test started gets
+    /// its credentials from that broker, as an operator would with
+    /// `hakobu broker add-node`, unless it has a secret already.
+    fn enrol(&self) {
+        let yaml = fs::read_to_string(&self.config).unwrap_or_default();
+        let Some(node) = self.top_level("node") else {
+            return;
+        };
+        let brokers = BROKERS.lock().unwrap_or_else(|p| p.into_inner());
+        for (addr, data) in brokers.iter() {
+            if !yaml.contains(&format!("connect: \"{addr}\"")) {
+                continue;
+            }
+            let path = self.secret_path();
+            if path.exists() {
+                return;
+            }
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let secret = node_secret(data, &node);
+            write_secret(&path, &secret);
+        }
     }
 
     /// `kill -9` by pid, and reap.
@@ -424,15 +462,57 @@ pub fn visible_names(dir: &Path) -> Vec<String> {
     names
 }
 
+/// The `hakobu broker` processes this test process started: address → data.
+static BROKERS: std::sync::Mutex<BTreeMap<String, PathBuf>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// The secret of `node` on the broker with data directory `data`: made once
+/// (`hakobu broker add-node`), then the same for every caller.
+pub fn node_secret(data: &Path, node: &str) -> String {
+    static SECRETS: std::sync::Mutex<BTreeMap<(PathBuf, String), String>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let mut secrets = SECRETS.lock().unwrap_or_else(|p| p.into_inner());
+    secrets
+        .entry((data.to_path_buf(), node.to_string()))
+        .or_insert_with(|| {
+            let out = Command::new(bin())
+                .args(["broker", "add-node", "--data"])
+                .arg(data)
+                .arg(node)
+                .output()
+                .expect("run hakobu broker add-node");
+            assert!(
+                out.status.success(),
+                "add-node failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+        .clone()
+}
+
+/// Writes a secret file, mode 0600.
+pub fn write_secret(path: &Path, secret: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, secret).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// A `hakobu broker` process on a free loopback port, with its data in `dir`.
 pub struct BrokerProcess {
     pub addr: String,
     data: PathBuf,
     child: Option<Child>,
+    args: Vec<String>,
 }
 
 impl BrokerProcess {
     pub fn start(dir: &Path) -> BrokerProcess {
+        Self::start_with(dir, &[])
+    }
+
+    /// A broker with extra command-line arguments (`--max-connections 8`).
+    pub fn start_with(dir: &Path, args: &[&str]) -> BrokerProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -442,9 +522,30 @@ impl BrokerProcess {
             addr: format!("127.0.0.1:{port}"),
             data: dir.join("broker-data"),
             child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         b.restart();
+        BROKERS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(b.addr.clone(), b.data.clone());
         b
+    }
+
+    pub fn data(&self) -> &Path {
+        &self.data
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("broker running").id()
+    }
+
+    /// `node`'s credentials on this broker (the same an agent gets).
+    pub fn credentials(&self, node: &str) -> hakobu::broker::embedded::Credentials {
+        hakobu::broker::embedded::Credentials {
+            node: node.to_string(),
+            secret: node_secret(&self.data, node),
+        }
     }
 
     /// (Re)starts the broker on the same address and data, and waits for it.
@@ -453,6 +554,7 @@ impl BrokerProcess {
         let child = Command::new(bin())
             .args(["broker", "--listen", &self.addr, "--data"])
             .arg(&self.data)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

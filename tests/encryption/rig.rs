@@ -55,10 +55,13 @@ impl Backend {
         }
     }
 
-    /// A test-side client with broker access, as an attacker would have.
-    pub(crate) fn client(&self) -> Arc<dyn Broker> {
+    /// A test-side client with broker access, as an attacker with `node`'s
+    /// credentials would have (on the embedded broker, which authenticates
+    /// every node: the receiver's to consume its queue, the sender's to
+    /// publish in its name).
+    pub(crate) fn client(&self, node: &str) -> Arc<dyn Broker> {
         match &self.embedded {
-            Some(b) => Arc::new(Embedded::new(&b.addr, None, 64)),
+            Some(b) => Arc::new(Embedded::new(&b.addr, b.credentials(node), 64)),
             None => Arc::new(RabbitMq::new(RabbitmqConfig {
                 urls: crate::common::amqp_urls(),
                 confirm_timeout: Duration::from_secs(20),

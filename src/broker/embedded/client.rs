@@ -1,7 +1,11 @@
 //! The client: the `Broker` trait over the embedded broker's protocol. One
 //! connection publishes (pipelined, each publish matched to its confirm by
 //! sequence number); each subscription has a connection of its own, which
-//! reconnects with a fresh subscription whenever it fails.
+//! reconnects with a fresh subscription whenever it fails. Every connection
+//! says which node it speaks for and proves it with the node's secret, and
+//! pings while it has nothing else to send (the broker closes silent
+//! connections). A delivery carries the node the broker authenticated as its
+//! publisher, as `Delivery::user_id`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,9 +31,22 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3600);
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), BrokerError>>>>>;
 
+/// A node's name and secret, as the broker's users file knows them.
+#[derive(Clone)]
+pub struct Credentials {
+    pub node: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, <secret>)", self.node)
+    }
+}
+
 pub struct Embedded {
     addr: String,
-    token: String,
+    creds: Credentials,
     prefetch: u32,
     publisher: tokio::sync::Mutex<Option<PubConn>>,
 }
@@ -42,10 +59,10 @@ struct PubConn {
 }
 
 impl Embedded {
-    pub fn new(addr: &str, token: Option<String>, prefetch: u32) -> Self {
+    pub fn new(addr: &str, creds: Credentials, prefetch: u32) -> Self {
         Embedded {
             addr: addr.to_string(),
-            token: token.unwrap_or_default(),
+            creds,
             prefetch,
             publisher: tokio::sync::Mutex::new(None),
         }
@@ -55,7 +72,7 @@ impl Embedded {
 /// Connects and shakes hands; returns the framed stream ready for use.
 async fn connect(
     addr: &str,
-    token: &str,
+    creds: &Credentials,
 ) -> Result<Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>, BrokerError> {
     let unavailable =
         |what: String| BrokerError::Unavailable(format!("embedded broker at {addr}: {what}"));
@@ -69,7 +86,8 @@ async fn connect(
         .send(
             Frame::Hello {
                 version: PROTOCOL_VERSION,
-                token: token.to_string(),
+                node: creds.node.clone(),
+                secret: creds.secret.clone(),
             }
             .encode(),
         )
@@ -91,14 +109,14 @@ impl Embedded {
     ) -> Result<(mpsc::UnboundedSender<Frame>, Pending, u64, Arc<AtomicBool>), BrokerError> {
         let mut slot = self.publisher.lock().await;
         if slot.as_ref().is_none_or(|c| c.dead.load(Ordering::Relaxed)) {
-            let framed = connect(&self.addr, &self.token).await?;
+            let framed = connect(&self.addr, &self.creds).await?;
             let (mut sink, mut frames) = framed.split();
             let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
             let pending: Pending = Arc::default();
             let dead = Arc::new(AtomicBool::new(false));
             let dead_w = dead.clone();
             tokio::spawn(async move {
-                while let Some(f) = out_rx.recv().await {
+                while let Some(f) = next_or_ping(&mut out_rx).await {
                     if sink.send(f.encode()).await.is_err() {
                         break;
                     }
@@ -190,16 +208,16 @@ impl Broker for Embedded {
 
     async fn subscribe(&self, node: &str) -> Result<mpsc::Receiver<Delivery>, BrokerError> {
         let (tx, rx) = mpsc::channel(self.prefetch as usize);
-        let (addr, token, prefetch, queue) = (
+        let (addr, creds, prefetch, queue) = (
             self.addr.clone(),
-            self.token.clone(),
+            self.creds.clone(),
             self.prefetch,
             queue_name(node),
         );
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             while !tx.is_closed() {
-                match consume_once(&addr, &token, &queue, prefetch, &tx).await {
+                match consume_once(&addr, &creds, &queue, prefetch, &tx).await {
                     Ok(()) => return,
                     Err(e) => {
                         warn!(message = "Consumer lost the embedded broker; reconnecting.", error = %e, ?backoff);
@@ -213,14 +231,22 @@ impl Broker for Embedded {
     }
 }
 
+/// The next frame to send, or a ping when there was none for a while.
+async fn next_or_ping(rx: &mut mpsc::UnboundedReceiver<Frame>) -> Option<Frame> {
+    match tokio::time::timeout(server::PING_EVERY, rx.recv()).await {
+        Ok(f) => f,
+        Err(_) => Some(Frame::Ping),
+    }
+}
+
 async fn consume_once(
     addr: &str,
-    token: &str,
+    creds: &Credentials,
     queue: &str,
     prefetch: u32,
     tx: &mpsc::Sender<Delivery>,
 ) -> Result<(), BrokerError> {
-    let framed = connect(addr, token).await?;
+    let framed = connect(addr, creds).await?;
     let (mut sink, mut frames) = framed.split();
     let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
     out.send(Frame::Subscribe {
@@ -234,7 +260,7 @@ async fn consume_once(
         tokio::spawn(async move {
             loop {
                 let frame = tokio::select! {
-                    f = out_rx.recv() => f,
+                    f = next_or_ping(&mut out_rx) => f,
                     // Closing: what is queued (the last acks) still goes, so
                     // that an ack that returned Ok is never lost; then EOF.
                     () = closing.cancelled() => {
@@ -266,6 +292,7 @@ async fn consume_once(
                 Ok(Frame::Deliver {
                     tag,
                     redelivered,
+                    from,
                     payload,
                 }) => {
                     let acker = Box::new(EmbeddedAcker {
@@ -276,7 +303,8 @@ async fn consume_once(
                         .send(Delivery {
                             payload,
                             redelivered,
-                            user_id: None,
+                            // Stored before the broker knew publishers: none.
+                            user_id: (!from.is_empty()).then_some(from),
                             acker,
                         })
                         .await

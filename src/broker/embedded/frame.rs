@@ -6,16 +6,22 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Bumped on any incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2: the hello names a node and its secret, deliveries carry the
+/// node that published them, and clients ping.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// A chunk of at most 8 MiB plus its header fits with room to spare.
 pub const MAX_FRAME: usize = 17 << 20;
+/// Until the hello succeeds a peer is a stranger: its frames stay this small.
+pub const HELLO_MAX_FRAME: usize = 4 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// Client → broker, first frame: protocol version and shared secret.
+    /// Client → broker, first frame: protocol version, the node the client
+    /// speaks for, and that node's secret.
     Hello {
         version: u16,
-        token: String,
+        node: String,
+        secret: String,
     },
     /// Broker → client: the handshake succeeded.
     Welcome {
@@ -41,10 +47,13 @@ pub enum Frame {
         queue: String,
         prefetch: u32,
     },
-    /// Broker → client: a message; settle it with Ack or Reject.
+    /// Broker → client: a message, with the node that published it (as the
+    /// broker authenticated it; empty for a message stored before version 2);
+    /// settle it with Ack or Reject.
     Deliver {
         tag: u64,
         redelivered: bool,
+        from: String,
         payload: Bytes,
     },
     Ack {
@@ -62,6 +71,9 @@ pub enum Frame {
     Error {
         message: String,
     },
+    /// Client → broker: nothing to say, but alive (the broker closes
+    /// connections that stay silent).
+    Ping,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -72,10 +84,15 @@ impl Frame {
     pub fn encode(&self) -> Bytes {
         let mut b = BytesMut::new();
         match self {
-            Frame::Hello { version, token } => {
+            Frame::Hello {
+                version,
+                node,
+                secret,
+            } => {
                 b.put_u8(1);
                 b.put_u16(*version);
-                put_str(&mut b, token);
+                put_str(&mut b, node);
+                put_str(&mut b, secret);
             }
             Frame::Welcome { version } => {
                 b.put_u8(2);
@@ -109,12 +126,14 @@ impl Frame {
             Frame::Deliver {
                 tag,
                 redelivered,
+                from,
                 payload,
             } => {
-                b.reserve(payload.len() + 16);
+                b.reserve(payload.len() + from.len() + 16);
                 b.put_u8(7);
                 b.put_u64(*tag);
                 b.put_u8(u8::from(*redelivered));
+                put_str(&mut b, from);
                 b.put_slice(payload);
             }
             Frame::Ack { tag } => {
@@ -133,6 +152,7 @@ impl Frame {
                 b.put_u8(11);
                 b.put_u64(*tag);
             }
+            Frame::Ping => b.put_u8(12),
         }
         b.freeze()
     }
@@ -140,10 +160,23 @@ impl Frame {
     pub fn decode(mut b: Bytes) -> Result<Frame, FrameError> {
         let kind = get_u8(&mut b)?;
         let frame = match kind {
-            1 => Frame::Hello {
-                version: get_u16(&mut b)?,
-                token: get_str(&mut b)?,
-            },
+            1 => {
+                let version = get_u16(&mut b)?;
+                if version != PROTOCOL_VERSION {
+                    // Another version's hello: its version is all we read,
+                    // so that the refusal can name it.
+                    return Ok(Frame::Hello {
+                        version,
+                        node: String::new(),
+                        secret: String::new(),
+                    });
+                }
+                Frame::Hello {
+                    version,
+                    node: get_str(&mut b)?,
+                    secret: get_str(&mut b)?,
+                }
+            }
             2 => Frame::Welcome {
                 version: get_u16(&mut b)?,
             },
@@ -170,9 +203,11 @@ impl Frame {
             7 => {
                 let tag = get_u64(&mut b)?;
                 let redelivered = get_u8(&mut b)? != 0;
+                let from = get_str(&mut b)?;
                 return Ok(Frame::Deliver {
                     tag,
                     redelivered,
+                    from,
                     payload: b,
                 });
             }
@@ -188,6 +223,7 @@ impl Frame {
             11 => Frame::Requeue {
                 tag: get_u64(&mut b)?,
             },
+            12 => Frame::Ping,
             _ => return Err(FrameError("unknown frame type")),
         };
         if b.has_remaining() {
@@ -236,8 +272,9 @@ mod tests {
     fn round_trips() {
         let frames = [
             Frame::Hello {
-                version: 1,
-                token: "t".into(),
+                version: PROTOCOL_VERSION,
+                node: "alpha".into(),
+                secret: "t".into(),
             },
             Frame::Welcome { version: 1 },
             Frame::Publish {
@@ -257,8 +294,10 @@ mod tests {
             Frame::Deliver {
                 tag: 3,
                 redelivered: true,
+                from: "alpha".into(),
                 payload: Bytes::new(),
             },
+            Frame::Ping,
             Frame::Ack { tag: 3 },
             Frame::Reject { tag: 4 },
             Frame::Requeue { tag: 5 },
@@ -272,9 +311,21 @@ mod tests {
     }
 
     #[test]
+    fn another_versions_hello_is_read_for_its_version() {
+        let mut v1 = BytesMut::new();
+        v1.put_u8(1);
+        v1.put_u16(1);
+        put_str(&mut v1, "token");
+        match Frame::decode(v1.freeze()) {
+            Ok(Frame::Hello { version: 1, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn rejects_lies() {
         assert!(Frame::decode(Bytes::new()).is_err());
-        assert!(Frame::decode(Bytes::from_static(&[1, 0, 1, 0xff, 0xff, b'a'])).is_err());
+        assert!(Frame::decode(Bytes::from_static(&[1, 0, 2, 0xff, 0xff, b'a'])).is_err());
         assert!(Frame::decode(Bytes::from_static(&[4, 0, 0])).is_err());
         assert!(Frame::decode(Bytes::from_static(&[8, 0, 0, 0, 0, 0, 0, 0, 1, 9])).is_err());
         assert!(Frame::decode(Bytes::from_static(&[77])).is_err());

@@ -4,8 +4,12 @@
 //! message in it is acked; a mostly-dead segment is compacted by the caller
 //! re-appending its live messages. Only the broker core uses this.
 //!
-//! Segment record: `len u32 · crc32 u32 · id u64 · queue_len u16 · queue · payload`,
-//! where `len` counts the bytes after the crc and the crc covers them. A torn
+//! Segment record: `len u32 · crc32 u32 · id u64 · queue_len u16 · queue ·
+//! [from_len u8 · from] · payload`, where `len` counts the bytes after the crc
+//! and the crc covers them. `from` is the node the broker authenticated as the
+//! publisher; it is there when the top bit of `queue_len` is set (records
+//! written before credentials existed have neither, and replay as they were:
+//! a queue name is at most 255 bytes, so that bit was never set). A torn
 //! record at the end of the last segment (a crash before its fsync, so never
 //! confirmed) is cut off on replay.
 
@@ -22,13 +26,18 @@ use tracing::{error, warn};
 /// Segments roll over past this size.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 const HEADER: u64 = 4 + 4 + 8 + 2;
+/// In `queue_len`: a `from` follows the queue name.
+const HAS_FROM: u16 = 0x8000;
 
 /// Where a message's payload lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Loc {
     pub segment: u64,
+    /// Where the payload starts; the publisher's node name is the
+    /// `from_len` bytes before it.
     pub offset: u64,
     pub len: u32,
+    pub from_len: u8,
 }
 
 /// A live message found on replay.
@@ -173,7 +182,7 @@ impl Log {
     }
 
     /// Appends a message (not yet durable: call [`Log::sync`] before confirming).
-    pub fn append(&mut self, id: u64, queue: &str, payload: &[u8]) -> io::Result<Loc> {
+    pub fn append(&mut self, id: u64, queue: &str, from: &str, payload: &[u8]) -> io::Result<Loc> {
         if self
             .segments
             .get(&self.current)
@@ -183,14 +192,17 @@ impl Log {
             self.open_segment(next)?;
             crate::durable::fsync_dir(&self.dir)?;
         }
-        let q = queue.as_bytes();
-        let body_len = 8 + 2 + q.len() + payload.len();
+        let q = &queue.as_bytes()[..queue.len().min(255)];
+        let from = &from.as_bytes()[..from.len().min(255)];
+        let body_len = 8 + 2 + q.len() + 1 + from.len() + payload.len();
         let mut rec = Vec::with_capacity(8 + body_len);
         rec.extend_from_slice(&(body_len as u32).to_be_bytes());
         rec.extend_from_slice(&[0; 4]);
         rec.extend_from_slice(&id.to_be_bytes());
-        rec.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        rec.extend_from_slice(&(q.len() as u16 | HAS_FROM).to_be_bytes());
         rec.extend_from_slice(q);
+        rec.push(from.len() as u8);
+        rec.extend_from_slice(from);
         rec.extend_from_slice(payload);
         let crc = crc32fast::hash(&rec[8..]);
         rec[4..8].copy_from_slice(&crc.to_be_bytes());
@@ -201,8 +213,9 @@ impl Log {
         (&*seg.file).write_all(&rec)?;
         let loc = Loc {
             segment: self.current,
-            offset: seg.size + HEADER + q.len() as u64,
+            offset: seg.size + HEADER + q.len() as u64 + 1 + from.len() as u64,
             len: payload.len() as u32,
+            from_len: from.len() as u8,
         };
         seg.size += rec.len() as u64;
         seg.live += 1;
@@ -256,14 +269,26 @@ impl Log {
         Dirty(files)
     }
 
+    #[cfg(test)]
     pub fn read(&self, loc: Loc) -> io::Result<Bytes> {
+        Ok(self.read_with_from(loc)?.1)
+    }
+
+    /// The payload and the node that published it ("" for a record
+    /// written before credentials existed).
+    pub fn read_with_from(&self, loc: Loc) -> io::Result<(String, Bytes)> {
         let seg = self
             .segments
             .get(&loc.segment)
             .ok_or_else(|| io::Error::other("segment reclaimed"))?;
-        let mut buf = vec![0u8; loc.len as usize];
-        seg.file.read_exact_at(&mut buf, loc.offset)?;
-        Ok(Bytes::from(buf))
+        let from_len = loc.from_len as usize;
+        let mut buf = vec![0u8; from_len + loc.len as usize];
+        seg.file
+            .read_exact_at(&mut buf, loc.offset - from_len as u64)?;
+        let mut payload = Bytes::from(buf);
+        let from = payload.split_to(from_len);
+        let from = String::from_utf8(from.to_vec()).unwrap_or_default();
+        Ok((from, payload))
     }
 
     /// A sealed segment more than half dead, worth compacting, among those
@@ -301,6 +326,40 @@ impl Dirty {
     }
 }
 
+/// Live messages per queue as `(count, payload bytes)`, read without opening
+/// the log for writing (a running broker holds it): `hakobu broker status`.
+/// A segment reclaimed while it is read is skipped.
+pub fn census(dir: &Path) -> io::Result<BTreeMap<String, (u64, u64)>> {
+    let mut ids: Vec<u64> = fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
+        .collect();
+    ids.sort_unstable();
+    let mut live: BTreeMap<u64, (String, Loc)> = BTreeMap::new();
+    for seg in ids {
+        let records = match scan(&seg_path(dir, seg)) {
+            Ok((records, _)) => records,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for (id, queue, loc) in records {
+            live.insert(id, (queue, loc));
+        }
+        for id in read_acks(&ack_path(dir, seg))? {
+            if live.get(&id).is_some_and(|(_, loc)| loc.segment == seg) {
+                live.remove(&id);
+            }
+        }
+    }
+    let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (queue, loc) in live.into_values() {
+        let e = out.entry(queue).or_default();
+        e.0 += 1;
+        e.1 += loc.len as u64;
+    }
+    Ok(out)
+}
+
 /// The records of one segment as `(id, queue, location)`.
 type Records = Vec<(u64, String, Loc)>;
 
@@ -326,21 +385,33 @@ fn scan(path: &Path) -> io::Result<(Records, u64)> {
             break;
         }
         let id = u64::from_be_bytes(body[..8].try_into().unwrap_or_default());
-        let qlen = u16::from_be_bytes([body[8], body[9]]) as usize;
+        let raw_qlen = u16::from_be_bytes([body[8], body[9]]);
+        let qlen = (raw_qlen & !HAS_FROM) as usize;
         if 10 + qlen > body_len {
             break;
         }
         let Ok(queue) = std::str::from_utf8(&body[10..10 + qlen]) else {
             break;
         };
-        let offset = (at + 8 + 10 + qlen) as u64;
+        let mut head = 10 + qlen;
+        let mut from_len = 0u8;
+        if raw_qlen & HAS_FROM != 0 {
+            let Some(&n) = body.get(head) else { break };
+            if head + 1 + n as usize > body_len {
+                break;
+            }
+            from_len = n;
+            head += 1 + n as usize;
+        }
+        let offset = (at + 8 + head) as u64;
         out.push((
             id,
             queue.to_string(),
             Loc {
                 segment: seg,
                 offset,
-                len: (body_len - 10 - qlen) as u32,
+                len: (body_len - head) as u32,
+                from_len,
             },
         ));
         at += 8 + body_len;
@@ -370,9 +441,9 @@ mod tests {
             let (mut log, stored, next) = Log::open(d.path()).unwrap();
             assert!(stored.is_empty());
             assert_eq!(next, 1);
-            let a = log.append(1, "q", b"one").unwrap();
-            log.append(2, "q", b"two").unwrap();
-            log.append(3, "r", b"three").unwrap();
+            let a = log.append(1, "q", "alpha", b"one").unwrap();
+            log.append(2, "q", "", b"two").unwrap();
+            log.append(3, "r", "beta", b"three").unwrap();
             log.sync().unwrap();
             assert_eq!(&log.read(a).unwrap()[..], b"one");
             log.ack(1, a).unwrap();
@@ -397,7 +468,42 @@ mod tests {
         assert_eq!(ids, vec![2, 3]);
         assert_eq!(next, 4);
         assert_eq!(&log.read(stored[1].loc).unwrap()[..], b"three");
+        let (from, _) = log.read_with_from(stored[1].loc).unwrap();
+        assert_eq!(from, "beta");
         assert_eq!(stored[1].queue, "r");
+    }
+
+    /// A record in the format before credentials (no `from`): replayed as it
+    /// was, with no publisher.
+    #[test]
+    fn records_of_the_old_format_replay() {
+        let d = tempfile::tempdir().unwrap();
+        let (q, payload) = (b"hakobu.node.beta", b"old message");
+        let body_len = 8 + 2 + q.len() + payload.len();
+        let mut rec = Vec::new();
+        rec.extend_from_slice(&(body_len as u32).to_be_bytes());
+        rec.extend_from_slice(&[0; 4]);
+        rec.extend_from_slice(&7u64.to_be_bytes());
+        rec.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        rec.extend_from_slice(q);
+        rec.extend_from_slice(payload);
+        let crc = crc32fast::hash(&rec[8..]);
+        rec[4..8].copy_from_slice(&crc.to_be_bytes());
+        fs::write(seg_path(d.path(), 1), &rec).unwrap();
+        let (mut log, stored, next) = Log::open(d.path()).unwrap();
+        assert_eq!(next, 8);
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].queue, "hakobu.node.beta");
+        let (from, body) = log.read_with_from(stored[0].loc).unwrap();
+        assert_eq!((from.as_str(), &body[..]), ("", &payload[..]));
+        // New records go beside it, with their publisher.
+        let loc = log.append(8, "hakobu.node.beta", "alpha", b"new").unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let (log, stored, _) = Log::open(d.path()).unwrap();
+        assert_eq!(stored.len(), 2);
+        assert_eq!(log.read_with_from(stored[1].loc).unwrap().0, "alpha");
+        assert_eq!(stored[1].loc.len, loc.len);
     }
 
     /// A log in `dir` with 70 messages of 1 MiB, synced: more than one segment.
@@ -405,7 +511,7 @@ mod tests {
         let (mut log, _, _) = Log::open(dir).unwrap();
         let big = vec![7u8; 1 << 20];
         let locs = (1..=70)
-            .map(|id| (id, log.append(id, "q", &big).unwrap()))
+            .map(|id| (id, log.append(id, "q", "n", &big).unwrap()))
             .collect();
         log.sync().unwrap();
         assert!(log.segment_count() >= 2);

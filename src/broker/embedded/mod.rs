@@ -7,10 +7,12 @@
 //! - `frame.rs`: the protocol's versioned, length-delimited frames.
 //! - `server/`: the broker: listener, core, flusher.
 //! - `log.rs`: its storage, segment files with sidecar ack files.
+//! - `credentials.rs`: one secret per node; the broker's users file.
 
 mod client;
+pub mod credentials;
 pub mod frame;
 mod log;
 pub mod server;
 
-pub use client::Embedded;
+pub use client::{Credentials, Embedded};

@@ -2,8 +2,13 @@
 //! whatever commands are waiting, appends their messages, hands the batch to
 //! the flusher, and confirms (and makes deliverable) a batch only once the
 //! flusher reports it durable. Deliveries go round-robin to consumers with
-//! credit left; a message delivered too often, or refused, goes to the
-//! dead-letter queue; mostly-acked segments are compacted.
+//! credit left (in messages and in bytes: a consumer that never reads holds
+//! at most [`CONSUMER_BYTES`] of the broker's memory); a message delivered
+//! too often, or refused, goes to the dead-letter queue, which keeps at most
+//! `max_dead_letter` bytes (the oldest go first); a publish beyond the
+//! broker-wide `max_disk` is refused; mostly-acked segments are compacted.
+//! Every message is stored with the node that published it, as the listener
+//! authenticated it, and delivered with it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -11,8 +16,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-use super::DELIVERY_LIMIT;
 use super::flusher::Flusher;
+use super::{DELIVERY_LIMIT, Limits};
 use crate::broker::DEAD_LETTER_QUEUE;
 use crate::broker::embedded::frame::Frame;
 use crate::broker::embedded::log::{Loc, Log};
@@ -20,6 +25,8 @@ use crate::broker::embedded::log::{Loc, Log};
 pub(super) enum Cmd {
     Publish {
         queue: String,
+        /// The node the connection authenticated as.
+        from: String,
         payload: Bytes,
         reply: oneshot::Sender<Result<(), String>>,
     },
@@ -67,9 +74,15 @@ struct Consumer {
 }
 
 struct Parked {
+    from: String,
     payload: Bytes,
     reply: oneshot::Sender<Result<(), String>>,
 }
+
+/// Bytes delivered to a queue's consumers and not yet settled, at most
+/// (one message may exceed it alone): what a consumer that stops reading
+/// can make the broker hold in memory.
+pub(super) const CONSUMER_BYTES: u64 = 32 << 20;
 
 #[derive(Default)]
 pub(super) struct Queue {
@@ -79,11 +92,13 @@ pub(super) struct Queue {
     consumers: Vec<Consumer>,
     next_consumer: usize,
     bytes: u64,
+    /// Payload bytes of `unacked`.
+    unacked_bytes: u64,
     parked: VecDeque<Parked>,
 }
 
 impl Queue {
-    pub(super) fn push_ready(&mut self, m: Msg) {
+    fn push_ready(&mut self, m: Msg) {
         self.bytes += m.loc.len as u64;
         self.ready.insert(m.id, m);
     }
@@ -104,14 +119,16 @@ pub(super) struct Core {
     queues: HashMap<String, Queue>,
     /// Where each delivered message is: tag → queue.
     tags: HashMap<u64, String>,
-    max_queue: u64,
+    limits: Limits,
+    /// Payload bytes of every stored message not yet settled.
+    stored: u64,
 }
 
 /// Replies to send once the batch is durable.
 pub(super) type Confirms = Vec<(oneshot::Sender<Result<(), String>>, Option<(String, Msg)>)>;
 
 impl Core {
-    pub(super) fn new(log: Log, next_id: u64, max_queue: u64) -> Self {
+    pub(super) fn new(log: Log, next_id: u64, limits: Limits) -> Self {
         Core {
             log,
             flushing: false,
@@ -119,12 +136,47 @@ impl Core {
             next_id,
             queues: HashMap::new(),
             tags: HashMap::new(),
-            max_queue,
+            limits,
+            stored: 0,
         }
     }
 
     pub(super) fn queue(&mut self, name: &str) -> &mut Queue {
         self.queues.entry(name.to_string()).or_default()
+    }
+
+    /// Makes a stored message deliverable (a confirmed publish, or one
+    /// found on replay).
+    pub(super) fn push_ready(&mut self, queue: &str, msg: Msg) {
+        self.stored += msg.loc.len as u64;
+        self.queue(queue).push_ready(msg);
+        if queue == DEAD_LETTER_QUEUE {
+            self.trim_dead_letters();
+        }
+    }
+
+    /// Drops the oldest dead letters while the queue holds more than
+    /// `max_dead_letter` bytes (the newest always stays).
+    fn trim_dead_letters(&mut self) {
+        let max = self.limits.max_dead_letter;
+        loop {
+            let q = self.queue(DEAD_LETTER_QUEUE);
+            if q.bytes <= max || q.ready.len() < 2 {
+                return;
+            }
+            let Some((_, msg)) = q.ready.pop_first() else {
+                return;
+            };
+            self.settle(DEAD_LETTER_QUEUE, msg);
+            let q = self.queue(DEAD_LETTER_QUEUE);
+            warn!(
+                message = "Dead-letter queue full (max_dead_letter); dropped its oldest message.",
+                id = msg.id,
+                bytes = msg.loc.len,
+                dead_letters = q.ready.len() + q.unacked.len(),
+                dead_letter_bytes = q.bytes
+            );
+        }
     }
 
     /// Group commit, pipelined: appends wait in `waiting` while the flusher
@@ -183,7 +235,7 @@ impl Core {
             match &result {
                 Ok(()) => {
                     if let Some((queue, msg)) = visible {
-                        self.queue(&queue).push_ready(msg);
+                        self.push_ready(&queue, msg);
                     }
                     let _ = reply.send(Ok(()));
                 }
@@ -199,16 +251,34 @@ impl Core {
             Cmd::Synced { result, confirms } => self.synced(result, confirms),
             Cmd::Publish {
                 queue,
+                from,
                 payload,
                 reply,
             } => {
-                let max = self.max_queue;
-                let q = self.queue(&queue);
-                if q.full(payload.len() as u64, max) || !q.parked.is_empty() {
-                    q.parked.push_back(Parked { payload, reply });
+                if self.stored + payload.len() as u64 > self.limits.max_disk {
+                    warn!(
+                        message = "Broker disk quota (max_disk) reached; refusing a publish, which its sender retries.",
+                        queue,
+                        from,
+                        stored_bytes = self.stored,
+                        max_disk = self.limits.max_disk
+                    );
+                    let _ = reply.send(Err(
+                        "the broker's disk quota (max_disk) is reached; publish again later".into(),
+                    ));
                     return;
                 }
-                self.append(&queue, &payload, reply, confirms);
+                let max = self.limits.max_queue;
+                let q = self.queue(&queue);
+                if q.full(payload.len() as u64, max) || !q.parked.is_empty() {
+                    q.parked.push_back(Parked {
+                        from,
+                        payload,
+                        reply,
+                    });
+                    return;
+                }
+                self.append(&queue, &from, &payload, reply, confirms);
             }
             Cmd::Subscribe {
                 conn,
@@ -236,6 +306,7 @@ impl Core {
                     return; // not this connection's delivery
                 }
                 q.unacked.remove(&tag);
+                q.unacked_bytes -= msg.loc.len as u64;
                 q.consumers[ci].in_flight -= 1;
                 self.tags.remove(&tag);
                 match outcome {
@@ -254,13 +325,14 @@ impl Core {
     fn append(
         &mut self,
         queue: &str,
+        from: &str,
         payload: &[u8],
         reply: oneshot::Sender<Result<(), String>>,
         confirms: &mut Confirms,
     ) {
         let id = self.next_id;
         self.next_id += 1;
-        match self.log.append(id, queue, payload) {
+        match self.log.append(id, queue, from, payload) {
             Ok(loc) => {
                 *self.unconfirmed.entry(loc.segment).or_default() += 1;
                 let msg = Msg {
@@ -280,6 +352,7 @@ impl Core {
     /// Removes a settled message from its queue and the disk.
     fn settle(&mut self, queue: &str, msg: Msg) {
         self.queue(queue).bytes -= msg.loc.len as u64;
+        self.stored -= msg.loc.len as u64;
         if let Err(e) = self.log.ack(msg.id, msg.loc) {
             error!(message = "Broker could not record an ack; the message may be delivered again.", error = %e);
         }
@@ -287,15 +360,18 @@ impl Core {
 
     /// Moves a message to the dead-letter queue (copy, then ack the original).
     fn dead_letter(&mut self, queue: &str, msg: Msg, confirms: &mut Confirms) {
-        match self.log.read(msg.loc) {
-            Ok(payload) => {
+        match self.log.read_with_from(msg.loc) {
+            Ok((from, payload)) => {
                 let (reply, _) = oneshot::channel();
-                self.append(DEAD_LETTER_QUEUE, &payload, reply, confirms);
+                self.append(DEAD_LETTER_QUEUE, &from, &payload, reply, confirms);
+                let dlq = self.queue(DEAD_LETTER_QUEUE);
                 warn!(
                     message = "Message dead-lettered.",
                     queue,
                     id = msg.id,
-                    deliveries = msg.deliveries
+                    from,
+                    deliveries = msg.deliveries,
+                    dead_letters = dlq.ready.len() + dlq.unacked.len() + 1
                 );
             }
             Err(e) => {
@@ -326,6 +402,7 @@ impl Core {
                 .collect();
             for tag in returned {
                 if let Some((msg, _)) = q.unacked.remove(&tag) {
+                    q.unacked_bytes -= msg.loc.len as u64;
                     self.tags.remove(&tag);
                     if msg.deliveries >= DELIVERY_LIMIT {
                         dead.push((name.clone(), msg));
@@ -358,7 +435,7 @@ impl Core {
             .filter(|(_, q)| !q.parked.is_empty())
             .map(|(n, _)| n.clone())
             .collect();
-        let max = self.max_queue;
+        let max = self.limits.max_queue;
         for name in names {
             loop {
                 let q = self.queue(&name);
@@ -374,7 +451,7 @@ impl Core {
                     break;
                 }
                 let Some(p) = q.parked.pop_front() else { break };
-                self.append(&name, &p.payload, p.reply, confirms);
+                self.append(&name, &p.from, &p.payload, p.reply, confirms);
             }
         }
     }
@@ -397,8 +474,8 @@ impl Core {
             for m in msgs.filter(|m| m.loc.segment == seg) {
                 match self
                     .log
-                    .read(m.loc)
-                    .and_then(|p| self.log.append(m.id, name, &p))
+                    .read_with_from(m.loc)
+                    .and_then(|(from, p)| self.log.append(m.id, name, &from, &p))
                 {
                     Ok(loc) => {
                         m.loc = loc;
@@ -447,7 +524,11 @@ impl Core {
             let Some((&id, &msg)) = q.ready.iter().next() else {
                 break;
             };
-            let payload = match self.log.read(msg.loc) {
+            let len = msg.loc.len as u64;
+            if q.unacked_bytes > 0 && q.unacked_bytes + len > CONSUMER_BYTES {
+                break; // the consumers hold enough; more when they settle
+            }
+            let (from, payload) = match self.log.read_with_from(msg.loc) {
                 Ok(p) => p,
                 Err(e) => {
                     error!(message = "Cannot read a stored message; it stays queued.", error = %e, id);
@@ -458,6 +539,7 @@ impl Core {
             let frame = Frame::Deliver {
                 tag: id,
                 redelivered: msg.deliveries > 0,
+                from,
                 payload,
             };
             if q.consumers[ci].out.send(frame).is_err() {
@@ -467,6 +549,7 @@ impl Core {
                 continue;
             }
             q.consumers[ci].in_flight += 1;
+            q.unacked_bytes += len;
             q.unacked.insert(
                 id,
                 (

@@ -1,32 +1,45 @@
-//! The listener: accepts connections (from loopback only when no token is
-//! set), checks each one's hello (protocol version, token), then turns the
-//! connection's frames into commands for the core and the core's replies
-//! into frames. It holds no broker state of its own.
+//! The listener: accepts connections, checks each one's hello (protocol
+//! version, node and secret) in small frames, then turns the connection's
+//! frames into commands for the core, stamped with the node it
+//! authenticated, and the core's replies into frames. It enforces what a
+//! node may do (consume its own queue, publish to node queues) and the
+//! connection limits. It holds no broker state of its own.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::codec::Framed;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::core::{Cmd, Outcome};
-use super::{CONNECTION_IN_FLIGHT, codec};
-use crate::broker::embedded::frame::{Frame, PROTOCOL_VERSION};
+use super::{CONNECTION_IN_FLIGHT, HANDSHAKE_SLOTS, Limits, hello_codec};
+use crate::broker::embedded::credentials::UsersCache;
+use crate::broker::embedded::frame::{Frame, MAX_FRAME, PROTOCOL_VERSION};
+use crate::broker::queue_name;
+use crate::domain::NodeName;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections refused since the last log line about them: a flood is
+/// logged once a second, not once a connection.
+static REFUSED: AtomicU64 = AtomicU64::new(0);
 
 /// Accepts connections until the broker is dropped (the task is aborted).
 pub(super) async fn accept(
     listener: TcpListener,
     core: mpsc::UnboundedSender<Cmd>,
-    token: Option<String>,
+    users: Arc<UsersCache>,
+    limits: Limits,
 ) {
-    let token = token.map(Arc::new);
+    let strangers = Arc::new(Semaphore::new(HANDSHAKE_SLOTS));
+    let members = Arc::new(Semaphore::new(limits.max_connections));
     let mut next_conn = 0u64;
+    let mut last_report = tokio::time::Instant::now();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -36,10 +49,11 @@ pub(super) async fn accept(
                 continue;
             }
         };
-        if token.is_none() && !peer.ip().is_loopback() {
-            debug!(message = "Refusing a non-loopback peer: no token configured.", %peer);
+        let Ok(hello_slot) = strangers.clone().try_acquire_owned() else {
+            // Closed at once: a flood costs a socket for a moment, no task.
+            refused(&mut last_report, "too many connections in their handshake");
             continue;
-        }
+        };
         next_conn += 1;
         let _ = stream.set_nodelay(true);
         tokio::spawn(serve_connection(
@@ -47,22 +61,81 @@ pub(super) async fn accept(
             peer,
             next_conn,
             core.clone(),
-            token.clone(),
+            (
+                users.clone(),
+                hello_slot,
+                members.clone(),
+                limits.idle_timeout,
+            ),
         ));
     }
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+fn refused(last_report: &mut tokio::time::Instant, why: &str) {
+    let n = REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
+    if last_report.elapsed() >= Duration::from_secs(1) {
+        *last_report = tokio::time::Instant::now();
+        REFUSED.store(0, Ordering::Relaxed);
+        warn!(
+            message = "Refusing connections: the broker's connection limit is reached; check for a runaway or hostile client.",
+            reason = why,
+            refused = n
+        );
+    }
 }
 
-fn valid_queue(q: &str) -> bool {
-    !q.is_empty() && q.len() <= 255 && !q.chars().any(|c| c.is_control())
+/// A frame's name, for messages about it (never its fields).
+fn kind(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "hello",
+        Frame::Welcome { .. } => "welcome",
+        Frame::Confirm { .. } => "confirm",
+        Frame::Nack { .. } => "nack",
+        Frame::Deliver { .. } => "deliver",
+        Frame::Error { .. } => "error",
+        _ => "frame",
+    }
+}
+
+/// The node a queue name belongs to, when it is `hakobu.node.<valid node name>`.
+fn node_of_queue(q: &str) -> Option<NodeName> {
+    NodeName::parse(q.strip_prefix("hakobu.node.")?).ok()
+}
+
+/// Reads and checks the hello: the node the connection speaks for, or the
+/// sentence that refuses it.
+async fn handshake(
+    framed: &mut Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>,
+    users: &UsersCache,
+) -> Option<Result<NodeName, String>> {
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next()).await {
+        Ok(Some(Ok(bytes))) => Frame::decode(bytes.freeze()),
+        Ok(Some(Err(e))) => return Some(Err(format!("bad hello: {e}"))),
+        _ => return None,
+    };
+    Some(match hello {
+        Ok(Frame::Hello { version, .. }) if version != PROTOCOL_VERSION => Err(format!(
+            "protocol version {version} is not supported (this broker speaks {PROTOCOL_VERSION}); run the same hakobu version"
+        )),
+        Ok(Frame::Hello { node, secret, .. }) => {
+            let known = match users.current() {
+                Ok(u) => u.check(&node, &secret),
+                Err(e) => {
+                    warn!(message = "The broker cannot read its users file; refusing every connection.", error = %e);
+                    false
+                }
+            };
+            match NodeName::parse(&node) {
+                Ok(n) if known => Ok(n),
+                _ => Err(format!(
+                    "node `{}` is unknown to this broker or its secret is wrong; check embedded.secret_file, or run `hakobu broker add-node` on the broker's host",
+                    node.escape_debug()
+                )),
+            }
+        }
+        Ok(_) => Err("expected a hello frame first".to_string()),
+        Err(e) => Err(e.to_string()),
+    })
 }
 
 async fn serve_connection(
@@ -70,31 +143,35 @@ async fn serve_connection(
     peer: SocketAddr,
     conn: u64,
     core: mpsc::UnboundedSender<Cmd>,
-    token: Option<Arc<String>>,
+    (users, hello_slot, members, idle): (
+        Arc<UsersCache>,
+        OwnedSemaphorePermit,
+        Arc<Semaphore>,
+        Duration,
+    ),
 ) {
-    let mut framed = Framed::new(stream, codec());
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next()).await {
-        Ok(Some(Ok(bytes))) => Frame::decode(bytes.freeze()),
-        _ => return,
+    let mut framed = Framed::new(stream, hello_codec());
+    let node = match handshake(&mut framed, &users).await {
+        None => return,
+        Some(Ok(node)) => node,
+        Some(Err(message)) => {
+            warn!(message = "Refusing a connection.", %peer, reason = %message);
+            let _ = framed.send(Frame::Error { message }.encode()).await;
+            return;
+        }
     };
-    let refusal = match hello {
-        Ok(Frame::Hello { version, .. }) if version != PROTOCOL_VERSION => Some(format!(
-            "protocol version {version} is not supported (this broker speaks {PROTOCOL_VERSION}); run the same hakobu version"
-        )),
-        Ok(Frame::Hello { token: given, .. }) => match &token {
-            Some(t) if !same_secret(t, &given) => {
-                Some("wrong token; check the token file on both sides".to_string())
-            }
-            _ => None,
-        },
-        Ok(_) => Some("expected a hello frame first".to_string()),
-        Err(e) => Some(e.to_string()),
-    };
-    if let Some(message) = refusal {
-        warn!(message = "Refusing a connection.", %peer, reason = %message);
+    let Ok(_member) = members.try_acquire_owned() else {
+        let message =
+            "the broker has as many connections as it accepts (max_connections); try again later"
+                .to_string();
+        warn!(message = "Refusing a connection: max_connections reached.", %peer, node = %node);
         let _ = framed.send(Frame::Error { message }.encode()).await;
         return;
-    }
+    };
+    drop(hello_slot);
+    framed.codec_mut().set_max_frame_length(MAX_FRAME);
+    let own_queue = queue_name(&node);
+    debug!(message = "Connection authenticated.", %peer, conn, node = %node);
     if framed
         .send(
             Frame::Welcome {
@@ -117,7 +194,18 @@ async fn serve_connection(
         }
     });
     let in_flight = Arc::new(Semaphore::new(CONNECTION_IN_FLIGHT));
-    while let Some(item) = frames.next().await {
+    loop {
+        let item = match tokio::time::timeout(idle, frames.next()).await {
+            Ok(Some(item)) => item,
+            Ok(None) => break,
+            Err(_) => {
+                info!(message = "Closing a connection that sent nothing (not even a ping) for the idle timeout.", %peer, node = %node, ?idle);
+                let _ = out.send(Frame::Error {
+                    message: "idle for too long".into(),
+                });
+                break;
+            }
+        };
         let frame = match item
             .map_err(|e| e.to_string())
             .and_then(|b| Frame::decode(b.freeze()).map_err(|e| e.to_string()))
@@ -135,10 +223,10 @@ async fn serve_connection(
                 queue,
                 payload,
             } => {
-                if !valid_queue(&queue) {
+                if node_of_queue(&queue).is_none() {
                     let _ = out.send(Frame::Nack {
                         seq,
-                        reason: "invalid queue name".into(),
+                        reason: "a node may publish only to hakobu.node.<node>".into(),
                     });
                     continue;
                 }
@@ -150,6 +238,7 @@ async fn serve_connection(
                 if core
                     .send(Cmd::Publish {
                         queue,
+                        from: node.to_string(),
                         payload,
                         reply,
                     })
@@ -171,7 +260,13 @@ async fn serve_connection(
                     let _ = out.send(frame);
                 });
             }
-            Frame::Subscribe { queue, prefetch } if valid_queue(&queue) => {
+            Frame::Subscribe { queue, .. } if queue != own_queue => {
+                let message = format!("node {node} may consume only its own queue, {own_queue}");
+                warn!(message = "Refusing a subscription to another node's queue.", %peer, node = %node, queue = %queue.escape_debug());
+                let _ = out.send(Frame::Error { message });
+                break;
+            }
+            Frame::Subscribe { queue, prefetch } => {
                 let _ = core.send(Cmd::Subscribe {
                     conn,
                     queue,
@@ -200,8 +295,10 @@ async fn serve_connection(
                     outcome: Outcome::Requeue,
                 });
             }
+            Frame::Ping => {}
             other => {
-                let message = format!("unexpected frame from a client: {other:?}");
+                // Never a frame's fields: a second hello carries a secret.
+                let message = format!("unexpected frame from a client: {}", kind(&other));
                 warn!(message = "Closing a connection after a protocol error.", %peer, error = %message);
                 let _ = out.send(Frame::Error { message });
                 break;

@@ -12,6 +12,16 @@
 //! [`CONNECTION_IN_FLIGHT`] bytes of unconfirmed publishes before the broker
 //! stops reading from it: a slow receiver makes senders wait.
 //!
+//! Identity: every connection names a node and proves it with that node's
+//! secret (`credentials.rs`, the users file in the data directory). A node
+//! consumes only its own queue, publishes only to node queues, and every
+//! message it publishes is stored and delivered with its name.
+//!
+//! Abuse limits ([`Limits`]): small frames until the hello succeeds, a
+//! connection cap (strangers still in their handshake have a smaller one of
+//! their own), an idle timeout (clients ping), delivery credit in bytes, a
+//! broker-wide disk quota, and a bounded dead-letter queue.
+//!
 //! # Layout
 //! - here: starting the broker (listen, lock and replay the data directory).
 //! - `listener.rs`: accepting connections, the handshake, one task per
@@ -19,20 +29,25 @@
 //! - `core.rs`: the core thread: queues, delivery, acks, dead-lettering,
 //!   backpressure, compaction.
 //! - `flusher.rs`: the thread that fsyncs what the core appended.
+//! - `status.rs`: `hakobu broker status`, the queues' depth read from disk.
 
 mod core;
 mod flusher;
 mod listener;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::codec::LengthDelimitedCodec;
 use tracing::info;
 
-use super::frame::MAX_FRAME;
+use super::credentials::{CredentialError, UsersCache};
+use super::frame::HELLO_MAX_FRAME;
 use super::log::Log;
 use core::{Core, Msg};
 use flusher::Flusher;
@@ -43,10 +58,59 @@ pub const DEFAULT_MAX_QUEUE: u64 = 1 << 30;
 pub const CONNECTION_IN_FLIGHT: usize = 32 << 20;
 /// Deliveries of one message before it is dead-lettered.
 pub(super) const DELIVERY_LIMIT: u32 = 20;
+/// Payload bytes all queues may hold together, by default.
+pub const DEFAULT_MAX_DISK: u64 = 8 << 30;
+/// Bytes the dead-letter queue keeps, by default; the oldest go first.
+pub const DEFAULT_MAX_DEAD_LETTER: u64 = 256 << 20;
+/// Authenticated connections at once, by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Connections still in their handshake at once (each has
+/// `HANDSHAKE_TIMEOUT` to finish it): a flood of strangers takes these
+/// slots, never those of authenticated nodes.
+pub const HANDSHAKE_SLOTS: usize = 64;
+/// A connection that sends nothing for this long is closed; clients ping
+/// every [`PING_EVERY`].
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub const PING_EVERY: Duration = Duration::from_secs(20);
 
+/// The broker's limits; `Limits::default()` gives the documented defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A queue over this many stored bytes makes its publishers wait.
+    pub max_queue: u64,
+    /// Stored bytes of all queues together beyond which publishes are refused.
+    pub max_disk: u64,
+    /// Bytes the dead-letter queue keeps.
+    pub max_dead_letter: u64,
+    /// Authenticated connections at once.
+    pub max_connections: usize,
+    /// A connection silent this long is closed (more than [`PING_EVERY`]).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_queue: DEFAULT_MAX_QUEUE,
+            max_disk: DEFAULT_MAX_DISK,
+            max_dead_letter: DEFAULT_MAX_DEAD_LETTER,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// The codec of an authenticated connection's frames; a connection starts
+/// with [`HELLO_MAX_FRAME`] and the listener raises it after the hello.
 pub fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME)
+        .max_frame_length(super::frame::MAX_FRAME)
+        .new_codec()
+}
+
+fn hello_codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(HELLO_MAX_FRAME)
         .new_codec()
 }
 
@@ -59,9 +123,11 @@ pub enum ServerError {
     #[error("another broker uses the data directory {0}; stop it or give this one its own --data")]
     Locked(PathBuf),
     #[error(
-        "listening on {0} without a token would let any host connect; give a token file or listen on 127.0.0.1"
+        "listening on {0} sends node secrets and files in plain text over the network; listen on 127.0.0.1, or accept that with `insecure: true` (`--insecure`)"
     )]
-    NoToken(String),
+    Plain(String),
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
 }
 
 /// A running broker: its address, and a handle that stops it when dropped.
@@ -77,12 +143,14 @@ impl Drop for Running {
     }
 }
 
-/// Binds `listen`, replays `data`, and serves in the background.
+/// Binds `listen`, replays `data`, and serves in the background. Only
+/// nodes in `data`'s users file may connect; `insecure` allows listening
+/// beyond loopback.
 pub async fn start(
     listen: &str,
     data: &Path,
-    token: Option<String>,
-    max_queue: u64,
+    limits: Limits,
+    insecure: bool,
 ) -> Result<Running, ServerError> {
     let listener = TcpListener::bind(listen)
         .await
@@ -90,10 +158,11 @@ pub async fn start(
     let addr = listener
         .local_addr()
         .map_err(|e| ServerError::Listen(listen.to_string(), e))?;
-    if token.is_none() && !addr.ip().is_loopback() {
-        return Err(ServerError::NoToken(listen.to_string()));
+    if !insecure && !addr.ip().is_loopback() {
+        return Err(ServerError::Plain(listen.to_string()));
     }
     crate::durable::private_dir(data).map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
+    let users = Arc::new(UsersCache::new(data)?);
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -105,14 +174,17 @@ pub async fn start(
     let (log, stored, next_id) =
         Log::open(&data.join("segments")).map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut core = Core::new(log, next_id, max_queue);
+    let mut core = Core::new(log, next_id, limits);
     let restored = stored.len();
     for s in stored {
-        core.queue(&s.queue).push_ready(Msg {
-            id: s.id,
-            loc: s.loc,
-            deliveries: 0,
-        });
+        core.push_ready(
+            &s.queue,
+            Msg {
+                id: s.id,
+                loc: s.loc,
+                deliveries: 0,
+            },
+        );
     }
     let flusher =
         Flusher::start(tx.downgrade()).map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
@@ -120,8 +192,9 @@ pub async fn start(
         .name("hakobu-broker".into())
         .spawn(move || core.run(rx, flusher))
         .map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
-    info!(message = "Embedded broker listening.", %addr, data = %data.display(), restored_messages = restored);
-    let accept = tokio::spawn(listener::accept(listener, tx, token));
+    info!(message = "Embedded broker listening.", %addr, data = %data.display(), restored_messages = restored,
+        nodes = users.current().map(|u| u.nodes().count()).unwrap_or(0));
+    let accept = tokio::spawn(listener::accept(listener, tx, users, limits));
     Ok(Running {
         addr,
         _lock: lock,
