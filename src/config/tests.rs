@@ -311,10 +311,12 @@ fn rabbitmq_identity_and_transport_rules() {
 #[test]
 fn embedded_broker_keys() {
     let embedded = |section: &str| {
-        GOOD.replace(
-            "  rabbitmq:\n    urls: [ \"amqp://hakobu:secret@127.0.0.1:5672/%2f\" ]\n",
+        let text = GOOD.replace(
+            "  rabbitmq:\n    urls: [ \"amqp://beta:secret@127.0.0.1:5672/%2f\" ]\n",
             section,
-        )
+        );
+        assert_ne!(text, GOOD, "the broker section to replace is not in GOOD");
+        text
     };
     let cfg = parse(&embedded(
         "  embedded: { connect: 127.0.0.1:7800, token_file: /k/alpha.secret, max_disk: 1GiB }\n",
