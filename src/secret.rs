@@ -59,7 +59,18 @@ pub fn read(path: &Path) -> Result<String, SecretError> {
 
 /// The checks `read` makes on an open secret file's metadata.
 pub fn check(path: &Path, meta: &std::fs::Metadata) -> Result<(), SecretError> {
-    if !meta.file_type().is_file() || meta.len() > MAX_SECRET {
+    check_private(path, meta, MAX_SECRET)
+}
+
+/// A regular file of at most `max_len` bytes that neither its group nor
+/// others may read or write: the checks of every private file hakobu reads
+/// (secrets, keys, the embedded broker's users file).
+pub fn check_private(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    max_len: u64,
+) -> Result<(), SecretError> {
+    if !meta.file_type().is_file() || meta.len() > max_len {
         return Err(SecretError::NotRegular {
             path: path.to_path_buf(),
         });

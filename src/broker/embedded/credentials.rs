@@ -76,7 +76,7 @@ impl Users {
             Err(e) => return Err(io(e)),
         };
         let meta = f.metadata().map_err(io)?;
-        check_private(&path, &meta)?;
+        crate::secret::check_private(&path, &meta, MAX_USERS_FILE)?;
         let mut text = String::new();
         Read::by_ref(&mut f)
             .take(MAX_USERS_FILE)
@@ -146,23 +146,6 @@ impl Users {
         std::fs::rename(&tmp, &path).map_err(io)?;
         crate::durable::fsync_dir(data).map_err(io)
     }
-}
-
-/// The checks a users file must pass: a regular file, private to its owner.
-fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), SecretError> {
-    if !meta.file_type().is_file() || meta.len() > MAX_USERS_FILE {
-        return Err(SecretError::NotRegular {
-            path: path.to_path_buf(),
-        });
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(SecretError::Exposed {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
-    Ok(())
 }
 
 /// Creates the broker's data directory, mode 0700, if it is missing.

@@ -76,11 +76,7 @@ impl Log {
     /// Returns the live messages in id order and the next free id.
     pub fn open(dir: &Path) -> io::Result<(Log, Vec<Stored>, u64)> {
         fs::create_dir_all(dir)?;
-        let mut ids: Vec<u64> = fs::read_dir(dir)?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
-            .collect();
-        ids.sort_unstable();
+        let ids = segment_ids(dir)?;
         let mut live: BTreeMap<u64, (String, Loc)> = BTreeMap::new();
         let mut segments = BTreeMap::new();
         let mut next_id = 1;
@@ -326,15 +322,21 @@ impl Dirty {
     }
 }
 
-/// Live messages per queue as `(count, payload bytes)`, read without opening
-/// the log for writing (a running broker holds it): `hakobu broker status`.
-/// A segment reclaimed while it is read is skipped.
-pub fn census(dir: &Path) -> io::Result<BTreeMap<String, (u64, u64)>> {
+/// The ids of the segment files in `dir`, in order.
+fn segment_ids(dir: &Path) -> io::Result<Vec<u64>> {
     let mut ids: Vec<u64> = fs::read_dir(dir)?
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
         .collect();
     ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Live messages per queue as `(count, payload bytes)`, read without opening
+/// the log for writing (a running broker holds it): `hakobu broker status`.
+/// A segment reclaimed while it is read is skipped.
+pub fn census(dir: &Path) -> io::Result<BTreeMap<String, (u64, u64)>> {
+    let ids = segment_ids(dir)?;
     let mut live: BTreeMap<u64, (String, Loc)> = BTreeMap::new();
     for seg in ids {
         let records = match scan(&seg_path(dir, seg)) {
