@@ -246,7 +246,7 @@ fn a_receipt_from_a_node_that_is_not_the_destination_has_no_effect() {
         alpha.log().contains("sender_mismatch") || alpha.log().contains("Receipt.")
     });
     wait_for(&[&alpha], "alpha to see mallory's receipt", || {
-        alpha.log().contains("Duplicate or unknown receipt.")
+        alpha.log().contains("error_code=unexpected_receipt")
     });
     assert_eq!(
         alpha.with_status("awaiting_receipt").len(),
