@@ -12,8 +12,8 @@
 #             two copies at once with `dd bs=8M oflag=dsync`: the embedded
 #             path's own disk ceiling (its broker and its receiver each make
 #             every byte durable), MiB/s each.
-#   large     hakobu, 1 GiB file: from the drop into the outbox (hard link +
-#             done marker) to the start of the receiver's success hook,
+#   large     hakobu, 1 GiB file: from the drop into the outbox (a copy made
+#             beforehand + done marker) to the start of the receiver's success hook,
 #             through the cluster and through the embedded broker (a separate
 #             `hakobu broker` process; both agents `embedded: { connect }`).
 #             The ceiling and hakobu (cp+sync and embedded) alternate, A B A B,
@@ -462,8 +462,10 @@ large_run() {
   if [[ $kind == embedded ]]; then embedded_broker "$dir"; fi
   pair "$kind" "$dir" "$enc"
   name=big-$tag.bin
+  # A copy of its own: the sender refuses a file with other hard links
+  # (unsafe_source). Copied and synced before the clock starts.
+  cp "$file" "$STAGE/$name"
   sync
-  ln "$file" "$STAGE/$name"
   prof_start "$tag" "$SEND_PID" "$RECV_PID" ${BROKER_PID:+"$BROKER_PID"}
   cpu_mark "$kind"
   t0=$(now)
