@@ -79,9 +79,14 @@ pub async fn open_broker(
                 (Some(listen), _) => {
                     let data = cfg.broker_data_dir();
                     credentials::ensure(&data, &cfg.node, &creds.secret)?;
-                    let running =
-                        server::start(listen, &data, e.limits, e.insecure, e.server_tls.as_ref())
-                            .await?;
+                    let running = server::start_tls(
+                        listen,
+                        &data,
+                        e.limits,
+                        e.insecure,
+                        e.server_tls.as_ref(),
+                    )
+                    .await?;
                     (running.addr.to_string(), Some(running))
                 }
                 (None, Some(connect)) => (connect.clone(), None),
@@ -92,7 +97,7 @@ pub async fn open_broker(
                 None => None,
             };
             Ok((
-                Arc::new(Embedded::new(&addr, creds, tls, EMBEDDED_PREFETCH)),
+                Arc::new(Embedded::new(&addr, creds, EMBEDDED_PREFETCH).with_tls(tls)),
                 EMBEDDED_WINDOW,
                 hosted,
             ))

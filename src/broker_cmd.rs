@@ -166,7 +166,7 @@ async fn serve(args: BrokerArgs) -> Result<(), Failure> {
         }),
         _ => None,
     };
-    let running = server::start(&listen, &data, limits, args.insecure, tls.as_ref())
+    let running = server::start_tls(&listen, &data, limits, args.insecure, tls.as_ref())
         .await
         .map_err(usage)?;
     println!("hakobu broker listening on {}", running.addr);

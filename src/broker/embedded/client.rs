@@ -61,15 +61,22 @@ struct PubConn {
 }
 
 impl Embedded {
-    /// A client of the broker at `addr`; over TLS when `tls` is given.
-    pub fn new(addr: &str, creds: Credentials, tls: Option<tls::Client>, prefetch: u32) -> Self {
+    /// A plain-text client of the broker at `addr` ([`Embedded::with_tls`]
+    /// for TLS).
+    pub fn new(addr: &str, creds: Credentials, prefetch: u32) -> Self {
         Embedded {
             addr: addr.to_string(),
             creds,
-            tls,
+            tls: None,
             prefetch,
             publisher: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The same client, speaking TLS (when `tls` is given) to the broker.
+    pub fn with_tls(mut self, tls: Option<tls::Client>) -> Self {
+        self.tls = tls;
+        self
     }
 }
 

@@ -153,11 +153,21 @@ pub struct ServerTls {
     pub key_file: PathBuf,
 }
 
-/// Binds `listen`, replays `data`, and serves in the background. Only
-/// nodes in `data`'s users file may connect; `insecure` allows listening
-/// beyond loopback in plain text; with `tls` every connection is a TLS
-/// session, and any address is allowed.
+/// Binds `listen`, replays `data`, and serves plain text in the
+/// background. Only nodes in `data`'s users file may connect; `insecure`
+/// allows listening beyond loopback.
 pub async fn start(
+    listen: &str,
+    data: &Path,
+    limits: Limits,
+    insecure: bool,
+) -> Result<Running, ServerError> {
+    start_tls(listen, data, limits, insecure, None).await
+}
+
+/// [`start`], and with `tls` every connection is a TLS session, and any
+/// address is allowed.
+pub async fn start_tls(
     listen: &str,
     data: &Path,
     limits: Limits,
