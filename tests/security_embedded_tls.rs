@@ -122,18 +122,19 @@ fn a_file_crosses_the_tls_broker_byte_for_byte() {
     beta.start();
     let mut alpha = rig.alpha();
     alpha.start();
-    let sent = drop_file(&rig.path("outbox"), "ledger.bin", |p| {
-        write_pattern(p, 3 << 20, 7)
-    });
-    let _ = sent;
-    let mut want = String::new();
     // The pattern is deterministic: the same bytes written aside.
     let aside = rig.path("aside.bin");
     write_pattern(&aside, 3 << 20, 7);
-    want.push_str(&sha256_file(&aside));
+    drop_file(&rig.path("outbox"), "ledger.bin", |p| {
+        write_pattern(p, 3 << 20, 7)
+    });
     let got = rig.path("inbox/ledger.bin");
     wait_until(WAIT, "the file in beta's inbox", || got.exists());
-    assert_eq!(sha256_file(&got), want, "the file changed on its way");
+    assert_eq!(
+        sha256_file(&got),
+        sha256_file(&aside),
+        "the file changed on its way"
+    );
 }
 
 /// A plain-text client with a node's real credentials (run as `nobody`)
@@ -142,6 +143,15 @@ fn a_file_crosses_the_tls_broker_byte_for_byte() {
 #[test]
 fn a_plain_client_is_refused() {
     let rig = Rig::new();
+    let secret = rig.broker.credentials(&rig.beta).secret;
+    let steal = || {
+        attacker::Attack::new("steal", &rig.broker.addr)
+            .acting_as(&rig.beta, &secret)
+            .set("QUEUE", &format!("hakobu.node.{}", rig.beta))
+            .run()
+    };
+    let r = steal();
+    assert_ne!(r.get("hello"), "welcome", "a plain hello was welcomed");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = rig.client(&rig.alpha, &rig.certs);
@@ -156,11 +166,7 @@ fn a_plain_client_is_refused() {
             .expect("a plain-text publish was accepted");
         eprintln!("plain client: {e}");
     });
-    let secret = rig.broker.credentials(&rig.beta).secret;
-    let r = attacker::Attack::new("steal", &rig.broker.addr)
-        .acting_as(&rig.beta, &secret)
-        .set("QUEUE", &format!("hakobu.node.{}", rig.beta))
-        .run();
+    let r = steal();
     assert_ne!(r.get("hello"), "welcome", "a plain hello was welcomed");
     assert_eq!(r.num("delivered"), 0, "a plain client got beta's message");
     assert_eq!(r.num("delivered_without_hello"), 0);
