@@ -238,3 +238,45 @@ fn a_group_readable_tls_key_is_refused_at_start() {
     assert!(!out.status.success(), "refused, but: {err}");
     assert!(err.contains("chmod 600"), "{err}");
 }
+
+/// An agent hosting the broker with TLS serves it and uses it over TLS
+/// itself; a node trusting the CA sends it a file byte for byte.
+#[test]
+fn an_agent_hosting_the_broker_with_tls_receives_a_file() {
+    let tmp = open_dir("hakobu-tls-host-");
+    let certs = certs(&tmp.path().join("certs"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let (hub, node) = (unique("hub"), unique("node"));
+    let ca = certs.join("ca.pem").display().to_string();
+    let hub_yaml = format!(
+        "node: {hub}\nstate_dir: state\nbroker:\n  embedded: {{ listen: \"{addr}\", tls: {{ cert_file: \"{cert}\", key_file: \"{key}\", ca_file: \"{ca}\" }} }}\nreceive:\n  - file_id: DATA\n    from: [ {node} ]\n    inbox: {inbox}\n",
+        cert = certs.join("server.pem").display(),
+        key = certs.join("server.key").display(),
+        inbox = tmp.path().join("inbox").display(),
+    );
+    let mut hub_agent = Agent::new(&hub, &tmp.path().join("hub"), &hub_yaml);
+    hub_agent.start();
+    let node_yaml = format!(
+        "node: {node}\nstate_dir: state\nbroker:\n  embedded: {{ connect: \"{addr}\", tls: {{ ca_file: \"{ca}\" }} }}\nsend:\n  - file_id: DATA\n    outbox: {outbox}\n    to: [ {hub} ]\n    ready: {{ stable_for: 200ms }}\n    after_send: delete\n",
+        outbox = tmp.path().join("outbox").display(),
+    );
+    let mut node_agent = Agent::new(&node, &tmp.path().join("node"), &node_yaml);
+    let secret = common::node_secret(&tmp.path().join("hub/state/broker"), &node);
+    let path = node_agent.secret_path();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    common::write_secret(&path, &secret);
+    node_agent.start();
+    let aside = tmp.path().join("aside.bin");
+    write_pattern(&aside, 1 << 20, 3);
+    drop_file(&tmp.path().join("outbox"), "report.bin", |p| {
+        write_pattern(p, 1 << 20, 3)
+    });
+    let got = tmp.path().join("inbox/report.bin");
+    wait_until(WAIT, "the file in the hub's inbox", || got.exists());
+    assert_eq!(sha256_file(&got), sha256_file(&aside));
+}
