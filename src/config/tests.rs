@@ -342,7 +342,12 @@ fn embedded_broker_keys() {
 
 #[test]
 fn embedded_tls_rules() {
-    let embedded = |b: &str| format!("node: alpha\nstate_dir: /tmp/s\nbroker:\n{b}");
+    let embedded = |section: &str| {
+        GOOD.replace(
+            "  rabbitmq:\n    urls: [ \"amqp://beta:secret@127.0.0.1:5672/%2f\" ]\n",
+            section,
+        )
+    };
     // With tls, beyond loopback is allowed; the server name is the host.
     let cfg = parse(&embedded(
         "  embedded: { connect: 10.0.0.1:7800, tls: { ca_file: /c/ca.pem } }\n",
