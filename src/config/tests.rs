@@ -312,7 +312,7 @@ fn rabbitmq_identity_and_transport_rules() {
 fn embedded_broker_keys() {
     let embedded = |section: &str| {
         GOOD.replace(
-            "  rabbitmq:\n    urls: [ \"amqp://hakobu:secret@127.0.0.1:5672/%2f\" ]\n",
+            "  rabbitmq:\n    urls: [ \"amqp://beta:secret@127.0.0.1:5672/%2f\" ]\n",
             section,
         )
     };
