@@ -79,14 +79,25 @@ pub async fn open_broker(
                 (Some(listen), _) => {
                     let data = cfg.broker_data_dir();
                     credentials::ensure(&data, &cfg.node, &creds.secret)?;
-                    let running = server::start(listen, &data, e.limits, e.insecure).await?;
+                    let running = server::start_tls(
+                        listen,
+                        &data,
+                        e.limits,
+                        e.insecure,
+                        e.server_tls.as_ref(),
+                    )
+                    .await?;
                     (running.addr.to_string(), Some(running))
                 }
                 (None, Some(connect)) => (connect.clone(), None),
                 (None, None) => anyhow::bail!("broker.embedded needs listen or connect"),
             };
+            let tls = match &e.client_tls {
+                Some((ca, name)) => Some(crate::broker::embedded::tls::Client::new(ca, name)?),
+                None => None,
+            };
             Ok((
-                Arc::new(Embedded::new(&addr, creds, EMBEDDED_PREFETCH)),
+                Arc::new(Embedded::new(&addr, creds, EMBEDDED_PREFETCH).with_tls(tls)),
                 EMBEDDED_WINDOW,
                 hosted,
             ))

@@ -17,7 +17,7 @@ use crate::domain::NodeName;
 pub struct BrokerArgs {
     #[command(subcommand)]
     command: Option<BrokerCommand>,
-    /// Address to listen on (loopback unless --insecure).
+    /// Address to listen on (loopback unless --tls-cert or --insecure).
     #[arg(long)]
     listen: Option<String>,
     /// The broker's data directory: messages, and the `users` file.
@@ -41,6 +41,12 @@ pub struct BrokerArgs {
     /// Listen beyond loopback in plain text.
     #[arg(long)]
     insecure: bool,
+    /// Serve TLS with this certificate (PEM, with its chain); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM, mode 0600).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -153,7 +159,14 @@ async fn serve(args: BrokerArgs) -> Result<(), Failure> {
         idle_timeout: crate::config::parse_duration(&args.idle_timeout)
             .map_err(|e| usage(anyhow::anyhow!("--idle-timeout: {e}")))?,
     };
-    let running = server::start(&listen, &data, limits, args.insecure)
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert_file), Some(key_file)) => Some(server::ServerTls {
+            cert_file,
+            key_file,
+        }),
+        _ => None,
+    };
+    let running = server::start_tls(&listen, &data, limits, args.insecure, tls.as_ref())
         .await
         .map_err(usage)?;
     println!("hakobu broker listening on {}", running.addr);

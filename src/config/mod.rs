@@ -2,6 +2,7 @@
 //! checked types. Only this module knows YAML.
 
 pub mod amqp_url;
+mod embedded_tls;
 mod locate;
 mod overlap;
 mod rabbitmq;
@@ -135,6 +136,12 @@ pub struct EmbeddedConfig {
     pub secret_file: Option<PathBuf>,
     /// Plain text beyond loopback is accepted.
     pub insecure: bool,
+    /// The hosted broker's certificate and key (`tls.cert_file`, `key_file`).
+    pub server_tls: Option<crate::broker::embedded::server::ServerTls>,
+    /// The CA this node trusts for the broker (`tls.ca_file`), and the name
+    /// the broker's certificate must carry (`tls.server_name`, default the
+    /// host of the address).
+    pub client_tls: Option<(PathBuf, String)>,
 }
 
 #[derive(Debug, Clone)]

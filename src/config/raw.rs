@@ -106,6 +106,18 @@ pub struct RawEmbedded {
     pub max_connections: Option<usize>,
     /// Allow a plain-text connection beyond loopback.
     pub insecure: Option<bool>,
+    /// TLS: the hosted broker's `cert_file`/`key_file`; the CA a client
+    /// trusts (`ca_file`) and the name it expects (`server_name`).
+    pub tls: Option<RawEmbeddedTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmbeddedTls {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -341,3 +341,56 @@ fn embedded_broker_keys() {
     ))
     .unwrap();
 }
+
+#[test]
+fn embedded_tls_rules() {
+    let embedded = |section: &str| {
+        GOOD.replace(
+            "  rabbitmq:\n    urls: [ \"amqp://beta:secret@127.0.0.1:5672/%2f\" ]\n",
+            section,
+        )
+    };
+    // With tls, beyond loopback is allowed; the server name is the host.
+    let cfg = parse(&embedded(
+        "  embedded: { connect: 10.0.0.1:7800, tls: { ca_file: /c/ca.pem } }\n",
+    ))
+    .unwrap();
+    let BrokerConfig::Embedded(e) = &cfg.broker else {
+        panic!("embedded")
+    };
+    assert_eq!(
+        e.client_tls,
+        Some((PathBuf::from("/c/ca.pem"), "10.0.0.1".to_string()))
+    );
+    assert!(e.server_tls.is_none());
+    // Listening with tls needs the certificate, its key and a CA.
+    let e = parse(&embedded(
+        "  embedded: { listen: 0.0.0.0:7800, tls: { ca_file: /c/ca.pem } }\n",
+    ))
+    .unwrap_err();
+    assert!(e.message.contains("cert_file"), "{e}");
+    let e = parse(&embedded(
+        "  embedded: { listen: 0.0.0.0:7800, tls: { ca_file: /c/ca.pem, cert_file: /c/s.pem, key_file: /c/s.key } }\n",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "broker.embedded.tls.server_name", "{e}");
+    let cfg = parse(&embedded(
+        "  embedded: { listen: 0.0.0.0:7800, tls: { ca_file: /c/ca.pem, cert_file: /c/s.pem, key_file: /c/s.key, server_name: hub.example } }\n",
+    ))
+    .unwrap();
+    let BrokerConfig::Embedded(e) = &cfg.broker else {
+        panic!("embedded")
+    };
+    assert!(e.server_tls.is_some());
+    // A connecting node has no use for a key; no CA is no TLS.
+    let e = parse(&embedded(
+        "  embedded: { connect: 10.0.0.1:7800, tls: { ca_file: /c/ca.pem, key_file: /c/s.key } }\n",
+    ))
+    .unwrap_err();
+    assert!(e.message.contains("only ca_file"), "{e}");
+    let e = parse(&embedded(
+        "  embedded: { connect: 10.0.0.1:7800, tls: { cert_file: /c/s.pem } }\n",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "broker.embedded.tls.ca_file", "{e}");
+}

@@ -110,10 +110,10 @@ impl Validator<'_> {
                             format!("`{addr}` is not an address such as 127.0.0.1:7800"),
                         ));
                     };
-                    if !sock.ip().is_loopback() && e.insecure != Some(true) {
+                    if !sock.ip().is_loopback() && e.insecure != Some(true) && e.tls.is_none() {
                         return Err(self.err(
                             &format!("broker.embedded.{key}"),
-                            "beyond loopback the embedded broker's traffic (secrets and files) is plain text; use 127.0.0.1, or set `insecure: true` on a network you trust",
+                            "beyond loopback the embedded broker's traffic (secrets and files) is plain text; use 127.0.0.1, add `tls:` (cert_file and key_file to listen, ca_file to connect), or set `insecure: true` on a network you trust",
                         ));
                     }
                 }
@@ -123,6 +123,7 @@ impl Validator<'_> {
                         "give exactly one of `listen: ADDR` (host the broker here) or `connect: ADDR`",
                     ));
                 }
+                let (server_tls, client_tls) = self.embedded_tls(&e)?;
                 let mut limits = crate::broker::embedded::server::Limits::default();
                 for (key, value, field) in [
                     ("max_queue", &e.max_queue, &mut limits.max_queue),
@@ -152,6 +153,8 @@ impl Validator<'_> {
                     connect: e.connect,
                     secret_file: e.secret_file.map(|p| absolute(&p)),
                     insecure: e.insecure.unwrap_or(false),
+                    server_tls,
+                    client_tls,
                 }))
             }
             _ => Err(self.err("broker", "give exactly one of `rabbitmq:` or `embedded:`")),

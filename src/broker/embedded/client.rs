@@ -22,6 +22,7 @@ use tracing::{info, warn};
 
 use super::frame::{Frame, PROTOCOL_VERSION};
 use super::server;
+use super::tls;
 use crate::broker::{Acker, Broker, BrokerError, Confirm, Delivery, queue_name};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,6 +48,7 @@ impl std::fmt::Debug for Credentials {
 pub struct Embedded {
     addr: String,
     creds: Credentials,
+    tls: Option<tls::Client>,
     prefetch: u32,
     publisher: tokio::sync::Mutex<Option<PubConn>>,
 }
@@ -59,13 +61,22 @@ struct PubConn {
 }
 
 impl Embedded {
+    /// A plain-text client of the broker at `addr` ([`Embedded::with_tls`]
+    /// for TLS).
     pub fn new(addr: &str, creds: Credentials, prefetch: u32) -> Self {
         Embedded {
             addr: addr.to_string(),
             creds,
+            tls: None,
             prefetch,
             publisher: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The same client, speaking TLS (when `tls` is given) to the broker.
+    pub fn with_tls(mut self, tls: Option<tls::Client>) -> Self {
+        self.tls = tls;
+        self
     }
 }
 
@@ -73,7 +84,8 @@ impl Embedded {
 async fn connect(
     addr: &str,
     creds: &Credentials,
-) -> Result<Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>, BrokerError> {
+    tls: Option<&tls::Client>,
+) -> Result<Framed<tls::Stream, tokio_util::codec::LengthDelimitedCodec>, BrokerError> {
     let unavailable =
         |what: String| BrokerError::Unavailable(format!("embedded broker at {addr}: {what}"));
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
@@ -81,6 +93,13 @@ async fn connect(
         .map_err(|_| unavailable("connect timed out".into()))?
         .map_err(|e| unavailable(e.to_string()))?;
     let _ = stream.set_nodelay(true);
+    let stream: tls::Stream = match tls {
+        None => Box::new(stream),
+        Some(t) => tokio::time::timeout(CONNECT_TIMEOUT, t.connect(stream))
+            .await
+            .map_err(|_| unavailable("TLS handshake timed out".into()))?
+            .map_err(unavailable)?,
+    };
     let mut framed = Framed::new(stream, server::codec());
     framed
         .send(
@@ -109,7 +128,7 @@ impl Embedded {
     ) -> Result<(mpsc::UnboundedSender<Frame>, Pending, u64, Arc<AtomicBool>), BrokerError> {
         let mut slot = self.publisher.lock().await;
         if slot.as_ref().is_none_or(|c| c.dead.load(Ordering::Relaxed)) {
-            let framed = connect(&self.addr, &self.creds).await?;
+            let framed = connect(&self.addr, &self.creds, self.tls.as_ref()).await?;
             let (mut sink, mut frames) = framed.split();
             let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
             let pending: Pending = Arc::default();
@@ -208,16 +227,17 @@ impl Broker for Embedded {
 
     async fn subscribe(&self, node: &str) -> Result<mpsc::Receiver<Delivery>, BrokerError> {
         let (tx, rx) = mpsc::channel(self.prefetch as usize);
-        let (addr, creds, prefetch, queue) = (
+        let (addr, creds, tls, prefetch, queue) = (
             self.addr.clone(),
             self.creds.clone(),
+            self.tls.clone(),
             self.prefetch,
             queue_name(node),
         );
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             while !tx.is_closed() {
-                match consume_once(&addr, &creds, &queue, prefetch, &tx).await {
+                match consume_once(&addr, &creds, tls.as_ref(), &queue, prefetch, &tx).await {
                     Ok(()) => return,
                     Err(e) => {
                         warn!(message = "Consumer lost the embedded broker; reconnecting.", error = %e, ?backoff);
@@ -242,11 +262,12 @@ async fn next_or_ping(rx: &mut mpsc::UnboundedReceiver<Frame>) -> Option<Frame> 
 async fn consume_once(
     addr: &str,
     creds: &Credentials,
+    tls: Option<&tls::Client>,
     queue: &str,
     prefetch: u32,
     tx: &mpsc::Sender<Delivery>,
 ) -> Result<(), BrokerError> {
-    let framed = connect(addr, creds).await?;
+    let framed = connect(addr, creds, tls).await?;
     let (mut sink, mut frames) = framed.split();
     let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
     out.send(Frame::Subscribe {

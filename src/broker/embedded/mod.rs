@@ -8,11 +8,13 @@
 //! - `server/`: the broker: listener, core, flusher.
 //! - `log.rs`: its storage, segment files with sidecar ack files.
 //! - `credentials.rs`: one secret per node; the broker's users file.
+//! - `tls.rs`: the optional TLS layer (rustls) under the frames.
 
 mod client;
 pub mod credentials;
 pub mod frame;
 mod log;
 pub mod server;
+pub mod tls;
 
 pub use client::{Credentials, Embedded};

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::codec::Framed;
 use tracing::{debug, info, warn};
@@ -20,6 +20,7 @@ use super::core::{Cmd, Outcome};
 use super::{CONNECTION_IN_FLIGHT, HANDSHAKE_SLOTS, Limits, hello_codec};
 use crate::broker::embedded::credentials::UsersCache;
 use crate::broker::embedded::frame::{Frame, MAX_FRAME, PROTOCOL_VERSION};
+use crate::broker::embedded::tls::Stream;
 use crate::broker::queue_name;
 use crate::domain::NodeName;
 
@@ -35,6 +36,7 @@ pub(super) async fn accept(
     core: mpsc::UnboundedSender<Cmd>,
     users: Arc<UsersCache>,
     limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let strangers = Arc::new(Semaphore::new(HANDSHAKE_SLOTS));
     let members = Arc::new(Semaphore::new(limits.max_connections));
@@ -56,8 +58,9 @@ pub(super) async fn accept(
         };
         next_conn += 1;
         let _ = stream.set_nodelay(true);
+        let tls = tls.clone();
         tokio::spawn(serve_connection(
-            stream,
+            (stream, tls),
             peer,
             next_conn,
             core.clone(),
@@ -105,7 +108,7 @@ fn node_of_queue(q: &str) -> Option<NodeName> {
 /// Reads and checks the hello: the node the connection speaks for, or the
 /// sentence that refuses it.
 async fn handshake(
-    framed: &mut Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>,
+    framed: &mut Framed<Stream, tokio_util::codec::LengthDelimitedCodec>,
     users: &UsersCache,
 ) -> Option<Result<NodeName, String>> {
     let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next()).await {
@@ -139,7 +142,7 @@ async fn handshake(
 }
 
 async fn serve_connection(
-    stream: TcpStream,
+    (stream, tls): (tokio::net::TcpStream, Option<tokio_rustls::TlsAcceptor>),
     peer: SocketAddr,
     conn: u64,
     core: mpsc::UnboundedSender<Cmd>,
@@ -150,6 +153,21 @@ async fn serve_connection(
         Duration,
     ),
 ) {
+    // The TLS handshake counts against the hello's time and slot: a
+    // stranger that never finishes it holds nothing for long.
+    let stream: Stream = match tls {
+        None => Box::new(stream),
+        Some(acceptor) => {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => Box::new(s),
+                Ok(Err(e)) => {
+                    warn!(message = "Refusing a connection: its TLS handshake failed (a plain-text client, or one that does not trust this broker's certificate).", %peer, error = %e);
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    };
     let mut framed = Framed::new(stream, hello_codec());
     let node = match handshake(&mut framed, &users).await {
         None => return,

@@ -24,7 +24,8 @@
 //!
 //! # Layout
 //! - here: starting the broker (listen, lock and replay the data directory).
-//! - `listener.rs`: accepting connections, the handshake, one task per
+//! - `listener.rs`: accepting connections (TLS sessions when the broker
+//!   has a certificate, `../tls.rs`), the handshake, one task per
 //!   connection turning frames into commands for the core.
 //! - `core.rs`: the core thread: queues, delivery, acks, dead-lettering,
 //!   backpressure, compaction.
@@ -123,11 +124,13 @@ pub enum ServerError {
     #[error("another broker uses the data directory {0}; stop it or give this one its own --data")]
     Locked(PathBuf),
     #[error(
-        "listening on {0} sends node secrets and files in plain text over the network; listen on 127.0.0.1, or accept that with `insecure: true` (`--insecure`)"
+        "listening on {0} sends node secrets and files in plain text over the network; listen on 127.0.0.1, give the broker a certificate (`tls: {{ cert_file, key_file }}`, `--tls-cert`/`--tls-key`), or accept plain text with `insecure: true` (`--insecure`)"
     )]
     Plain(String),
     #[error(transparent)]
     Credentials(#[from] CredentialError),
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
 }
 
 /// A running broker: its address, and a handle that stops it when dropped.
@@ -143,22 +146,45 @@ impl Drop for Running {
     }
 }
 
-/// Binds `listen`, replays `data`, and serves in the background. Only
-/// nodes in `data`'s users file may connect; `insecure` allows listening
-/// beyond loopback.
+/// The broker's certificate (PEM chain) and its private key (mode 0600).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// Binds `listen`, replays `data`, and serves plain text in the
+/// background. Only nodes in `data`'s users file may connect; `insecure`
+/// allows listening beyond loopback.
 pub async fn start(
     listen: &str,
     data: &Path,
     limits: Limits,
     insecure: bool,
 ) -> Result<Running, ServerError> {
+    start_tls(listen, data, limits, insecure, None).await
+}
+
+/// [`start`], and with `tls` every connection is a TLS session, and any
+/// address is allowed.
+pub async fn start_tls(
+    listen: &str,
+    data: &Path,
+    limits: Limits,
+    insecure: bool,
+    tls: Option<&ServerTls>,
+) -> Result<Running, ServerError> {
+    let acceptor = match tls {
+        Some(t) => Some(super::tls::acceptor(&t.cert_file, &t.key_file)?),
+        None => None,
+    };
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| ServerError::Listen(listen.to_string(), e))?;
     let addr = listener
         .local_addr()
         .map_err(|e| ServerError::Listen(listen.to_string(), e))?;
-    if !insecure && !addr.ip().is_loopback() {
+    if !insecure && acceptor.is_none() && !addr.ip().is_loopback() {
         return Err(ServerError::Plain(listen.to_string()));
     }
     crate::durable::private_dir(data).map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
@@ -192,9 +218,9 @@ pub async fn start(
         .name("hakobu-broker".into())
         .spawn(move || core.run(rx, flusher))
         .map_err(|e| ServerError::Data(data.to_path_buf(), e))?;
-    info!(message = "Embedded broker listening.", %addr, data = %data.display(), restored_messages = restored,
+    info!(message = "Embedded broker listening.", %addr, tls = acceptor.is_some(), data = %data.display(), restored_messages = restored,
         nodes = users.current().map(|u| u.nodes().count()).unwrap_or(0));
-    let accept = tokio::spawn(listener::accept(listener, tx, users, limits));
+    let accept = tokio::spawn(listener::accept(listener, tx, users, limits, acceptor));
     Ok(Running {
         addr,
         _lock: lock,
