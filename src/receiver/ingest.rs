@@ -253,7 +253,7 @@ fn new_row(h: &ChunkHeader) -> ReceiveRow {
     );
     if let Some(trailer) = &h.last {
         t.sha256 = Some(trailer.sha256.clone());
-        if is_timestamp(&trailer.started_at) {
+        if crate::clock::looks_like_rfc3339(&trailer.started_at) {
             t.started_at = trailer.started_at.clone();
         }
         if check_meta(&trailer.meta).is_ok() {
@@ -269,18 +269,10 @@ fn check_trailer(t: &Trailer) -> Result<(), ReceiveError> {
     if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ReceiveError::Inconsistent("the digest (not 64 hex digits)"));
     }
-    if !is_timestamp(&t.started_at) {
+    if !crate::clock::looks_like_rfc3339(&t.started_at) {
         return Err(ReceiveError::Inconsistent("the start time"));
     }
     check_meta(&t.meta).map_err(ReceiveError::BadMetadata)
-}
-
-/// RFC 3339 from the sender's clock: digits, letters, `:`, `.`, `+`, `-`.
-fn is_timestamp(text: &str) -> bool {
-    text.len() <= 40
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b":.+-".contains(&b))
 }
 
 /// Checks a transfer's first chunk against the receive profile.
