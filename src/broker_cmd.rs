@@ -35,6 +35,9 @@ pub struct BrokerArgs {
     /// Authenticated connections at once.
     #[arg(long, default_value_t = server::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Authenticated connections of any one node at once.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_CONNECTIONS_PER_NODE)]
+    max_connections_per_node: usize,
     /// A connection silent this long is closed (clients ping every 20s).
     #[arg(long, default_value = "90s")]
     idle_timeout: String,
@@ -156,6 +159,7 @@ async fn serve(args: BrokerArgs) -> Result<(), Failure> {
         max_disk: size("--max-disk", &args.max_disk)?,
         max_dead_letter: size("--max-dead-letter", &args.max_dead_letter)?,
         max_connections: args.max_connections.max(2),
+        max_connections_per_node: args.max_connections_per_node.max(2),
         idle_timeout: crate::config::parse_duration(&args.idle_timeout)
             .map_err(|e| usage(anyhow::anyhow!("--idle-timeout: {e}")))?,
     };

@@ -9,7 +9,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -315,26 +315,13 @@ fn a_group_readable_secret_is_refused_at_start() {
     common::write_secret(&secret, &rig.broker.credentials(&rig.alpha).secret);
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let mut child = Command::new(common::bin())
-        .args(["run", "-c"])
-        .arg(&alpha.config)
-        .current_dir(&alpha.dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the agent started with a secret its group may read");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "refused, but: {err}");
+    let err = common::must_refuse_to_start(
+        Command::new(common::bin())
+            .args(["run", "-c"])
+            .arg(&alpha.config)
+            .current_dir(&alpha.dir),
+        "the agent, with a secret its group may read,",
+    );
     assert!(err.contains("chmod 600"), "{err}");
     assert!(!err.contains(&rig.broker.credentials(&rig.alpha).secret));
 }
@@ -414,6 +401,48 @@ fn a_connection_flood_is_refused_and_agents_keep_working() {
     wait_until(WAIT, "the file sent after the flood", || {
         visible_names(&rig.path("inbox")).len() == 2
     });
+}
+
+/// Review (issue 12's follow-up): one node's credentials could take every
+/// seat of `max_connections`, locking every other node out. Now a node has
+/// at most `max_connections_per_node`, and another node still connects
+/// while it holds all of its own.
+#[test]
+fn one_node_cannot_take_every_connection() {
+    use std::io::BufRead;
+    let rig = Rig::new(&["--max-connections", "64", "--max-connections-per-node", "8"]);
+    let mut hog = rig
+        .attack_as("flood", &unique("x"))
+        .set("COUNT", "100")
+        .set("HOLD", "6")
+        .spawn();
+    // The hog reports how many of its 100 were welcomed once it has tried
+    // them all, and holds them open for HOLD seconds after.
+    let mut lines = std::io::BufReader::new(hog.stdout.take().unwrap()).lines();
+    let hog_welcomed: u64 = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.split_once("ATTACK welcomed=")
+                .map(|(_, n)| n.trim().parse().unwrap())
+        })
+        .expect("the hog reported nothing");
+    let other = rig
+        .attack_as("flood", &unique("y"))
+        .set("COUNT", "4")
+        .set("HOLD", "0")
+        .run();
+    let _ = hog.wait();
+    eprintln!(
+        "one node welcomed {hog_welcomed} of 100; another node then {} of 4",
+        other.num("welcomed")
+    );
+    assert_eq!(hog_welcomed, 8, "one node held more than its share");
+    assert_eq!(
+        other.num("welcomed"),
+        4,
+        "another node was locked out by the first"
+    );
 }
 
 /// Review: deliveries were limited in number only, and queued for a

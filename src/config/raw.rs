@@ -104,6 +104,8 @@ pub struct RawEmbedded {
     pub max_dead_letter: Option<String>,
     /// Authenticated connections the hosted broker accepts at once (default 256).
     pub max_connections: Option<usize>,
+    /// Of those, connections of any one node at once (default 32).
+    pub max_connections_per_node: Option<usize>,
     /// Allow a plain-text connection beyond loopback.
     pub insecure: Option<bool>,
     /// TLS: the hosted broker's `cert_file`/`key_file`; the CA a client

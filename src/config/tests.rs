@@ -328,6 +328,22 @@ fn embedded_broker_keys() {
         panic!("embedded")
     };
     assert_eq!(e.limits.max_disk, 1 << 30);
+    let cfg = parse(&embedded(
+        "  embedded: { listen: 127.0.0.1:7800, max_connections: 64, max_connections_per_node: 4 }\n",
+    ))
+    .unwrap();
+    let BrokerConfig::Embedded(e) = &cfg.broker else {
+        panic!("embedded")
+    };
+    assert_eq!(
+        (e.limits.max_connections, e.limits.max_connections_per_node),
+        (64, 4)
+    );
+    let e = parse(&embedded(
+        "  embedded: { listen: 127.0.0.1:7800, max_connections_per_node: 1 }\n",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "broker.embedded.max_connections_per_node", "{e}");
     let cfg = parse(&embedded("  embedded: { listen: 127.0.0.1:7800 }\n")).unwrap();
     assert_eq!(
         cfg.embedded_secret_file(),

@@ -138,14 +138,28 @@ impl Validator<'_> {
                         *field = self.size(&format!("broker.embedded.{key}"), v)?;
                     }
                 }
-                if let Some(n) = e.max_connections {
-                    if n < 2 {
-                        return Err(self.err(
-                            "broker.embedded.max_connections",
-                            "must be at least 2 (an agent uses two connections)",
-                        ));
+                for (key, value, field) in [
+                    (
+                        "max_connections",
+                        e.max_connections,
+                        &mut limits.max_connections,
+                    ),
+                    (
+                        "max_connections_per_node",
+                        e.max_connections_per_node,
+                        &mut limits.max_connections_per_node,
+                    ),
+                ] {
+                    match value {
+                        Some(n) if n < 2 => {
+                            return Err(self.err(
+                                &format!("broker.embedded.{key}"),
+                                "must be at least 2 (an agent uses two connections)",
+                            ));
+                        }
+                        Some(n) => *field = n,
+                        None => {}
                     }
-                    limits.max_connections = n;
                 }
                 Ok(BrokerConfig::Embedded(EmbeddedConfig {
                     limits,

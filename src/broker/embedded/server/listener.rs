@@ -5,9 +5,10 @@
 //! node may do (consume its own queue, publish to node queues) and the
 //! connection limits. It holds no broker state of its own.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -39,7 +40,7 @@ pub(super) async fn accept(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let strangers = Arc::new(Semaphore::new(HANDSHAKE_SLOTS));
-    let members = Arc::new(Semaphore::new(limits.max_connections));
+    let members = Arc::new(Seats::new(&limits));
     let mut next_conn = 0u64;
     let mut last_report = tokio::time::Instant::now();
     loop {
@@ -71,6 +72,66 @@ pub(super) async fn accept(
                 limits.idle_timeout,
             ),
         ));
+    }
+}
+
+/// The seats of authenticated connections: `max_connections` in all, and
+/// at most `max_connections_per_node` for any one node, so that one node's
+/// credentials (stolen, or a runaway script) cannot take every seat.
+pub(super) struct Seats {
+    all: Arc<Semaphore>,
+    per_node: usize,
+    taken: Mutex<HashMap<NodeName, usize>>,
+}
+
+/// A connection's seat, given back when the connection ends.
+pub(super) struct Seat {
+    seats: Arc<Seats>,
+    node: NodeName,
+    _all: OwnedSemaphorePermit,
+}
+
+impl Seats {
+    pub(super) fn new(limits: &Limits) -> Seats {
+        Seats {
+            all: Arc::new(Semaphore::new(limits.max_connections)),
+            per_node: limits.max_connections_per_node,
+            taken: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A seat for `node`, or the sentence that refuses it.
+    pub(super) fn take(seats: &Arc<Seats>, node: &NodeName) -> Result<Seat, &'static str> {
+        let Ok(all) = seats.all.clone().try_acquire_owned() else {
+            return Err(
+                "the broker has as many connections as it accepts (max_connections); try again later",
+            );
+        };
+        let mut taken = seats.taken.lock().unwrap_or_else(|e| e.into_inner());
+        let n = taken.entry(node.clone()).or_insert(0);
+        if *n >= seats.per_node {
+            return Err(
+                "this node has as many connections as the broker accepts for one node (max_connections_per_node); close the others or try again later",
+            );
+        }
+        *n += 1;
+        Ok(Seat {
+            seats: seats.clone(),
+            node: node.clone(),
+            _all: all,
+        })
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let mut taken = self.seats.taken.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = taken.get_mut(&self.node) {
+            *n -= 1;
+            if *n == 0 {
+                taken.remove(&self.node);
+            }
+        }
     }
 }
 
@@ -149,7 +210,7 @@ async fn serve_connection(
     (users, hello_slot, members, idle): (
         Arc<UsersCache>,
         OwnedSemaphorePermit,
-        Arc<Semaphore>,
+        Arc<Seats>,
         Duration,
     ),
 ) {
@@ -178,13 +239,20 @@ async fn serve_connection(
             return;
         }
     };
-    let Ok(_member) = members.try_acquire_owned() else {
-        let message =
-            "the broker has as many connections as it accepts (max_connections); try again later"
-                .to_string();
-        warn!(message = "Refusing a connection: max_connections reached.", %peer, node = %node);
-        let _ = framed.send(Frame::Error { message }.encode()).await;
-        return;
+    let _member = match Seats::take(&members, &node) {
+        Ok(seat) => seat,
+        Err(message) => {
+            warn!(message = "Refusing a connection: a connection limit is reached.", %peer, node = %node, reason = message);
+            let _ = framed
+                .send(
+                    Frame::Error {
+                        message: message.to_string(),
+                    }
+                    .encode(),
+                )
+                .await;
+            return;
+        }
     };
     drop(hello_slot);
     framed.codec_mut().set_max_frame_length(MAX_FRAME);

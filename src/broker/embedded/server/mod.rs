@@ -65,6 +65,10 @@ pub const DEFAULT_MAX_DISK: u64 = 8 << 30;
 pub const DEFAULT_MAX_DEAD_LETTER: u64 = 256 << 20;
 /// Authenticated connections at once, by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Authenticated connections of one node at once, by default: an agent uses
+/// two (publisher, consumer), commands such as `hakobu send` one more each
+/// while they run.
+pub const DEFAULT_MAX_CONNECTIONS_PER_NODE: usize = 32;
 /// Connections still in their handshake at once (each has
 /// `HANDSHAKE_TIMEOUT` to finish it): a flood of strangers takes these
 /// slots, never those of authenticated nodes.
@@ -85,6 +89,8 @@ pub struct Limits {
     pub max_dead_letter: u64,
     /// Authenticated connections at once.
     pub max_connections: usize,
+    /// Authenticated connections of one node at once.
+    pub max_connections_per_node: usize,
     /// A connection silent this long is closed (more than [`PING_EVERY`]).
     pub idle_timeout: Duration,
 }
@@ -96,6 +102,7 @@ impl Default for Limits {
             max_disk: DEFAULT_MAX_DISK,
             max_dead_letter: DEFAULT_MAX_DEAD_LETTER,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_node: DEFAULT_MAX_CONNECTIONS_PER_NODE,
             idle_timeout: IDLE_TIMEOUT,
         }
     }
