@@ -523,3 +523,59 @@ fn check_refuses_an_inbox_inside_an_outbox() {
     assert!(err.contains("beta.yaml:12"), "{err}");
     assert!(err.contains("receive[0].inbox"), "{err}");
 }
+
+/// A link at the inbox path made by root (an operator's layout) is
+/// followed: the file lands in the directory it names. Before, every
+/// transfer into such an inbox failed with `unsafe_inbox`.
+#[test]
+fn an_inbox_reached_through_roots_own_link_receives() {
+    let mut rig = Rig::new();
+    let real = rig.path("real-inbox");
+    fs::create_dir_all(&real).unwrap();
+    let link = rig.path("inbox-link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    rig.inbox = link;
+    let mut beta = rig.beta("new", "");
+    beta.start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tid = TransferId::new();
+    let body = data(100_000, 7);
+    send_all(&rig, &rt, &tid, "l.csv", &body);
+    let rx = final_row(&beta, "receive", Some(tid.as_str()));
+    assert_eq!(rx["status"], "received", "{rx}\n{}", beta.log());
+    assert_eq!(fs::read(real.join("l.csv")).unwrap(), body);
+}
+
+/// Attack: the inbox path lies in a directory `nobody` may write (a shared
+/// drop area), and `nobody` makes it a link to a directory of theirs
+/// before the agent creates it. The link is not followed.
+#[test]
+fn an_inbox_link_planted_by_another_user_is_refused() {
+    let mut rig = Rig::new();
+    let drop_area = rig.path("drop");
+    let_nobody_write(&drop_area);
+    let loot = rig.path("loot");
+    let_nobody_write(&loot);
+    let link = drop_area.join("inbox");
+    ok(sh_as_nobody(&format!(
+        "ln -s {} {}",
+        loot.display(),
+        link.display()
+    )));
+    rig.inbox = link;
+    let mut beta = rig.beta("new", "");
+    beta.start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tid = TransferId::new();
+    send_all(&rig, &rt, &tid, "m.csv", &data(100_000, 8));
+    let rx = final_row(&beta, "receive", Some(tid.as_str()));
+    assert_eq!(rx["error_code"], "unsafe_inbox", "{rx}\n{}", beta.log());
+    assert!(
+        rx["error"]
+            .as_str()
+            .unwrap()
+            .contains("a link owned by uid"),
+        "{rx}"
+    );
+    assert!(dir_names(&loot).is_empty(), "written through the link");
+}

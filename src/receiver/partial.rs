@@ -3,7 +3,8 @@
 //! may run as root: every step here works on descriptors, never on a path
 //! another user could redirect.
 //!
-//! - The inbox is opened `O_DIRECTORY|O_NOFOLLOW`.
+//! - The inbox is opened `O_DIRECTORY|O_NOFOLLOW`; a link at its path is
+//!   followed once when root or the agent's user owns the link.
 //! - `<inbox>/.hakobu-partial` is created mode 0700 and opened
 //!   `O_DIRECTORY|O_NOFOLLOW` relative to the inbox; it must be a directory
 //!   owned by the agent's user that neither group nor others may write (a
@@ -59,21 +60,7 @@ fn kind(st: &FileStat) -> SFlag {
 /// partial directory if missing; then opens and checks the partial
 /// directory.
 pub fn open_dirs(inbox: &Path, create: bool) -> Result<Dirs, ReceiveError> {
-    let inbox_fd = match openat(AT_FDCWD, inbox, DIR, Perm::empty()) {
-        Err(Errno::ENOENT) if create => {
-            std::fs::create_dir_all(inbox)
-                .map_err(|e| ReceiveError::from_io("creating the inbox", e))?;
-            openat(AT_FDCWD, inbox, DIR, Perm::empty())
-        }
-        other => other,
-    }
-    .map_err(|e| match e {
-        Errno::ELOOP | Errno::ENOTDIR => ReceiveError::UnsafeInbox(format!(
-            "the inbox {} is a link or not a directory",
-            inbox.display()
-        )),
-        e => io_err("opening the inbox", e),
-    })?;
+    let inbox_fd = open_inbox(inbox, create)?;
     if create {
         match mkdirat(&inbox_fd, PARTIAL_DIR, Perm::from_bits_truncate(0o700)) {
             Ok(()) | Err(Errno::EEXIST) => {}
@@ -85,6 +72,79 @@ pub fn open_dirs(inbox: &Path, create: bool) -> Result<Dirs, ReceiveError> {
         inbox: inbox_fd,
         partial,
     })
+}
+
+/// Opens the inbox directory, created when missing and `create`. A link at
+/// its path is followed only when root or the agent's user owns the link
+/// (whoever made it could have configured the path itself), and only to a
+/// directory that is not a link again; any other link fails with
+/// `unsafe_inbox`.
+fn open_inbox(inbox: &Path, create: bool) -> Result<OwnedFd, ReceiveError> {
+    let unsafe_inbox =
+        |why: &str| ReceiveError::UnsafeInbox(format!("the inbox {} {why}", inbox.display()));
+    let opened = match openat(AT_FDCWD, inbox, DIR, Perm::empty()) {
+        Err(Errno::ENOENT) if create => {
+            std::fs::create_dir_all(inbox)
+                .map_err(|e| ReceiveError::from_io("creating the inbox", e))?;
+            openat(AT_FDCWD, inbox, DIR, Perm::empty())
+        }
+        // A link there fails O_DIRECTORY|O_NOFOLLOW with ENOTDIR (or ELOOP).
+        Err(Errno::ELOOP | Errno::ENOTDIR) => {
+            let (parent, link) = trusted_link(inbox).map_err(|e| match e {
+                LinkError::Untrusted(uid) => unsafe_inbox(&format!(
+                    "is a link owned by uid {uid}, neither root nor the agent's user"
+                )),
+                LinkError::NotALink => unsafe_inbox("is not a directory"),
+                LinkError::Os(e) => io_err("reading the link at the inbox", e),
+            })?;
+            openat(&parent, link.as_os_str(), DIR, Perm::empty())
+        }
+        other => other,
+    };
+    opened.map_err(|e| match e {
+        Errno::ELOOP | Errno::ENOTDIR => unsafe_inbox("is a link or not a directory"),
+        e => io_err("opening the inbox", e),
+    })
+}
+
+enum LinkError {
+    Untrusted(u32),
+    NotALink,
+    Os(Errno),
+}
+
+/// The symbolic link at `path`, read through a descriptor of the link
+/// itself so that its owner and its target belong to the same link: the
+/// directory that holds it (targets are relative to it) and the target.
+fn trusted_link(path: &Path) -> Result<(OwnedFd, std::ffi::OsString), LinkError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or(LinkError::Os(Errno::EINVAL))?;
+    let dir = openat(
+        AT_FDCWD,
+        parent,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Perm::empty(),
+    )
+    .map_err(LinkError::Os)?;
+    let link = openat(
+        &dir,
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Perm::empty(),
+    )
+    .map_err(LinkError::Os)?;
+    let st = fstat(&link).map_err(LinkError::Os)?;
+    if kind(&st) != SFlag::S_IFLNK {
+        return Err(LinkError::NotALink);
+    }
+    if st.st_uid != 0 && st.st_uid != Uid::effective().as_raw() {
+        return Err(LinkError::Untrusted(st.st_uid));
+    }
+    let target = nix::fcntl::readlinkat(&link, "").map_err(LinkError::Os)?;
+    Ok((dir, target))
 }
 
 fn open_partial_dir(inbox_fd: &OwnedFd, inbox: &Path) -> Result<OwnedFd, ReceiveError> {
