@@ -24,8 +24,14 @@ pub use rabbit::{amqps_urls, client_cert, node_broker, node_urls, node_users};
 /// The cluster's AMQP URLs. A test that needs the cluster and finds none fails:
 /// a suite that silently checks nothing is worse than a red one.
 pub fn amqp_urls() -> Vec<String> {
-    let urls = std::env::var("HAKOBU_TEST_AMQP_URLS").unwrap_or_default();
-    let urls: Vec<String> = urls
+    three_urls("HAKOBU_TEST_AMQP_URLS", "the three cluster nodes")
+}
+
+/// The three comma-separated URLs in the environment variable `var`
+/// (tests/run.sh exports them); a test that finds none fails, naming `what`.
+pub fn three_urls(var: &str, what: &str) -> Vec<String> {
+    let urls: Vec<String> = std::env::var(var)
+        .unwrap_or_default()
         .split(',')
         .filter(|u| !u.is_empty())
         .map(String::from)
@@ -33,7 +39,7 @@ pub fn amqp_urls() -> Vec<String> {
     assert_eq!(
         urls.len(),
         3,
-        "HAKOBU_TEST_AMQP_URLS must list the three cluster nodes: run the tests with tests/run.sh"
+        "{var} must list {what}: run the tests with tests/run.sh"
     );
     urls
 }
@@ -586,4 +592,28 @@ impl Drop for BrokerProcess {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Runs `cmd` (a command that must refuse to start) and returns its
+/// stderr: panics, naming `what`, if it is still running after 20 s or
+/// exits 0.
+pub fn must_refuse_to_start(cmd: &mut Command, what: &str) -> String {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} started");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{what}: exited 0: {err}");
+    err
 }

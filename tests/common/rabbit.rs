@@ -53,17 +53,7 @@ pub fn node_broker(node: &str, password_file: &Path) -> String {
 /// The cluster's amqps URLs (tests/run.sh exports them), and its TLS
 /// directory; a test that needs them and finds none fails.
 pub fn amqps_urls() -> (Vec<String>, PathBuf) {
-    let urls: Vec<String> = std::env::var("HAKOBU_TEST_AMQPS_URLS")
-        .unwrap_or_default()
-        .split(',')
-        .filter(|u| !u.is_empty())
-        .map(String::from)
-        .collect();
-    assert_eq!(
-        urls.len(),
-        3,
-        "HAKOBU_TEST_AMQPS_URLS must list the cluster's three amqps URLs: run the tests with tests/run.sh"
-    );
+    let urls = super::three_urls("HAKOBU_TEST_AMQPS_URLS", "the cluster's three amqps URLs");
     let dir = PathBuf::from(std::env::var("HAKOBU_RMQ_TLS_DIR").expect(
         "HAKOBU_RMQ_TLS_DIR must name the cluster's TLS directory: run the tests with tests/run.sh",
     ));
