@@ -471,6 +471,67 @@ fn a_transfer_runs_over_amqps_with_client_certificates() {
     );
 }
 
+/// Review: `ca_file` was added to the system's roots, so a certificate for
+/// the broker's name from any CA the system trusts passed. Now `ca_file` is
+/// the only CA trusted. Here the system's store (`SSL_CERT_FILE`) holds the
+/// cluster's CA and `ca_file` another one: `hakobu status` must refuse the
+/// cluster; with the cluster's CA as `ca_file` it connects.
+#[test]
+fn ca_file_is_the_only_ca_trusted() {
+    let (urls, tls_dir) = common::amqps_urls();
+    let tmp = tempfile::tempdir().unwrap();
+    let other = tmp.path().join("other-ca");
+    let made = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/certs.sh"))
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(made.success(), "tests/certs.sh failed");
+    let b = unique("beta");
+    let pw = node_users(&[&b]);
+    let (cert, key) = common::client_cert(&tls_dir, &b);
+    let status_with_ca = |ca: &std::path::Path| {
+        let cfg = tmp.path().join("c.yaml");
+        let list = urls
+            .iter()
+            .map(|u| format!("\"{}\"", u.replacen("://", &format!("://{b}@"), 1)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        fs::write(
+            &cfg,
+            format!(
+                "node: {b}\nstate_dir: s\nbroker:\n  rabbitmq:\n    urls: [ {list} ]\n    password_file: {}\n    tls: {{ ca_file: {}, cert_file: {}, key_file: {} }}\nreceive:\n  - {{ file_id: X, from: [ a ], inbox: in }}\n",
+                pw[0].display(),
+                ca.display(),
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(common::bin())
+            .args(["status", "-c"])
+            .arg(&cfg)
+            .current_dir(tmp.path())
+            .env("SSL_CERT_FILE", tls_dir.join("ca.pem"))
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, out) = status_with_ca(&other.join("ca.pem"));
+    assert_eq!(
+        code,
+        Some(1),
+        "a cluster whose CA is not ca_file was trusted: {out}"
+    );
+    assert!(out.to_lowercase().contains("certificate"), "{out}");
+    let (code, out) = status_with_ca(&tls_dir.join("ca.pem"));
+    assert_eq!(code, Some(0), "the cluster's own CA as ca_file: {out}");
+}
+
 /// The dead-letter queue is bounded (`x-max-length-bytes`): redeclaring it
 /// without the bound is refused by the broker, which proves the argument
 /// is there. An agent configured with another bound (as an upgraded agent

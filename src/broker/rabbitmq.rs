@@ -14,15 +14,17 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{Mutex, mpsc};
 use tracing::{debug, info, warn};
 
 use super::{Acker, Broker, BrokerError, Confirm, DEAD_LETTER_QUEUE, Delivery, queue_name};
 use crate::config::RabbitmqConfig;
 use crate::config::amqp_url::{redact_text, redact_url, url_user};
+use tls::connect_url;
+
+mod tls;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -143,46 +145,6 @@ impl Inner {
             }
         }
     }
-}
-
-/// One connection attempt; `amqps://` with the configured CA and client
-/// certificate (rustls). The error is text, for the caller's summary.
-async fn connect_url(url: &str, cfg: &RabbitmqConfig) -> Result<Connection, String> {
-    let props = ConnectionProperties::default();
-    let Some(tls) = cfg.tls.as_ref().filter(|_| url.starts_with("amqps://")) else {
-        return Connection::connect(url, props)
-            .await
-            .map_err(|e| e.to_string());
-    };
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
-    };
-    let cert_chain = match &tls.ca_file {
-        Some(p) => Some(String::from_utf8_lossy(&read(p)?).into_owned()),
-        None => None,
-    };
-    let identity = match (&tls.cert_file, &tls.key_file) {
-        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
-            pem: read(cert)?,
-            // Checked like every secret: a key others may read is refused.
-            key: crate::secret::read(key)
-                .map_err(|e| e.to_string())?
-                .into_bytes(),
-        }),
-        _ => None,
-    };
-    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
-    Connection::connect_with_config(
-        url,
-        props,
-        OwnedTLSConfig {
-            identity,
-            cert_chain,
-        },
-        runtime,
-    )
-    .await
-    .map_err(|e| e.to_string())
 }
 
 fn conn_err(e: lapin::Error) -> BrokerError {
