@@ -70,9 +70,12 @@ fn read(p: &std::path::Path) -> Result<Vec<u8>, String> {
     std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
 }
 
-/// The client certificate (PEM) and its key, when configured; the key is
-/// read like every secret: one others may read is refused.
-fn identity(tls: &RabbitTls) -> Result<Option<(Vec<u8>, Vec<u8>)>, String> {
+/// A client certificate chain and its private key, both PEM.
+type Pem = (Vec<u8>, Vec<u8>);
+
+/// The client certificate and its key, when configured; the key is read
+/// like every secret: one others may read is refused.
+fn identity(tls: &RabbitTls) -> Result<Option<Pem>, String> {
     let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) else {
         return Ok(None);
     };
