@@ -22,6 +22,8 @@ pub const VERSION: u8 = 1;
 const KIND_CHUNK: u8 = 1;
 const KIND_RECEIPT: u8 = 2;
 const KIND_BATCH: u8 = 3;
+const KIND_REQUEST: u8 = 4;
+const KIND_REQUEST_REPLY: u8 = 5;
 const PREFIX: usize = 3 + 1 + 1 + 4;
 /// Most messages one batch may carry.
 pub const MAX_BATCH: usize = 1024;
@@ -56,6 +58,10 @@ pub struct ChunkHeader {
     /// open it (`src/transform/seal.rs`). Absent: the body is the plain bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed: Option<Sealed>,
+    /// Only for a file sent because the receiver asked for it (`hakobu
+    /// request`): the request's id, recorded on the receiver's row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<TransferId>,
 }
 
 /// How a sealed chunk body is opened: the transfer's data key, wrapped for
@@ -105,10 +111,47 @@ pub struct Receipt {
     pub finished_at: String,
 }
 
+/// A send request (HULFT's 送信要求, `hakobu request`): `from` asks `to` to
+/// send it the file of a send profile that lists `from` in `requests_from`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// Chosen by the requesting node; the reply and the files sent carry it.
+    pub request_id: TransferId,
+    pub file_id: FileId,
+    /// The requesting node, to which the file and the reply go.
+    pub from: NodeName,
+    /// The node asked to send.
+    pub to: NodeName,
+    pub requested_at: String,
+}
+
+/// The answer to a [`Request`]: refused with a code, or the transfers it
+/// started (each then settles like any transfer, with a receipt).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestReply {
+    pub request_id: TransferId,
+    pub file_id: FileId,
+    /// The node that was asked.
+    pub from: NodeName,
+    /// The requesting node.
+    pub to: NodeName,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub transfer_ids: Vec<TransferId>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Chunk(ChunkHeader, Bytes),
     Receipt(Receipt),
+    Request(Request),
+    RequestReply(RequestReply),
     /// Chunks and receipts that travel together in one broker message
     /// (small files, and the receipts of a burst); never a batch itself.
     Batch(Vec<Message>),
@@ -134,7 +177,7 @@ pub enum DecodeError {
     HeaderLength { declared: usize, available: usize },
     #[error("malformed header: {0}")]
     Header(String),
-    #[error("a receipt carries no body")]
+    #[error("a receipt or a request carries no body")]
     ReceiptBody,
     #[error("malformed batch: {0}")]
     Batch(&'static str),
@@ -189,7 +232,7 @@ impl Message {
     pub fn body_len(&self) -> usize {
         match self {
             Message::Chunk(_, body) => body.len(),
-            Message::Receipt(_) => 0,
+            Message::Receipt(_) | Message::Request(_) | Message::RequestReply(_) => 0,
             Message::Batch(parts) => parts.iter().map(Message::body_len).sum(),
         }
     }
@@ -198,6 +241,8 @@ impl Message {
         let (kind, header) = match self {
             Message::Chunk(h, _) => (KIND_CHUNK, to_json(h)),
             Message::Receipt(r) => (KIND_RECEIPT, to_json(r)),
+            Message::Request(r) => (KIND_REQUEST, to_json(r)),
+            Message::RequestReply(r) => (KIND_REQUEST_REPLY, to_json(r)),
             Message::Batch(parts) => (KIND_BATCH, to_json(&BatchHeader { count: parts.len() })),
         };
         out.put_slice(MAGIC);
@@ -207,7 +252,7 @@ impl Message {
         out.put_slice(&header);
         match self {
             Message::Chunk(_, body) => out.put_slice(body),
-            Message::Receipt(_) => {}
+            Message::Receipt(_) | Message::Request(_) | Message::RequestReply(_) => {}
             Message::Batch(parts) => {
                 for p in parts {
                     // The part's length goes in front once it is written.
@@ -261,6 +306,9 @@ impl Message {
             KIND_CHUNK => Ok(Message::Chunk(from_json(header)?, body)),
             KIND_RECEIPT if body.is_empty() => Ok(Message::Receipt(from_json(header)?)),
             KIND_RECEIPT => Err(DecodeError::ReceiptBody),
+            KIND_REQUEST if body.is_empty() => Ok(Message::Request(from_json(header)?)),
+            KIND_REQUEST_REPLY if body.is_empty() => Ok(Message::RequestReply(from_json(header)?)),
+            KIND_REQUEST | KIND_REQUEST_REPLY => Err(DecodeError::ReceiptBody),
             other => Err(DecodeError::Kind(other)),
         }
     }
@@ -354,6 +402,7 @@ mod tests {
                     meta: BTreeMap::from([("k".into(), "v".into())]),
                 }),
                 sealed: None,
+                request_id: None,
             },
             Bytes::from_static(b"hello"),
         )
@@ -376,6 +425,33 @@ mod tests {
             finished_at: "2026-01-01T00:00:00Z".into(),
         });
         assert_eq!(Message::decode(r.encode()).unwrap(), r);
+        let q = Message::Request(Request {
+            request_id: TransferId::new(),
+            file_id: FileId::parse("F").unwrap(),
+            from: NodeName::parse("beta").unwrap(),
+            to: NodeName::parse("alpha").unwrap(),
+            requested_at: "2026-01-01T00:00:00Z".into(),
+        });
+        assert_eq!(Message::decode(q.encode()).unwrap(), q);
+        let a = Message::RequestReply(RequestReply {
+            request_id: TransferId::new(),
+            file_id: FileId::parse("F").unwrap(),
+            from: NodeName::parse("alpha").unwrap(),
+            to: NodeName::parse("beta").unwrap(),
+            ok: true,
+            error_code: None,
+            error: None,
+            transfer_ids: vec![TransferId::new()],
+        });
+        assert_eq!(Message::decode(a.encode()).unwrap(), a);
+        // A chunk sent for a request carries its id; one without has none on the wire.
+        let Message::Chunk(mut h, body) = chunk() else {
+            unreachable!()
+        };
+        assert!(!String::from_utf8_lossy(&chunk().encode()).contains("request_id"));
+        h.request_id = Some(TransferId::new());
+        let m = Message::Chunk(h, body);
+        assert_eq!(Message::decode(m.encode()).unwrap(), m);
     }
 
     fn receipt() -> Message {
