@@ -50,26 +50,30 @@ impl Rig {
                 export.join(file).display()
             )
         };
-        let alpha_yaml = format!(
-            "node: {a}\nstate_dir: {root}/alpha/state\n{broker_alpha}send:\n{}{}{}{}{}",
+        let outbox_profile = format!(
+            "  - file_id: BOX\n    outbox: {root}/alpha/outbox\n    requests_from: [ {b} ]\n    ready: {{ stable_for: 100ms }}\n{hooked}",
+            root = root.display()
+        );
+        let send = [
             source("SRC", "sales.csv", &b, ""),
             source("DENIED", "sales.csv", "carol", ""),
-            format!(
-                "  - file_id: BOX\n    outbox: {root}/alpha/outbox\n    requests_from: [ {b} ]\n    ready: {{ stable_for: 100ms }}\n{hooked}",
-                root = root.display()
-            ),
+            outbox_profile,
             source(
                 "FAILJOB",
                 "fail.csv",
                 &b,
-                "    before_send: [ \"/bin/sh\", \"-c\", \"exit 3\" ]\n"
+                "    before_send: [ \"/bin/sh\", \"-c\", \"exit 3\" ]\n",
             ),
             source(
                 "EXPORT",
                 "gen.csv",
                 &b,
-                "    before_send: [ \"/bin/sh\", \"-c\", \"printf 'id,amount\\\\n1,100\\\\n' > \\\"$HAKOBU_PATH\\\"\" ]\n"
+                "    before_send: [ \"/bin/sh\", \"-c\", \"printf 'id,amount\\\\n1,100\\\\n' > \\\"$HAKOBU_PATH\\\"\" ]\n",
             ),
+        ]
+        .concat();
+        let alpha_yaml = format!(
+            "node: {a}\nstate_dir: {root}/alpha/state\n{broker_alpha}send:\n{send}",
             root = root.display(),
         );
         let receive: String = ["SRC", "DENIED", "BOX", "FAILJOB", "EXPORT", "NOPE"]
