@@ -23,7 +23,10 @@ const WAIT: Duration = Duration::from_secs(60);
 /// - `BOX`: alpha's outbox, only asked for (no `to`);
 /// - `FAILJOB`: a source whose `before_send` job exits 3;
 /// - `EXPORT`: a source that its `before_send` job writes;
-/// - `NOPE`: received by beta, sent by no profile of alpha's.
+/// - `NOPE`: received by beta, sent by no profile of alpha's;
+/// - `HOOKFAIL`: a source whose import hook on beta exits 4;
+/// - `STAMP`: an outbox watched for beta, whose `before_send` job appends
+///   a line to the spooled copy and writes down the path it was given.
 struct Rig {
     tmp: tempfile::TempDir,
     alpha: Agent,
@@ -33,9 +36,12 @@ struct Rig {
 
 impl Rig {
     fn new(broker_alpha: &str, broker_beta: &str) -> Rig {
+        Self::named((unique("alpha"), unique("beta")), broker_alpha, broker_beta)
+    }
+
+    fn named((a, b): (String, String), broker_alpha: &str, broker_beta: &str) -> Rig {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        let (a, b) = (unique("alpha"), unique("beta"));
         let hooks = root.join("hooks");
         let hook = recording_hook(&hooks, "hook.sh");
         let export = root.join("export");
@@ -70,22 +76,32 @@ impl Rig {
                 &b,
                 "    before_send: [ \"/bin/sh\", \"-c\", \"printf 'id,amount\\\\n1,100\\\\n' > \\\"$HAKOBU_PATH\\\"\" ]\n",
             ),
+            source("HOOKFAIL", "hf.csv", &b, ""),
+            format!(
+                "  - file_id: STAMP\n    outbox: {root}/alpha/stamp\n    to: [ {b} ]\n    ready: {{ stable_for: 100ms }}\n    before_send: [ \"/bin/sh\", \"-c\", \"echo stamped >> \\\"$HAKOBU_PATH\\\"; echo \\\"$HAKOBU_PATH\\\" > {root}/stamp.path\" ]\n",
+                root = root.display()
+            ),
         ]
         .concat();
         let alpha_yaml = format!(
             "node: {a}\nstate_dir: {root}/alpha/state\n{broker_alpha}send:\n{send}",
             root = root.display(),
         );
-        let receive: String = ["SRC", "DENIED", "BOX", "FAILJOB", "EXPORT", "NOPE"]
-            .iter()
-            .map(|id| {
-                format!(
-                    "  - file_id: {id}\n    from: [ {a} ]\n    inbox: {root}/beta/inbox\n    mode: replace\n    on_success: [ \"{h}\", \"{{path}}\" ]\n",
-                    root = root.display(),
-                    h = hook.display()
-                )
-            })
-            .collect();
+        let receive: String = [
+            "SRC", "DENIED", "BOX", "FAILJOB", "EXPORT", "NOPE", "HOOKFAIL", "STAMP",
+        ]
+        .iter()
+        .map(|id| {
+            let import = match *id {
+                "HOOKFAIL" => "[ \"/bin/sh\", \"-c\", \"exit 4\" ]".to_string(),
+                _ => format!("[ \"{}\", \"{{path}}\" ]", hook.display()),
+            };
+            format!(
+                "  - file_id: {id}\n    from: [ {a} ]\n    inbox: {root}/beta/inbox\n    mode: replace\n    on_success: {import}\n",
+                root = root.display(),
+            )
+        })
+        .collect();
         let beta_yaml = format!(
             "node: {b}\nstate_dir: {root}/beta/state\n{broker_beta}receive:\n{receive}",
             root = root.display()
@@ -273,6 +289,25 @@ fn pull_on_the_cluster() {
         "id,amount\n1,100\n"
     );
 
+    // The receiver's own code: its import hook fails.
+    fs::write(rig.path("export/hf.csv"), "y\n").unwrap();
+    let o = rig.request("HOOKFAIL");
+    assert_refused(&o, "hook_failed", &rig);
+
+    // An outbox file's pre-send job runs on its spooled copy, which it may
+    // rewrite: what arrives is what the job left.
+    common::drop_file(&rig.path("alpha/stamp"), "s.csv", |t| {
+        fs::write(t, "data\n").unwrap()
+    });
+    common::wait_until(WAIT, "the stamped file on beta", || {
+        fs::read_to_string(rig.path("beta/inbox/s.csv")).is_ok_and(|t| t == "data\nstamped\n")
+    });
+    let job_path = fs::read_to_string(rig.path("stamp.path")).unwrap();
+    assert!(
+        job_path.starts_with(&rig.path("alpha/state/spool/STAMP/").display().to_string()),
+        "HAKOBU_PATH was {job_path}"
+    );
+
     // `hakobu send` without a path sends the source, to --to.
     fs::write(rig.path("export/sales.csv"), "second\n").unwrap();
     let b = rig.beta.node.clone();
@@ -349,5 +384,48 @@ fn pull_on_the_embedded_broker_and_a_forged_request() {
             .contains("Dead-lettering a request whose sender is not its broker user.")
     });
     assert_eq!(rig.alpha.history().len(), sent_before, "nothing was sent");
+    assert_eq!(rig.inbox(), inbox_before);
+}
+
+/// On the cluster with a broker user per node and `verify_sender` on (the
+/// default): a pull works, and a request that mallory, logged in as
+/// herself, publishes in beta's name is dead-lettered by alpha, which
+/// sends nothing.
+#[test]
+fn pull_with_node_users_and_a_forged_request() {
+    use common::rabbit::{login_url, rt};
+    let (a, b, m) = (unique("alpha"), unique("beta"), unique("mallory"));
+    let pw = common::node_users(&[&a, &b, &m]);
+    let (ba, bb) = (
+        common::node_broker(&a, &pw[0]),
+        common::node_broker(&b, &pw[1]),
+    );
+    let mut rig = Rig::named((a.clone(), b.clone()), &ba, &bb);
+    rig.start();
+    pull_of_a_source(&rig);
+
+    let rows_before = rig.alpha.history().len();
+    let inbox_before = rig.inbox();
+    let mut cfg = hakobu::config::RabbitmqConfig::with_urls(vec![login_url(&m, &pw[2])]);
+    cfg.confirm_timeout = Duration::from_secs(20);
+    let mallory = hakobu::broker::rabbitmq::RabbitMq::new(cfg);
+    let forged = Message::Request(Request {
+        request_id: TransferId::new(),
+        file_id: FileId::parse("SRC").unwrap(),
+        from: NodeName::parse(&b).unwrap(),
+        to: NodeName::parse(&a).unwrap(),
+        requested_at: "2026-12-02T00:00:00Z".into(),
+    });
+    rt().block_on(async {
+        use hakobu::broker::Broker;
+        let confirm = mallory.publish(&a, forged.encode()).await.expect("publish");
+        confirm.await.expect("confirmed");
+    });
+    common::wait_until(WAIT, "alpha to refuse the forged request", || {
+        rig.alpha
+            .log()
+            .contains("Dead-lettering a request whose sender is not its broker user.")
+    });
+    assert_eq!(rig.alpha.history().len(), rows_before, "nothing was sent");
     assert_eq!(rig.inbox(), inbox_before);
 }
