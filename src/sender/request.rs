@@ -26,6 +26,9 @@ use crate::error_code::ErrorCode;
 use crate::store::{RequestDir, RequestRow, RequestStatus, Status};
 use crate::wire::{Message, Request, RequestReply};
 
+/// Publishes of a reply before it is given up (about two minutes).
+const REPLY_ATTEMPTS: u32 = 30;
+
 impl Sender {
     /// A request from another node: recorded (once; a redelivery finds its
     /// row), then acked; the poller serves it.
@@ -156,7 +159,7 @@ impl Sender {
                 to: row.peer.clone(),
                 requested_at: row.created_at.clone(),
             });
-            if !self.publish_to(&row.peer, msg).await {
+            if !self.publish_to(&row.peer, msg, u32::MAX).await {
                 // Stopping: published at the next start.
                 let key = (row.dir, &row.request_id);
                 let _ = self
@@ -210,16 +213,21 @@ impl Sender {
             error: outcome.map(|(_, w)| w),
             transfer_ids: tids,
         });
-        self.publish_to(&row.peer, msg).await;
+        self.publish_to(&row.peer, msg, REPLY_ATTEMPTS).await;
     }
 
-    /// Publishes `msg` to `node` until the broker confirms it; false when
-    /// the agent stops first.
-    async fn publish_to(&self, node: &NodeName, msg: Message) -> bool {
+    /// Publishes `msg` to `node` until the broker confirms it, at most
+    /// `attempts` times (a reply to a node whose queue never appears is
+    /// given up, not retried for ever); false when it was not published.
+    async fn publish_to(&self, node: &NodeName, msg: Message, attempts: u32) -> bool {
         let mut backoff = Duration::from_millis(200);
-        loop {
+        for attempt in 1.. {
             match self.out.publish(node, msg.clone()).await {
                 Ok(()) => return true,
+                Err(e) if attempt >= attempts => {
+                    warn!(message = "Cannot publish a request message; giving up.", to = %node, attempts, error_code = %e.code(), error = %e);
+                    return false;
+                }
                 Err(e) => {
                     warn!(message = "Cannot publish a request message; retrying.", to = %node, error_code = %e.code(), error = %e);
                 }
@@ -230,6 +238,7 @@ impl Sender {
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+        false
     }
 
     /// Serves a request asked of this node (`in`) or queued by `hakobu
