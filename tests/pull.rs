@@ -7,7 +7,7 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
@@ -428,4 +428,64 @@ fn pull_with_node_users_and_a_forged_request() {
     });
     assert_eq!(rig.alpha.history().len(), rows_before, "nothing was sent");
     assert_eq!(rig.inbox(), inbox_before);
+}
+
+/// The worked example in `profiles/` as its comments tell it: pull-alpha
+/// hosts the broker, pull-beta gets its secret with `add-node`, and a
+/// request with `--wait` exits 0 once the file the export job wrote is in
+/// pull-beta's inbox and imported.
+#[test]
+fn the_pull_example_in_profiles() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for sub in ["profiles", "hooks"] {
+        fs::create_dir_all(work.path().join(sub)).unwrap();
+        for e in fs::read_dir(repo.join(sub)).unwrap().flatten() {
+            fs::copy(e.path(), work.path().join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    let yaml = |n: &str| fs::read_to_string(repo.join(format!("profiles/{n}.yaml"))).unwrap();
+    let mut alpha = Agent::new("pull-alpha", work.path(), &yaml("pull-alpha"));
+    alpha.start();
+    fs::create_dir_all(work.path().join("var/pull-beta")).unwrap();
+    let added = std::process::Command::new(common::bin())
+        .args(["broker", "add-node", "-c"])
+        .arg(&alpha.config)
+        .args(["pull-beta", "-o", "var/pull-beta/broker.secret"])
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{}", text(&added));
+    let mut beta = Agent::new("pull-beta", work.path(), &yaml("pull-beta"));
+    beta.start();
+    let o = beta.cli(&[
+        "request",
+        "--file-id",
+        "STOCK",
+        "--from",
+        "pull-alpha",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}\n{}\n{}",
+        text(&o),
+        alpha.log(),
+        beta.log()
+    );
+    let placed = fs::read_to_string(work.path().join("var/pull-beta/inbox/stock.csv")).unwrap();
+    assert!(
+        placed.starts_with("item,quantity,exported_at\nbolt,1200,"),
+        "{placed}"
+    );
+    assert_eq!(
+        fs::read_to_string(work.path().join("var/pull-alpha/export/stock.csv")).unwrap(),
+        placed,
+        "the source stays, as the job wrote it"
+    );
+    let imported = fs::read_to_string(work.path().join("var/import.log")).unwrap();
+    assert!(imported.contains("file_id=STOCK"), "{imported}");
 }
