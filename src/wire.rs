@@ -7,7 +7,8 @@
 //!
 //! A batch (kind 3) carries several chunk or receipt frames in one broker
 //! message: its header is `{"count":N}`, its body N times `length u32 · frame`.
-//! Batches do not nest.
+//! Batches do not nest. A send request (kind 4) and its reply (kind 5) are
+//! header-only frames (`wire/request.rs`), alone or in a batch.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{FileId, NodeName, TransferId};
 use crate::error_code::ErrorCode;
+
+mod request;
+pub use request::{Request, RequestReply};
 
 const MAGIC: &[u8; 3] = b"HKB";
 pub const VERSION: u8 = 1;
@@ -109,41 +113,6 @@ pub struct Receipt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook_exit: Option<i32>,
     pub finished_at: String,
-}
-
-/// A send request (HULFT's 送信要求, `hakobu request`): `from` asks `to` to
-/// send it the file of a send profile that lists `from` in `requests_from`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Request {
-    /// Chosen by the requesting node; the reply and the files sent carry it.
-    pub request_id: TransferId,
-    pub file_id: FileId,
-    /// The requesting node, to which the file and the reply go.
-    pub from: NodeName,
-    /// The node asked to send.
-    pub to: NodeName,
-    pub requested_at: String,
-}
-
-/// The answer to a [`Request`]: refused with a code, or the transfers it
-/// started (each then settles like any transfer, with a receipt).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RequestReply {
-    pub request_id: TransferId,
-    pub file_id: FileId,
-    /// The node that was asked.
-    pub from: NodeName,
-    /// The requesting node.
-    pub to: NodeName,
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_code: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default)]
-    pub transfer_ids: Vec<TransferId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,7 +354,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn chunk() -> Message {
+    pub(super) fn chunk() -> Message {
         Message::Chunk(
             ChunkHeader {
                 transfer_id: TransferId::parse("0190f6c4-0000-7000-8000-000000000000").unwrap(),
@@ -425,33 +394,6 @@ mod tests {
             finished_at: "2026-01-01T00:00:00Z".into(),
         });
         assert_eq!(Message::decode(r.encode()).unwrap(), r);
-        let q = Message::Request(Request {
-            request_id: TransferId::new(),
-            file_id: FileId::parse("F").unwrap(),
-            from: NodeName::parse("beta").unwrap(),
-            to: NodeName::parse("alpha").unwrap(),
-            requested_at: "2026-01-01T00:00:00Z".into(),
-        });
-        assert_eq!(Message::decode(q.encode()).unwrap(), q);
-        let a = Message::RequestReply(RequestReply {
-            request_id: TransferId::new(),
-            file_id: FileId::parse("F").unwrap(),
-            from: NodeName::parse("alpha").unwrap(),
-            to: NodeName::parse("beta").unwrap(),
-            ok: true,
-            error_code: None,
-            error: None,
-            transfer_ids: vec![TransferId::new()],
-        });
-        assert_eq!(Message::decode(a.encode()).unwrap(), a);
-        // A chunk sent for a request carries its id; one without has none on the wire.
-        let Message::Chunk(mut h, body) = chunk() else {
-            unreachable!()
-        };
-        assert!(!String::from_utf8_lossy(&chunk().encode()).contains("request_id"));
-        h.request_id = Some(TransferId::new());
-        let m = Message::Chunk(h, body);
-        assert_eq!(Message::decode(m.encode()).unwrap(), m);
     }
 
     fn receipt() -> Message {
