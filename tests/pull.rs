@@ -270,6 +270,8 @@ fn pull_on_the_cluster() {
         hook_runs(&rig.hooks).contains(&format!("{tid} send_failed"))
             && rig.alpha.with_status("send_failed").len() == 1
     });
+    let env = common::hook_env(&rig.hooks, &tid, "send_failed");
+    assert_eq!(env["HAKOBU_ERROR_CODE"], "before_send_failed", "{env:?}");
     assert_eq!(rig.inbox(), before, "nothing reached beta");
     assert!(!rig.inbox().contains(&"fail.csv".to_string()));
     assert_eq!(rig.spooled("FAILJOB"), vec![format!("{tid}.fail.csv")]);
@@ -344,6 +346,32 @@ fn wait_needs_the_agent() {
     let o = rig.request("SRC");
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("hakobu run"));
+}
+
+/// Nobody serves the request (alpha's agent is not running): `--wait
+/// --timeout` gives up with `request_timeout`; the request waits in alpha's
+/// queue, and alpha serves it when it starts.
+#[test]
+fn a_request_nobody_answers_times_out() {
+    let mut rig = Rig::new(&rabbit_broker(0), &rabbit_broker(2));
+    rig.beta.start();
+    fs::write(rig.path("export/sales.csv"), "late\n").unwrap();
+    let a = rig.alpha.node.clone();
+    let o = rig.beta.cli(&[
+        "request",
+        "--file-id",
+        "SRC",
+        "--from",
+        &a,
+        "--wait",
+        "--timeout",
+        "1s",
+    ]);
+    assert_refused(&o, "request_timeout", &rig);
+    rig.alpha.start();
+    common::wait_until(WAIT, "the late request served", || {
+        fs::read_to_string(rig.path("beta/inbox/sales.csv")).is_ok_and(|t| t == "late\n")
+    });
 }
 
 /// The embedded broker: a pull, a denied request, and a forged one (a node
