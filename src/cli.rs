@@ -49,13 +49,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Send one file now through a send profile (the agent must be running).
+    /// Send one file now through a send profile (the agent must be running);
+    /// without PATH, the profile's `source`.
     Send {
         #[arg(short, long)]
         config: PathBuf,
         #[arg(long)]
         file_id: String,
-        path: PathBuf,
+        path: Option<PathBuf>,
         /// Send to this node instead of the profile's `to` list.
         #[arg(long)]
         to: Option<String>,
@@ -66,6 +67,9 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Ask another node to send a file (HULFT's send request): its send
+    /// profile must list this node in `requests_from`.
+    Request(crate::request_cmd::RequestArgs),
     /// Run a transfer's hook again.
     Rerun {
         #[arg(short, long)]
@@ -165,7 +169,13 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
             to,
             meta,
             wait,
-        } => send(&load(&config)?, &file_id, &path, to, &meta, wait).await,
+        } => match path {
+            Some(path) => send(&load(&config)?, &file_id, &path, to, &meta, wait).await,
+            None => send_source(&load(&config)?, &file_id, to, &meta, wait).await,
+        },
+        Command::Request(args) => crate::request_cmd::run(args)
+            .await
+            .map_err(|(code, e)| Exit(code, e)),
         Command::Rerun {
             config,
             transfer_id,
@@ -385,6 +395,33 @@ async fn send(
     println!("{tid}");
     if wait {
         return wait_for(&store, &tid).await;
+    }
+    Ok(())
+}
+
+/// `hakobu send` without a path: the profile's `source` (`request_cmd.rs`).
+async fn send_source(
+    cfg: &Config,
+    file_id: &str,
+    to: Option<String>,
+    meta: &[String],
+    wait: bool,
+) -> Result<(), Exit> {
+    if !meta.is_empty() {
+        return Err(usage(anyhow::anyhow!(
+            "--meta is not yet taken with a profile's source; give the file's path"
+        )));
+    }
+    let to = to
+        .map(|n| NodeName::parse(&n).map_err(|e| usage(anyhow::anyhow!("--to: {e}"))))
+        .transpose()?;
+    let tids = crate::request_cmd::send_source(cfg, file_id, to, wait)
+        .await
+        .map_err(|(code, e)| Exit(code, e))?;
+    let store = open_store(cfg)?;
+    for tid in &tids {
+        println!("{tid}");
+        wait_for(&store, tid).await?;
     }
     Ok(())
 }

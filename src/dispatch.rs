@@ -1,10 +1,13 @@
 //! Dispatch: what arrives on this node's queue, decoded and routed. A broker
-//! message is one chunk, one receipt, or a batch of them (each part settling
-//! its share of the delivery); chunks go to the receiver as one batch,
-//! receipts to the sender side by side; what cannot be decoded goes to the
-//! dead-letter queue.
+//! message is one chunk, one receipt, one request or request reply, or a
+//! batch of them (each part settling its share of the delivery); chunks go
+//! to the receiver as one batch, receipts, requests and replies to the
+//! sender side by side; what cannot be decoded goes to the dead-letter queue.
 
 use std::sync::Arc;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
 
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -32,7 +35,7 @@ impl Dispatch {
     /// writes share a flush).
     pub async fn handle(&self, first: Delivery, more: &mut mpsc::Receiver<Delivery>) {
         let mut chunks = Vec::new();
-        let mut receipts = Vec::new();
+        let mut receipts: Vec<BoxFuture<'_, ()>> = Vec::new();
         let mut next = Some(first);
         while let Some(mut d) = next.take() {
             // The delivery keeps only what settles it: a chunk's body is
@@ -47,7 +50,9 @@ impl Dispatch {
                     for (part, d) in parts.into_iter().zip(d.split(n)) {
                         match part {
                             Message::Chunk(h, body) => chunks.push((h, body, d)),
-                            Message::Receipt(r) => receipts.push(self.sender.on_receipt(r, d)),
+                            other @ (Message::Receipt(_)
+                            | Message::Request(_)
+                            | Message::RequestReply(_)) => receipts.push(self.control(other, d)),
                             // The decoder refuses nested batches.
                             Message::Batch(_) => {
                                 let _ = d.dead_letter().await;
@@ -56,7 +61,7 @@ impl Dispatch {
                     }
                 }
                 Ok(Message::Chunk(h, body)) => chunks.push((h, body, d)),
-                Ok(Message::Receipt(r)) => receipts.push(self.sender.on_receipt(r, d)),
+                Ok(other) => receipts.push(self.control(other, d)),
                 Err(e) => {
                     warn!(message = "Dead-lettering a message that cannot be parsed.", error_code = %e.code(), error = %e, bytes);
                     let _ = d.dead_letter().await;
@@ -72,5 +77,19 @@ impl Dispatch {
             }
         };
         futures::future::join(chunks, futures::future::join_all(receipts)).await;
+    }
+
+    /// A receipt, request or request reply, for the sender side.
+    fn control(&self, msg: Message, d: Delivery) -> BoxFuture<'_, ()> {
+        match msg {
+            Message::Receipt(r) => self.sender.on_receipt(r, d).boxed(),
+            Message::Request(r) => self.sender.on_request(r, d).boxed(),
+            Message::RequestReply(r) => self.sender.on_request_reply(r, d).boxed(),
+            // Chunks and batches are taken apart before this.
+            Message::Chunk(..) | Message::Batch(_) => async move {
+                let _ = d.dead_letter().await;
+            }
+            .boxed(),
+        }
     }
 }

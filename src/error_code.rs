@@ -76,6 +76,16 @@ codes! {
     EncryptionRequired = "encryption_required", History;
     /// An encrypting send profile has no public key for the receiving node.
     PeerKeyMissing = "peer_key_missing", History;
+    /// A send profile's `before_send` job failed or timed out; nothing was sent.
+    BeforeSendFailed = "before_send_failed", History;
+    /// A request from a node not in the send profile's `requests_from`.
+    RequestDenied = "request_denied", History;
+    /// A request found nothing to send (no ready file, no source).
+    NothingToSend = "nothing_to_send", History;
+    /// `hakobu request --wait` gave up: no reply, or the files not settled, in time.
+    RequestTimeout = "request_timeout", History;
+    /// The asked node's agent stopped while it served the request.
+    RequestInterrupted = "request_interrupted", History;
     /// A message that cannot be parsed, or names no usable transfer.
     MalformedMessage = "malformed_message", Log;
     ClaimFailed = "claim_failed", Log;

@@ -25,6 +25,8 @@ pub enum Event {
     ReceiveFailed,
     Sent,
     SendFailed,
+    /// A send profile's `before_send` job, before the file is read.
+    BeforeSend,
 }
 
 impl Event {
@@ -34,6 +36,7 @@ impl Event {
             Event::ReceiveFailed => "receive_failed",
             Event::Sent => "sent",
             Event::SendFailed => "send_failed",
+            Event::BeforeSend => "before_send",
         }
     }
 }

@@ -27,6 +27,7 @@
 //! - [`rerun`]: `hakobu rerun`, a settled transfer's hook again.
 //! - [`cli`]: the command line.
 //! - [`broker_cmd`]: `hakobu broker`: the embedded broker alone, `add-node`, `status`.
+//! - [`request_cmd`]: `hakobu request` (pull), and `hakobu send` of a profile's `source`.
 //! - [`failpoint`]: crash points for tests.
 
 pub mod agent;
@@ -44,6 +45,7 @@ pub mod failpoint;
 pub mod hooks;
 pub mod keys;
 pub mod receiver;
+pub mod request_cmd;
 pub mod rerun;
 pub mod secret;
 pub mod sender;

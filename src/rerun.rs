@@ -148,6 +148,6 @@ fn after_rerun(
         (Event::Received, true) => (Status::Received, None),
         (Event::Sent, true) => (Status::Sent, None),
         (Event::Received | Event::Sent, false) => (Status::HookFailed, Some(outcome.failure())),
-        (Event::ReceiveFailed | Event::SendFailed, _) => (was, None),
+        (Event::ReceiveFailed | Event::SendFailed | Event::BeforeSend, _) => (was, None),
     }
 }

@@ -7,7 +7,8 @@
 //!
 //! A batch (kind 3) carries several chunk or receipt frames in one broker
 //! message: its header is `{"count":N}`, its body N times `length u32 · frame`.
-//! Batches do not nest.
+//! Batches do not nest. A send request (kind 4) and its reply (kind 5) are
+//! header-only frames (`wire/request.rs`), alone or in a batch.
 
 use std::collections::BTreeMap;
 
@@ -17,11 +18,16 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{FileId, NodeName, TransferId};
 use crate::error_code::ErrorCode;
 
+mod request;
+pub use request::{Request, RequestReply};
+
 const MAGIC: &[u8; 3] = b"HKB";
 pub const VERSION: u8 = 1;
 const KIND_CHUNK: u8 = 1;
 const KIND_RECEIPT: u8 = 2;
 const KIND_BATCH: u8 = 3;
+const KIND_REQUEST: u8 = 4;
+const KIND_REQUEST_REPLY: u8 = 5;
 const PREFIX: usize = 3 + 1 + 1 + 4;
 /// Most messages one batch may carry.
 pub const MAX_BATCH: usize = 1024;
@@ -56,6 +62,10 @@ pub struct ChunkHeader {
     /// open it (`src/transform/seal.rs`). Absent: the body is the plain bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed: Option<Sealed>,
+    /// Only for a file sent because the receiver asked for it (`hakobu
+    /// request`): the request's id, recorded on the receiver's row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<TransferId>,
 }
 
 /// How a sealed chunk body is opened: the transfer's data key, wrapped for
@@ -109,6 +119,8 @@ pub struct Receipt {
 pub enum Message {
     Chunk(ChunkHeader, Bytes),
     Receipt(Receipt),
+    Request(Request),
+    RequestReply(RequestReply),
     /// Chunks and receipts that travel together in one broker message
     /// (small files, and the receipts of a burst); never a batch itself.
     Batch(Vec<Message>),
@@ -134,7 +146,7 @@ pub enum DecodeError {
     HeaderLength { declared: usize, available: usize },
     #[error("malformed header: {0}")]
     Header(String),
-    #[error("a receipt carries no body")]
+    #[error("a receipt or a request carries no body")]
     ReceiptBody,
     #[error("malformed batch: {0}")]
     Batch(&'static str),
@@ -189,7 +201,7 @@ impl Message {
     pub fn body_len(&self) -> usize {
         match self {
             Message::Chunk(_, body) => body.len(),
-            Message::Receipt(_) => 0,
+            Message::Receipt(_) | Message::Request(_) | Message::RequestReply(_) => 0,
             Message::Batch(parts) => parts.iter().map(Message::body_len).sum(),
         }
     }
@@ -198,6 +210,8 @@ impl Message {
         let (kind, header) = match self {
             Message::Chunk(h, _) => (KIND_CHUNK, to_json(h)),
             Message::Receipt(r) => (KIND_RECEIPT, to_json(r)),
+            Message::Request(r) => (KIND_REQUEST, to_json(r)),
+            Message::RequestReply(r) => (KIND_REQUEST_REPLY, to_json(r)),
             Message::Batch(parts) => (KIND_BATCH, to_json(&BatchHeader { count: parts.len() })),
         };
         out.put_slice(MAGIC);
@@ -207,7 +221,7 @@ impl Message {
         out.put_slice(&header);
         match self {
             Message::Chunk(_, body) => out.put_slice(body),
-            Message::Receipt(_) => {}
+            Message::Receipt(_) | Message::Request(_) | Message::RequestReply(_) => {}
             Message::Batch(parts) => {
                 for p in parts {
                     // The part's length goes in front once it is written.
@@ -261,6 +275,9 @@ impl Message {
             KIND_CHUNK => Ok(Message::Chunk(from_json(header)?, body)),
             KIND_RECEIPT if body.is_empty() => Ok(Message::Receipt(from_json(header)?)),
             KIND_RECEIPT => Err(DecodeError::ReceiptBody),
+            KIND_REQUEST if body.is_empty() => Ok(Message::Request(from_json(header)?)),
+            KIND_REQUEST_REPLY if body.is_empty() => Ok(Message::RequestReply(from_json(header)?)),
+            KIND_REQUEST | KIND_REQUEST_REPLY => Err(DecodeError::ReceiptBody),
             other => Err(DecodeError::Kind(other)),
         }
     }
@@ -337,7 +354,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn chunk() -> Message {
+    pub(super) fn chunk() -> Message {
         Message::Chunk(
             ChunkHeader {
                 transfer_id: TransferId::parse("0190f6c4-0000-7000-8000-000000000000").unwrap(),
@@ -354,6 +371,7 @@ mod tests {
                     meta: BTreeMap::from([("k".into(), "v".into())]),
                 }),
                 sealed: None,
+                request_id: None,
             },
             Bytes::from_static(b"hello"),
         )

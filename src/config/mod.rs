@@ -147,7 +147,14 @@ pub struct EmbeddedConfig {
 #[derive(Debug, Clone)]
 pub struct SendProfile {
     pub file_id: FileId,
-    pub outbox: PathBuf,
+    /// Watched for files to send; `None` for a profile with a `source` only.
+    pub outbox: Option<PathBuf>,
+    /// A registered file sent as a copy (the source stays).
+    pub source: Option<PathBuf>,
+    /// Nodes that may ask for this file with `hakobu request`.
+    pub requests_from: Vec<NodeName>,
+    /// Run before the file is read for sending, `HAKOBU_PATH` naming it.
+    pub before_send: Option<HookSpec>,
     /// Glob patterns; empty means every name that is not ignored.
     pub include: Vec<glob::Pattern>,
     pub to: Vec<NodeName>,
@@ -269,6 +276,10 @@ impl Config {
             .iter()
             .any(|p| p.from.iter().any(|f| f == node))
             || self.send.iter().any(|p| p.to.iter().any(|t| t == node))
+            || self
+                .send
+                .iter()
+                .any(|p| p.requests_from.iter().any(|t| t == node))
     }
 
     pub fn db_path(&self) -> PathBuf {

@@ -29,11 +29,16 @@ impl Validator<'_> {
         receive: &[ReceiveProfile],
     ) -> Result<(), ConfigError> {
         let state = resolved(state_dir);
-        let outboxes: Vec<PathBuf> = send.iter().map(|s| resolved(&s.outbox)).collect();
+        // A profile without an outbox (a `source` only) watches nothing.
+        let outboxes: Vec<Option<PathBuf>> = send
+            .iter()
+            .map(|s| s.outbox.as_deref().map(resolved))
+            .collect();
         let inboxes: Vec<PathBuf> = receive.iter().map(|r| resolved(&r.inbox)).collect();
         for (i, inbox) in inboxes.iter().enumerate() {
             let key = format!("receive[{i}].inbox");
             for (j, outbox) in outboxes.iter().enumerate() {
+                let Some(outbox) = outbox else { continue };
                 if inbox.starts_with(outbox) {
                     return Err(self.err(&key, format!(
                         "the inbox is send[{j}]'s outbox or inside it: every file received would be sent again, forever; give it a directory of its own"
@@ -58,12 +63,16 @@ impl Validator<'_> {
             }
         }
         for (j, (outbox, s)) in outboxes.iter().zip(send).enumerate() {
-            if state.starts_with(outbox) || in_state_parts(&state, outbox) {
+            let in_state = |o: &PathBuf| state.starts_with(o) || in_state_parts(&state, o);
+            if outbox.as_ref().is_some_and(in_state) {
                 return Err(self.err(&format!("send[{j}].outbox"), "the outbox and the state directory overlap: the agent would send its own database and spool; give each a directory of its own"));
             }
             if let AfterSend::MoveTo(dir) = &s.after_send {
                 let dir = resolved(dir);
-                if let Some(k) = outboxes.iter().position(|o| dir.starts_with(o)) {
+                if let Some(k) = outboxes
+                    .iter()
+                    .position(|o| o.as_ref().is_some_and(|o| dir.starts_with(o)))
+                {
                     return Err(self.err(&format!("send[{j}].after_send"), format!(
                         "move_to is send[{k}]'s outbox or inside it: every sent file would be sent again; move it elsewhere"
                     )));

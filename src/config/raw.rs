@@ -126,9 +126,19 @@ pub struct RawEmbeddedTls {
 #[serde(deny_unknown_fields)]
 pub struct RawSend {
     pub file_id: String,
-    pub outbox: PathBuf,
+    /// A directory watched for files to send; optional beside `source`.
+    pub outbox: Option<PathBuf>,
+    /// A registered file, sent as a copy (`hakobu send` without a path, or
+    /// a request).
+    pub source: Option<PathBuf>,
     pub include: Option<Vec<String>>,
+    /// May be empty when `requests_from` names who may ask.
+    #[serde(default)]
     pub to: Vec<String>,
+    /// Nodes that may ask for this file (`hakobu request`).
+    pub requests_from: Option<Vec<String>>,
+    /// A job run before the file is read for sending (HULFT's pre-send job).
+    pub before_send: Option<RawHook>,
     pub ready: Option<RawReady>,
     pub after_send: Option<RawAfterSend>,
     pub on_success: Option<RawHook>,

@@ -410,3 +410,62 @@ fn embedded_tls_rules() {
     .unwrap_err();
     assert_eq!(e.key, "broker.embedded.tls.ca_file", "{e}");
 }
+
+/// `source`, `outbox`, `to`, `requests_from` and `before_send` on a send
+/// profile: a source beside or instead of an outbox, at least one of the
+/// two, and someone to send to or to ask; each error with its line.
+#[test]
+fn send_sources_requests_and_pre_send_jobs() {
+    let pull = GOOD.replace(
+        "    outbox: var/alpha/outbox/sales\n    include: [ \"*.csv\" ]\n    to: [ beta ]\n",
+        "    source: /var/export/sales.csv\n    requests_from: [ gamma ]\n    before_send: { run: [ \"hooks/export.sh\", \"{path}\" ], timeout: 5m }\n",
+    );
+    let c = parse(&pull).unwrap();
+    let s = &c.send[0];
+    assert_eq!(s.outbox, None);
+    assert_eq!(
+        s.source.as_deref(),
+        Some(Path::new("/var/export/sales.csv"))
+    );
+    assert!(s.to.is_empty());
+    assert_eq!(s.requests_from, vec![NodeName::parse("gamma").unwrap()]);
+    let job = s.before_send.as_ref().unwrap();
+    assert_eq!(job.argv[1], "{path}");
+    assert_eq!(job.timeout, Duration::from_secs(300));
+    assert!(c.knows("gamma"), "a node that may ask is known");
+
+    // Both: an outbox watched for `to`, and a source sent when asked.
+    let both = GOOD.replace(
+        "    to: [ beta ]\n",
+        "    to: [ beta ]\n    source: var/export/sales.csv\n",
+    );
+    let c = parse(&both).unwrap();
+    assert!(c.send[0].outbox.is_some() && c.send[0].source.as_ref().unwrap().is_absolute());
+
+    // Neither an outbox nor a source.
+    let e = parse(&GOOD.replace("    outbox: var/alpha/outbox/sales\n", "")).unwrap_err();
+    assert_eq!(e.key, "send[0].outbox", "{e}");
+    assert!(e.message.contains("source"), "{e}");
+    assert!(e.line.is_some(), "{e}");
+
+    // Nobody to send to and nobody who may ask.
+    let e = parse(&GOOD.replace("    to: [ beta ]\n", "")).unwrap_err();
+    assert_eq!(e.key, "send[0].to", "{e}");
+    assert!(e.message.contains("requests_from"), "{e}");
+
+    // A node name that breaks the rule, a source that is no file's name,
+    // a before_send without a command.
+    let e = parse(&pull.replace("[ gamma ]", "[ \"ga/mma\" ]")).unwrap_err();
+    assert_eq!(e.key, "send[0].requests_from[0]", "{e}");
+    assert_eq!(e.line, Some(10), "{e}");
+    let e = parse(&pull.replace("/var/export/sales.csv", "/var/export/..")).unwrap_err();
+    assert_eq!(e.key, "send[0].source", "{e}");
+    let e = parse(&pull.replace("/var/export/sales.csv", "/var/export/.hidden")).unwrap_err();
+    assert_eq!(e.key, "send[0].source", "{e}");
+    let e = parse(&pull.replace(
+        "before_send: { run: [ \"hooks/export.sh\", \"{path}\" ], timeout: 5m }",
+        "before_send: [ ]",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "send[0].before_send", "{e}");
+}

@@ -177,10 +177,38 @@ impl Validator<'_> {
 
     fn send(&self, key: &str, raw: RawSend) -> Result<SendProfile> {
         let file_id = self.file_id(&format!("{key}.file_id"), &raw.file_id)?;
-        if raw.to.is_empty() {
-            return Err(self.err(&format!("{key}.to"), "name at least one receiving node"));
+        let requests_from = match &raw.requests_from {
+            Some(nodes) => self.nodes(&format!("{key}.requests_from"), nodes)?,
+            None => Vec::new(),
+        };
+        if raw.to.is_empty() && requests_from.is_empty() {
+            return Err(self.err(
+                &format!("{key}.to"),
+                "name at least one receiving node in `to`, or the nodes that may ask for the file in `requests_from`",
+            ));
         }
         let to = self.nodes(&format!("{key}.to"), &raw.to)?;
+        if raw.outbox.is_none() && raw.source.is_none() {
+            return Err(self.err(
+                &format!("{key}.outbox"),
+                "give an `outbox: DIR` to watch, a `source: FILE` to send as a copy, or both",
+            ));
+        }
+        if let Some(src) = &raw.source {
+            if src.as_os_str().is_empty() || src.file_name().is_none() {
+                return Err(self.err(
+                    &format!("{key}.source"),
+                    "a source is a file's path, such as /var/export/sales.csv",
+                ));
+            }
+            let name = src.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if crate::domain::FileName::parse(name).is_err() {
+                return Err(self.err(
+                    &format!("{key}.source"),
+                    "the source's file name is the name the receiver gets: a plain base name, no leading dot or dash, no control character",
+                ));
+            }
+        }
         let include = raw
             .include
             .unwrap_or_default()
@@ -245,8 +273,11 @@ impl Validator<'_> {
         Ok(SendProfile {
             on_success: self.hook(&format!("{key}.on_success"), raw.on_success)?,
             on_failure: self.hook(&format!("{key}.on_failure"), raw.on_failure)?,
+            before_send: self.hook(&format!("{key}.before_send"), raw.before_send)?,
             file_id,
-            outbox: absolute(&raw.outbox),
+            outbox: raw.outbox.as_deref().map(absolute),
+            source: raw.source.as_deref().map(absolute),
+            requests_from,
             include,
             to,
             ready,

@@ -251,6 +251,7 @@ fn new_row(h: &ChunkHeader) -> ReceiveRow {
         (h.size, h.chunk_size),
         Status::Receiving,
     );
+    t.request_id = h.request_id.clone();
     if let Some(trailer) = &h.last {
         t.sha256 = Some(trailer.sha256.clone());
         if crate::clock::looks_like_rfc3339(&trailer.started_at) {
@@ -392,6 +393,7 @@ mod tests {
             offset: 0,
             last: None,
             sealed: None,
+            request_id: None,
         };
         let p = cfg.receive_profile("A");
         admit(&h(1000), p).unwrap();

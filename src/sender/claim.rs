@@ -20,58 +20,116 @@ use crate::durable;
 use crate::error_code::ErrorCode;
 use crate::store::{SendLedger, SendRow, Status, StoreError, Transfer};
 
+/// What a claim started: the transfers, and the first `before_send`
+/// failure among them (for a request's reply).
+#[derive(Default)]
+pub(super) struct Started {
+    pub tids: Vec<TransferId>,
+    pub failed: Option<(ErrorCode, String)>,
+}
+
 impl Sender {
     /// Claims the ready files `names` from the profile's outbox, together:
     /// each is renamed into the spool (atomic), then the directories are
-    /// flushed once for all of them, then one row per file and receiving
-    /// node is recorded in one transaction, then they are published.
-    pub(super) async fn claim(self: &Arc<Self>, profile: &SendProfile, names: Vec<ReadyFile>) {
+    /// flushed once for all of them, then each passes the profile's
+    /// `before_send` job, then one row per file and receiving node is
+    /// recorded in one transaction, then they are published. `request`
+    /// marks files sent because a node asked for them.
+    pub(super) async fn claim(
+        self: &Arc<Self>,
+        profile: &SendProfile,
+        names: Vec<ReadyFile>,
+        request: Option<&TransferId>,
+    ) -> Started {
         let (p, spool) = (profile.clone(), self.spool.clone());
         let (claimed, refused) =
             tokio::task::spawn_blocking(move || claim_files(&p, &spool, &names))
                 .await
                 .unwrap_or_default();
-        if claimed.is_empty() && refused.is_empty() {
-            return;
-        }
-        let hook = profile.on_failure.is_some();
-        let mut rows: Vec<SendRow> = claimed
-            .iter()
-            .flat_map(|file| claim_rows(profile, file, &BTreeMap::new(), Status::Sending))
-            .collect();
-        // A refused file's rows are recorded failed from the start: no crash
-        // can leave one `sending`, to be published at the next start.
-        for (file, why) in &refused {
-            let status = if hook {
-                Status::HookRunning
-            } else {
-                Status::SendFailed
-            };
-            for mut row in claim_rows(profile, file, &BTreeMap::new(), status) {
-                let code = ErrorCode::UnsafeSource;
-                let msg = unsafe_source_message(why);
+        let mut refused: Vec<(Spooled, ErrorCode, String)> = refused
+            .into_iter()
+            .map(|(file, why)| {
                 warn!(message = "Refusing a claimed file that is not the file the watcher saw.",
-                    transfer_id = %row.transfer_id, to = %row.peer, error_code = %code, error = %msg);
-                row.transfer.error_code = Some(code.as_str().to_string());
-                row.transfer.error = Some(msg);
-                row.transfer.finished_at = (!hook).then(now_rfc3339);
-                rows.push(row);
+                    transfer_id = %file.tid, error_code = %ErrorCode::UnsafeSource, error = %why);
+                (file, ErrorCode::UnsafeSource, unsafe_source_message(&why))
+            })
+            .collect();
+        let mut ready = Vec::new();
+        for file in claimed {
+            let job = (&file.tid, file.name.as_str(), file.path.as_path());
+            match self.before_send(profile, job, &profile.to).await {
+                Ok(()) => ready.push(file),
+                Err(why) => refused.push((file, ErrorCode::BeforeSendFailed, why)),
             }
+        }
+        let mut rows: Vec<SendRow> = ready
+            .iter()
+            .flat_map(|file| claim_rows(profile, file, &BTreeMap::new(), Status::Sending, request))
+            .collect();
+        for (file, code, why) in &refused {
+            rows.extend(self.failed_rows(profile, file, request, (*code, why)));
+        }
+        let started = Started {
+            tids: ready
+                .iter()
+                .chain(refused.iter().map(|r| &r.0))
+                .map(|f| f.tid.clone())
+                .collect(),
+            failed: refused
+                .iter()
+                .find(|r| r.1 == ErrorCode::BeforeSendFailed)
+                .map(|r| (r.1, r.2.clone())),
+        };
+        if rows.is_empty() {
+            return started;
         }
         // On failure the spooled files are recorded at the next start.
         if let Err(e) = self.ledger.insert_all(rows.clone()).await {
             error!(message = "Cannot record claimed files; they are recorded at the next start.",
-                files = claimed.len(), error = %e, error_code = %e.code());
-            return;
+                files = ready.len(), error = %e, error_code = %e.code());
+            return Started::default();
         }
-        for file in &claimed {
+        for file in &ready {
             info!(message = "Claimed.", transfer_id = %file.tid, file_id = %profile.file_id, file_name = %file.name);
         }
-        for row in &rows {
+        self.start_rows(&rows);
+        started
+    }
+
+    /// The rows of a file that fails before it is sent (`unsafe_source`,
+    /// `before_send_failed`), recorded failed from the start: no crash can
+    /// leave one `sending`, to be published at the next start. With a
+    /// failure hook they wait in `hook_running` for it.
+    pub(super) fn failed_rows(
+        &self,
+        profile: &SendProfile,
+        file: &Spooled,
+        request: Option<&TransferId>,
+        (code, why): (ErrorCode, &str),
+    ) -> Vec<SendRow> {
+        let hook = profile.on_failure.is_some();
+        let status = if hook {
+            Status::HookRunning
+        } else {
+            Status::SendFailed
+        };
+        let mut rows = claim_rows(profile, file, &BTreeMap::new(), status, request);
+        for row in &mut rows {
+            row.transfer.error_code = Some(code.as_str().to_string());
+            row.transfer.error = Some(why.to_string());
+            row.transfer.finished_at = (!hook).then(now_rfc3339);
+        }
+        rows
+    }
+
+    /// Starts recorded rows: those `sending` are published, those waiting
+    /// for their failure hook get it (off the caller's loop, like a
+    /// receipt's hook).
+    pub(super) fn start_rows(self: &Arc<Self>, rows: &[SendRow]) {
+        for row in rows {
             if row.status == Status::Sending {
                 self.enqueue(row);
-            } else if hook {
-                // Off the watcher's loop, like a receipt's hook.
+            } else if row.status == Status::HookRunning {
                 let (this, key) = (self.clone(), (row.transfer_id.clone(), row.peer.clone()));
                 self.tasks.spawn(async move {
                     if let Err(e) = this.run_hook(&key.0, &key.1).await {
@@ -165,16 +223,19 @@ fn claim_files(profile: &SendProfile, spool: &Spool, names: &[ReadyFile]) -> Cla
     // Directories whose entries changed, flushed once each at the end: the
     // profile's spool directory, the outbox, and the directory of each file
     // whose name is too long for the flat layout.
-    let mut changed: Vec<PathBuf> = vec![file_dir.clone(), profile.outbox.clone()];
+    let Some(outbox) = profile.outbox.as_deref() else {
+        return Claims::default();
+    };
+    let mut changed: Vec<PathBuf> = vec![file_dir.clone(), outbox.to_path_buf()];
     for (name, seen_ino) in names {
         // The marker goes first: a crash after it leaves the file in the
         // outbox waiting for a new marker, never a stale marker that would
         // let the next file of that name be claimed half-written.
         if let Ready::DoneMarker(marker) = &profile.ready {
-            let _ = durable::remove_if_exists(&profile.outbox.join(format!("{name}{marker}")));
+            let _ = durable::remove_if_exists(&outbox.join(format!("{name}{marker}")));
         }
         let tid = TransferId::new();
-        let from = profile.outbox.join(name);
+        let from = outbox.join(name);
         let to = spool.path_of(&profile.file_id, &tid, name);
         let own_dir = to.parent().filter(|d| *d != file_dir);
         let moved = own_dir
@@ -224,6 +285,7 @@ pub(super) fn claim_rows(
     file: &Spooled,
     meta: &BTreeMap<String, String>,
     status: Status,
+    request: Option<&TransferId>,
 ) -> Vec<SendRow> {
     let size = std::fs::symlink_metadata(&file.path)
         .map(|m| m.len())
@@ -243,6 +305,7 @@ pub(super) fn claim_rows(
             );
             t.meta = meta.clone();
             t.started_at = started_at.clone();
+            t.request_id = request.cloned();
             SendRow::new(t, file.path.clone())
         })
         .collect()
@@ -261,7 +324,7 @@ pub async fn queue(
     let file = spool
         .copy_in(&profile.file_id, src, name)
         .map_err(|e| QueueError::Copy(src.to_path_buf(), e))?;
-    let rows = claim_rows(profile, &file, meta, Status::Queued);
+    let rows = claim_rows(profile, &file, meta, Status::Queued, None);
     ledger.insert_all(rows).await?;
     Ok(file.tid)
 }

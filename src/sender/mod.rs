@@ -11,12 +11,17 @@
 //! 5. `receipt.rs`: the receiver's outcome, and the sender's hook for it.
 //! 6. `after_send.rs`: delete, keep or move the spooled file.
 //! 7. `recovery.rs`: start-up recovery from the ledger and the spool.
+//!
+//! Beside them: `before_send.rs`, the pre-send job run before a file is
+//! read; `request.rs`, send requests (pull) served, asked and answered.
 
 mod after_send;
+mod before_send;
 mod claim;
 mod publish;
 mod receipt;
 mod recovery;
+mod request;
 mod spool;
 mod watch;
 
@@ -37,12 +42,14 @@ use crate::broker::Delivery;
 use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::domain::{NodeName, TransferId};
-use crate::store::{SendLedger, Status, StoreError};
+use crate::store::{RequestLedger, SendLedger, Status, StoreError};
 use crate::wire::Receipt;
 
 pub struct Sender {
     cfg: Arc<Config>,
     ledger: SendLedger,
+    /// Send requests asked, served and queued (`request.rs`).
+    requests: RequestLedger,
     spool: Spool,
     /// Publishes to the broker, coalescing what waits for the same node.
     out: Arc<Coalescer>,
@@ -70,6 +77,7 @@ impl Sender {
         let permits = publish::permits_for(window, window) as usize;
         Arc::new(Sender {
             spool: Spool::new(cfg.spool_dir()),
+            requests: ledger.requests(),
             cfg,
             ledger,
             out,
@@ -85,20 +93,27 @@ impl Sender {
     /// Resumes the last run's work (see `recovery.rs`). Call once, before
     /// the watchers start.
     pub async fn recover(self: &Arc<Self>) -> Result<(), StoreError> {
-        self.resume().await
+        self.resume().await?;
+        self.interrupt_requests().await;
+        Ok(())
     }
 
-    /// Starts one watcher per send profile, until the agent stops.
+    /// Starts one watcher per send profile with an outbox and a `to`, until
+    /// the agent stops (an outbox only asked for is read when asked).
     pub fn start_watchers(self: &Arc<Self>) {
         for profile in &self.cfg.send {
+            if profile.outbox.is_none() || profile.to.is_empty() {
+                continue;
+            }
             tokio::spawn(watch::watch(self.clone(), profile.clone()));
         }
     }
 
-    /// Picks up transfers queued by `hakobu send` and `hakobu resend`, until
-    /// the agent stops.
+    /// Picks up transfers queued by `hakobu send` and `hakobu resend`, and
+    /// requests (`request.rs`), until the agent stops.
     pub async fn poll_queued(self: Arc<Self>) {
         while !self.stop.is_cancelled() {
+            self.poll_requests().await;
             match self.ledger.in_status(Status::Queued).await {
                 Ok(rows) => {
                     for row in rows {

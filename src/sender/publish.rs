@@ -346,6 +346,7 @@ impl Chunks<'_> {
                 meta: row.meta.clone(),
             }),
             sealed: self.transform.sealed(),
+            request_id: row.request_id.clone(),
         }
     }
 }

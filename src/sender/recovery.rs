@@ -52,7 +52,21 @@ impl Sender {
                     continue;
                 }
                 info!(message = "Recording a file claimed before a crash.", transfer_id = %file.tid, file_name = %file.name);
-                let rows = claim_rows(profile, &file, &BTreeMap::new(), Status::Sending);
+                let mut rows = claim_rows(profile, &file, &BTreeMap::new(), Status::Sending, None);
+                if profile.before_send.is_some() {
+                    // Its before_send job may not have finished: not sent as it stands.
+                    let why = format!(
+                        "the agent stopped before the before_send job finished; nothing was sent: `hakobu resend {}`",
+                        file.tid
+                    );
+                    for row in &mut rows {
+                        row.transfer.status = Status::SendFailed;
+                        row.transfer.error_code =
+                            Some(ErrorCode::BeforeSendFailed.as_str().to_string());
+                        row.transfer.error = Some(why.clone());
+                        row.transfer.finished_at = Some(crate::clock::now_rfc3339());
+                    }
+                }
                 self.ledger.insert_all(rows).await?;
             }
         }

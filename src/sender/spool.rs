@@ -85,7 +85,17 @@ impl Spool {
     /// `name`: under a hidden name first, fsynced, then renamed, so that the
     /// agent never sees half a copy.
     pub fn copy_in(&self, file_id: &FileId, src: &Path, name: &str) -> io::Result<Spooled> {
-        let tid = TransferId::new();
+        self.copy_in_as(file_id, src, name, TransferId::new())
+    }
+
+    /// [`Spool::copy_in`] as the transfer `tid`.
+    pub fn copy_in_as(
+        &self,
+        file_id: &FileId,
+        src: &Path,
+        name: &str,
+        tid: TransferId,
+    ) -> io::Result<Spooled> {
         let dst = self.path_of(file_id, &tid, name);
         let dir = dst.parent().unwrap_or(&self.dir);
         std::fs::create_dir_all(dir)?;

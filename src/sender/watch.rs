@@ -39,19 +39,19 @@ pub type ReadyFile = (String, u64);
 /// stop token is cancelled (checked between claims: a claim under way
 /// finishes, so that its files are recorded).
 pub async fn watch(sender: Arc<Sender>, profile: SendProfile) {
-    if let Err(e) = fs::create_dir_all(&profile.outbox) {
-        warn!(message = "Cannot create outbox; retrying at each rescan.", outbox = %profile.outbox.display(), error = %e);
+    let Some(outbox) = profile.outbox.clone() else {
+        return;
+    };
+    if let Err(e) = fs::create_dir_all(&outbox) {
+        warn!(message = "Cannot create outbox; retrying at each rescan.", outbox = %outbox.display(), error = %e);
     }
     let (tx, mut wake) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |_event| {
         let _ = tx.try_send(());
     })
-    .and_then(|mut w| {
-        w.watch(&profile.outbox, RecursiveMode::NonRecursive)
-            .map(|()| w)
-    });
+    .and_then(|mut w| w.watch(&outbox, RecursiveMode::NonRecursive).map(|()| w));
     if let Err(e) = &watcher {
-        warn!(message = "No inotify on the outbox; relying on the periodic rescan.", outbox = %profile.outbox.display(), error = %e);
+        warn!(message = "No inotify on the outbox; relying on the periodic rescan.", outbox = %outbox.display(), error = %e);
     }
     let rescan = match profile.ready {
         Ready::StableFor(d) => (d / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
@@ -60,9 +60,9 @@ pub async fn watch(sender: Arc<Sender>, profile: SendProfile) {
     let mut seen: HashMap<String, Seen> = HashMap::new();
     let stop = sender.stop.clone();
     while !stop.is_cancelled() {
-        let ready = ready_files(&profile, &mut seen);
+        let ready = ready_files(&profile, &outbox, &mut seen);
         if !ready.is_empty() {
-            sender.claim(&profile, ready).await;
+            sender.claim(&profile, ready, None).await;
         }
         // With stable_for, a file must be re-looked at when its time is up
         // even if nothing else happens, hence the timeout.
@@ -81,11 +81,15 @@ pub async fn watch(sender: Arc<Sender>, profile: SendProfile) {
 
 /// Names in the outbox that are complete now, regular files (a link is
 /// never ready), each with the inode seen.
-fn ready_files(profile: &SendProfile, seen: &mut HashMap<String, Seen>) -> Vec<ReadyFile> {
-    let entries = match fs::read_dir(&profile.outbox) {
+fn ready_files(
+    profile: &SendProfile,
+    outbox: &std::path::Path,
+    seen: &mut HashMap<String, Seen>,
+) -> Vec<ReadyFile> {
+    let entries = match fs::read_dir(outbox) {
         Ok(e) => e,
         Err(e) => {
-            debug!(message = "Cannot read outbox.", outbox = %profile.outbox.display(), error = %e);
+            debug!(message = "Cannot read outbox.", outbox = %outbox.display(), error = %e);
             return Vec::new();
         }
     };
@@ -103,8 +107,7 @@ fn ready_files(profile: &SendProfile, seen: &mut HashMap<String, Seen>) -> Vec<R
             Ready::DoneMarker(marker) => {
                 let is_marker = entry.file_type().is_ok_and(|t| t.is_file());
                 if let Some(target) = name.strip_suffix(marker.as_str()).filter(|_| is_marker) {
-                    let file = profile
-                        .outbox
+                    let file = outbox
                         .join(target)
                         .symlink_metadata()
                         .ok()
@@ -148,6 +151,33 @@ fn ready_files(profile: &SendProfile, seen: &mut HashMap<String, Seen>) -> Vec<R
         }
     }
     seen.retain(|name, _| present.contains(name));
+    ready.sort();
+    ready
+}
+
+/// What is ready in `profile`'s outbox now, for a request: a file under
+/// `stable_for` counts when it has not changed for that long (its mtime);
+/// under `done_marker`, when its marker is there.
+pub(super) fn ready_now(profile: &SendProfile) -> Vec<ReadyFile> {
+    let Some(outbox) = profile.outbox.as_deref() else {
+        return Vec::new();
+    };
+    let Ready::StableFor(d) = profile.ready else {
+        return ready_files(profile, outbox, &mut HashMap::new());
+    };
+    let Ok(entries) = fs::read_dir(outbox) else {
+        return Vec::new();
+    };
+    let mut ready: Vec<ReadyFile> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let meta = entry.metadata().ok()?;
+            let age = meta.modified().ok()?.elapsed().unwrap_or_default();
+            (!ignored(&name) && meta.file_type().is_file() && included(profile, &name) && age >= d)
+                .then(|| (name, meta.ino()))
+        })
+        .collect();
     ready.sort();
     ready
 }

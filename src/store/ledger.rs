@@ -20,9 +20,10 @@ pub fn insert(
 ) -> rusqlite::Result<bool> {
     let n = db.run(
         "INSERT OR IGNORE INTO transfers (direction, transfer_id, peer, file_id, file_name, size,
-            sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, touched_at, seq)
+            sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, touched_at, seq,
+            request_id)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-            (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers))",
+            (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers), ?17)",
         params![
             dir,
             t.transfer_id,
@@ -40,6 +41,7 @@ pub fn insert(
             t.started_at,
             t.finished_at,
             unix_now(),
+            t.request_id,
         ],
     )?;
     Ok(n == 1)

@@ -17,6 +17,7 @@ mod flush;
 mod history;
 mod ledger;
 mod receive_ledger;
+mod requests;
 mod row;
 mod schema;
 mod send_ledger;
@@ -35,6 +36,7 @@ use tokio::sync::oneshot;
 pub use history::Entry;
 pub use ledger::Side;
 pub use receive_ledger::{Placing, ReceiveLedger};
+pub use requests::{RequestDir, RequestLedger, RequestRow, RequestStatus};
 pub use row::{Direction, HookRun, ReceiveRow, SendRow, Status, Transfer, UnknownStatus};
 pub use schema::LATEST as SCHEMA_VERSION;
 pub use send_ledger::SendLedger;
@@ -132,6 +134,11 @@ impl Store {
     /// The receiving side's ledger.
     pub fn receiving(&self) -> ReceiveLedger {
         ReceiveLedger::new(self.clone())
+    }
+
+    /// Send requests asked, served and queued.
+    pub fn requests(&self) -> RequestLedger {
+        RequestLedger::new(self.clone())
     }
 
     /// The calls both ledgers make alike, for the side `dir` (for a caller
@@ -254,4 +261,5 @@ fn unix_now() -> i64 {
 /// Every column a row type reads, in one place.
 const COLUMNS: &str = "direction, transfer_id, peer, file_id, file_name, size, sha256, chunk_size, \
      status, error_code, error, path, remote_path, remote_hook_exit, meta, started_at, finished_at, \
-     hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode, failure_hook, progress, chunks_have";
+     hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode, failure_hook, progress, chunks_have, \
+     request_id";

@@ -154,6 +154,8 @@ pub struct Transfer {
     pub hook_tail: Option<String>,
     /// The failure hook was started (it runs at most once).
     pub failure_hook: bool,
+    /// The send request (`hakobu request`) this file was sent for.
+    pub request_id: Option<TransferId>,
 }
 
 impl Transfer {
@@ -184,6 +186,7 @@ impl Transfer {
             hook_ms: None,
             hook_tail: None,
             failure_hook: false,
+            request_id: None,
         }
     }
 
@@ -207,6 +210,7 @@ impl Transfer {
             hook_ms: r.get::<_, Option<i64>>("hook_ms")?.map(|v| v as u64),
             hook_tail: r.get("hook_tail")?,
             failure_hook: r.get("failure_hook")?,
+            request_id: r.get("request_id")?,
         })
     }
 

@@ -9,7 +9,8 @@ use rusqlite::{Connection, Transaction, params};
 use super::StoreError;
 
 /// Migration `i` takes a database from version `i` to `i + 1`.
-const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[first_schema, checked_names];
+const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] =
+    &[first_schema, checked_names, send_requests];
 
 /// The version this hakobu writes.
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
@@ -103,6 +104,22 @@ fn checked_names(tx: &Transaction<'_>) -> rusqlite::Result<()> {
           WHERE length(CAST(file_id AS BLOB)) NOT BETWEEN 1 AND 50
              OR file_id GLOB '*[^A-Za-z0-9_.-]*'
              OR file_id IN ('.', '..');",
+    )
+}
+
+/// 3: send requests (`hakobu request`): the request a transfer was sent
+/// for, and one row per request asked (`out`), served (`in`) or queued by
+/// `hakobu send` without a path (`local`).
+fn send_requests(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "ALTER TABLE transfers ADD COLUMN request_id TEXT;
+         CREATE TABLE IF NOT EXISTS requests (
+            direction TEXT NOT NULL, request_id TEXT NOT NULL, peer TEXT NOT NULL,
+            file_id TEXT NOT NULL, status TEXT NOT NULL,
+            ok INTEGER, error_code TEXT, error TEXT,
+            transfer_ids TEXT NOT NULL DEFAULT '[]',
+            created_at TEXT NOT NULL, answered_at TEXT,
+            PRIMARY KEY (direction, request_id));",
     )
 }
 

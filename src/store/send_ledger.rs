@@ -172,3 +172,10 @@ impl SendLedger {
         })
     }
 }
+
+impl SendLedger {
+    /// The requests ledger, on the same database.
+    pub fn requests(&self) -> super::RequestLedger {
+        super::RequestLedger::new(self.store.clone())
+    }
+}

@@ -170,6 +170,9 @@ struct Bound<'a> {
     count: u64,
     len: u64,
     last: &'a Option<Trailer>,
+    /// Bound only when present, so that chunks without one open as before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: &'a Option<TransferId>,
 }
 
 fn bound(h: &ChunkHeader, len: u64) -> Vec<u8> {
@@ -187,6 +190,7 @@ fn bound(h: &ChunkHeader, len: u64) -> Vec<u8> {
         count: h.chunk_count().unwrap_or(0),
         len,
         last: &h.last,
+        request_id: &h.request_id,
     };
     // Plain strings and integers: serializing cannot fail.
     serde_json::to_vec(&b).unwrap_or_default()
