@@ -1,6 +1,11 @@
 //! The hook runner: the only place that starts hook commands and builds their
 //! environment. Commands come from configuration alone; values from messages
 //! reach a hook only as whole argv elements or environment variables.
+//! `retry.rs` runs a hook again, after a backoff, while it fails.
+
+mod retry;
+
+pub use retry::run_retrying;
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -56,6 +61,9 @@ pub struct HookContext {
     pub error_code: Option<String>,
     pub error: Option<String>,
     pub meta: BTreeMap<String, String>,
+    /// Which run of the hook this is, from 1 (`HAKOBU_ATTEMPT`; a hook's
+    /// `retry:` runs it again).
+    pub attempt: u32,
 }
 
 impl HookContext {
@@ -95,6 +103,7 @@ impl HookContext {
             error_code: row.error_code.clone().filter(|_| failed),
             error: row.error.clone().filter(|_| failed),
             meta: row.meta.clone(),
+            attempt: 1,
         }
     }
 }
@@ -109,6 +118,8 @@ pub struct HookOutcome {
     pub duration: Duration,
     /// The end of what the hook printed, for history.
     pub tail: String,
+    /// Runs of the hook this outcome ends (its `retry:`), from 1.
+    pub attempts: u32,
 }
 
 impl HookOutcome {
@@ -122,6 +133,7 @@ impl HookOutcome {
             exit: self.exit,
             ms: self.duration.as_millis() as u64,
             tail: self.tail.clone(),
+            attempts: self.attempts,
         }
     }
 
@@ -136,7 +148,14 @@ impl HookOutcome {
 
     /// A failed run's code and sentence, as history and receipts carry them.
     pub fn failure(&self) -> (ErrorCode, String) {
-        (self.error_code(), self.describe())
+        let sentence = match self.attempts {
+            0 | 1 => self.describe(),
+            n => format!(
+                "{} (run {n} of {n}: its retries are used up)",
+                self.describe()
+            ),
+        };
+        (self.error_code(), sentence)
     }
 
     pub fn describe(&self) -> String {
@@ -169,6 +188,7 @@ pub async fn run(spec: &HookSpec, ctx: &HookContext, log: &Path) -> HookOutcome 
         timed_out: false,
         duration: started.elapsed(),
         tail: message,
+        attempts: ctx.attempt,
     };
     // Creating a file waits on the filesystem: off the async workers.
     let path = log.to_path_buf();
@@ -222,6 +242,7 @@ pub async fn run(spec: &HookSpec, ctx: &HookContext, log: &Path) -> HookOutcome 
         timed_out,
         duration,
         tail,
+        attempts: ctx.attempt,
     }
 }
 
@@ -274,6 +295,7 @@ pub fn environment(ctx: &HookContext) -> Vec<(String, String)> {
         ("HAKOBU_SHA256".into(), ctx.sha256.clone()),
         ("HAKOBU_STARTED_AT".into(), ctx.started_at.clone()),
         ("HAKOBU_FINISHED_AT".into(), ctx.finished_at.clone()),
+        ("HAKOBU_ATTEMPT".into(), ctx.attempt.to_string()),
     ];
     if let Some(code) = &ctx.error_code {
         env.push(("HAKOBU_ERROR_CODE".into(), code.clone()));
@@ -427,6 +449,7 @@ mod tests {
             error_code: None,
             error: None,
             meta: BTreeMap::from([("batch-no".into(), "7".into())]),
+            attempt: 1,
         }
     }
 
@@ -437,6 +460,7 @@ mod tests {
             shell,
             env: BTreeMap::new(),
             cwd: None,
+            retry: crate::config::Retry::ONCE,
         }
     }
 

@@ -136,6 +136,7 @@ fn forged_file(from: &str, to: &str, data: &[u8]) -> (TransferId, Message) {
             meta: Default::default(),
         }),
         sealed: None,
+        attempt: 1,
     };
     (tid, Message::Chunk(header, Bytes::copy_from_slice(data)))
 }
@@ -284,6 +285,7 @@ fn a_forged_receipt_leaves_alphas_file_in_its_spool() {
             path: Some("/nowhere".into()),
             hook_exit: Some(0),
             finished_at: "2026-12-02T00:00:00Z".into(),
+            attempt: 1,
         });
         let r = rig
             .attack_as("publish", &x)

@@ -11,12 +11,14 @@
 //! 5. `receipt.rs`: the receiver's outcome, and the sender's hook for it.
 //! 6. `after_send.rs`: delete, keep or move the spooled file.
 //! 7. `recovery.rs`: start-up recovery from the ledger and the spool.
+//! 8. `retry.rs`: a transient failure sent again (the profile's `retry:`).
 
 mod after_send;
 mod claim;
 mod publish;
 mod receipt;
 mod recovery;
+mod retry;
 mod spool;
 mod watch;
 
@@ -95,11 +97,11 @@ impl Sender {
         }
     }
 
-    /// Picks up transfers queued by `hakobu send` and `hakobu resend`, until
-    /// the agent stops.
+    /// Picks up transfers queued by `hakobu send` and `hakobu resend`, and
+    /// retries once due (`retry.rs`), until the agent stops.
     pub async fn poll_queued(self: Arc<Self>) {
         while !self.stop.is_cancelled() {
-            match self.ledger.in_status(Status::Queued).await {
+            match self.ledger.queued_due().await {
                 Ok(rows) => {
                     for row in rows {
                         let key = (&row.transfer_id, &row.peer);

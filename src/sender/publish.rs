@@ -346,6 +346,7 @@ impl Chunks<'_> {
                 meta: row.meta.clone(),
             }),
             sealed: self.transform.sealed(),
+            attempt: row.attempt,
         }
     }
 }

@@ -9,7 +9,8 @@ use rusqlite::{Connection, Transaction, params};
 use super::StoreError;
 
 /// Migration `i` takes a database from version `i` to `i + 1`.
-const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[first_schema, checked_names];
+const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] =
+    &[first_schema, checked_names, retries];
 
 /// The version this hakobu writes.
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
@@ -103,6 +104,19 @@ fn checked_names(tx: &Transaction<'_>) -> rusqlite::Result<()> {
           WHERE length(CAST(file_id AS BLOB)) NOT BETWEEN 1 AND 50
              OR file_id GLOB '*[^A-Za-z0-9_.-]*'
              OR file_id IN ('.', '..');",
+    )
+}
+
+/// 3: retries. `attempt` numbers the tries of one transfer (a send
+/// profile's `retry:` sends a transfer again under the same id);
+/// `retry_at` is when a queued retry is due (unix milliseconds); `hook_attempts`
+/// counts the runs of the hook whose exit `hook_exit` holds (a hook's
+/// `retry:`).
+fn retries(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "ALTER TABLE transfers ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+         ALTER TABLE transfers ADD COLUMN retry_at INTEGER;
+         ALTER TABLE transfers ADD COLUMN hook_attempts INTEGER;",
     )
 }
 

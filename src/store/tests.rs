@@ -30,6 +30,7 @@ fn hook(exit: i32, tail: &str) -> HookRun {
         exit: Some(exit),
         ms: 5,
         tail: tail.into(),
+        attempts: 1,
     }
 }
 
@@ -152,7 +153,7 @@ async fn a_failed_placement_forgets_the_placement_it_recorded() {
     assert_eq!(got.error_code.as_deref(), Some("file_exists"));
     let unfinished = rx.unfinished().await.unwrap();
     assert_eq!(unfinished.len(), 1, "its receipt is still to be sent");
-    rx.set_receipt_sent((&tid, &peer)).await.unwrap();
+    rx.set_receipt_sent((&tid, &peer), 1).await.unwrap();
     assert!(rx.unfinished().await.unwrap().is_empty());
 }
 
@@ -168,6 +169,7 @@ fn receipt_for(t: &Transfer, file_id: &str, ok: bool) -> Receipt {
         path: Some("/in/a.csv".into()),
         hook_exit: Some(0),
         finished_at: "2026-11-25T00:00:00Z".into(),
+        attempt: 1,
     }
 }
 
