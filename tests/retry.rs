@@ -360,7 +360,9 @@ fn retries_exhausted(kind: Kind) {
     );
     let spool = p.tmp.path().join("alpha/state/spool");
     assert!(
-        walk(&spool).iter().any(|f| f.ends_with("big.bin")),
+        walk(&spool)
+            .iter()
+            .any(|f| f.to_string_lossy().ends_with(".big.bin")),
         "the spooled file is gone"
     );
 }

@@ -334,7 +334,11 @@ async fn a_retry_is_the_next_try_of_the_same_row_on_both_sides() {
     tx.advance(key, Status::Queued, Status::Sending)
         .await
         .unwrap();
-    assert!(!tx.record_receipt(&failed, Status::SendFailed).await.unwrap());
+    assert!(
+        !tx.record_receipt(&failed, Status::SendFailed)
+            .await
+            .unwrap()
+    );
     let mut second = receipt_for(&t, "sales", true);
     second.attempt = 2;
     assert!(tx.record_receipt(&second, Status::Sent).await.unwrap());
