@@ -76,7 +76,8 @@ fn attempts(dir: &Path, tid: &str) -> Vec<String> {
 }
 
 /// alpha sends `DATA` to beta; both success hooks are [`attempt_hook`]
-/// with `retry: { attempts: 3, backoff: 1s }`, passing from run `pass_from`.
+/// with `retry: { attempts: 3, backoff: BACKOFF }`, passing from run
+/// `pass_from`.
 struct HookRig {
     tmp: tempfile::TempDir,
     alpha: Agent,
@@ -88,7 +89,7 @@ struct HookRig {
 }
 
 impl HookRig {
-    fn start(kind: Kind, pass_from: Option<u32>) -> HookRig {
+    fn start(kind: Kind, pass_from: Option<u32>, backoff: &str) -> HookRig {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         let backend = Backend::new(kind, &root);
@@ -100,7 +101,7 @@ impl HookRig {
             format!(", env: {{ PASS_FROM: \"{n}\" }}")
         });
         let on_success = format!(
-            "{{ run: [ \"{}\" ], retry: {{ attempts: 3, backoff: 1s }}{env} }}",
+            "{{ run: [ \"{}\" ], retry: {{ attempts: 3, backoff: {backoff} }}{env} }}",
             hook.display()
         );
         let alpha_yaml = format!(
@@ -144,15 +145,18 @@ fn final_row(agent: &Agent, what: &str, logs: &dyn Fn() -> String) -> Value {
     let mut row = Value::Null;
     wait_until(WAIT, what, || {
         let h = agent.history();
-        assert!(h.len() <= 1, "one transfer expected: {h:?}");
+        assert!(h.len() <= 1, "one transfer expected: {h:?}\n{}", logs());
         row = h.into_iter().next().unwrap_or(Value::Null);
         let status = row["status"].as_str().unwrap_or("");
-        let done = matches!(
+        matches!(
             status,
-            "sent" | "send_failed" | "received" | "receive_failed" | "hook_failed"
-        );
-        assert!(status != "hook_interrupted", "{row}\n{}", logs());
-        done
+            "sent"
+                | "send_failed"
+                | "received"
+                | "receive_failed"
+                | "hook_failed"
+                | "hook_interrupted"
+        )
     });
     row
 }
@@ -161,7 +165,7 @@ fn final_row(agent: &Agent, what: &str, logs: &dyn Fn() -> String) -> Value {
 /// transfer is `received` and `sent`, each hook ran twice with
 /// `HAKOBU_ATTEMPT` 1 then 2, and history records 2 runs and exit 0.
 fn hook_fails_once_then_succeeds(kind: Kind) {
-    let rig = HookRig::start(kind, Some(2));
+    let rig = HookRig::start(kind, Some(2), "1s");
     let body = b"id,amount\n1,100\n";
     drop_file(&rig.outbox, "once.csv", |p| fs::write(p, body).unwrap());
     let logs = || rig.logs();
@@ -196,7 +200,7 @@ fn hook_fails_once_then_succeeds(kind: Kind) {
 /// A success hook that always fails, `attempts: 3`: `hook_failed` after
 /// exactly 3 runs on each side, and history says so.
 fn hook_always_fails(kind: Kind) {
-    let rig = HookRig::start(kind, None);
+    let rig = HookRig::start(kind, None, "1s");
     drop_file(&rig.outbox, "never.csv", |p| fs::write(p, b"x\n").unwrap());
     let logs = || rig.logs();
     let rx = final_row(&rig.beta, "beta's transfer final", &logs);
@@ -220,6 +224,42 @@ fn hook_always_fails(kind: Kind) {
         attempts(&rig.hooks, &tid),
         ["received 1", "received 2", "received 3"]
     );
+}
+
+/// The agent stopped (SIGTERM) while a hook waits for its next run: the
+/// stop ends the wait at once (the log says so), no further run starts,
+/// and the next start records the transfer `hook_interrupted` with the one
+/// run it had.
+fn stop_between_hook_runs(kind: Kind) {
+    let mut rig = HookRig::start(kind, None, "1h");
+    drop_file(&rig.outbox, "stop.csv", |p| fs::write(p, b"x\n").unwrap());
+    let mut tid = String::new();
+    wait_until(WAIT, "beta's first failed run recorded", || {
+        let h = rig.beta.history();
+        match h.first() {
+            Some(r) if r["status"] == "hook_running" && r["hook_attempts"] == 1 => {
+                tid = r["transfer_id"].as_str().unwrap().to_string();
+                true
+            }
+            _ => false,
+        }
+    });
+    let pid = nix::unistd::Pid::from_raw(rig.beta.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until(WAIT, "beta to stop", || !rig.beta.alive());
+    assert!(
+        rig.beta.log().contains("left for the next start"),
+        "{}",
+        rig.logs()
+    );
+    rig.beta.kill9();
+    rig.beta.start();
+    let logs = || rig.logs();
+    let rx = final_row(&rig.beta, "beta's transfer final", &logs);
+    assert_eq!(rx["status"], "hook_interrupted", "{rx}\n{}", logs());
+    assert_eq!(rx["error_code"], "hook_interrupted", "{rx}");
+    assert_eq!(rx["hook_attempts"], 1, "{rx}");
+    assert_eq!(attempts(&rig.hooks, &tid), ["received 1"]);
 }
 
 /// A `DATA` pair whose send profile has `retry:` and whose receiver's inbox
@@ -431,6 +471,16 @@ fn hook_always_fails_cluster() {
 #[test]
 fn hook_always_fails_embedded() {
     hook_always_fails(Kind::Embedded);
+}
+
+#[test]
+fn stop_between_hook_runs_cluster() {
+    stop_between_hook_runs(Kind::Rabbit);
+}
+
+#[test]
+fn stop_between_hook_runs_embedded() {
+    stop_between_hook_runs(Kind::Embedded);
 }
 
 #[test]
