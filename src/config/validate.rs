@@ -15,6 +15,9 @@ use super::raw::{
 use super::*;
 use crate::keys::Keyring;
 
+/// The shortest wait before a send profile's next try.
+const MIN_SEND_BACKOFF: Duration = Duration::from_secs(1);
+
 pub(super) struct Validator<'a> {
     pub(super) file: &'a Path,
     pub(super) index: &'a LineIndex,
@@ -239,7 +242,7 @@ impl Validator<'_> {
             after_send,
             chunk_size,
             encrypt: raw.encrypt.unwrap_or(false),
-            retry: self.retry(&format!("{key}.retry"), raw.retry)?,
+            retry: self.retry(&format!("{key}.retry"), raw.retry, MIN_SEND_BACKOFF)?,
         })
     }
 
@@ -350,7 +353,7 @@ impl Validator<'_> {
             RawHook::Argv(argv) => (argv, None, None, None, None, None),
             RawHook::Full(f) => (f.run, f.timeout, f.shell, f.env, f.cwd, f.retry),
         };
-        let retry = self.retry(&format!("{key}.retry"), retry)?;
+        let retry = self.retry(&format!("{key}.retry"), retry, Duration::ZERO)?;
         if argv.is_empty() || argv[0].is_empty() {
             return Err(self.err(
                 key,
@@ -400,8 +403,9 @@ impl Validator<'_> {
         }))
     }
 
-    /// A `retry:` key: 1 to 100 attempts, a backoff (default 30s).
-    fn retry(&self, key: &str, raw: Option<RawRetry>) -> Result<Retry> {
+    /// A `retry:` key: 1 to 100 attempts, a backoff (default 30s) of at
+    /// least `min`.
+    fn retry(&self, key: &str, raw: Option<RawRetry>, min: Duration) -> Result<Retry> {
         let Some(raw) = raw else {
             return Ok(Retry::ONCE);
         };
@@ -418,6 +422,12 @@ impl Validator<'_> {
             Some(b) => self.duration(&format!("{key}.backoff"), &b)?,
             None => Retry::ONCE.backoff,
         };
+        if backoff < min {
+            return Err(self.err(
+                &format!("{key}.backoff"),
+                format!("at least {min:?}: the receiver must have settled a failed try before the next one arrives"),
+            ));
+        }
         Ok(Retry {
             attempts: raw.attempts,
             backoff,
