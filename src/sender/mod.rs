@@ -105,6 +105,11 @@ impl Sender {
                 Ok(rows) => {
                     for row in rows {
                         let key = (&row.transfer_id, &row.peer);
+                        if self.is_publishing(key) {
+                            // An earlier try's publisher has yet to see that
+                            // its try ended: the next poll takes this one.
+                            continue;
+                        }
                         if let Ok(true) = self
                             .ledger
                             .advance(key, Status::Queued, Status::Sending)
@@ -123,6 +128,14 @@ impl Sender {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
         }
+    }
+
+    /// A publisher runs for this transfer and node.
+    fn is_publishing(&self, (tid, peer): (&TransferId, &NodeName)) -> bool {
+        self.publishing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(tid.clone(), peer.clone()))
     }
 
     /// A receipt from a receiving node (see `receipt.rs`).

@@ -151,21 +151,24 @@ impl SendLedger {
         })
     }
 
-    /// Every chunk is confirmed: records the file's digest and moves the
-    /// transfer from `sending` to `awaiting_receipt`.
-    pub fn published(&self, key: (&TransferId, &NodeName), sha256: &str) -> Call<()> {
+    /// Every chunk of try `attempt` is confirmed: records the file's digest
+    /// and moves the transfer from `sending` to `awaiting_receipt` (unless
+    /// it is on a later try by now).
+    pub fn published(&self, key: (&TransferId, &NodeName), sha256: &str, attempt: u32) -> Call<()> {
         let (tid, peer, sha256) = (key.0.clone(), key.1.clone(), sha256.to_string());
         self.store.call(move |db| {
             db.run(
                 "UPDATE transfers SET sha256 = ?4, progress = size, status = ?6
-                 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = ?5",
+                 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = ?5
+                   AND attempt = ?7",
                 params![
                     TX,
                     tid,
                     peer,
                     sha256,
                     Status::Sending,
-                    Status::AwaitingReceipt
+                    Status::AwaitingReceipt,
+                    attempt
                 ],
             )?;
             Ok(())

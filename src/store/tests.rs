@@ -182,7 +182,7 @@ async fn a_receipt_settles_only_its_own_transfer_and_file_id() {
     tx.insert_all(vec![SendRow::new(t.clone(), "/spool/x".into())])
         .await
         .unwrap();
-    tx.published(key, &"b".repeat(64)).await.unwrap();
+    tx.published(key, &"b".repeat(64), 1).await.unwrap();
     let row = tx.get(key).await.unwrap().unwrap();
     assert_eq!((row.status, row.progress), (Status::AwaitingReceipt, 10));
     let wrong_profile = receipt_for(&t, "orders", true);
@@ -315,7 +315,7 @@ async fn a_retry_is_the_next_try_of_the_same_row_on_both_sides() {
     tx.insert_all(vec![SendRow::new(t.clone(), "/spool/x".into())])
         .await
         .unwrap();
-    tx.published(key, &"b".repeat(64)).await.unwrap();
+    tx.published(key, &"b".repeat(64), 1).await.unwrap();
     let mut failed = receipt_for(&t, "sales", false);
     failed.error_code = Some("disk_full".into());
     // Tries used up (max 1): no retry.
