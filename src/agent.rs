@@ -216,7 +216,12 @@ impl Agent {
         let (broker, window, hosted) = open_broker(&cfg).await?;
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
         let out = Coalescer::new(broker.clone());
-        let receiver = Receiver::new(cfg.clone(), store.receiving(), out.clone(), tasks.clone());
+        let receiver = Receiver::new(
+            cfg.clone(),
+            store.receiving(),
+            out.clone(),
+            (tasks.clone(), stop.clone()),
+        );
         let sender = Sender::new(
             cfg.clone(),
             store.sending(),

@@ -280,8 +280,19 @@ fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::R
     }
     writeln!(
         out,
-        "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4}",
-        "STARTED", "DIR", "TRANSFER", "PEER", "FILE_ID", "FILE", "SIZE", "STATUS", "ERROR", "HOOK"
+        "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4} {:>3} {:>4}",
+        "STARTED",
+        "DIR",
+        "TRANSFER",
+        "PEER",
+        "FILE_ID",
+        "FILE",
+        "SIZE",
+        "STATUS",
+        "ERROR",
+        "HOOK",
+        "TRY",
+        "RUNS"
     )?;
     // Text that came from the network (a sender's clock, a name recorded
     // by an older release) is escaped: it cannot drive the terminal.
@@ -290,7 +301,7 @@ fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::R
         let r = e.transfer();
         writeln!(
             out,
-            "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4}",
+            "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4} {:>3} {:>4}",
             safe(&r.started_at),
             e.direction().as_str(),
             r.transfer_id,
@@ -302,6 +313,10 @@ fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::R
             r.error_code.as_deref().unwrap_or("-"),
             r.hook_exit
                 .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r.attempt,
+            r.hook_attempts
+                .map(|n| n.to_string())
                 .unwrap_or_else(|| "-".into()),
         )?;
     }

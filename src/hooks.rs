@@ -1,6 +1,11 @@
 //! The hook runner: the only place that starts hook commands and builds their
 //! environment. Commands come from configuration alone; values from messages
 //! reach a hook only as whole argv elements or environment variables.
+//! `retry.rs` runs a hook again, after a backoff, while it fails.
+
+mod retry;
+
+pub use retry::run_retrying;
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -59,6 +64,9 @@ pub struct HookContext {
     pub error_code: Option<String>,
     pub error: Option<String>,
     pub meta: BTreeMap<String, String>,
+    /// Which run of the hook this is, from 1 (`HAKOBU_ATTEMPT`; a hook's
+    /// `retry:` runs it again).
+    pub attempt: u32,
 }
 
 impl HookContext {
@@ -98,6 +106,7 @@ impl HookContext {
             error_code: row.error_code.clone().filter(|_| failed),
             error: row.error.clone().filter(|_| failed),
             meta: row.meta.clone(),
+            attempt: 1,
         }
     }
 }
@@ -112,6 +121,8 @@ pub struct HookOutcome {
     pub duration: Duration,
     /// The end of what the hook printed, for history.
     pub tail: String,
+    /// Runs of the hook this outcome ends (its `retry:`), from 1.
+    pub attempts: u32,
 }
 
 impl HookOutcome {
@@ -125,6 +136,7 @@ impl HookOutcome {
             exit: self.exit,
             ms: self.duration.as_millis() as u64,
             tail: self.tail.clone(),
+            attempts: self.attempts,
         }
     }
 
@@ -139,7 +151,14 @@ impl HookOutcome {
 
     /// A failed run's code and sentence, as history and receipts carry them.
     pub fn failure(&self) -> (ErrorCode, String) {
-        (self.error_code(), self.describe())
+        let sentence = match self.attempts {
+            0 | 1 => self.describe(),
+            n => format!(
+                "{} (run {n} of {n}: its retries are used up)",
+                self.describe()
+            ),
+        };
+        (self.error_code(), sentence)
     }
 
     pub fn describe(&self) -> String {
@@ -172,6 +191,7 @@ pub async fn run(spec: &HookSpec, ctx: &HookContext, log: &Path) -> HookOutcome 
         timed_out: false,
         duration: started.elapsed(),
         tail: message,
+        attempts: ctx.attempt,
     };
     // Creating a file waits on the filesystem: off the async workers.
     let path = log.to_path_buf();
@@ -225,6 +245,7 @@ pub async fn run(spec: &HookSpec, ctx: &HookContext, log: &Path) -> HookOutcome 
         timed_out,
         duration,
         tail,
+        attempts: ctx.attempt,
     }
 }
 
@@ -277,6 +298,7 @@ pub fn environment(ctx: &HookContext) -> Vec<(String, String)> {
         ("HAKOBU_SHA256".into(), ctx.sha256.clone()),
         ("HAKOBU_STARTED_AT".into(), ctx.started_at.clone()),
         ("HAKOBU_FINISHED_AT".into(), ctx.finished_at.clone()),
+        ("HAKOBU_ATTEMPT".into(), ctx.attempt.to_string()),
     ];
     if let Some(code) = &ctx.error_code {
         env.push(("HAKOBU_ERROR_CODE".into(), code.clone()));
@@ -430,6 +452,7 @@ mod tests {
             error_code: None,
             error: None,
             meta: BTreeMap::from([("batch-no".into(), "7".into())]),
+            attempt: 1,
         }
     }
 
@@ -440,6 +463,7 @@ mod tests {
             shell,
             env: BTreeMap::new(),
             cwd: None,
+            retry: crate::config::Retry::ONCE,
         }
     }
 

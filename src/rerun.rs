@@ -93,7 +93,16 @@ pub async fn rerun(
         Entry::Receive(r) => HookContext::for_received(r, &cfg.node, event),
     };
     let log = hooks::log_path(&cfg.log_dir(), tid, event);
-    let outcome = hooks::run(spec, &ctx, &log).await;
+    // The hook's `retry:` holds here too; nothing stops the waits but the
+    // command's end (a rerun cut off shows as `hook_interrupted`).
+    let never = tokio_util::sync::CancellationToken::new();
+    let Some(outcome) = hooks::run_retrying(spec, &ctx, &log, &never, Some((&side, key))).await
+    else {
+        return Err(RerunError::Changed(
+            tid.clone(),
+            Status::HookRunning.as_str(),
+        ));
+    };
     let (status, error) = after_rerun(event, was, &outcome);
     let recorded = side
         .finish_hook(key, outcome.record(), status, error)

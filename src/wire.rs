@@ -66,6 +66,19 @@ pub struct ChunkHeader {
     /// request`): the request's id, recorded on the receiver's row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<TransferId>,
+    /// Which try of the transfer this chunk belongs to (a send profile's
+    /// `retry:`); absent means 1. A receiver restarts a transfer it failed
+    /// for a later try, and ignores chunks of an earlier one.
+    #[serde(default = "first_attempt", skip_serializing_if = "is_first_attempt")]
+    pub attempt: u32,
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+fn is_first_attempt(n: &u32) -> bool {
+    *n == 1
 }
 
 /// How a sealed chunk body is opened: the transfer's data key, wrapped for
@@ -113,6 +126,10 @@ pub struct Receipt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook_exit: Option<i32>,
     pub finished_at: String,
+    /// The try this receipt settles (see [`ChunkHeader::attempt`]); absent
+    /// means 1. A receipt of an earlier try never settles a later one.
+    #[serde(default = "first_attempt", skip_serializing_if = "is_first_attempt")]
+    pub attempt: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -372,6 +389,7 @@ mod tests {
                 }),
                 sealed: None,
                 request_id: None,
+                attempt: 1,
             },
             Bytes::from_static(b"hello"),
         )
@@ -392,6 +410,7 @@ mod tests {
             path: None,
             hook_exit: Some(3),
             finished_at: "2026-01-01T00:00:00Z".into(),
+            attempt: 1,
         });
         assert_eq!(Message::decode(r.encode()).unwrap(), r);
     }
@@ -408,6 +427,7 @@ mod tests {
             path: Some("/in/x".into()),
             hook_exit: Some(0),
             finished_at: "2026-01-01T00:00:00Z".into(),
+            attempt: 1,
         })
     }
 

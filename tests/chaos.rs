@@ -30,6 +30,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::tmpfs::Tmpfs;
 use common::{Agent, Pair, PairOpts, cluster, hook_env, hook_runs, sha256_file, wait_until};
 use serde_json::Value;
 
@@ -1146,68 +1147,6 @@ fn receiver_killed_repeatedly_during_a_stream() {
 
 // ---------------------------------------------------------------------------
 // 5. The receiver's disk full.
-
-/// A tmpfs mounted at a directory, unmounted (lazily) when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `size` at `dir`; the OS error if it cannot.
-    fn mount(dir: &Path, size: &str) -> std::io::Result<Tmpfs> {
-        use std::ffi::CString;
-        use std::os::unix::ffi::OsStrExt;
-        fs::create_dir_all(dir)?;
-        let src = CString::new("tmpfs").unwrap();
-        let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
-        let data = CString::new(format!("size={size},mode=0755")).unwrap();
-        // SAFETY: every pointer is a valid NUL-terminated string that lives
-        // across the call.
-        let rc = unsafe {
-            nix::libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                src.as_ptr(),
-                0,
-                data.as_ptr().cast(),
-            )
-        };
-        if rc == 0 {
-            Ok(Tmpfs(dir.to_path_buf()))
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    }
-}
-
-impl Tmpfs {
-    /// [`Tmpfs::mount`], or the test fails: a disk-full scenario that cannot
-    /// run must not pass as if it had (run the suite as root, as
-    /// `tests/run.sh` in CI does).
-    fn mount_or_fail(dir: &Path, size: &str) -> Tmpfs {
-        Tmpfs::mount(dir, size).unwrap_or_else(|e| {
-            panic!(
-                "cannot mount a {size} tmpfs at {}: {e}; this scenario needs root (or CAP_SYS_ADMIN) and is never skipped",
-                dir.display()
-            )
-        })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        use std::os::unix::ffi::OsStrExt;
-        let target = std::ffi::CString::new(self.0.as_os_str().as_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        let rc = unsafe { nix::libc::umount2(target.as_ptr(), nix::libc::MNT_DETACH) };
-        if rc != 0 {
-            let _ = writeln!(
-                std::io::stderr(),
-                "cannot unmount the tmpfs at {}: {}",
-                self.0.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}
 
 /// beta's inbox for `DATA` on an 8 MiB tmpfs: a 20 MiB file fails with
 /// `disk_full` on both sides (failure hooks with that code, no file under the

@@ -493,6 +493,7 @@ async fn a_rerun_is_not_taken_for_an_interrupted_hook() {
         }),
         sealed: None,
         request_id: None,
+        attempt: 1,
     };
     let msg = hakobu::wire::Message::Chunk(header, bytes::Bytes::from_static(data));
     let client = hakobu::broker::embedded::Embedded::new(

@@ -176,6 +176,7 @@ fn chunk(tid: &TransferId, data: &[u8], idx: u64) -> Message {
         }),
         sealed: None,
         request_id: None,
+        attempt: 1,
     };
     Message::Chunk(
         header,

@@ -137,6 +137,7 @@ fn forged_file(from: &str, to: &str, data: &[u8]) -> (TransferId, Message) {
         }),
         sealed: None,
         request_id: None,
+        attempt: 1,
     };
     (tid, Message::Chunk(header, Bytes::copy_from_slice(data)))
 }
@@ -285,6 +286,7 @@ fn a_forged_receipt_leaves_alphas_file_in_its_spool() {
             path: Some("/nowhere".into()),
             hook_exit: Some(0),
             finished_at: "2026-12-02T00:00:00Z".into(),
+            attempt: 1,
         });
         let r = rig
             .attack_as("publish", &x)

@@ -103,6 +103,7 @@ fn chunk(tid: &TransferId, name: &str, data: &[u8], idx: u64) -> Message {
         }),
         sealed: None,
         request_id: None,
+        attempt: 1,
     };
     Message::Chunk(
         header,

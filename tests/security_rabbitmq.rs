@@ -234,6 +234,7 @@ fn a_receipt_from_a_node_that_is_not_the_destination_has_no_effect() {
         path: Some("/dev/null".into()),
         hook_exit: None,
         finished_at: "2026-12-02T00:00:00Z".into(),
+        attempt: 1,
     };
     rt().block_on(async {
         for from in [b.as_str(), m.as_str()] {

@@ -165,6 +165,8 @@ pub struct SendProfile {
     pub chunk_size: u64,
     /// Chunk bodies sealed for each receiving node (`keys.peers`).
     pub encrypt: bool,
+    /// A transfer whose receipt carries a transient code is sent again.
+    pub retry: Retry,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,8 +223,40 @@ pub struct HookSpec {
     pub shell: bool,
     pub env: BTreeMap<String, String>,
     pub cwd: Option<PathBuf>,
+    /// A failing run is run again, after a backoff, up to `attempts` runs.
+    pub retry: Retry,
 }
 
+/// How often something is tried, and the wait between tries: `backoff`
+/// before the second, doubled before each next, at most [`Retry::MAX_DELAY`]
+/// (or `backoff` itself, when that is longer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    /// Tries in all, the first included; 1 means no retry.
+    pub attempts: u32,
+    pub backoff: Duration,
+}
+
+impl Retry {
+    /// Once, as without a `retry:` key.
+    pub const ONCE: Retry = Retry {
+        attempts: 1,
+        backoff: DEFAULT_RETRY_BACKOFF,
+    };
+    /// The longest wait the doubling reaches.
+    pub const MAX_DELAY: Duration = Duration::from_secs(3600);
+    /// The most tries a `retry:` key may ask for.
+    pub const MAX_ATTEMPTS: u32 = 100;
+
+    /// The wait after try `done` (1-based) failed, before the next.
+    pub fn delay(&self, done: u32) -> Duration {
+        let factor = 1u32 << done.saturating_sub(1).min(20);
+        let cap = Self::MAX_DELAY.max(self.backoff);
+        self.backoff.saturating_mul(factor).min(cap)
+    }
+}
+
+const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(3600);
 const DEFAULT_STABLE_FOR: Duration = Duration::from_secs(2);
 const DEFAULT_FILE_MODE: u32 = 0o600;

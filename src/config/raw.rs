@@ -147,6 +147,18 @@ pub struct RawSend {
     pub chunk_size: Option<String>,
     /// Seal chunk bodies for the receiving nodes' public keys (`keys.peers`).
     pub encrypt: Option<bool>,
+    /// Send again a transfer whose receipt carries a transient code.
+    pub retry: Option<RawRetry>,
+}
+
+/// `retry: { attempts: N, backoff: 30s }`, on a hook or a send profile.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    /// Runs in all, the first included (1 to 100).
+    pub attempts: u32,
+    /// The wait before the second run; doubled before each next (default 30s).
+    pub backoff: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +196,8 @@ pub struct RawHookFull {
     pub shell: Option<bool>,
     pub env: Option<BTreeMap<String, String>>,
     pub cwd: Option<PathBuf>,
+    /// Runs again a hook that failed (non-zero exit or timeout).
+    pub retry: Option<RawRetry>,
 }
 
 #[derive(Debug, Deserialize)]

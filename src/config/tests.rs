@@ -469,3 +469,48 @@ fn send_sources_requests_and_pre_send_jobs() {
     .unwrap_err();
     assert_eq!(e.key, "send[0].before_send", "{e}");
 }
+
+#[test]
+fn retry_keys_on_hooks_and_send_profiles() {
+    let text = GOOD
+        .replace(
+            "    on_success: [ \"hooks/sent.sh\" ]",
+            "    retry: { attempts: 4, backoff: 1m }\n    on_success: [ \"hooks/sent.sh\" ]",
+        )
+        .replace("timeout: 10m }", "timeout: 10m, retry: { attempts: 3 } }");
+    let c = parse(&text).unwrap();
+    assert_eq!(
+        c.send[0].retry,
+        Retry {
+            attempts: 4,
+            backoff: Duration::from_secs(60)
+        }
+    );
+    assert_eq!(c.send[0].on_success.as_ref().unwrap().retry, Retry::ONCE);
+    let hook = c.receive[0].on_success.as_ref().unwrap();
+    assert_eq!(
+        (hook.retry.attempts, hook.retry.backoff),
+        (3, Duration::from_secs(30))
+    );
+    let cases = [
+        ("retry: { attempts: 0 }", "send[0].retry.attempts"),
+        ("retry: { attempts: 101 }", "send[0].retry.attempts"),
+        (
+            "retry: { attempts: 2, backoff: 500ms }",
+            "send[0].retry.backoff",
+        ),
+        (
+            "retry: { attempts: 2, backoff: soon }",
+            "send[0].retry.backoff",
+        ),
+    ];
+    for (retry, key) in cases {
+        let bad = GOOD.replace(
+            "    on_success: [ \"hooks/sent.sh\" ]",
+            &format!("    {retry}\n    on_success: [ \"hooks/sent.sh\" ]"),
+        );
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.key, key, "{e}");
+        assert_eq!(e.line, Some(14), "{e}");
+    }
+}

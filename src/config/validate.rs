@@ -10,10 +10,13 @@ use std::time::Duration;
 use super::locate::LineIndex;
 use super::raw::{
     RawAfterSend, RawBroker, RawConfig, RawFileMode, RawHook, RawKeys, RawReady, RawReceive,
-    RawSend,
+    RawRetry, RawSend,
 };
 use super::*;
 use crate::keys::Keyring;
+
+/// The shortest wait before a send profile's next try.
+const MIN_SEND_BACKOFF: Duration = Duration::from_secs(1);
 
 pub(super) struct Validator<'a> {
     pub(super) file: &'a Path,
@@ -284,6 +287,7 @@ impl Validator<'_> {
             after_send,
             chunk_size,
             encrypt: raw.encrypt.unwrap_or(false),
+            retry: self.retry(&format!("{key}.retry"), raw.retry, MIN_SEND_BACKOFF)?,
         })
     }
 
@@ -390,10 +394,11 @@ impl Validator<'_> {
         let Some(raw) = raw else {
             return Ok(None);
         };
-        let (argv, timeout, shell, env, cwd) = match raw {
-            RawHook::Argv(argv) => (argv, None, None, None, None),
-            RawHook::Full(f) => (f.run, f.timeout, f.shell, f.env, f.cwd),
+        let (argv, timeout, shell, env, cwd, retry) = match raw {
+            RawHook::Argv(argv) => (argv, None, None, None, None, None),
+            RawHook::Full(f) => (f.run, f.timeout, f.shell, f.env, f.cwd, f.retry),
         };
+        let retry = self.retry(&format!("{key}.retry"), retry, Duration::ZERO)?;
         if argv.is_empty() || argv[0].is_empty() {
             return Err(self.err(
                 key,
@@ -439,7 +444,39 @@ impl Validator<'_> {
             shell: shell.unwrap_or(false),
             env,
             cwd: cwd.map(|c| absolute(&c)),
+            retry,
         }))
+    }
+
+    /// A `retry:` key: 1 to 100 attempts, a backoff (default 30s) of at
+    /// least `min`.
+    fn retry(&self, key: &str, raw: Option<RawRetry>, min: Duration) -> Result<Retry> {
+        let Some(raw) = raw else {
+            return Ok(Retry::ONCE);
+        };
+        if !(1..=Retry::MAX_ATTEMPTS).contains(&raw.attempts) {
+            return Err(self.err(
+                &format!("{key}.attempts"),
+                format!(
+                    "attempts counts every run, the first included: 1 to {}",
+                    Retry::MAX_ATTEMPTS
+                ),
+            ));
+        }
+        let backoff = match raw.backoff {
+            Some(b) => self.duration(&format!("{key}.backoff"), &b)?,
+            None => Retry::ONCE.backoff,
+        };
+        if backoff < min {
+            return Err(self.err(
+                &format!("{key}.backoff"),
+                format!("at least {min:?}: the receiver must have settled a failed try before the next one arrives"),
+            ));
+        }
+        Ok(Retry {
+            attempts: raw.attempts,
+            backoff,
+        })
     }
 
     fn placeholders(&self, key: &str, arg: &str) -> Result<()> {

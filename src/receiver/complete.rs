@@ -98,7 +98,11 @@ impl Receiver {
                     self.fail_with(key, Status::ReceiveFailed, &e).await?;
                 }
                 (Status::HookRunning, Some(p)) if placed_here => {
-                    self.run_success_hook(&row, p).await?;
+                    if !self.run_success_hook(&row, p).await? {
+                        // Stopped between the hook's runs: the row stays
+                        // `hook_running`, `hook_interrupted` at the next start.
+                        return Ok(());
+                    }
                 }
                 (Status::HookRunning, _) => {
                     // Not placed by this task: the hook runs in another
@@ -164,22 +168,28 @@ impl Receiver {
         Ok(())
     }
 
+    /// Runs the success hook (again while it fails and its `retry:`
+    /// allows) and records its end; false when the agent stopped between
+    /// two runs, leaving the row `hook_running`.
     async fn run_success_hook(
         &self,
         row: &ReceiveRow,
         p: &ReceiveProfile,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let key = (&row.transfer_id, &row.peer);
         let Some(spec) = &p.on_success else {
             // The profile lost its hook since the transfer was placed.
             self.ledger
                 .advance(key, Status::HookRunning, Status::Received)
                 .await?;
-            return Ok(());
+            return Ok(true);
         };
         let ctx = HookContext::for_received(row, &self.cfg.node, Event::Received);
         let log = hooks::log_path(&self.cfg.log_dir(), &row.transfer_id, Event::Received);
-        let outcome = hooks::run(spec, &ctx, &log).await;
+        let record = Some((&*self.ledger, key));
+        let Some(outcome) = hooks::run_retrying(spec, &ctx, &log, &self.stop, record).await else {
+            return Ok(false);
+        };
         if outcome.ok() {
             let ms = outcome.duration.as_millis() as u64;
             info!(message = "Success hook finished.", transfer_id = %row.transfer_id, ms);
@@ -198,7 +208,7 @@ impl Receiver {
                 )
                 .await?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Runs the profile's failure hook for a failed transfer, at most once:
@@ -226,7 +236,13 @@ impl Receiver {
         }
         let ctx = HookContext::for_received(row, &self.cfg.node, Event::ReceiveFailed);
         let log = hooks::log_path(&self.cfg.log_dir(), &row.transfer_id, Event::ReceiveFailed);
-        let outcome = hooks::run(spec, &ctx, &log).await;
+        // A failed run is not recorded over a success hook's exit code.
+        let record = row.hook_exit.is_none().then_some((&*self.ledger, key));
+        let Some(outcome) = hooks::run_retrying(spec, &ctx, &log, &self.stop, record).await else {
+            // Stopped between runs: the failure hook was claimed and runs
+            // no more (its log says so); the receipt follows.
+            return Ok(());
+        };
         // A success hook's exit code, if any, stays; the failure hook's is logged.
         if row.hook_exit.is_none() {
             self.ledger.set_hook(key, outcome.record()).await?;

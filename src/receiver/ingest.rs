@@ -189,6 +189,10 @@ impl Receiver {
                 warn!(message = "Ignoring a chunk whose transfer id belongs to another sender.", transfer_id = %tid, from = %h.from);
                 return Ok(Staged::Ignore);
             }
+            Some(r) if h.attempt != r.attempt => match self.next_try(h, r).await? {
+                Some(r) => r,
+                None => return Ok(Staged::Ignore),
+            },
             // Already settled, or resumed by recovery: make sure the sender heard.
             Some(r) if r.status != Status::Receiving => return Ok(Staged::Settled),
             Some(r) => r,
@@ -236,6 +240,45 @@ impl Receiver {
     }
 }
 
+impl Receiver {
+    /// A chunk of another try than the row's (the sender's `retry:`). One
+    /// of an earlier try is stale: ignored, so that it cannot touch the
+    /// later try's file. One of a later try, of a transfer that failed
+    /// here, starts it again: the row is reset for that try (its chunks,
+    /// failure and receipt forgotten) and any partial file of the earlier
+    /// try removed. The row to go on with; `None` to ignore the chunk.
+    async fn next_try(
+        &self,
+        h: &ChunkHeader,
+        r: ReceiveRow,
+    ) -> Result<Option<ReceiveRow>, Failure> {
+        let tid = &h.transfer_id;
+        if h.attempt < r.attempt || r.status != Status::ReceiveFailed {
+            info!(message = "Ignoring a chunk of another try of a transfer.", transfer_id = %tid,
+                from = %h.from, chunk_attempt = h.attempt, attempt = r.attempt, status = r.status.as_str());
+            return Ok(None);
+        }
+        let profile = self.cfg.receive_profile(&h.file_id);
+        let ledger = self.ledger.deferred();
+        if ledger.restart(&new_row(h)).await? {
+            info!(message = "Receiving a transfer again (the sender's next try).", transfer_id = %tid,
+                from = %h.from, attempt = h.attempt, error_code = ?r.error_code);
+            if let Some(p) = self.cfg.receive_profile(&r.file_id) {
+                let _ = super::partial::remove(&p.inbox, tid);
+            }
+            self.digests.forget(tid);
+        }
+        // Restarted by this chunk or by another of the same try just now.
+        match ledger.get(tid).await? {
+            Some(r) if r.attempt == h.attempt && r.status == Status::Receiving => {
+                admit(h, profile)?;
+                Ok(Some(r))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 /// The ledger row of a transfer seen for the first time, with the trailer
 /// when this chunk carries it. Its path stays empty until the file is
 /// placed: until then no inbox name is its own. The name and the metadata
@@ -252,6 +295,7 @@ fn new_row(h: &ChunkHeader) -> ReceiveRow {
         Status::Receiving,
     );
     t.request_id = h.request_id.clone();
+    t.attempt = h.attempt.max(1);
     if let Some(trailer) = &h.last {
         t.sha256 = Some(trailer.sha256.clone());
         if crate::clock::looks_like_rfc3339(&trailer.started_at) {
@@ -394,6 +438,7 @@ mod tests {
             last: None,
             sealed: None,
             request_id: None,
+            attempt: 1,
         };
         let p = cfg.receive_profile("A");
         admit(&h(1000), p).unwrap();

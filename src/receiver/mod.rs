@@ -61,6 +61,8 @@ pub struct Receiver {
     busy: Mutex<HashSet<TransferId>>,
     /// The commit stage and completion tasks, awaited on a graceful stop.
     tasks: TaskTracker,
+    /// Cancelled when the agent stops: a hook's wait between retries ends.
+    stop: CancellationToken,
     names: place::NameLocks,
     digests: verify::RunningDigests,
     alerts: alert_limit::AlertLimit,
@@ -71,7 +73,7 @@ impl Receiver {
         cfg: Arc<Config>,
         ledger: ReceiveLedger,
         out: Arc<Coalescer>,
-        tasks: TaskTracker,
+        (tasks, stop): (TaskTracker, CancellationToken),
     ) -> Arc<Self> {
         Arc::new(Receiver {
             cfg,
@@ -79,6 +81,7 @@ impl Receiver {
             out,
             busy: Mutex::new(HashSet::new()),
             tasks,
+            stop,
             names: Default::default(),
             digests: Default::default(),
             alerts: Default::default(),

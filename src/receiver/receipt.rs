@@ -19,7 +19,7 @@ impl Receiver {
         let key = (&row.transfer_id, &row.peer);
         if !self.cfg.knows(&row.peer) {
             info!(message = "No receipt for a sender this configuration does not name.", transfer_id = %row.transfer_id, from = %row.peer);
-            return self.ledger.set_receipt_sent(key).await;
+            return self.ledger.set_receipt_sent(key, row.attempt).await;
         }
         let ok = row.status == Status::Received;
         let receipt = Receipt {
@@ -36,6 +36,7 @@ impl Receiver {
                 .map(|p| p.to_string_lossy().into_owned()),
             hook_exit: row.hook_exit,
             finished_at: row.finished_at.clone().unwrap_or_else(now_rfc3339),
+            attempt: row.attempt,
         };
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -55,7 +56,12 @@ impl Receiver {
         }
         // Not flushed before going on: if a crash loses it, recovery sends
         // the receipt again and the sender ignores the duplicate.
-        if let Err(e) = self.ledger.deferred().set_receipt_sent(key).await {
+        if let Err(e) = self
+            .ledger
+            .deferred()
+            .set_receipt_sent(key, row.attempt)
+            .await
+        {
             warn!(message = "Cannot record that a receipt was sent; it is sent again at the next start.",
                 transfer_id = %row.transfer_id, error = %e, error_code = %e.code());
         }

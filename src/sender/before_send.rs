@@ -51,9 +51,15 @@ impl Sender {
             error_code: None,
             error: None,
             meta: Default::default(),
+            attempt: 1,
         };
         let log = hooks::log_path(&self.cfg.log_dir(), tid, Event::BeforeSend);
-        let outcome = hooks::run(spec, &ctx, &log).await;
+        // With the job's own `retry:`, a failing run is run again first.
+        let Some(outcome) = hooks::run_retrying(spec, &ctx, &log, &self.stop, None).await else {
+            return Err(format!(
+                "the agent stopped while the before_send job waited to run again; nothing was sent: `hakobu resend {tid}`"
+            ));
+        };
         if outcome.ok() {
             info!(message = "before_send ran.", transfer_id = %tid, file_id = %profile.file_id, ms = outcome.duration.as_millis() as u64);
             return Ok(());

@@ -14,6 +14,7 @@
 //!
 //! Beside them: `before_send.rs`, the pre-send job run before a file is
 //! read; `request.rs`, send requests (pull) served, asked and answered.
+//! 8. `retry.rs`: a transient failure sent again (the profile's `retry:`).
 
 mod after_send;
 mod before_send;
@@ -22,6 +23,7 @@ mod publish;
 mod receipt;
 mod recovery;
 mod request;
+mod retry;
 mod spool;
 mod watch;
 
@@ -110,14 +112,20 @@ impl Sender {
     }
 
     /// Picks up transfers queued by `hakobu send` and `hakobu resend`, and
-    /// requests (`request.rs`), until the agent stops.
+    /// requests (`request.rs`), and retries once due (`retry.rs`), until the
+    /// agent stops.
     pub async fn poll_queued(self: Arc<Self>) {
         while !self.stop.is_cancelled() {
             self.poll_requests().await;
-            match self.ledger.in_status(Status::Queued).await {
+            match self.ledger.queued_due().await {
                 Ok(rows) => {
                     for row in rows {
                         let key = (&row.transfer_id, &row.peer);
+                        if self.is_publishing(key) {
+                            // An earlier try's publisher has yet to see that
+                            // its try ended: the next poll takes this one.
+                            continue;
+                        }
                         if let Ok(true) = self
                             .ledger
                             .advance(key, Status::Queued, Status::Sending)
@@ -136,6 +144,14 @@ impl Sender {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
         }
+    }
+
+    /// A publisher runs for this transfer and node.
+    fn is_publishing(&self, (tid, peer): (&TransferId, &NodeName)) -> bool {
+        self.publishing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(tid.clone(), peer.clone()))
     }
 
     /// A receipt from a receiving node (see `receipt.rs`).

@@ -75,6 +75,9 @@ impl Sender {
         };
         let mut resume = Resume::default();
         let mut backoff = Duration::from_millis(200);
+        // The try this task publishes: a later one (`retry.rs`) starts
+        // from the first chunk, in a task of its own.
+        let mut attempt = None;
         loop {
             // `sending` was recorded by a call that waited (claim, recovery,
             // poll_queued): the read need not wait for a flush.
@@ -87,6 +90,9 @@ impl Sender {
                     continue;
                 }
             };
+            if *attempt.get_or_insert(row.attempt) != row.attempt {
+                return;
+            }
             // Progress for `hakobu send --wait`, written at most twice a
             // second; the end is recorded with the digest.
             let last = std::sync::Mutex::new(Instant::now());
@@ -129,7 +135,10 @@ impl Sender {
                 Ok(sha) => {
                     // Not waited for: a crash that loses it publishes the
                     // file again, and the receiver ignores the duplicate.
-                    self.ledger.deferred().published((tid, peer), &sha).detach();
+                    self.ledger
+                        .deferred()
+                        .published((tid, peer), &sha, row.attempt)
+                        .detach();
                     info!(message = "Published; awaiting the receipt.", transfer_id = %tid, to = %peer, size = row.size);
                     return;
                 }
@@ -347,6 +356,7 @@ impl Chunks<'_> {
             }),
             sealed: self.transform.sealed(),
             request_id: row.request_id.clone(),
+            attempt: row.attempt,
         }
     }
 }

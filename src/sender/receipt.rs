@@ -29,6 +29,15 @@ impl Sender {
             let _ = d.ack().await;
             return;
         }
+        match self.retry_later(&r).await {
+            Ok(true) => {
+                let _ = d.ack().await;
+                return;
+            }
+            Ok(false) => {}
+            // Not acked: delivered again after a reconnect.
+            Err(()) => return,
+        }
         // Without a hook for this outcome the transfer ends with the receipt.
         let hook = self
             .cfg
@@ -104,7 +113,12 @@ impl Sender {
         };
         let ctx = HookContext::for_sent(&row, &self.cfg.node, event);
         let log = hooks::log_path(&self.cfg.log_dir(), tid, event);
-        let outcome = hooks::run(spec, &ctx, &log).await;
+        let record = Some((&*self.ledger, key));
+        let Some(outcome) = hooks::run_retrying(spec, &ctx, &log, &self.stop, record).await else {
+            // Stopped between the hook's runs: the row stays
+            // `hook_running`, `hook_interrupted` at the next start.
+            return Ok(());
+        };
         let mut error = None;
         let mut status = status;
         if !outcome.ok() {
@@ -165,6 +179,7 @@ mod tests {
             path: Some("/in/\u{202E}x".into()),
             hook_exit: None,
             finished_at: "\u{1b}".into(),
+            attempt: 1,
         };
         let t = tame(r);
         assert_eq!(t.error_code, None);

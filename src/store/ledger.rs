@@ -20,10 +20,10 @@ pub fn insert(
 ) -> rusqlite::Result<bool> {
     let n = db.run(
         "INSERT OR IGNORE INTO transfers (direction, transfer_id, peer, file_id, file_name, size,
-            sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, touched_at, seq,
-            request_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-            (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers), ?17)",
+            sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, touched_at,
+            attempt, seq, request_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+            (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers), ?18)",
         params![
             dir,
             t.transfer_id,
@@ -41,6 +41,7 @@ pub fn insert(
             t.started_at,
             t.finished_at,
             unix_now(),
+            t.attempt,
             t.request_id,
         ],
     )?;
@@ -100,9 +101,17 @@ pub fn set_hook(
     hook: &HookRun,
 ) -> rusqlite::Result<()> {
     db.run(
-        "UPDATE transfers SET hook_exit = ?4, hook_ms = ?5, hook_tail = ?6
+        "UPDATE transfers SET hook_exit = ?4, hook_ms = ?5, hook_tail = ?6, hook_attempts = ?7
          WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3",
-        params![dir, tid, peer, hook.exit, hook.ms as i64, hook.tail],
+        params![
+            dir,
+            tid,
+            peer,
+            hook.exit,
+            hook.ms as i64,
+            hook.tail,
+            hook.attempts
+        ],
     )?;
     Ok(())
 }
@@ -123,6 +132,7 @@ pub fn finish_hook(
     let success = matches!(status, Status::Sent | Status::Received);
     let n = db.run(
         "UPDATE transfers SET hook_exit = ?4, hook_ms = ?5, hook_tail = ?6, status = ?7,
+            hook_attempts = ?13,
             error_code = CASE WHEN ?12 THEN NULL ELSE IFNULL(?8, error_code) END,
             error = CASE WHEN ?12 THEN NULL ELSE IFNULL(?9, error) END, finished_at = ?10
          WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = ?11",
@@ -138,7 +148,8 @@ pub fn finish_hook(
             message,
             crate::clock::now_rfc3339(),
             Status::HookRunning,
-            success
+            success,
+            hook.attempts
         ],
     )?;
     Ok(n == 1)

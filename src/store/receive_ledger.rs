@@ -216,15 +216,61 @@ impl ReceiveLedger {
         })
     }
 
-    pub fn set_receipt_sent(&self, key: (&TransferId, &NodeName)) -> Call<()> {
+    /// The receipt of try `attempt` went (a receipt of an earlier try,
+    /// recorded late, leaves a later one's row as it is).
+    pub fn set_receipt_sent(&self, key: (&TransferId, &NodeName), attempt: u32) -> Call<()> {
         let (tid, peer) = (key.0.clone(), key.1.clone());
         self.store.call(move |db| {
             db.run(
                 "UPDATE transfers SET receipt_sent = 1
-                 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3",
-                params![RX, tid, peer],
+                 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND attempt = ?4",
+                params![RX, tid, peer, attempt],
             )?;
             Ok(())
+        })
+    }
+
+    /// A later try of a transfer that failed here (the sender's `retry:`):
+    /// the row starts again as `receiving` for try `row.attempt`, with what
+    /// the earlier try recorded (failure, hook, receipt, chunks) forgotten,
+    /// in one transaction. False when the row is no longer a failed earlier
+    /// try (another chunk of the new try restarted it first).
+    pub fn restart(&self, row: &ReceiveRow) -> Call<bool> {
+        let t = row.transfer.clone();
+        self.store.call(move |db| {
+            let tx = db.transaction()?;
+            let n = tx.run(
+                "UPDATE transfers SET status = ?4, attempt = ?5, error_code = NULL, error = NULL,
+                    finished_at = NULL, hook_exit = NULL, hook_ms = NULL, hook_tail = NULL,
+                    hook_attempts = NULL, receipt_sent = 0, failure_hook = 0, path = NULL,
+                    inode = NULL, chunks_have = 0, file_name = ?6, size = ?7, chunk_size = ?8,
+                    sha256 = ?9, started_at = ?10, meta = ?11, touched_at = ?12
+                 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = ?13
+                   AND attempt < ?5",
+                params![
+                    RX,
+                    t.transfer_id,
+                    t.peer,
+                    Status::Receiving,
+                    t.attempt,
+                    t.file_name,
+                    t.size as i64,
+                    t.chunk_size as i64,
+                    t.sha256,
+                    t.started_at,
+                    t.meta_json(),
+                    unix_now(),
+                    Status::ReceiveFailed
+                ],
+            )?;
+            if n == 1 {
+                tx.run(
+                    "DELETE FROM chunks WHERE transfer_id = ?1",
+                    params![t.transfer_id],
+                )?;
+            }
+            tx.commit()?;
+            Ok(n == 1)
         })
     }
 }

@@ -128,6 +128,8 @@ pub struct HookRun {
     pub ms: u64,
     /// The end of what the hook printed.
     pub tail: String,
+    /// Runs of the hook (its `retry:`); `exit` is the last one's.
+    pub attempts: u32,
 }
 
 /// What both sides record of a transfer, toward one peer.
@@ -156,6 +158,11 @@ pub struct Transfer {
     pub failure_hook: bool,
     /// The send request (`hakobu request`) this file was sent for.
     pub request_id: Option<TransferId>,
+    /// Which try of the transfer this row records, from 1 (a send
+    /// profile's `retry:` sends it again under the same id).
+    pub attempt: u32,
+    /// Runs of the hook whose exit `hook_exit` holds.
+    pub hook_attempts: Option<u32>,
 }
 
 impl Transfer {
@@ -187,6 +194,8 @@ impl Transfer {
             hook_tail: None,
             failure_hook: false,
             request_id: None,
+            attempt: 1,
+            hook_attempts: None,
         }
     }
 
@@ -211,6 +220,10 @@ impl Transfer {
             hook_tail: r.get("hook_tail")?,
             failure_hook: r.get("failure_hook")?,
             request_id: r.get("request_id")?,
+            attempt: r.get::<_, i64>("attempt")?.clamp(1, u32::MAX as i64) as u32,
+            hook_attempts: r
+                .get::<_, Option<i64>>("hook_attempts")?
+                .map(|v| v.clamp(0, u32::MAX as i64) as u32),
         })
     }
 

@@ -10,7 +10,7 @@ use super::StoreError;
 
 /// Migration `i` takes a database from version `i` to `i + 1`.
 const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] =
-    &[first_schema, checked_names, send_requests];
+    &[first_schema, checked_names, send_requests, retries];
 
 /// The version this hakobu writes.
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
@@ -120,6 +120,19 @@ fn send_requests(tx: &Transaction<'_>) -> rusqlite::Result<()> {
             transfer_ids TEXT NOT NULL DEFAULT '[]',
             created_at TEXT NOT NULL, answered_at TEXT,
             PRIMARY KEY (direction, request_id));",
+    )
+}
+
+/// 4: retries. `attempt` numbers the tries of one transfer (a send
+/// profile's `retry:` sends a transfer again under the same id);
+/// `retry_at` is when a queued retry is due (unix milliseconds); `hook_attempts`
+/// counts the runs of the hook whose exit `hook_exit` holds (a hook's
+/// `retry:`).
+fn retries(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "ALTER TABLE transfers ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+         ALTER TABLE transfers ADD COLUMN retry_at INTEGER;
+         ALTER TABLE transfers ADD COLUMN hook_attempts INTEGER;",
     )
 }
 

@@ -3,6 +3,7 @@
 //! read and move.
 
 use std::path::Path;
+use std::time::Duration;
 
 use rusqlite::{OptionalExtension, params};
 
@@ -14,6 +15,13 @@ use crate::error_code::ErrorCode;
 use crate::wire::Receipt;
 
 const TX: Direction = Direction::Send;
+
+/// Now in unix milliseconds, the unit of `retry_at`.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
 
 ledger::facade!(SendLedger, TX);
 
@@ -75,6 +83,55 @@ impl SendLedger {
         })
     }
 
+    /// Queued rows whose retry (if they are one) is due, oldest first.
+    pub fn queued_due(&self) -> Call<Vec<SendRow>> {
+        self.store.call(move |db| {
+            db.all(
+                &format!(
+                    "SELECT {COLUMNS} FROM transfers WHERE direction = ?1 AND status = ?2
+                       AND (retry_at IS NULL OR retry_at <= ?3) ORDER BY seq"
+                ),
+                params![TX, Status::Queued, unix_ms()],
+                SendRow::from_sql,
+            )
+        })
+    }
+
+    /// A failure receipt with a transient code, for try `r.attempt` of a
+    /// transfer that may be tried `max` times: the row becomes the next
+    /// try, `queued` until `retry_at` (unix milliseconds), with the receipt's
+    /// code and sentence kept to show why, due `backoff` from now. False
+    /// when the row is not waiting for this try's receipt, or the tries
+    /// are used up.
+    pub fn retry(&self, r: &Receipt, max: u32, backoff: Duration) -> Call<bool> {
+        let r = r.clone();
+        let retry_at = unix_ms().saturating_add(backoff.as_millis().min(i64::MAX as u128) as i64);
+        self.store.call(move |db| {
+            let n = db.run(
+                "UPDATE transfers SET status = ?5, attempt = attempt + 1, retry_at = ?6,
+                    error_code = ?7, error = ?8, progress = 0, remote_path = NULL,
+                    remote_hook_exit = NULL, delivered = 0
+                 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND file_id = ?4
+                   AND attempt = ?9 AND attempt < ?10 AND status IN (?11, ?12)",
+                params![
+                    TX,
+                    r.transfer_id,
+                    r.from,
+                    r.file_id,
+                    Status::Queued,
+                    retry_at,
+                    r.error_code,
+                    r.error,
+                    r.attempt,
+                    max,
+                    Status::Sending,
+                    Status::AwaitingReceipt
+                ],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
     /// Rows not final, oldest first.
     pub fn unfinished(&self) -> Call<Vec<SendRow>> {
         self.store
@@ -94,21 +151,24 @@ impl SendLedger {
         })
     }
 
-    /// Every chunk is confirmed: records the file's digest and moves the
-    /// transfer from `sending` to `awaiting_receipt`.
-    pub fn published(&self, key: (&TransferId, &NodeName), sha256: &str) -> Call<()> {
+    /// Every chunk of try `attempt` is confirmed: records the file's digest
+    /// and moves the transfer from `sending` to `awaiting_receipt` (unless
+    /// it is on a later try by now).
+    pub fn published(&self, key: (&TransferId, &NodeName), sha256: &str, attempt: u32) -> Call<()> {
         let (tid, peer, sha256) = (key.0.clone(), key.1.clone(), sha256.to_string());
         self.store.call(move |db| {
             db.run(
                 "UPDATE transfers SET sha256 = ?4, progress = size, status = ?6
-                 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = ?5",
+                 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = ?5
+                   AND attempt = ?7",
                 params![
                     TX,
                     tid,
                     peer,
                     sha256,
                     Status::Sending,
-                    Status::AwaitingReceipt
+                    Status::AwaitingReceipt,
+                    attempt
                 ],
             )?;
             Ok(())
@@ -128,7 +188,8 @@ impl SendLedger {
     }
 
     /// Records a receipt. False when no such transfer waits for one (a
-    /// duplicate, or a receipt naming another transfer or file id). The row
+    /// duplicate, a receipt naming another transfer or file id, or one of
+    /// an earlier try). The row
     /// moves to `next`: `hook_running` when the sender's hook comes next,
     /// else straight to its final status.
     pub fn record_receipt(&self, r: &Receipt, next: Status) -> Call<bool> {
@@ -139,7 +200,7 @@ impl SendLedger {
                 "UPDATE transfers SET remote_path = ?5, remote_hook_exit = ?6, error_code = ?7,
                     error = ?8, delivered = ?9, status = ?10, finished_at = IFNULL(?11, finished_at)
                  WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND file_id = ?4
-                   AND status IN (?12, ?13)",
+                   AND status IN (?12, ?13) AND attempt = ?14",
                 params![
                     TX,
                     r.transfer_id,
@@ -153,7 +214,8 @@ impl SendLedger {
                     next,
                     finished,
                     Status::Sending,
-                    Status::AwaitingReceipt
+                    Status::AwaitingReceipt,
+                    r.attempt
                 ],
             )?;
             Ok(n == 1)

@@ -30,6 +30,7 @@ fn hook(exit: i32, tail: &str) -> HookRun {
         exit: Some(exit),
         ms: 5,
         tail: tail.into(),
+        attempts: 1,
     }
 }
 
@@ -152,7 +153,7 @@ async fn a_failed_placement_forgets_the_placement_it_recorded() {
     assert_eq!(got.error_code.as_deref(), Some("file_exists"));
     let unfinished = rx.unfinished().await.unwrap();
     assert_eq!(unfinished.len(), 1, "its receipt is still to be sent");
-    rx.set_receipt_sent((&tid, &peer)).await.unwrap();
+    rx.set_receipt_sent((&tid, &peer), 1).await.unwrap();
     assert!(rx.unfinished().await.unwrap().is_empty());
 }
 
@@ -168,6 +169,7 @@ fn receipt_for(t: &Transfer, file_id: &str, ok: bool) -> Receipt {
         path: Some("/in/a.csv".into()),
         hook_exit: Some(0),
         finished_at: "2026-11-25T00:00:00Z".into(),
+        attempt: 1,
     }
 }
 
@@ -180,7 +182,7 @@ async fn a_receipt_settles_only_its_own_transfer_and_file_id() {
     tx.insert_all(vec![SendRow::new(t.clone(), "/spool/x".into())])
         .await
         .unwrap();
-    tx.published(key, &"b".repeat(64)).await.unwrap();
+    tx.published(key, &"b".repeat(64), 1).await.unwrap();
     let row = tx.get(key).await.unwrap().unwrap();
     assert_eq!((row.status, row.progress), (Status::AwaitingReceipt, 10));
     let wrong_profile = receipt_for(&t, "orders", true);
@@ -298,4 +300,65 @@ async fn a_database_from_release_0_1_opens_and_every_transfer_is_found() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(v, SCHEMA_VERSION);
+}
+
+/// A send profile's `retry:` in the ledgers: a failure receipt of try 1
+/// queues try 2 (due after the backoff), an old receipt settles nothing,
+/// and the receiver restarts its failed row only for a later try.
+#[tokio::test]
+async fn a_retry_is_the_next_try_of_the_same_row_on_both_sides() {
+    use std::time::Duration;
+    let (_d, store) = open();
+    let tx = store.sending();
+    let t = transfer("beta", 10, Status::Sending);
+    let key = (&t.transfer_id, &t.peer);
+    tx.insert_all(vec![SendRow::new(t.clone(), "/spool/x".into())])
+        .await
+        .unwrap();
+    tx.published(key, &"b".repeat(64), 1).await.unwrap();
+    let mut failed = receipt_for(&t, "sales", false);
+    failed.error_code = Some("disk_full".into());
+    // Tries used up (max 1): no retry.
+    assert!(!tx.retry(&failed, 1, Duration::ZERO).await.unwrap());
+    assert!(
+        tx.retry(&failed, 3, Duration::from_secs(3600))
+            .await
+            .unwrap()
+    );
+    let row = tx.get(key).await.unwrap().unwrap();
+    assert_eq!((row.status, row.attempt), (Status::Queued, 2));
+    assert_eq!(row.error_code.as_deref(), Some("disk_full"));
+    assert!(tx.queued_due().await.unwrap().is_empty(), "not due yet");
+    // The same receipt again (redelivered) neither retries nor settles.
+    assert!(!tx.retry(&failed, 3, Duration::ZERO).await.unwrap());
+    tx.advance(key, Status::Queued, Status::Sending)
+        .await
+        .unwrap();
+    assert!(
+        !tx.record_receipt(&failed, Status::SendFailed)
+            .await
+            .unwrap()
+    );
+    let mut second = receipt_for(&t, "sales", true);
+    second.attempt = 2;
+    assert!(tx.record_receipt(&second, Status::Sent).await.unwrap());
+
+    let rx = store.receiving();
+    let mut r = transfer("alpha", 10, Status::Receiving);
+    rx.insert(&ReceiveRow::new(r.clone())).await.unwrap();
+    let rkey = (&r.transfer_id, &r.peer);
+    rx.fail(rkey, Status::ReceiveFailed, (ErrorCode::DiskFull, "full"))
+        .await
+        .unwrap();
+    rx.set_receipt_sent(rkey, 1).await.unwrap();
+    // Not a later try: nothing changes.
+    assert!(!rx.restart(&ReceiveRow::new(r.clone())).await.unwrap());
+    r.attempt = 2;
+    assert!(rx.restart(&ReceiveRow::new(r.clone())).await.unwrap());
+    let got = rx.get(&r.transfer_id).await.unwrap().unwrap();
+    assert_eq!((got.status, got.attempt), (Status::Receiving, 2));
+    assert!(!got.receipt_sent && got.error_code.is_none() && got.chunks_have == 0);
+    // The earlier try's receipt, recorded late, leaves the new try's row be.
+    rx.set_receipt_sent(rkey, 1).await.unwrap();
+    assert!(!rx.get(&r.transfer_id).await.unwrap().unwrap().receipt_sent);
 }

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 pub mod attacker;
 pub mod rabbit;
 pub mod rogue;
+pub mod tmpfs;
 
 #[allow(unused_imports)]
 pub use rabbit::{amqps_urls, client_cert, node_broker, node_urls, node_users};

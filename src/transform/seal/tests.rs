@@ -17,6 +17,7 @@ pub(crate) fn header(offset: u64, size: u64) -> ChunkHeader {
         last: None,
         sealed: None,
         request_id: None,
+        attempt: 1,
     }
 }
 
