@@ -82,8 +82,6 @@ codes! {
     RequestDenied = "request_denied", History;
     /// A request found nothing to send (no ready file, no source).
     NothingToSend = "nothing_to_send", History;
-    /// `hakobu request --wait` gave up: no reply, or the files not settled, in time.
-    RequestTimeout = "request_timeout", History;
     /// The asked node's agent stopped while it served the request.
     RequestInterrupted = "request_interrupted", History;
     /// A message that cannot be parsed, or names no usable transfer.
@@ -101,6 +99,8 @@ codes! {
     AlertsSuppressed = "alerts_suppressed", Log;
     /// A receipt from a node the transfer was not sent to: acked away, no effect.
     UnexpectedReceipt = "unexpected_receipt", Log;
+    /// `hakobu request --wait` gave up: no reply, or the files not settled, in time.
+    RequestTimeout = "request_timeout", Log;
 }
 
 impl ErrorCode {

@@ -285,3 +285,63 @@ impl RequestLedger {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(n: &str) -> NodeName {
+        NodeName::parse(n).unwrap()
+    }
+
+    /// A request is recorded once, taken once, answered once and only by
+    /// the node it was asked of; one served when the agent stopped is
+    /// failed at the next start, one asked keeps waiting for its reply.
+    #[tokio::test]
+    async fn requests_are_taken_and_answered_once() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(&d.path().join("state.db")).unwrap();
+        let ledger = store.requests();
+        let (id, file) = (TransferId::new(), FileId::parse("STOCK").unwrap());
+        let out = RequestRow::new(id.clone(), RequestDir::Out, node("alpha"), file.clone());
+        assert!(ledger.insert(out.clone()).await.unwrap());
+        assert!(!ledger.insert(out).await.unwrap(), "a duplicate is ignored");
+        // The same id served here is another row.
+        let served = RequestRow::new(id.clone(), RequestDir::In, node("beta"), file);
+        assert!(ledger.insert(served).await.unwrap());
+        assert_eq!(
+            ledger.in_status(RequestStatus::Queued).await.unwrap().len(),
+            2
+        );
+        for dir in [RequestDir::Out, RequestDir::In] {
+            let key = (dir, &id);
+            let (q, w) = (RequestStatus::Queued, RequestStatus::Working);
+            assert!(ledger.advance(key, q, w).await.unwrap());
+            assert!(!ledger.advance(key, q, w).await.unwrap(), "taken once");
+        }
+        // Only alpha answers the request asked of it, and only once.
+        let tids = [TransferId::new()];
+        let wrong = (RequestDir::Out, &id, &node("mallory"));
+        assert!(!ledger.answer(wrong, None, &tids).await.unwrap());
+        let right = (RequestDir::Out, &id, &node("alpha"));
+        assert!(ledger.answer(right, None, &tids).await.unwrap());
+        let denied = Some(("request_denied", "no"));
+        assert!(!ledger.answer(right, denied, &[]).await.unwrap());
+        let row = ledger.get(RequestDir::Out, &id).await.unwrap().unwrap();
+        assert_eq!((row.status, row.ok), (RequestStatus::Answered, Some(true)));
+        assert_eq!(row.transfer_ids, tids);
+        // The served one was under way when the agent stopped.
+        let failed = ledger.interrupt_working().await.unwrap();
+        assert_eq!(failed.len(), 1);
+        let row = ledger.get(RequestDir::In, &id).await.unwrap().unwrap();
+        assert_eq!(row.ok, Some(false));
+        assert_eq!(row.error_code.as_deref(), Some("request_interrupted"));
+        assert!(
+            ledger
+                .received(&node("alpha"), &tids)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
