@@ -437,6 +437,54 @@ fn not_transient_fails_at_once(kind: Kind) {
     );
 }
 
+/// The receiver keeps a transfer's tries apart (a rogue publisher as the
+/// sender, on the cluster): try 1 fails (`sha256_mismatch`); try 2 of the
+/// same transfer id starts it again and is placed, its receipt naming try
+/// 2; a chunk of try 1 delivered after that, with other bytes, is ignored:
+/// the placed file, the row and the receipts stay as they were.
+#[test]
+fn the_receiver_keeps_a_transfers_tries_apart() {
+    use common::rogue::{Rig, new_tid, sha256, trailer};
+    let mut rig = Rig::new();
+    let from = rig.allowed.clone();
+    let tid = new_tid();
+    let body = b"id,amount\n1,100\n".to_vec();
+    let mut first = rig.header(&from, &tid, "tries.csv", &body);
+    first.last = trailer(sha256(b"not the body"));
+    rig.inject_chunk(first, &body);
+    let r1 = rig.receipt(&from, &tid);
+    assert!(!r1.ok && r1.attempt == 1, "{r1:?}");
+    assert_eq!(r1.error_code.as_deref(), Some("sha256_mismatch"));
+
+    let mut second = rig.header(&from, &tid, "tries.csv", &body);
+    second.attempt = Some(2);
+    rig.inject_chunk(second, &body);
+    let r2 = rig.receipt(&from, &tid);
+    assert!(r2.ok && r2.attempt == 2, "{r2:?}\n{}", rig.log_tail());
+    let placed = rig.inbox.join("tries.csv");
+    assert_eq!(fs::read(&placed).unwrap(), body);
+
+    // A chunk of try 1 again, with other bytes of the same length.
+    let stale_body = b"id,amount\n9,999\n".to_vec();
+    let mut stale = rig.header(&from, &tid, "tries.csv", &stale_body);
+    stale.attempt = Some(1);
+    rig.inject_chunk(stale, &stale_body);
+    wait_until(WAIT, "the stale chunk to be ignored", || {
+        rig.agent.log().contains("Ignoring a chunk of another try")
+    });
+    rig.good_transfer_works();
+    assert_eq!(fs::read(&placed).unwrap(), body);
+    let row = rig.final_row(&tid);
+    assert_eq!(
+        (row["status"].clone(), row["attempt"].clone()),
+        ("received".into(), 2.into())
+    );
+    assert_eq!(
+        rig.runs_of(&tid),
+        [format!("{tid} receive_failed"), format!("{tid} received")]
+    );
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut dirs = vec![dir.to_path_buf()];
