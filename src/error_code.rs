@@ -76,6 +76,11 @@ codes! {
     EncryptionRequired = "encryption_required", History;
     /// An encrypting send profile has no public key for the receiving node.
     PeerKeyMissing = "peer_key_missing", History;
+    /// Code conversion (`convert:`) met a byte it cannot decode or a
+    /// character it cannot encode.
+    ConversionFailed = "conversion_failed", History;
+    /// A receive profile's `name:` template made a name that is not a plain base name.
+    BadReceiveName = "bad_receive_name", History;
     /// A message that cannot be parsed, or names no usable transfer.
     MalformedMessage = "malformed_message", Log;
     ClaimFailed = "claim_failed", Log;

@@ -56,6 +56,9 @@ pub struct HookContext {
     pub error_code: Option<String>,
     pub error: Option<String>,
     pub meta: BTreeMap<String, String>,
+    /// With `convert:`: the digest of the file as placed, and its lines.
+    pub placed_sha256: Option<String>,
+    pub records: Option<u64>,
 }
 
 impl HookContext {
@@ -95,6 +98,8 @@ impl HookContext {
             error_code: row.error_code.clone().filter(|_| failed),
             error: row.error.clone().filter(|_| failed),
             meta: row.meta.clone(),
+            placed_sha256: row.placed_sha256.clone(),
+            records: row.records,
         }
     }
 }
@@ -281,6 +286,12 @@ pub fn environment(ctx: &HookContext) -> Vec<(String, String)> {
     if let Some(error) = &ctx.error {
         env.push(("HAKOBU_ERROR".into(), error.clone()));
     }
+    if let Some(records) = ctx.records {
+        env.push(("HAKOBU_RECORDS".into(), records.to_string()));
+    }
+    if let Some(placed) = &ctx.placed_sha256 {
+        env.push(("HAKOBU_PLACED_SHA256".into(), placed.clone()));
+    }
     for (k, v) in &ctx.meta {
         env.push((format!("HAKOBU_META_{}", meta_key(k)), v.clone()));
     }
@@ -427,6 +438,8 @@ mod tests {
             error_code: None,
             error: None,
             meta: BTreeMap::from([("batch-no".into(), "7".into())]),
+            placed_sha256: None,
+            records: None,
         }
     }
 

@@ -10,11 +10,13 @@
 //! encryption (`encrypt: true` on a send profile, [`seal`]): the sender
 //! seals each body for the receiving node ([`Transform::Seal`]), the
 //! receiver opens what a chunk header declares sealed ([`Transform::Open`]).
-//! Compression and code conversion are to be added here as variants too.
+//! Code conversion (`convert:`, [`convert`]) is the receiver's whole-file
+//! step ([`Transform::Convert`]) and the sender's step into the spool.
+//! Compression is to be added here as a variant too.
 
+pub mod convert;
 pub(crate) mod seal;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -38,6 +40,9 @@ pub enum Transform {
     Seal(Arc<Sealer>),
     /// Receiver: sealed bodies opened with this node's private key.
     Open(Arc<Keyring>),
+    /// Receiver, the whole-file step: code conversion (`convert:`) between
+    /// verify and place ([`convert`]).
+    Convert(convert::Convert),
 }
 
 /// Why a send profile's transform cannot be made for a node.
@@ -73,8 +78,11 @@ impl Transform {
     }
 
     /// What a receive profile asks for, for the whole-file step.
-    pub fn for_receive(_profile: &ReceiveProfile) -> Transform {
-        Transform::Identity
+    pub fn for_receive(profile: &ReceiveProfile) -> Transform {
+        match profile.convert {
+            Some(c) => Transform::Convert(c),
+            None => Transform::Identity,
+        }
     }
 
     /// Receiver: how to decode one chunk, from what its header declares and
@@ -158,10 +166,13 @@ impl Transform {
         }
     }
 
-    /// Receiver: the whole-file step, on the verified partial file just
-    /// before it is placed (code conversion, for one, works on whole lines).
-    pub fn finish_file(&self, _partial: &Path) -> Result<(), ReceiveError> {
-        Ok(())
+    /// Receiver: the conversion the whole-file step makes on the verified
+    /// file just before it is placed (`receiver/staged.rs`), if any.
+    pub fn conversion(&self) -> Option<&convert::Convert> {
+        match self {
+            Transform::Convert(c) => Some(c),
+            _ => None,
+        }
     }
 }
 
@@ -179,6 +190,6 @@ mod tests {
             t.decode(&h, t.encode(&h, body.clone()).unwrap()).unwrap(),
             body
         );
-        assert!(t.finish_file(Path::new("/nonexistent")).is_ok());
+        assert!(t.conversion().is_none());
     }
 }

@@ -21,6 +21,8 @@ use validate::Validator;
 pub use units::{parse_duration, parse_size};
 
 use crate::domain::{FileId, NodeName};
+pub use crate::receiver::name::NameTemplate;
+pub use crate::transform::convert::{Charset, Convert, Newline, OnError};
 
 /// Bounds on the chunk size: RabbitMQ 4.x refuses messages over 16 MiB.
 pub const MIN_CHUNK: u64 = 64 * 1024;
@@ -158,6 +160,8 @@ pub struct SendProfile {
     pub chunk_size: u64,
     /// Chunk bodies sealed for each receiving node (`keys.peers`).
     pub encrypt: bool,
+    /// Code conversion into the spool before sending.
+    pub convert: Option<Convert>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +193,10 @@ pub struct ReceiveProfile {
     pub on_failure: Option<HookSpec>,
     /// Plain (unsealed) chunks fail their transfer with `encryption_required`.
     pub require_encryption: bool,
+    /// Code conversion between verify and place.
+    pub convert: Option<Convert>,
+    /// The inbox name a file takes (`name:`, default `{file_name}`).
+    pub name: NameTemplate,
 }
 
 /// How a verified file takes its place in the inbox.

@@ -135,6 +135,19 @@ pub struct RawSend {
     pub chunk_size: Option<String>,
     /// Seal chunk bodies for the receiving nodes' public keys (`keys.peers`).
     pub encrypt: Option<bool>,
+    /// Code conversion into the spool before sending.
+    pub convert: Option<RawConvert>,
+}
+
+/// `convert: { from, to, newline, on_error, bom }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConvert {
+    pub from: String,
+    pub to: String,
+    pub newline: Option<String>,
+    pub on_error: Option<String>,
+    pub bom: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +206,10 @@ pub struct RawReceive {
     pub require_encryption: Option<bool>,
     /// Permissions of placed files, octal: `"0640"` (default 0600).
     pub file_mode: Option<RawFileMode>,
+    /// Code conversion between verify and place.
+    pub convert: Option<RawConvert>,
+    /// The inbox name, a template (default `"{file_name}"`).
+    pub name: Option<String>,
 }
 
 /// An octal mode, written as a string (`"0640"`) or a number (`640`).

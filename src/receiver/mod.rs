@@ -22,10 +22,12 @@ mod commit;
 mod complete;
 mod error;
 mod ingest;
+pub mod name;
 mod partial;
 mod place;
 mod receipt;
 mod recovery;
+mod staged;
 mod verify;
 
 use std::collections::HashSet;

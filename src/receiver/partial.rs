@@ -200,7 +200,10 @@ pub fn remove_at(dirs: &Dirs, name: &str) -> io::Result<()> {
 /// is safe to use; a partial directory that is not is left alone.
 pub fn remove(inbox: &Path, tid: &TransferId) -> io::Result<()> {
     match open_dirs(inbox, false) {
-        Ok(dirs) => remove_at(&dirs, &name_of(tid)),
+        Ok(dirs) => {
+            remove_at(&dirs, &format!("{tid}.conv"))?;
+            remove_at(&dirs, &name_of(tid))
+        }
         // No partial directory, or one that is not ours: nothing of ours to remove.
         Err(_) => Ok(()),
     }

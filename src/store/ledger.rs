@@ -20,8 +20,9 @@ pub fn insert(
 ) -> rusqlite::Result<bool> {
     let n = db.run(
         "INSERT OR IGNORE INTO transfers (direction, transfer_id, peer, file_id, file_name, size,
-            sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, touched_at, seq)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+            sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, touched_at,
+            placed_sha256, records, seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
             (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers))",
         params![
             dir,
@@ -40,6 +41,8 @@ pub fn insert(
             t.started_at,
             t.finished_at,
             unix_now(),
+            t.placed_sha256,
+            t.records.map(|r| r as i64),
         ],
     )?;
     Ok(n == 1)

@@ -154,6 +154,11 @@ pub struct Transfer {
     pub hook_tail: Option<String>,
     /// The failure hook was started (it runs at most once).
     pub failure_hook: bool,
+    /// With `convert:`, the SHA-256 of the file as placed (receiving) or as
+    /// sent after conversion (sending); `sha256` is of the bytes received.
+    pub placed_sha256: Option<String>,
+    /// With `convert:`, the lines of the converted file.
+    pub records: Option<u64>,
 }
 
 impl Transfer {
@@ -184,6 +189,8 @@ impl Transfer {
             hook_ms: None,
             hook_tail: None,
             failure_hook: false,
+            placed_sha256: None,
+            records: None,
         }
     }
 
@@ -207,6 +214,8 @@ impl Transfer {
             hook_ms: r.get::<_, Option<i64>>("hook_ms")?.map(|v| v as u64),
             hook_tail: r.get("hook_tail")?,
             failure_hook: r.get("failure_hook")?,
+            placed_sha256: r.get("placed_sha256")?,
+            records: r.get::<_, Option<i64>>("records")?.map(|v| v as u64),
         })
     }
 

@@ -9,7 +9,8 @@ use rusqlite::{Connection, Transaction, params};
 use super::StoreError;
 
 /// Migration `i` takes a database from version `i` to `i + 1`.
-const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[first_schema, checked_names];
+const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] =
+    &[first_schema, checked_names, conversion];
 
 /// The version this hakobu writes.
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
@@ -103,6 +104,16 @@ fn checked_names(tx: &Transaction<'_>) -> rusqlite::Result<()> {
           WHERE length(CAST(file_id AS BLOB)) NOT BETWEEN 1 AND 50
              OR file_id GLOB '*[^A-Za-z0-9_.-]*'
              OR file_id IN ('.', '..');",
+    )
+}
+
+/// 3: code conversion: the digest of the file as placed (`convert:` on a
+/// receive profile; the `sha256` column stays the one of the bytes as
+/// received) and its line count.
+fn conversion(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "ALTER TABLE transfers ADD COLUMN placed_sha256 TEXT;
+         ALTER TABLE transfers ADD COLUMN records INTEGER;",
     )
 }
 
