@@ -216,7 +216,13 @@ pub fn remove_path(partial_path: &Path) -> io::Result<()> {
         return Ok(());
     };
     match open_dirs(inbox, false) {
-        Ok(dirs) => remove_at(&dirs, name),
+        Ok(dirs) => {
+            // And the file converted from it, if any (`staged.rs`).
+            if let Some(tid) = name.strip_suffix(".part") {
+                remove_at(&dirs, &format!("{tid}.conv"))?;
+            }
+            remove_at(&dirs, name)
+        }
         Err(_) => Ok(()),
     }
 }

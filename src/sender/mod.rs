@@ -14,6 +14,7 @@
 
 mod after_send;
 mod claim;
+mod convert;
 mod publish;
 mod receipt;
 mod recovery;
