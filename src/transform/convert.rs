@@ -585,7 +585,7 @@ mod tests {
         assert_eq!(&out[READ - 1..], b"\nb\n");
         assert_eq!(c.records, 2);
         // UTF-16 with a surrogate pair split across the boundary.
-        let mut u16 = vec![b'a', 0].repeat((READ - 2) / 2);
+        let mut u16 = [b'a', 0].repeat((READ - 2) / 2);
         u16.extend(enc(Charset::Utf16Le, "𠮷\n"));
         let (out, _) = run(&spec(Charset::Utf16Le, Charset::Utf8, Newline::Keep), &u16).unwrap();
         assert!(String::from_utf8(out).unwrap().ends_with("a𠮷\n"));
