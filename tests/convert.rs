@@ -52,14 +52,15 @@ struct Rig {
 
 impl Rig {
     fn new(broker: Broker, profiles: &[(&str, &str, &str)]) -> Rig {
-        Self::with_beta_env(broker, profiles, None)
+        Self::with_env(broker, profiles, (None, None))
     }
 
-    /// [`Rig::new`] with one variable in the receiving agent's environment.
-    fn with_beta_env(
+    /// [`Rig::new`] with one variable in the sending or the receiving
+    /// agent's environment.
+    fn with_env(
         broker: Broker,
         profiles: &[(&str, &str, &str)],
-        beta_env: Option<(&str, &str)>,
+        (alpha_env, beta_env): (Option<(&str, &str)>, Option<(&str, &str)>),
     ) -> Rig {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
@@ -100,8 +101,12 @@ impl Rig {
         if let Some((k, v)) = beta_env {
             beta = beta.env(k, v);
         }
+        let mut alpha = Agent::new(&a, &root.join("alpha"), &alpha_yaml);
+        if let Some((k, v)) = alpha_env {
+            alpha = alpha.env(k, v);
+        }
         let mut rig = Rig {
-            alpha: Agent::new(&a, &root.join("alpha"), &alpha_yaml),
+            alpha,
             beta,
             root,
             hooks,
@@ -468,10 +473,10 @@ fn a_crash_mid_conversion_resumes() {
         "",
         "    convert: { from: shift_jis, to: utf-8, newline: lf }\n",
     )];
-    let mut rig = Rig::with_beta_env(
+    let mut rig = Rig::with_env(
         Broker::Embedded,
         &profiles,
-        Some(("HAKOBU_FAILPOINT", "receiver.convert.written")),
+        (None, Some(("HAKOBU_FAILPOINT", "receiver.convert.written"))),
     );
     let sjis = encode("shift_jis", SALES);
     rig.drop_file("SJIS", "sales.csv", &sjis);
@@ -507,4 +512,51 @@ fn a_crash_mid_conversion_resumes() {
         "{:?}",
         rig.partials("SJIS")
     );
+}
+
+/// The sender killed after recording a converted transfer and before the
+/// converted file took the spooled file's name: the restarted agent puts
+/// the converted file in place and sends it, converted once, not twice.
+#[test]
+fn a_sender_crash_mid_conversion_converts_once() {
+    let profiles = [(
+        "OUT",
+        "    convert: { from: utf-8, to: shift_jis, newline: crlf }\n",
+        "",
+    )];
+    let mut rig = Rig::with_env(
+        Broker::Embedded,
+        &profiles,
+        (Some(("HAKOBU_FAILPOINT", "sender.convert.recorded")), None),
+    );
+    let text = "売上,数量,ｶﾅ\n①,2\n東京,3\n";
+    rig.drop_file("OUT", "sales.csv", text.as_bytes());
+    wait_until(
+        Duration::from_secs(60),
+        "alpha to die at its failpoint",
+        || !rig.alpha.alive(),
+    );
+    rig.alpha.kill9();
+    let (node, yaml) = (
+        rig.alpha.node.clone(),
+        fs::read_to_string(&rig.alpha.config).unwrap(),
+    );
+    rig.alpha = Agent::new(&node, &rig.root.join("alpha"), &yaml);
+    rig.alpha.start();
+    let (a, b) = rig.settled("OUT");
+    assert_eq!(a["status"], "sent", "{a}\n{}", rig.alpha.log());
+    let want = encode("shift_jis", SALES);
+    assert_eq!(
+        placed(&rig, "OUT"),
+        vec![("sales.csv".to_string(), want.clone())]
+    );
+    assert_eq!(b["sha256"], sha(&want).as_str());
+    assert_eq!(a["records"], 3);
+    let spool = PathBuf::from(a["path"].as_str().unwrap());
+    assert_eq!(fs::read(&spool).unwrap(), want);
+    let hidden: Vec<_> = common::dir_names(spool.parent().unwrap())
+        .into_iter()
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
 }
