@@ -33,6 +33,9 @@ fn sha(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
+/// One environment variable for an agent: (name, value).
+type EnvVar<'a> = (&'a str, &'a str);
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Broker {
     Rabbit,
@@ -60,7 +63,7 @@ impl Rig {
     fn with_env(
         broker: Broker,
         profiles: &[(&str, &str, &str)],
-        (alpha_env, beta_env): (Option<(&str, &str)>, Option<(&str, &str)>),
+        (alpha_env, beta_env): (Option<EnvVar>, Option<EnvVar>),
     ) -> Rig {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
