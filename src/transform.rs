@@ -1,10 +1,11 @@
 //! The transform stage: the one place a transfer's bytes may be changed on
 //! their way. Sender: read → [`Transform::encode`] → frame. Receiver: frame →
 //! [`Transform::decode`] → write, and, between verify and place, the
-//! whole-file step [`Transform::finish_file`]. The SHA-256 a transfer
-//! carries is always of the file as the sender's outbox held it, and chunk
-//! offsets count those bytes, so a transform changes neither the ledger
-//! nor the state machine.
+//! whole-file step ([`Transform::conversion`], `receiver/staged.rs`). The
+//! SHA-256 a transfer carries is always of the file as the sender's spool
+//! holds it (the outbox's bytes, or a send profile's converted file), and
+//! chunk offsets count those bytes, so a transform changes neither the
+//! ledger nor the state machine.
 //!
 //! Variants: [`Transform::Identity`] (the bytes as they are) and end-to-end
 //! encryption (`encrypt: true` on a send profile, [`seal`]): the sender
