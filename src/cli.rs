@@ -344,7 +344,7 @@ async fn queue_copy(
     store: &Store,
     file_id: &str,
     (src, name): (&Path, &str),
-    to: Option<NodeName>,
+    (to, converted): (Option<NodeName>, bool),
     meta: &BTreeMap<String, String>,
 ) -> Result<TransferId, Exit> {
     let mut profile = cfg.send_profile(file_id).cloned().ok_or_else(|| {
@@ -360,6 +360,10 @@ async fn queue_copy(
             )));
         }
         profile.to = vec![node];
+    }
+    if converted {
+        // A spooled file `convert:` already converted is sent as it is.
+        profile.convert = None;
     }
     let spool = Spool::new(cfg.spool_dir());
     crate::sender::queue(&store.sending(), &spool, &profile, (src, name), meta)
@@ -399,7 +403,7 @@ async fn send(
         .and_then(|n| FileName::parse(n).ok())
         .ok_or_else(|| usage(anyhow::anyhow!("{} has no plain file name", path.display())))?;
     let store = open_store(cfg)?;
-    let tid = queue_copy(cfg, &store, file_id, (path, &name), to, &meta).await?;
+    let tid = queue_copy(cfg, &store, file_id, (path, &name), (to, false), &meta).await?;
     if !agent_running {
         eprintln!(
             "note: no agent runs on {}; the file is queued and goes when `hakobu run -c {}` starts",
@@ -521,7 +525,17 @@ async fn resend(cfg: &Config, tid: &str) -> Result<(), Exit> {
     let mut new_ids = Vec::new();
     for peer in rows.iter().map(|r| r.peer.clone()) {
         let src = (row.path.as_path(), row.file_name.as_str());
-        new_ids.push(queue_copy(cfg, &store, &row.file_id, src, Some(peer), &row.meta).await?);
+        new_ids.push(
+            queue_copy(
+                cfg,
+                &store,
+                &row.file_id,
+                src,
+                (Some(peer), row.records.is_some()),
+                &row.meta,
+            )
+            .await?,
+        );
     }
     for id in new_ids {
         println!("{id}");

@@ -84,6 +84,11 @@ codes! {
     NothingToSend = "nothing_to_send", History;
     /// The asked node's agent stopped while it served the request.
     RequestInterrupted = "request_interrupted", History;
+    /// Code conversion (`convert:`) met a byte it cannot decode or a
+    /// character it cannot encode.
+    ConversionFailed = "conversion_failed", History;
+    /// A receive profile's `name:` template made a name that is not a plain base name.
+    BadReceiveName = "bad_receive_name", History;
     /// A message that cannot be parsed, or names no usable transfer.
     MalformedMessage = "malformed_message", Log;
     ClaimFailed = "claim_failed", Log;

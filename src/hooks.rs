@@ -67,6 +67,9 @@ pub struct HookContext {
     /// Which run of the hook this is, from 1 (`HAKOBU_ATTEMPT`; a hook's
     /// `retry:` runs it again).
     pub attempt: u32,
+    /// With `convert:`: the digest of the file as placed, and its lines.
+    pub placed_sha256: Option<String>,
+    pub records: Option<u64>,
 }
 
 impl HookContext {
@@ -107,6 +110,8 @@ impl HookContext {
             error: row.error.clone().filter(|_| failed),
             meta: row.meta.clone(),
             attempt: 1,
+            placed_sha256: row.placed_sha256.clone(),
+            records: row.records,
         }
     }
 }
@@ -306,6 +311,12 @@ pub fn environment(ctx: &HookContext) -> Vec<(String, String)> {
     if let Some(error) = &ctx.error {
         env.push(("HAKOBU_ERROR".into(), error.clone()));
     }
+    if let Some(records) = ctx.records {
+        env.push(("HAKOBU_RECORDS".into(), records.to_string()));
+    }
+    if let Some(placed) = &ctx.placed_sha256 {
+        env.push(("HAKOBU_PLACED_SHA256".into(), placed.clone()));
+    }
     for (k, v) in &ctx.meta {
         env.push((format!("HAKOBU_META_{}", meta_key(k)), v.clone()));
     }
@@ -453,6 +464,8 @@ mod tests {
             error: None,
             meta: BTreeMap::from([("batch-no".into(), "7".into())]),
             attempt: 1,
+            placed_sha256: None,
+            records: None,
         }
     }
 

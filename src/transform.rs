@@ -1,20 +1,23 @@
 //! The transform stage: the one place a transfer's bytes may be changed on
 //! their way. Sender: read → [`Transform::encode`] → frame. Receiver: frame →
 //! [`Transform::decode`] → write, and, between verify and place, the
-//! whole-file step [`Transform::finish_file`]. The SHA-256 a transfer
-//! carries is always of the file as the sender's outbox held it, and chunk
-//! offsets count those bytes, so a transform changes neither the ledger
-//! nor the state machine.
+//! whole-file step ([`Transform::conversion`], `receiver/staged.rs`). The
+//! SHA-256 a transfer carries is always of the file as the sender's spool
+//! holds it (the outbox's bytes, or a send profile's converted file), and
+//! chunk offsets count those bytes, so a transform changes neither the
+//! ledger nor the state machine.
 //!
 //! Variants: [`Transform::Identity`] (the bytes as they are) and end-to-end
 //! encryption (`encrypt: true` on a send profile, [`seal`]): the sender
 //! seals each body for the receiving node ([`Transform::Seal`]), the
 //! receiver opens what a chunk header declares sealed ([`Transform::Open`]).
-//! Compression and code conversion are to be added here as variants too.
+//! Code conversion (`convert:`, [`convert`]) is the receiver's whole-file
+//! step ([`Transform::Convert`]) and the sender's step into the spool.
+//! Compression is to be added here as a variant too.
 
+pub mod convert;
 pub(crate) mod seal;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -38,6 +41,9 @@ pub enum Transform {
     Seal(Arc<Sealer>),
     /// Receiver: sealed bodies opened with this node's private key.
     Open(Arc<Keyring>),
+    /// Receiver, the whole-file step: code conversion (`convert:`) between
+    /// verify and place ([`convert`]).
+    Convert(convert::Convert),
 }
 
 /// Why a send profile's transform cannot be made for a node.
@@ -73,8 +79,11 @@ impl Transform {
     }
 
     /// What a receive profile asks for, for the whole-file step.
-    pub fn for_receive(_profile: &ReceiveProfile) -> Transform {
-        Transform::Identity
+    pub fn for_receive(profile: &ReceiveProfile) -> Transform {
+        match profile.convert {
+            Some(c) => Transform::Convert(c),
+            None => Transform::Identity,
+        }
     }
 
     /// Receiver: how to decode one chunk, from what its header declares and
@@ -158,10 +167,13 @@ impl Transform {
         }
     }
 
-    /// Receiver: the whole-file step, on the verified partial file just
-    /// before it is placed (code conversion, for one, works on whole lines).
-    pub fn finish_file(&self, _partial: &Path) -> Result<(), ReceiveError> {
-        Ok(())
+    /// Receiver: the conversion the whole-file step makes on the verified
+    /// file just before it is placed (`receiver/staged.rs`), if any.
+    pub fn conversion(&self) -> Option<&convert::Convert> {
+        match self {
+            Transform::Convert(c) => Some(c),
+            _ => None,
+        }
     }
 }
 
@@ -179,6 +191,6 @@ mod tests {
             t.decode(&h, t.encode(&h, body.clone()).unwrap()).unwrap(),
             body
         );
-        assert!(t.finish_file(Path::new("/nonexistent")).is_ok());
+        assert!(t.conversion().is_none());
     }
 }

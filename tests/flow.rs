@@ -263,6 +263,7 @@ async fn a_file_placed_before_a_crash_is_not_placed_again() {
         peer: NodeName::parse("alpha").unwrap(),
         target: target.clone(),
         inode,
+        converted: None,
     };
     store.receiving().placing(vec![placing]).await.unwrap();
     let beta = Agent::start(w.beta()).await.unwrap();
@@ -310,6 +311,7 @@ async fn a_hook_running_at_start_is_interrupted_not_run_again() {
         peer: key.1.clone(),
         target: w.path("inbox/h.txt"),
         inode: 1,
+        converted: None,
     }])
     .await
     .unwrap();

@@ -21,6 +21,8 @@ use validate::Validator;
 pub use units::{parse_duration, parse_size};
 
 use crate::domain::{FileId, NodeName};
+pub use crate::receiver::name::NameTemplate;
+pub use crate::transform::convert::{Charset, Convert, Newline, OnError};
 
 /// Bounds on the chunk size: RabbitMQ 4.x refuses messages over 16 MiB.
 pub const MIN_CHUNK: u64 = 64 * 1024;
@@ -167,6 +169,8 @@ pub struct SendProfile {
     pub encrypt: bool,
     /// A transfer whose receipt carries a transient code is sent again.
     pub retry: Retry,
+    /// Code conversion into the spool before sending.
+    pub convert: Option<Convert>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,6 +202,10 @@ pub struct ReceiveProfile {
     pub on_failure: Option<HookSpec>,
     /// Plain (unsealed) chunks fail their transfer with `encryption_required`.
     pub require_encryption: bool,
+    /// Code conversion between verify and place.
+    pub convert: Option<Convert>,
+    /// The inbox name a file takes (`name:`, default `{file_name}`).
+    pub name: NameTemplate,
 }
 
 /// How a verified file takes its place in the inbox.

@@ -149,6 +149,8 @@ pub struct RawSend {
     pub encrypt: Option<bool>,
     /// Send again a transfer whose receipt carries a transient code.
     pub retry: Option<RawRetry>,
+    /// Code conversion into the spool before sending.
+    pub convert: Option<RawConvert>,
 }
 
 /// `retry: { attempts: N, backoff: 30s }`, on a hook or a send profile.
@@ -159,6 +161,17 @@ pub struct RawRetry {
     pub attempts: u32,
     /// The wait before the second run; doubled before each next (default 30s).
     pub backoff: Option<String>,
+}
+
+/// `convert: { from, to, newline, on_error, bom }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConvert {
+    pub from: String,
+    pub to: String,
+    pub newline: Option<String>,
+    pub on_error: Option<String>,
+    pub bom: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +232,10 @@ pub struct RawReceive {
     pub require_encryption: Option<bool>,
     /// Permissions of placed files, octal: `"0640"` (default 0600).
     pub file_mode: Option<RawFileMode>,
+    /// Code conversion between verify and place.
+    pub convert: Option<RawConvert>,
+    /// The inbox name, a template (default `"{file_name}"`).
+    pub name: Option<String>,
 }
 
 /// An octal mode, written as a string (`"0640"`) or a number (`640`).

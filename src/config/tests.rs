@@ -514,3 +514,47 @@ fn retry_keys_on_hooks_and_send_profiles() {
         assert_eq!(e.line, Some(14), "{e}");
     }
 }
+
+#[test]
+fn convert_and_receive_name_are_checked_with_their_line() {
+    let with = |extra: &str| GOOD.replace("mode: replace", &format!("mode: replace\n{extra}"));
+    let c = parse(&with(
+        "    convert: { from: cp932, to: utf-8, newline: lf }\n    name: \"{meta.branch}_{stem}_{date}.{ext}\"",
+    ))
+    .unwrap();
+    let conv = c.receive[0].convert.unwrap();
+    assert_eq!((conv.from, conv.to), (Charset::ShiftJis, Charset::Utf8));
+    assert_eq!(
+        (conv.newline, conv.on_error, conv.bom),
+        (Newline::Lf, OnError::Fail, false)
+    );
+    assert!(!c.receive[0].name.is_default());
+    assert!(parse(GOOD).unwrap().receive[0].name.is_default());
+    assert!(parse(GOOD).unwrap().receive[0].convert.is_none());
+    for (extra, key) in [
+        ("    name: \"{file_name}.{nope}\"", "receive[0].name"),
+        (
+            "    convert:\n      from: latin1\n      to: utf-8",
+            "receive[0].convert.from",
+        ),
+        (
+            "    convert:\n      from: utf-8\n      to: shift_jis\n      bom: true",
+            "receive[0].convert.bom",
+        ),
+        (
+            "    convert:\n      from: utf-8\n      to: utf-8\n      newline: cr",
+            "receive[0].convert.newline",
+        ),
+        (
+            "    convert:\n      from: utf-8\n      to: utf-8\n      on_error: skip",
+            "receive[0].convert.on_error",
+        ),
+    ] {
+        let e = parse(&with(extra)).unwrap_err();
+        assert_eq!(e.key, key, "{extra}: {e}");
+        assert!(e.line.is_some_and(|l| l >= 21), "{extra}: {e}");
+    }
+    let e = parse(&with("    name: \"{nope}\"")).unwrap_err();
+    assert_eq!(e.line, Some(21), "{e}");
+    assert!(e.message.contains("unknown placeholder `{nope}`"), "{e}");
+}

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use super::locate::LineIndex;
 use super::raw::{
-    RawAfterSend, RawBroker, RawConfig, RawFileMode, RawHook, RawKeys, RawReady, RawReceive,
-    RawRetry, RawSend,
+    RawAfterSend, RawBroker, RawConfig, RawConvert, RawFileMode, RawHook, RawKeys, RawReady,
+    RawReceive, RawRetry, RawSend,
 };
 use super::*;
 use crate::keys::Keyring;
@@ -288,6 +288,7 @@ impl Validator<'_> {
             chunk_size,
             encrypt: raw.encrypt.unwrap_or(false),
             retry: self.retry(&format!("{key}.retry"), raw.retry, MIN_SEND_BACKOFF)?,
+            convert: self.convert(&format!("{key}.convert"), raw.convert)?,
         })
     }
 
@@ -345,7 +346,66 @@ impl Validator<'_> {
                 None => DEFAULT_PARTIAL_TTL,
             },
             require_encryption: raw.require_encryption.unwrap_or(false),
+            convert: self.convert(&format!("{key}.convert"), raw.convert)?,
+            name: match &raw.name {
+                None => NameTemplate::default(),
+                Some(t) => {
+                    NameTemplate::parse(t).map_err(|e| self.err(&format!("{key}.name"), e))?
+                }
+            },
         })
+    }
+
+    /// `convert:`: two known encodings, a newline rule, an error rule, and
+    /// a BOM only for a target that has one.
+    fn convert(&self, key: &str, raw: Option<RawConvert>) -> Result<Option<Convert>> {
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        let charset = |k: &str, v: &str| {
+            Charset::parse(v).ok_or_else(|| {
+                self.err(
+                    &format!("{key}.{k}"),
+                    format!("`{v}` is not one of {}", Charset::NAMES),
+                )
+            })
+        };
+        let (from, to) = (charset("from", &raw.from)?, charset("to", &raw.to)?);
+        let newline = match raw.newline.as_deref().unwrap_or("keep") {
+            "lf" => Newline::Lf,
+            "crlf" => Newline::Crlf,
+            "keep" => Newline::Keep,
+            other => {
+                return Err(self.err(
+                    &format!("{key}.newline"),
+                    format!("`{other}` is not one of lf, crlf, keep"),
+                ));
+            }
+        };
+        let on_error = match raw.on_error.as_deref().unwrap_or("fail") {
+            "fail" => OnError::Fail,
+            "replace" => OnError::Replace,
+            other => {
+                return Err(self.err(
+                    &format!("{key}.on_error"),
+                    format!("`{other}` is not one of fail, replace"),
+                ));
+            }
+        };
+        let bom = raw.bom.unwrap_or(false);
+        if bom && !to.is_unicode() {
+            return Err(self.err(
+                &format!("{key}.bom"),
+                format!("{to} has no byte order mark: `bom: true` needs utf-8, utf-16le or utf-16be as `to`"),
+            ));
+        }
+        Ok(Some(Convert {
+            from,
+            to,
+            newline,
+            on_error,
+            bom,
+        }))
     }
 
     /// The `keys:` section: peers' public keys parsed, and every node an

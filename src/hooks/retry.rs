@@ -131,6 +131,8 @@ mod tests {
             error: None,
             meta: BTreeMap::new(),
             attempt: 1,
+            placed_sha256: None,
+            records: None,
         }
     }
 

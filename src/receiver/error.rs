@@ -65,6 +65,14 @@ pub enum ReceiveError {
         "the profile requires encryption and a chunk came unencrypted; set `encrypt: true` on the sender's profile and resend"
     )]
     EncryptionRequired,
+    /// Code conversion (`convert:`) failed; the sentence names the byte
+    /// offset and the line.
+    #[error("{0}")]
+    ConversionFailed(String),
+    #[error(
+        "the profile's `name:` made \"{0}\" (escaped), which is not a plain base name (separator, `..`, leading dot or dash, control character); fix the template or the metadata it uses"
+    )]
+    BadReceiveName(String),
 }
 
 impl ReceiveError {
@@ -74,6 +82,8 @@ impl ReceiveError {
             ReceiveError::SenderNotAllowed(..) => ErrorCode::SenderNotAllowed,
             ReceiveError::SenderMismatch { .. } => ErrorCode::SenderMismatch,
             ReceiveError::BadFileName(_) => ErrorCode::BadFileName,
+            ReceiveError::ConversionFailed(_) => ErrorCode::ConversionFailed,
+            ReceiveError::BadReceiveName(_) => ErrorCode::BadReceiveName,
             ReceiveError::BadMetadata(_) => ErrorCode::BadMetadata,
             ReceiveError::TooLarge { .. } => ErrorCode::FileTooLarge,
             ReceiveError::ChunkOutOfRange { .. } => ErrorCode::ChunkOutOfRange,

@@ -10,6 +10,8 @@
 //!    digests, so that the file need not be read back).
 //! 4. `place.rs`: the only way a file reaches an inbox name, by mode, one
 //!    name at a time; transfers completed together placed together.
+//!    `staged.rs`: the file placed, converted first with `convert:`
+//!    (`transform/convert.rs`); `name.rs`: the inbox name (`name:`).
 //! 5. `complete.rs`: the state machine from a complete (or failed) transfer
 //!    to its hooks and receipt.
 //! 6. `receipt.rs`: the outcome, back to the sender.
@@ -22,10 +24,12 @@ mod commit;
 mod complete;
 mod error;
 mod ingest;
+pub mod name;
 mod partial;
 mod place;
 mod receipt;
 mod recovery;
+mod staged;
 mod verify;
 
 use std::collections::HashSet;

@@ -260,7 +260,10 @@ pub fn remove_at(dirs: &Dirs, name: &str) -> io::Result<()> {
 /// is safe to use; a partial directory that is not is left alone.
 pub fn remove(inbox: &Path, tid: &TransferId) -> io::Result<()> {
     match open_dirs(inbox, false) {
-        Ok(dirs) => remove_at(&dirs, &name_of(tid)),
+        Ok(dirs) => {
+            remove_at(&dirs, &format!("{tid}.conv"))?;
+            remove_at(&dirs, &name_of(tid))
+        }
         // No partial directory, or one that is not ours: nothing of ours to remove.
         Err(_) => Ok(()),
     }
@@ -273,7 +276,13 @@ pub fn remove_path(partial_path: &Path) -> io::Result<()> {
         return Ok(());
     };
     match open_dirs(inbox, false) {
-        Ok(dirs) => remove_at(&dirs, name),
+        Ok(dirs) => {
+            // And the file converted from it, if any (`staged.rs`).
+            if let Some(tid) = name.strip_suffix(".part") {
+                remove_at(&dirs, &format!("{tid}.conv"))?;
+            }
+            remove_at(&dirs, name)
+        }
         Err(_) => Ok(()),
     }
 }

@@ -23,6 +23,8 @@ use super::complete::after_placing;
 use super::error::ReceiveError;
 use super::ingest::partial_path;
 use super::partial::{self, Dirs};
+pub use super::staged::Staged;
+use super::staged::inbox_name;
 use super::verify::verify_file;
 use crate::config::{Mode, ReceiveProfile};
 use crate::domain::TransferId;
@@ -66,35 +68,44 @@ impl Receiver {
         }
         let ledger = self.ledger.clone();
         let (tid, peer) = (row.transfer_id.clone(), row.peer.clone());
-        let (inbox, name, mode, size) = (p.inbox.clone(), row.file_name.clone(), p.mode, row.size);
+        let name = inbox_name(row, p)?;
+        let (inbox, mode, size) = (p.inbox.clone(), p.mode, row.size);
         let file_mode = p.file_mode;
         let sha = row.sha256.clone().unwrap_or_default();
         let hashed = self.digests.finish(&row.transfer_id, size);
         let transform = Transform::for_receive(p);
         let (checked_inbox, checked_name, checked_tid) = (inbox.clone(), name.clone(), tid.clone());
-        let staged = tokio::task::spawn_blocking(move || {
+        let (staged, converted) = tokio::task::spawn_blocking(move || {
             let mut staged = Staged::open(&checked_inbox, &checked_tid, &checked_name)?;
             verify_file(&mut staged.file, size, &sha, hashed)?;
-            transform.finish_file(&partial_path(&checked_inbox, &checked_tid))?;
-            Ok::<_, ReceiveError>(staged)
+            staged.finish(&transform)
         })
         .await
         .map_err(|e| ReceiveError::Io(e.to_string()))??;
         let name_lock = self.names.of(&inbox.join(&name));
         let _placing = name_lock.lock().await;
         let placed = tokio::task::spawn_blocking(move || {
-            place(staged, &inbox, &name, (mode, file_mode), |target, inode| {
+            let converting = converted.is_some();
+            let (done_inbox, done_tid) = (inbox.clone(), tid.clone());
+            let placed = place(staged, &inbox, &name, (mode, file_mode), |target, inode| {
                 let placing = Placing {
                     transfer_id: tid,
                     peer,
                     target: target.to_path_buf(),
                     inode,
+                    converted,
                 };
                 ledger
                     .placing(vec![placing])
                     .wait()
                     .map_err(|e| ReceiveError::Io(e.to_string()))
-            })
+            })?;
+            if converting {
+                // The file as received, kept until the converted one was
+                // placed; a failure here leaves it to the next start's sweep.
+                let _ = partial::remove(&done_inbox, &done_tid);
+            }
+            Ok(placed)
         })
         .await
         .map_err(|e| ReceiveError::Io(e.to_string()))?;
@@ -134,10 +145,8 @@ impl Receiver {
                 .into_iter()
                 .filter_map(|mut i| {
                     let sha = i.row.sha256.clone().unwrap_or_default();
-                    let mut staged =
-                        Staged::open(&i.inbox, &i.row.transfer_id, &i.row.file_name).ok()?;
+                    let mut staged = Staged::open(&i.inbox, &i.row.transfer_id, &i.name).ok()?;
                     verify_file(&mut staged.file, i.row.size, &sha, i.hashed.take()).ok()?;
-                    i.transform.finish_file(&i.partial).ok()?;
                     staged.chmod(i.file_mode).ok()?;
                     Some((i, staged))
                 })
@@ -157,6 +166,7 @@ impl Receiver {
                 peer: i.row.peer.clone(),
                 target: i.target.clone(),
                 inode: staged.ino,
+                converted: None,
             })
             .collect();
         self.ledger.placing(placing).await?;
@@ -205,8 +215,16 @@ impl Receiver {
             let Some(p) = self.cfg.receive_profile(&row.file_id) else {
                 continue;
             };
-            let target = p.inbox.join(&row.file_name);
-            if row.status != Status::Receiving || !simple(p.mode) || !names.insert(target.clone()) {
+            // A conversion, or a name that does not render, goes alone.
+            let Ok(name) = inbox_name(&row, p) else {
+                continue;
+            };
+            let target = p.inbox.join(&name);
+            if row.status != Status::Receiving
+                || !simple(p.mode)
+                || p.convert.is_some()
+                || !names.insert(target.clone())
+            {
                 continue;
             }
             items.push(Item {
@@ -217,7 +235,7 @@ impl Receiver {
                 file_mode: p.file_mode,
                 next: after_placing(p),
                 hashed: self.digests.finish(tid, row.size),
-                transform: Transform::for_receive(p),
+                name,
                 row,
             });
         }
@@ -237,56 +255,8 @@ struct Item {
     file_mode: u32,
     next: Status,
     hashed: Option<String>,
-    transform: Transform,
-}
-
-/// A verified partial file about to be placed: its inbox and partial
-/// directory open, its name there, its descriptor (checked: a regular file
-/// of the agent's own, one link) and its inode.
-pub struct Staged {
-    dirs: Dirs,
+    /// The inbox name (`name:`).
     name: String,
-    file: File,
-    ino: u64,
-}
-
-impl Staged {
-    /// Opens the partial file of `tid` in `inbox` without following links.
-    /// Two links are accepted only when the second is the inbox name
-    /// `target` itself: mode `new` linked it before a crash.
-    pub fn open(inbox: &Path, tid: &TransferId, target: &str) -> Result<Staged, ReceiveError> {
-        let dirs = partial::open_dirs(inbox, false)?;
-        let name = partial::name_of(tid);
-        let file = partial::open_raw(&dirs, &name, false)?;
-        let st = match partial::check_file(&file, &name, 1) {
-            Ok(st) => st,
-            Err(e) => {
-                let st = partial::check_file(&file, &name, 2).map_err(|_| e)?;
-                let linked = partial::stat_in_inbox(&dirs, target)?
-                    .is_some_and(|t| t.st_ino == st.st_ino && t.st_dev == st.st_dev);
-                if !linked {
-                    return Err(ReceiveError::UnsafeInbox(format!(
-                        "the partial file {name} has another link"
-                    )));
-                }
-                st
-            }
-        };
-        Ok(Staged {
-            dirs,
-            name,
-            file,
-            ino: st.st_ino,
-        })
-    }
-
-    /// Gives the file the profile's `file_mode`, exactly (the umask plays no part).
-    fn chmod(&self, file_mode: u32) -> Result<(), ReceiveError> {
-        use std::os::unix::fs::PermissionsExt;
-        self.file
-            .set_permissions(fs::Permissions::from_mode(file_mode))
-            .map_err(|e| ReceiveError::from_io("setting the file's mode", e))
-    }
 }
 
 /// Puts every verified file of a group in place, then flushes each inbox
@@ -295,7 +265,7 @@ impl Staged {
 fn put_together(ready: &[(Item, Staged)]) -> Vec<Result<(), ReceiveError>> {
     let mut results: Vec<Result<(), ReceiveError>> = ready
         .iter()
-        .map(|(i, staged)| put(staged, &i.row.file_name, &i.target, i.mode))
+        .map(|(i, staged)| put(staged, &i.name, &i.target, i.mode))
         .collect();
     let mut flushed: HashMap<&Path, Option<String>> = HashMap::new();
     for ((i, staged), r) in ready.iter().zip(&results) {

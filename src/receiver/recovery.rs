@@ -59,8 +59,10 @@ impl Receiver {
                 _ => continue,
             };
             for name in names {
+                // `.conv`: a converted file (`staged.rs`).
                 let Some(tid) = name
                     .strip_suffix(".part")
+                    .or_else(|| name.strip_suffix(".conv"))
                     .and_then(|t| TransferId::parse(t).ok())
                 else {
                     continue;

@@ -52,6 +52,8 @@ impl Sender {
             error: None,
             meta: Default::default(),
             attempt: 1,
+            placed_sha256: None,
+            records: None,
         };
         let log = hooks::log_path(&self.cfg.log_dir(), tid, Event::BeforeSend);
         // With the job's own `retry:`, a failing run is run again first.

@@ -4,7 +4,7 @@
 //! two leaves a spooled file without rows, which recovery records
 //! (`recovery.rs`). From the rename on, the file is never lost.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -62,9 +62,22 @@ impl Sender {
                 Err(why) => refused.push((file, ErrorCode::BeforeSendFailed, why)),
             }
         }
+        // Converted after the job, which may have rewritten the file.
+        let (ready, pending) = convert_claimed(profile, ready, &mut refused).await;
         let mut rows: Vec<SendRow> = ready
             .iter()
-            .flat_map(|file| claim_rows(profile, file, &BTreeMap::new(), Status::Sending, request))
+            .zip(&pending)
+            .flat_map(|(file, conv)| {
+                let converted = conv.as_ref().map(|p| &p.converted);
+                let status = Status::Sending;
+                sized_rows(
+                    profile,
+                    file,
+                    &BTreeMap::new(),
+                    (status, request),
+                    converted,
+                )
+            })
             .collect();
         for (file, code, why) in &refused {
             rows.extend(self.failed_rows(profile, file, request, (*code, why)));
@@ -75,10 +88,7 @@ impl Sender {
                 .chain(refused.iter().map(|r| &r.0))
                 .map(|f| f.tid.clone())
                 .collect(),
-            failed: refused
-                .iter()
-                .find(|r| r.1 == ErrorCode::BeforeSendFailed)
-                .map(|r| (r.1, r.2.clone())),
+            failed: refused.first().map(|r| (r.1, r.2.clone())),
         };
         if rows.is_empty() {
             return started;
@@ -87,8 +97,22 @@ impl Sender {
         if let Err(e) = self.ledger.insert_all(rows.clone()).await {
             error!(message = "Cannot record claimed files; they are recorded at the next start.",
                 files = ready.len(), error = %e, error_code = %e.code());
+            pending
+                .iter()
+                .flatten()
+                .for_each(super::convert::Pending::discard);
             return Started::default();
         }
+        // The rows record the converted files: they take their names now.
+        let mut unplaced = HashSet::new();
+        for (file, conv) in ready.iter().zip(&pending) {
+            if let Some(Err(e)) = conv.as_ref().map(super::convert::Pending::commit) {
+                error!(message = "Cannot put a converted file in place in the spool; it is put there at the next start.",
+                    transfer_id = %file.tid, error = %e);
+                unplaced.insert(file.tid.clone());
+            }
+        }
+        rows.retain(|r| !unplaced.contains(&r.transfer_id));
         for file in &ready {
             info!(message = "Claimed.", transfer_id = %file.tid, file_id = %profile.file_id, file_name = %file.name);
         }
@@ -311,6 +335,62 @@ pub(super) fn claim_rows(
         .collect()
 }
 
+/// Converts the claimed files of a converting profile (`convert.rs`): the
+/// files that convert, each with its pending conversion (`None` when the
+/// profile does not convert); those that do not go to `refused` with
+/// `conversion_failed`, kept in the spool as they came.
+pub(super) async fn convert_claimed(
+    profile: &SendProfile,
+    claimed: Vec<Spooled>,
+    refused: &mut Vec<(Spooled, ErrorCode, String)>,
+) -> (Vec<Spooled>, Vec<Option<super::convert::Pending>>) {
+    let Some(spec) = profile.convert else {
+        let none = claimed.iter().map(|_| None).collect();
+        return (claimed, none);
+    };
+    let converted = tokio::task::spawn_blocking(move || {
+        claimed
+            .into_iter()
+            .map(|f| {
+                let r = super::convert::prepare(&spec, &f);
+                (f, r)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let (mut ok, mut pending) = (Vec::new(), Vec::new());
+    for (file, r) in converted {
+        match r {
+            Ok(p) => {
+                ok.push(file);
+                pending.push(Some(p));
+            }
+            Err(msg) => refused.push((file, ErrorCode::ConversionFailed, msg)),
+        }
+    }
+    (ok, pending)
+}
+
+/// [`claim_rows`] for a file whose conversion is pending: the size and
+/// line count of the converted file.
+pub(super) fn sized_rows(
+    profile: &SendProfile,
+    file: &Spooled,
+    meta: &BTreeMap<String, String>,
+    (status, request): (Status, Option<&TransferId>),
+    converted: Option<&crate::transform::convert::Converted>,
+) -> Vec<SendRow> {
+    let mut rows = claim_rows(profile, file, meta, status, request);
+    if let Some(c) = converted {
+        for row in &mut rows {
+            row.transfer.size = c.size;
+            row.transfer.records = Some(c.records);
+        }
+    }
+    rows
+}
+
 /// `hakobu send` and `hakobu resend`: copies `src` into the spool as a new
 /// transfer that arrives as `name`, queued (one row per node of the
 /// profile's `to`) for the agent on this state directory to pick up.
@@ -324,8 +404,35 @@ pub async fn queue(
     let file = spool
         .copy_in(&profile.file_id, src, name)
         .map_err(|e| QueueError::Copy(src.to_path_buf(), e))?;
-    let rows = claim_rows(profile, &file, meta, Status::Queued, None);
+    let pending = match profile.convert {
+        None => None,
+        Some(spec) => {
+            let f = Spooled {
+                tid: file.tid.clone(),
+                name: file.name.clone(),
+                path: file.path.clone(),
+            };
+            let p = tokio::task::spawn_blocking(move || super::convert::prepare(&spec, &f))
+                .await
+                .map_err(|e| QueueError::Convert(e.to_string()));
+            match p.and_then(|r| r.map_err(QueueError::Convert)) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    // Nothing recorded: the copy goes, the source stays.
+                    let _ = crate::durable::remove_if_exists(&file.path);
+                    let _ = spool.remove_transfer_dir(&file.path);
+                    return Err(e);
+                }
+            }
+        }
+    };
+    let converted = pending.as_ref().map(|p| &p.converted);
+    let rows = sized_rows(profile, &file, meta, (Status::Queued, None), converted);
     ledger.insert_all(rows).await?;
+    if let Some(p) = &pending {
+        // On failure the publisher puts it in place before reading it.
+        let _ = p.commit();
+    }
     Ok(file.tid)
 }
 
@@ -335,4 +442,7 @@ pub enum QueueError {
     Copy(PathBuf, std::io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// `convert:` failed (`conversion_failed`): nothing was queued.
+    #[error("conversion_failed: {0}")]
+    Convert(String),
 }

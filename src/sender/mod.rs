@@ -5,7 +5,8 @@
 //! # Stages, one file each
 //! 1. `watch.rs`: an outbox, and when a file in it is complete.
 //! 2. `claim.rs`: the rename into the spool, then the ledger rows.
-//! 3. `spool.rs`: the spool's layout (also for `hakobu send` and `resend`).
+//! 3. `spool.rs`: the spool's layout (also for `hakobu send` and `resend`);
+//!    `convert.rs`: a send profile's `convert:`, into the spool.
 //! 4. `publish.rs`: chunks through the transform stage to the broker, in a
 //!    window, until every one is confirmed.
 //! 5. `receipt.rs`: the receiver's outcome, and the sender's hook for it.
@@ -19,6 +20,7 @@
 mod after_send;
 mod before_send;
 mod claim;
+mod convert;
 mod publish;
 mod receipt;
 mod recovery;

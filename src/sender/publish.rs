@@ -214,6 +214,10 @@ impl Chunks<'_> {
     ) -> Result<String, PublishError> {
         let row = self.row;
         let path = row.path.display().to_string();
+        if row.records.is_some() {
+            super::convert::finish_recorded(&row.path, &row.transfer_id)
+                .map_err(|e| PublishError::Spool(path.clone(), e))?;
+        }
         let file = super::spool::open_source(&row.path).map_err(|e| match e {
             super::spool::SourceError::Io(e) => PublishError::Spool(path.clone(), e),
             super::spool::SourceError::Unsafe(why) => PublishError::Unsafe(path.clone(), why),

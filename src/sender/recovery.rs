@@ -8,7 +8,10 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::Sender;
-use super::claim::claim_rows;
+use super::claim::{claim_rows, convert_claimed, sized_rows};
+use super::convert;
+use super::spool::Spooled;
+use crate::config::SendProfile;
 use crate::domain::TransferId;
 use crate::error_code::ErrorCode;
 use crate::store::{Status, StoreError};
@@ -47,29 +50,82 @@ impl Sender {
         let mut settled = Vec::new();
         for profile in &self.cfg.send {
             for file in self.spool.entries(&profile.file_id) {
-                if !self.ledger.rows_of(&file.tid).await?.is_empty() {
+                let recorded = !self.ledger.rows_of(&file.tid).await?.is_empty();
+                // A conversion cut short (`convert.rs`): finished or dropped.
+                if profile.convert.is_some() && convert::has_leftover(&file) {
+                    convert::finish_leftover(&file, recorded);
+                }
+                if recorded {
                     settled.push(file.tid);
                     continue;
                 }
                 info!(message = "Recording a file claimed before a crash.", transfer_id = %file.tid, file_name = %file.name);
-                let mut rows = claim_rows(profile, &file, &BTreeMap::new(), Status::Sending, None);
-                if profile.before_send.is_some() {
-                    // Its before_send job may not have finished: not sent as it stands.
-                    let why = format!(
-                        "the agent stopped before the before_send job finished; nothing was sent: `hakobu resend {}`",
-                        file.tid
-                    );
-                    for row in &mut rows {
-                        row.transfer.status = Status::SendFailed;
-                        row.transfer.error_code =
-                            Some(ErrorCode::BeforeSendFailed.as_str().to_string());
-                        row.transfer.error = Some(why.clone());
-                        row.transfer.finished_at = Some(crate::clock::now_rfc3339());
-                    }
-                }
-                self.ledger.insert_all(rows).await?;
+                self.adopt(profile, file).await?;
             }
         }
         Ok(settled)
+    }
+
+    /// Records the rows of a spooled file that has none, converted first
+    /// when its profile converts (as a claim does).
+    async fn adopt(&self, profile: &SendProfile, file: Spooled) -> Result<(), StoreError> {
+        let mut refused = Vec::new();
+        let (ok, pending) = if profile.before_send.is_some() {
+            // Its before_send job may not have finished: not sent as it stands.
+            let why = format!(
+                "the agent stopped before the before_send job finished; nothing was sent: `hakobu resend {}`",
+                file.tid
+            );
+            refused.push((file, ErrorCode::BeforeSendFailed, why));
+            (Vec::new(), Vec::new())
+        } else {
+            convert_claimed(profile, vec![file], &mut refused).await
+        };
+        let hook = profile.on_failure.is_some();
+        for (file, code, msg) in refused {
+            let status = if hook {
+                Status::HookRunning
+            } else {
+                Status::SendFailed
+            };
+            let mut rows = claim_rows(profile, &file, &BTreeMap::new(), status, None);
+            for row in &mut rows {
+                row.transfer.error_code = Some(code.as_str().to_string());
+                row.transfer.error = Some(msg.clone());
+                row.transfer.finished_at = (!hook).then(crate::clock::now_rfc3339);
+            }
+            self.ledger.insert_all(rows.clone()).await?;
+            if hook {
+                for row in rows {
+                    self.run_hook(&row.transfer_id, &row.peer).await?;
+                }
+            }
+        }
+        for (file, conv) in ok.iter().zip(pending) {
+            let converted = conv.as_ref().map(|p| &p.converted);
+            let rows = sized_rows(
+                profile,
+                file,
+                &BTreeMap::new(),
+                (Status::Sending, None),
+                converted,
+            );
+            self.ledger.insert_all(rows.clone()).await?;
+            if let Some(Err(e)) = conv.as_ref().map(convert::Pending::commit) {
+                // Never sent unconverted: failed, the original kept for `hakobu resend`.
+                let code = ErrorCode::ConversionFailed;
+                let msg = format!(
+                    "cannot put the converted file in place in the spool: {e}; check the state directory, then resend"
+                );
+                warn!(message = "Cannot put a converted file in place in the spool.", transfer_id = %file.tid, error = %e);
+                for row in rows {
+                    let key = (&row.transfer_id, &row.peer);
+                    self.ledger
+                        .fail(key, Status::SendFailed, (code, &msg))
+                        .await?;
+                }
+            }
+        }
+        Ok(())
     }
 }

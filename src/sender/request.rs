@@ -18,7 +18,7 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 use super::Sender;
-use super::claim::{Started, claim_rows};
+use super::claim::{Started, convert_claimed, sized_rows};
 use crate::broker::Delivery;
 use crate::config::SendProfile;
 use crate::domain::{NodeName, TransferId, escape_text};
@@ -340,22 +340,41 @@ impl Sender {
             }
         };
         let (file, job) = file;
-        let (rows, failed) = match job {
-            Ok(()) => (
-                claim_rows(profile, &file, &BTreeMap::new(), Status::Sending, request),
-                None,
-            ),
-            Err(why) => (
-                self.failed_rows(profile, &file, request, (ErrorCode::BeforeSendFailed, &why)),
-                Some((ErrorCode::BeforeSendFailed, why)),
+        let mut refused = Vec::new();
+        let mut pending = None;
+        match job {
+            // The copy is converted (`convert:`), as a claimed file is.
+            Ok(()) => match convert_claimed(profile, vec![file.clone()], &mut refused).await {
+                (ok, mut conv) if !ok.is_empty() => pending = conv.pop().flatten(),
+                _ => {}
+            },
+            Err(why) => refused.push((file.clone(), ErrorCode::BeforeSendFailed, why)),
+        }
+        let (rows, failed) = match refused.pop() {
+            None => {
+                let converted = pending.as_ref().map(|p| &p.converted);
+                let status = (Status::Sending, request);
+                let rows = sized_rows(profile, &file, &BTreeMap::new(), status, converted);
+                (rows, None)
+            }
+            Some((_, code, why)) => (
+                self.failed_rows(profile, &file, request, (code, &why)),
+                Some((code, why)),
             ),
         };
         if let Err(e) = self.ledger.insert_all(rows.clone()).await {
             error!(message = "Cannot record the copy of a source; it is recorded at the next start.", error = %e, error_code = %e.code());
+            if let Some(p) = &pending {
+                p.discard();
+            }
             return Started {
                 tids: vec![tid],
                 failed: Some((ErrorCode::NothingToSend, e.to_string())),
             };
+        }
+        if let Some(Err(e)) = pending.as_ref().map(super::convert::Pending::commit) {
+            // The publisher puts it in place before reading it.
+            warn!(message = "Cannot put a converted source in place in the spool yet.", transfer_id = %tid, error = %e);
         }
         info!(message = "Source copied.", transfer_id = %tid, file_id = %profile.file_id, file_name = %name);
         self.start_rows(&rows);

@@ -17,6 +17,7 @@ const NAME_MAX: usize = 255;
 
 /// A file in the spool: its transfer id, its name (as it will arrive) and
 /// where it is.
+#[derive(Clone)]
 pub struct Spooled {
     pub tid: TransferId,
     pub name: String,

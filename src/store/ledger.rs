@@ -21,9 +21,9 @@ pub fn insert(
     let n = db.run(
         "INSERT OR IGNORE INTO transfers (direction, transfer_id, peer, file_id, file_name, size,
             sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, touched_at,
-            attempt, seq, request_id)
+            attempt, seq, request_id, placed_sha256, records)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-            (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers), ?18)",
+            (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers), ?18, ?19, ?20)",
         params![
             dir,
             t.transfer_id,
@@ -43,6 +43,8 @@ pub fn insert(
             unix_now(),
             t.attempt,
             t.request_id,
+            t.placed_sha256,
+            t.records.map(|r| r as i64),
         ],
     )?;
     Ok(n == 1)

@@ -22,6 +22,8 @@ pub struct Placing {
     pub peer: NodeName,
     pub target: PathBuf,
     pub inode: u64,
+    /// With `convert:`, the digest and line count of the file as placed.
+    pub converted: Option<(String, u64)>,
 }
 
 ledger::facade!(ReceiveLedger, RX);
@@ -139,7 +141,8 @@ impl ReceiveLedger {
             for p in &placements {
                 tx.run(
                     "UPDATE transfers SET path = ?4, inode = ?5,
-                        status = CASE status WHEN ?6 THEN ?7 ELSE status END
+                        status = CASE status WHEN ?6 THEN ?7 ELSE status END,
+                        placed_sha256 = ?8, records = ?9
                      WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3",
                     params![
                         RX,
@@ -148,7 +151,9 @@ impl ReceiveLedger {
                         p.target.to_string_lossy(),
                         p.inode as i64,
                         Status::Receiving,
-                        Status::Placing
+                        Status::Placing,
+                        p.converted.as_ref().map(|c| &c.0),
+                        p.converted.as_ref().map(|c| c.1 as i64),
                     ],
                 )?;
             }

@@ -163,6 +163,11 @@ pub struct Transfer {
     pub attempt: u32,
     /// Runs of the hook whose exit `hook_exit` holds.
     pub hook_attempts: Option<u32>,
+    /// With `convert:`, the SHA-256 of the file as placed (receiving) or as
+    /// sent after conversion (sending); `sha256` is of the bytes received.
+    pub placed_sha256: Option<String>,
+    /// With `convert:`, the lines of the converted file.
+    pub records: Option<u64>,
 }
 
 impl Transfer {
@@ -196,6 +201,8 @@ impl Transfer {
             request_id: None,
             attempt: 1,
             hook_attempts: None,
+            placed_sha256: None,
+            records: None,
         }
     }
 
@@ -224,6 +231,8 @@ impl Transfer {
             hook_attempts: r
                 .get::<_, Option<i64>>("hook_attempts")?
                 .map(|v| v.clamp(0, u32::MAX as i64) as u32),
+            placed_sha256: r.get("placed_sha256")?,
+            records: r.get::<_, Option<i64>>("records")?.map(|v| v as u64),
         })
     }
 

@@ -9,8 +9,13 @@ use rusqlite::{Connection, Transaction, params};
 use super::StoreError;
 
 /// Migration `i` takes a database from version `i` to `i + 1`.
-const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] =
-    &[first_schema, checked_names, send_requests, retries];
+const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[
+    first_schema,
+    checked_names,
+    send_requests,
+    retries,
+    conversion,
+];
 
 /// The version this hakobu writes.
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
@@ -133,6 +138,16 @@ fn retries(tx: &Transaction<'_>) -> rusqlite::Result<()> {
         "ALTER TABLE transfers ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
          ALTER TABLE transfers ADD COLUMN retry_at INTEGER;
          ALTER TABLE transfers ADD COLUMN hook_attempts INTEGER;",
+    )
+}
+
+/// 5: code conversion: the digest of the file as placed (`convert:` on a
+/// receive profile; the `sha256` column stays the one of the bytes as
+/// received) and its line count.
+fn conversion(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "ALTER TABLE transfers ADD COLUMN placed_sha256 TEXT;
+         ALTER TABLE transfers ADD COLUMN records INTEGER;",
     )
 }
 

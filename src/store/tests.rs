@@ -90,6 +90,7 @@ async fn a_received_transfer_moves_through_placing_to_its_hook() {
         peer: peer.clone(),
         target: target.clone(),
         inode: 42,
+        converted: None,
     };
     rx.placing(vec![placing]).await.unwrap();
     let got = rx.get(&tid).await.unwrap().unwrap();
@@ -142,6 +143,7 @@ async fn a_failed_placement_forgets_the_placement_it_recorded() {
         peer: peer.clone(),
         target: PathBuf::from("/in/a.csv"),
         inode: 7,
+        converted: None,
     };
     rx.placing(vec![placing]).await.unwrap();
     rx.placing_failed((&tid, &peer), (ErrorCode::FileExists, "taken"))
