@@ -270,8 +270,18 @@ fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::R
     }
     writeln!(
         out,
-        "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4}",
-        "STARTED", "DIR", "TRANSFER", "PEER", "FILE_ID", "FILE", "SIZE", "STATUS", "ERROR", "HOOK"
+        "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:>12} {:<17} {:<20} {:>4}",
+        "STARTED",
+        "DIR",
+        "TRANSFER",
+        "PEER",
+        "FILE_ID",
+        "FILE",
+        "SIZE",
+        "WIRE",
+        "STATUS",
+        "ERROR",
+        "HOOK"
     )?;
     // Text that came from the network (a sender's clock, a name recorded
     // by an older release) is escaped: it cannot drive the terminal.
@@ -280,7 +290,7 @@ fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::R
         let r = e.transfer();
         writeln!(
             out,
-            "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4}",
+            "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:>12} {:<17} {:<20} {:>4}",
             safe(&r.started_at),
             e.direction().as_str(),
             r.transfer_id,
@@ -288,6 +298,7 @@ fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::R
             r.file_id,
             safe(&r.file_name),
             r.size,
+            r.wire_bytes,
             r.status.as_str(),
             r.error_code.as_deref().unwrap_or("-"),
             r.hook_exit

@@ -56,6 +56,19 @@ pub struct ChunkHeader {
     /// open it (`src/transform/seal.rs`). Absent: the body is the plain bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed: Option<Sealed>,
+    /// Only when the body is compressed (`compress:` on the send profile):
+    /// with what. Decided per chunk (a chunk that does not shrink travels
+    /// plain); under a seal, compressed before sealing. Absent: not compressed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compressed: Option<Codec>,
+}
+
+/// How a chunk body is compressed (`src/transform/compress.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// One or more zstd frames that inflate to exactly the chunk's length.
+    Zstd,
 }
 
 /// How a sealed chunk body is opened: the transfer's data key, wrapped for
@@ -354,6 +367,7 @@ mod tests {
                     meta: BTreeMap::from([("k".into(), "v".into())]),
                 }),
                 sealed: None,
+                compressed: None,
             },
             Bytes::from_static(b"hello"),
         )

@@ -175,6 +175,7 @@ fn chunk(tid: &TransferId, data: &[u8], idx: u64) -> Message {
             meta: Default::default(),
         }),
         sealed: None,
+        compressed: None,
     };
     Message::Chunk(
         header,

@@ -136,6 +136,7 @@ fn forged_file(from: &str, to: &str, data: &[u8]) -> (TransferId, Message) {
             meta: Default::default(),
         }),
         sealed: None,
+        compressed: None,
     };
     (tid, Message::Chunk(header, Bytes::copy_from_slice(data)))
 }

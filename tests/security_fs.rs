@@ -102,6 +102,7 @@ fn chunk(tid: &TransferId, name: &str, data: &[u8], idx: u64) -> Message {
             meta: Default::default(),
         }),
         sealed: None,
+        compressed: None,
     };
     Message::Chunk(
         header,

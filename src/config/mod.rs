@@ -158,6 +158,8 @@ pub struct SendProfile {
     pub chunk_size: u64,
     /// Chunk bodies sealed for each receiving node (`keys.peers`).
     pub encrypt: bool,
+    /// Chunk bodies compressed with zstd at this level (`compress:`).
+    pub compress: Option<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -135,6 +135,21 @@ pub struct RawSend {
     pub chunk_size: Option<String>,
     /// Seal chunk bodies for the receiving nodes' public keys (`keys.peers`).
     pub encrypt: Option<bool>,
+    /// Compress chunk bodies: `zstd` or `{ zstd: LEVEL }`.
+    pub compress: Option<RawCompress>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawCompress {
+    Word(String),
+    Level(RawZstdLevel),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawZstdLevel {
+    pub zstd: i32,
 }
 
 #[derive(Debug, Deserialize)]

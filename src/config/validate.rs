@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use super::locate::LineIndex;
 use super::raw::{
-    RawAfterSend, RawBroker, RawConfig, RawFileMode, RawHook, RawKeys, RawReady, RawReceive,
-    RawSend,
+    RawAfterSend, RawBroker, RawCompress, RawConfig, RawFileMode, RawHook, RawKeys, RawReady,
+    RawReceive, RawSend,
 };
 use super::*;
 use crate::keys::Keyring;
@@ -239,7 +239,25 @@ impl Validator<'_> {
             after_send,
             chunk_size,
             encrypt: raw.encrypt.unwrap_or(false),
+            compress: self.compress(&format!("{key}.compress"), raw.compress)?,
         })
+    }
+
+    /// `compress: zstd` (level 3) or `compress: { zstd: LEVEL }` (1 to 19).
+    fn compress(&self, key: &str, raw: Option<RawCompress>) -> Result<Option<i32>> {
+        match raw {
+            None => Ok(None),
+            Some(RawCompress::Word(w)) if w == "zstd" => Ok(Some(crate::transform::ZSTD_LEVEL)),
+            Some(RawCompress::Word(w)) => Err(self.err(
+                key,
+                format!("`{w}` is not a compression; write `zstd` or `{{ zstd: LEVEL }}`"),
+            )),
+            Some(RawCompress::Level(l)) if (1..=19).contains(&l.zstd) => Ok(Some(l.zstd)),
+            Some(RawCompress::Level(_)) => Err(self.err(
+                &format!("{key}.zstd"),
+                "a zstd level is between 1 (fastest) and 19 (smallest)",
+            )),
+        }
     }
 
     fn receive(&self, key: &str, raw: RawReceive) -> Result<ReceiveProfile> {

@@ -126,11 +126,14 @@ impl Sender {
                 .publish(&self.out, self.window, &mut resume, &record)
                 .await
             {
-                Ok(sha) => {
+                Ok((sha, wire_bytes)) => {
                     // Not waited for: a crash that loses it publishes the
                     // file again, and the receiver ignores the duplicate.
-                    self.ledger.deferred().published((tid, peer), &sha).detach();
-                    info!(message = "Published; awaiting the receipt.", transfer_id = %tid, to = %peer, size = row.size);
+                    self.ledger
+                        .deferred()
+                        .published((tid, peer), &sha, wire_bytes)
+                        .detach();
+                    info!(message = "Published; awaiting the receipt.", transfer_id = %tid, to = %peer, size = row.size, wire_bytes);
                     return;
                 }
                 Err(PublishError::Spool(path, e)) => {
@@ -160,11 +163,13 @@ impl Sender {
 }
 
 /// Where to pick up after a failure: the first chunk not known to be durable,
-/// and the digest state just before it.
+/// and the digest state just before it; and the chunk body bytes published
+/// so far, every attempt counted (history's `wire_bytes`).
 #[derive(Clone, Default)]
 pub struct Resume {
     pub next: u64,
     pub hasher: Sha256,
+    pub wire: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,7 +198,9 @@ struct Chunks<'a> {
 
 impl Chunks<'_> {
     /// Publishes the chunks of the spooled file from `resume` on. Returns the
-    /// file's SHA-256 once every chunk is confirmed; `on_progress` sees confirmed bytes.
+    /// file's SHA-256 once every chunk is confirmed, and the bytes of chunk
+    /// bodies published (as framed: compressed, sealed); `on_progress` sees
+    /// confirmed bytes.
     /// A file of one chunk goes through `out` with whatever else waits for the
     /// same node; the chunks of a larger one straight to the broker, in a window.
     async fn publish(
@@ -202,7 +209,7 @@ impl Chunks<'_> {
         window: u64,
         resume: &mut Resume,
         on_progress: &(dyn Fn(u64) + Send + Sync),
-    ) -> Result<String, PublishError> {
+    ) -> Result<(String, u64), PublishError> {
         let row = self.row;
         let path = row.path.display().to_string();
         let file = super::spool::open_source(&row.path).map_err(|e| match e {
@@ -214,15 +221,16 @@ impl Chunks<'_> {
         if count == 1 {
             let body = read_at(&file, &path, 0, row.size).await?;
             let sha256 = hex::encode(Sha256::digest(&body));
-            let header = self.header(0, Some(sha256.clone()));
+            let mut header = self.header(0, Some(sha256.clone()));
             let body = self
                 .transform
-                .encode(&header, body)
+                .encode(&mut header, body)
                 .map_err(|e| PublishError::Spool(path.clone(), e))?;
+            resume.wire += body.len() as u64;
             let msg = Message::Chunk(header, body);
             out.publish(&row.peer, msg).await?;
             on_progress(row.size);
-            return Ok(sha256);
+            return Ok((sha256, std::mem::take(&mut resume.wire)));
         }
         let broker = out.broker();
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
@@ -237,7 +245,7 @@ impl Chunks<'_> {
         let mut digest = hex::encode(hasher_before.clone().finalize());
 
         while let Some(reading) = next.take() {
-            let (payload, hasher_after) = reading
+            let (payload, hasher_after, wire) = reading
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
                 .map_err(|e| PublishError::Spool(path.clone(), e))?;
@@ -254,21 +262,27 @@ impl Chunks<'_> {
                 on_progress(confirmed);
             }
             match broker.publish(&row.peer, payload).await {
-                Ok(confirm) => in_flight.push_back(InFlight {
-                    idx,
-                    len,
-                    hasher_before,
-                    confirm,
-                }),
+                Ok(confirm) => {
+                    resume.wire += wire;
+                    in_flight.push_back(InFlight {
+                        idx,
+                        len,
+                        hasher_before,
+                        confirm,
+                    })
+                }
                 Err(e) => {
+                    let wire = resume.wire;
                     *resume = match in_flight.front() {
                         Some(f) => Resume {
                             next: f.idx,
                             hasher: f.hasher_before.clone(),
+                            wire,
                         },
                         None => Resume {
                             next: idx,
                             hasher: hasher_before,
+                            wire,
                         },
                     };
                     return Err(e.into());
@@ -282,8 +296,8 @@ impl Chunks<'_> {
             confirmed += settle(&mut in_flight, resume).await?;
             on_progress(confirmed);
         }
-        *resume = Resume::default();
-        Ok(digest)
+        let wire = std::mem::take(resume).wire;
+        Ok((digest, wire))
     }
 
     /// Reads chunk `idx` into its frame, on a blocking thread, and continues
@@ -314,7 +328,7 @@ impl Chunks<'_> {
                     hasher.update(&*plain);
                     transform.encode_in_place(&header, body)
                 })?;
-                return Ok((frame, hasher));
+                return Ok((frame, hasher, framed as u64));
             }
             let mut body = vec![0u8; len as usize];
             file.read_exact_at(&mut body, offset)?;
@@ -322,8 +336,9 @@ impl Chunks<'_> {
             if let Some(t) = header.last.as_mut() {
                 t.sha256 = hex::encode(hasher.clone().finalize());
             }
-            let body = transform.encode(&header, Bytes::from(body))?;
-            Ok((Message::Chunk(header, body).encode(), hasher))
+            let body = transform.encode(&mut header, Bytes::from(body))?;
+            let wire = body.len() as u64;
+            Ok((Message::Chunk(header, body).encode(), hasher, wire))
         })
     }
 
@@ -346,6 +361,7 @@ impl Chunks<'_> {
                 meta: row.meta.clone(),
             }),
             sealed: self.transform.sealed(),
+            compressed: None,
         }
     }
 }
@@ -355,7 +371,8 @@ fn chunk_len(row: &SendRow, idx: u64) -> u64 {
     row.chunk_size.min(row.size - offset.min(row.size))
 }
 
-type Prepared = tokio::task::JoinHandle<std::io::Result<(Bytes, Sha256)>>;
+/// A chunk's frame, the digest state after it, and its body's framed length.
+type Prepared = tokio::task::JoinHandle<std::io::Result<(Bytes, Sha256, u64)>>;
 
 /// Awaits the oldest confirm; on failure, points `resume` at it.
 async fn settle(
@@ -371,6 +388,7 @@ async fn settle(
             *resume = Resume {
                 next: front.idx,
                 hasher: front.hasher_before,
+                wire: resume.wire,
             };
             Err(e.into())
         }

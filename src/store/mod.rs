@@ -254,4 +254,4 @@ fn unix_now() -> i64 {
 /// Every column a row type reads, in one place.
 const COLUMNS: &str = "direction, transfer_id, peer, file_id, file_name, size, sha256, chunk_size, \
      status, error_code, error, path, remote_path, remote_hook_exit, meta, started_at, finished_at, \
-     hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode, failure_hook, progress, chunks_have";
+     hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode, failure_hook, progress, chunks_have, wire_bytes";

@@ -154,6 +154,9 @@ pub struct Transfer {
     pub hook_tail: Option<String>,
     /// The failure hook was started (it runs at most once).
     pub failure_hook: bool,
+    /// Bytes of chunk bodies on the wire (compressed, sealed): published
+    /// by the sender, every attempt counted; received by the receiver.
+    pub wire_bytes: u64,
 }
 
 impl Transfer {
@@ -184,6 +187,7 @@ impl Transfer {
             hook_ms: None,
             hook_tail: None,
             failure_hook: false,
+            wire_bytes: 0,
         }
     }
 
@@ -207,6 +211,7 @@ impl Transfer {
             hook_ms: r.get::<_, Option<i64>>("hook_ms")?.map(|v| v as u64),
             hook_tail: r.get("hook_tail")?,
             failure_hook: r.get("failure_hook")?,
+            wire_bytes: r.get::<_, i64>("wire_bytes")? as u64,
         })
     }
 

@@ -9,7 +9,8 @@ use rusqlite::{Connection, Transaction, params};
 use super::StoreError;
 
 /// Migration `i` takes a database from version `i` to `i + 1`.
-const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[first_schema, checked_names];
+const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] =
+    &[first_schema, checked_names, wire_bytes];
 
 /// The version this hakobu writes.
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
@@ -104,6 +105,13 @@ fn checked_names(tx: &Transaction<'_>) -> rusqlite::Result<()> {
              OR file_id GLOB '*[^A-Za-z0-9_.-]*'
              OR file_id IN ('.', '..');",
     )
+}
+
+/// 3 (issue 13, compression): the bytes of chunk bodies as they travelled
+/// (compressed, sealed), beside the file's size: what the sender published,
+/// what the receiver received.
+fn wire_bytes(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch("ALTER TABLE transfers ADD COLUMN wire_bytes INTEGER NOT NULL DEFAULT 0;")
 }
 
 #[cfg(test)]

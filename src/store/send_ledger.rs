@@ -94,13 +94,19 @@ impl SendLedger {
         })
     }
 
-    /// Every chunk is confirmed: records the file's digest and moves the
-    /// transfer from `sending` to `awaiting_receipt`.
-    pub fn published(&self, key: (&TransferId, &NodeName), sha256: &str) -> Call<()> {
+    /// Every chunk is confirmed: records the file's digest and the bytes
+    /// published, and moves the transfer from `sending` to `awaiting_receipt`.
+    pub fn published(
+        &self,
+        key: (&TransferId, &NodeName),
+        sha256: &str,
+        wire_bytes: u64,
+    ) -> Call<()> {
         let (tid, peer, sha256) = (key.0.clone(), key.1.clone(), sha256.to_string());
         self.store.call(move |db| {
             db.run(
-                "UPDATE transfers SET sha256 = ?4, progress = size, status = ?6
+                "UPDATE transfers SET sha256 = ?4, progress = size, status = ?6,
+                    wire_bytes = wire_bytes + ?7
                  WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = ?5",
                 params![
                     TX,
@@ -108,7 +114,8 @@ impl SendLedger {
                     peer,
                     sha256,
                     Status::Sending,
-                    Status::AwaitingReceipt
+                    Status::AwaitingReceipt,
+                    wire_bytes as i64
                 ],
             )?;
             Ok(())

@@ -53,6 +53,9 @@ pub struct ChunkHeader {
     pub offset: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last: Option<Trailer>,
+    /// `"zstd"`: the body claims to be compressed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressed: Option<String>,
 }
 
 #[derive(Clone, Serialize)]
@@ -255,6 +258,7 @@ impl Rig {
             chunk_size: CHUNK,
             offset: 0,
             last: trailer(sha256(body)),
+            compressed: None,
         }
     }
 

@@ -16,6 +16,7 @@ pub(crate) fn header(offset: u64, size: u64) -> ChunkHeader {
         offset,
         last: None,
         sealed: None,
+        compressed: None,
     }
 }
 
