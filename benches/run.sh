@@ -25,6 +25,9 @@
 #             amounts) through the cluster, without and with `compress: zstd`,
 #             in the same rounds, beside the ceiling; with the bytes on the
 #             wire from the sender's history (`wire_bytes`).
+#   capped    200 MiB of the large file through the cluster with
+#             `bandwidth: 20MiB/s` on the send profile: the measured rate
+#             beside the cap (HAKOBU_BENCH_CAP_MIB, HAKOBU_BENCH_CAP_RATE).
 #   small     2,000 files of 4 KiB written elsewhere, moved in with one `mv`,
 #             then their done markers; files/s from the first `mv` to the
 #             start of the last hook; through the cluster and the embedded broker.
@@ -66,7 +69,7 @@
 #   HAKOBU_BENCH_LATENCY     latency samples [200]
 #   HAKOBU_BENCH_SKIP        space-separated parts to skip: ceiling disk floor latency huge,
 #                            large (or large_cluster, large_encrypted, large_embedded),
-#                            csv (or csv_plain, csv_zstd), small (or
+#                            csv (or csv_plain, csv_zstd), capped, small (or
 #                            small_cluster, small_embedded)
 #   HAKOBU_BENCH_PROFILE     a directory: for each hakobu measurement, keep the agents'
 #                            logs and configurations there, and record the whole machine
@@ -664,6 +667,13 @@ for ((r = 1; r <= ROUNDS; r++)); do
   fi
 done
 [[ -n $CSV ]] && rm -f "$CSV"
+CAP_MIB=${HAKOBU_BENCH_CAP_MIB:-200}
+CAP_RATE=${HAKOBU_BENCH_CAP_RATE:-20}
+if ! skipped capped; then
+  head -c $((CAP_MIB * 1048576)) "$BIG" >"$WORK/data/capped.bin"
+  large_run cluster capped "$WORK/data/capped.bin" $((CAP_MIB * 1048576)) "" "    bandwidth: ${CAP_RATE}MiB/s"
+  rm -f "$WORK/data/capped.bin"
+fi
 if ! skipped small; then
   if ! skipped ceiling; then
     # A file is two messages: its chunk and its receipt.
@@ -765,6 +775,8 @@ for v in plain zstd; do
   [[ $v == zstd ]] && label="CSV ($L) compress: zstd via cluster / ceiling"
   row "$label" "(no target)" "$(fmt "$(mean "$rr")" 2) [$(list "$rr")] = $(fmt "$m") MiB/s; wire $wtxt" "-" "${m:-null}" null "MiB/s"
 done
+# A capped profile: the rate measured beside the cap (drop to hook start).
+row "capped profile ($CAP_MIB MiB, bandwidth: ${CAP_RATE}MiB/s) via cluster" "<= $CAP_RATE MiB/s (+ burst)" "$(fmt "${R[capped_mibs]:-}") MiB/s, cap $CAP_RATE MiB/s" "$(verdict "${R[capped_mibs]:-}" '<=' "$(calc "$CAP_RATE * 1.05")")" "${R[capped_mibs]:-null}" "$CAP_RATE" "MiB/s"
 # The bound the embedded path cannot pass on one disk (see the reference row).
 rt=$(ratio_rounds large_embedded disk two)
 rtm=$(mean "$rt")

@@ -26,6 +26,8 @@ pub struct RawConfig {
     pub run_as_root: Option<bool>,
     /// End-to-end encryption: this node's private key, peers' public keys.
     pub keys: Option<RawKeys>,
+    /// The agent's rate cap, all send profiles together (`10MiB/s`).
+    pub bandwidth: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,6 +139,10 @@ pub struct RawSend {
     pub encrypt: Option<bool>,
     /// Compress chunk bodies: `zstd` or `{ zstd: LEVEL }`.
     pub compress: Option<RawCompress>,
+    /// 1..9, higher first (default 5).
+    pub priority: Option<u8>,
+    /// This profile's rate cap (`10MiB/s`).
+    pub bandwidth: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

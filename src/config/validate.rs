@@ -64,6 +64,7 @@ impl Validator<'_> {
             receive,
             run_as_root: raw.run_as_root.unwrap_or(false),
             keys,
+            bandwidth: self.rate("bandwidth", raw.bandwidth.as_deref())?,
         })
     }
 
@@ -240,7 +241,32 @@ impl Validator<'_> {
             chunk_size,
             encrypt: raw.encrypt.unwrap_or(false),
             compress: self.compress(&format!("{key}.compress"), raw.compress)?,
+            priority: match raw.priority {
+                None => DEFAULT_PRIORITY,
+                Some(p) if (1..=9).contains(&p) => p,
+                Some(_) => {
+                    return Err(self.err(
+                        &format!("{key}.priority"),
+                        "a priority is 1 to 9; higher is more urgent (HULFT's runs the other way)",
+                    ));
+                }
+            },
+            bandwidth: self.rate(&format!("{key}.bandwidth"), raw.bandwidth.as_deref())?,
         })
+    }
+
+    /// `bandwidth: 10MiB/s`: a size a second, more than zero.
+    fn rate(&self, key: &str, text: Option<&str>) -> Result<Option<u64>> {
+        let Some(text) = text else {
+            return Ok(None);
+        };
+        let Some(size) = text.trim().strip_suffix("/s") else {
+            return Err(self.err(key, format!("`{text}` is not a rate such as 10MiB/s")));
+        };
+        match self.size(key, size)? {
+            0 => Err(self.err(key, "a rate is more than 0 bytes a second")),
+            n => Ok(Some(n)),
+        }
     }
 
     /// `compress: zstd` (level 3) or `compress: { zstd: LEVEL }` (1 to 19).

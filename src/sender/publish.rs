@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use tracing::{error, info, warn};
 
 use super::Sender;
+use super::throttle::Pace;
 use crate::broker::{BrokerError, Confirm};
 use crate::coalesce::Coalescer;
 use crate::domain::{NodeName, TransferId};
@@ -44,6 +45,7 @@ impl Sender {
     pub(super) fn enqueue(self: &Arc<Self>, row: &SendRow) {
         let key = (row.transfer_id.clone(), row.peer.clone());
         let size = row.size;
+        let priority = self.priority_of(&row.file_id);
         if !self
             .publishing
             .lock()
@@ -56,7 +58,7 @@ impl Sender {
         tokio::spawn(async move {
             tokio::select! {
                 _ = this.stop.cancelled() => {}
-                _ = this.publish_until_confirmed(&key.0, &key.1, size) => {}
+                _ = this.publish_until_confirmed(&key.0, &key.1, size, priority) => {}
             }
             this.publishing
                 .lock()
@@ -65,12 +67,20 @@ impl Sender {
         });
     }
 
-    async fn publish_until_confirmed(&self, tid: &TransferId, peer: &NodeName, size: u64) {
-        let Ok(_permit) = self
-            .permits
-            .acquire_many(permits_for(size, self.window))
-            .await
-        else {
+    async fn publish_until_confirmed(
+        &self,
+        tid: &TransferId,
+        peer: &NodeName,
+        size: u64,
+        priority: u8,
+    ) {
+        // Registered while it waits for permits too: less urgent
+        // publishers pause from now on.
+        let _active = self.priorities.register(priority);
+        let Some(permits) = self.permits.get(priority as usize) else {
+            return;
+        };
+        let Ok(_permit) = permits.acquire_many(permits_for(size, self.window)).await else {
             return;
         };
         let mut resume = Resume::default();
@@ -121,6 +131,14 @@ impl Sender {
                 node: &self.cfg.node,
                 row: &row,
                 transform,
+                pace: Pace {
+                    priorities: &self.priorities,
+                    priority,
+                    caps: [self.caps.get(&row.file_id), self.agent_cap.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .collect(),
+                },
             };
             match chunks
                 .publish(&self.out, self.window, &mut resume, &record)
@@ -194,6 +212,7 @@ struct Chunks<'a> {
     node: &'a NodeName,
     row: &'a SendRow,
     transform: Transform,
+    pace: Pace<'a>,
 }
 
 impl Chunks<'_> {
@@ -226,6 +245,7 @@ impl Chunks<'_> {
                 .transform
                 .encode(&mut header, body)
                 .map_err(|e| PublishError::Spool(path.clone(), e))?;
+            self.pace.before(body.len() as u64).await;
             resume.wire += body.len() as u64;
             let msg = Message::Chunk(header, body);
             out.publish(&row.peer, msg).await?;
@@ -261,6 +281,7 @@ impl Chunks<'_> {
                 confirmed += done;
                 on_progress(confirmed);
             }
+            self.pace.before(wire).await;
             match broker.publish(&row.peer, payload).await {
                 Ok(confirm) => {
                     resume.wire += wire;
