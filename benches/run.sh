@@ -21,6 +21,13 @@
 #   encrypted the large file through the cluster again, end-to-end encrypted
 #             (`encrypt: true`, the receiver's key made with `hakobu keygen`,
 #             `require_encryption: true`), in the same rounds, beside the plain one.
+#   csv       a compressible 1 GiB CSV (text rows: ids, dates, branches,
+#             amounts) through the cluster, without and with `compress: zstd`,
+#             in the same rounds, beside the ceiling; with the bytes on the
+#             wire from the sender's history (`wire_bytes`).
+#   capped    200 MiB of the large file through the cluster with
+#             `bandwidth: 20MiB/s` on the send profile: the measured rate
+#             beside the cap (HAKOBU_BENCH_CAP_MIB, HAKOBU_BENCH_CAP_RATE).
 #   small     2,000 files of 4 KiB written elsewhere, moved in with one `mv`,
 #             then their done markers; files/s from the first `mv` to the
 #             start of the last hook; through the cluster and the embedded broker.
@@ -61,7 +68,8 @@
 #   HAKOBU_BENCH_SMALL       small files [2000]
 #   HAKOBU_BENCH_LATENCY     latency samples [200]
 #   HAKOBU_BENCH_SKIP        space-separated parts to skip: ceiling disk floor latency huge,
-#                            large (or large_cluster, large_encrypted, large_embedded), small (or
+#                            large (or large_cluster, large_encrypted, large_embedded),
+#                            csv (or csv_plain, csv_zstd), capped, small (or
 #                            small_cluster, small_embedded)
 #   HAKOBU_BENCH_PROFILE     a directory: for each hakobu measurement, keep the agents'
 #                            logs and configurations there, and record the whole machine
@@ -193,6 +201,22 @@ need_kib=$(((LARGE_BYTES * (HUGE_X * 2 + 4)) / 1024))
 avail_kib=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
 ((avail_kib > need_kib)) || die "$WORK has $((avail_kib / 1048576)) GiB free, the run needs about $((need_kib / 1048576)) GiB"
 
+CSV=''
+if ! skipped csv_plain csv || ! skipped csv_zstd csv; then
+  log "writing the ${LARGE_MIB} MiB CSV file"
+  CSV=$WORK/data/large.csv
+  # 64 MiB of rows (ids, dates, branches, amounts), repeated: each 512 KiB
+  # chunk is compressed on its own, so the repetition gains zstd nothing.
+  awk 'BEGIN { for (i = 0; n < 67108864; i++) {
+      line = sprintf("%d,2026-12-%02d,branch-%03d,%s,%d.%02d,settled\n", i, 1 + i % 28, i % 211,
+        (i % 3 ? "tokyo" : "osaka"), (i * 7919) % 100000, i % 100)
+      n += length(line); printf "%s", line } }' >"$WORK/data/unit.csv"
+  for ((i = 0; i <= LARGE_BYTES / 67108864; i++)); do cat "$WORK/data/unit.csv"; done 2>/dev/null |
+    head -c "$LARGE_BYTES" >"$CSV" || true
+  rm -f "$WORK/data/unit.csv"
+  [[ $(stat -c %s "$CSV") -eq $LARGE_BYTES ]] || die "could not write $CSV"
+fi
+
 log "writing the ${LARGE_MIB} MiB test file"
 BIG=$WORK/data/large.bin
 # Incompressible bytes, fast: AES-CTR of zeros when openssl is there, else urandom.
@@ -284,8 +308,9 @@ PAIR_KIND=''
 # pair KIND DIR: writes two agents' configurations in DIR (KIND = cluster |
 # embedded, the embedded broker already started) and starts them. Sets
 # SEND_PID, RECV_PID, OUTBOX, INBOX, HOOKLOGS, STAGE, PAIR_A, PAIR_B.
+# A fourth argument: more lines for the send profile (`    compress: zstd`).
 pair() {
-  local kind=$1 dir=$2 enc=${3:-} a b sb rb skeys='' rkeys='' sprof='' rprof='' pub
+  local kind=$1 dir=$2 enc=${3:-} extra=${4:-} a b sb rb skeys='' rkeys='' sprof='' rprof='' pub
   PAIR_N=$((PAIR_N + 1))
   a=bench-$$-$PAIR_N-a
   b=bench-$$-$PAIR_N-b
@@ -330,6 +355,7 @@ send:
     after_send: delete
     chunk_size: $CHUNK
 $sprof
+$extra
 EOF
   cat >"$dir/recv.yaml" <<EOF
 node: $b
@@ -453,14 +479,15 @@ prof_stop() {
 # ---------------------------------------------------------------- measurements
 declare -A R   # results: key -> number
 
-# Large file through hakobu: sets R[<tag>_mibs], R[<tag>_send_kib], R[<tag>_recv_kib].
-# large_run KIND TAG FILE BYTES [encrypted]
+# Large file through hakobu: sets R[<tag>_mibs], R[<tag>_send_kib], R[<tag>_recv_kib],
+# R[<tag>_wire] (the sender's wire_bytes).
+# large_run KIND TAG FILE BYTES [encrypted] [SEND_PROFILE_LINES]
 large_run() {
-  local kind=$1 tag=$2 file=$3 bytes=$4 enc=${5:-} dir t0 t1 name
+  local kind=$1 tag=$2 file=$3 bytes=$4 enc=${5:-} extra=${6:-} dir t0 t1 name wire
   dir=$WORK/$tag
   mkdir -p "$dir"
   if [[ $kind == embedded ]]; then embedded_broker "$dir"; fi
-  pair "$kind" "$dir" "$enc"
+  pair "$kind" "$dir" "$enc" "$extra"
   name=big-$tag.bin
   # A copy of its own: the sender refuses a file with other hard links
   # (unsafe_source). Copied and synced before the clock starts.
@@ -477,6 +504,9 @@ large_run() {
   R[${tag}_mibs]=$(calc "$bytes / 1048576 / ($t1 - $t0)")
   R[${tag}_send_kib]=$(hwm_kib "$SEND_PID")
   R[${tag}_recv_kib]=$(hwm_kib "$RECV_PID")
+  wire=$("$HAKOBU" history -c "$dir/send.yaml" --json --limit 5 |
+    grep -F "\"file_name\":\"$name\"" | grep -o '"wire_bytes":[0-9]*' | head -n 1 | cut -d: -f2) || true
+  [[ -n $wire ]] && R[${tag}_wire]=$wire
   cpu_record "$tag" "$kind"
   if [[ $kind == embedded ]]; then R[${tag}_broker_kib]=$(hwm_kib "$BROKER_PID"); fi
   log "$tag: $(calc "$bytes / 1048576") MiB in ${R[${tag}_s]} s = ${R[${tag}_mibs]} MiB/s; peak RSS sender ${R[${tag}_send_kib]} KiB, receiver ${R[${tag}_recv_kib]} KiB; CPU s: sender ${R[${tag}_send_cpu_s]}, receiver ${R[${tag}_recv_cpu_s]}, broker ${R[${tag}_broker_cpu_s]:-${R[${tag}_rmq_cpu_s]:-?}}"
@@ -629,7 +659,21 @@ for ((r = 1; r <= ROUNDS; r++)); do
   if ! skipped large_embedded large; then
     large_run embedded "large_embedded_r$r" "$BIG" "$LARGE_BYTES"
   fi
+  if ! skipped csv_plain csv; then
+    large_run cluster "csv_plain_r$r" "$CSV" "$LARGE_BYTES"
+  fi
+  if ! skipped csv_zstd csv; then
+    large_run cluster "csv_zstd_r$r" "$CSV" "$LARGE_BYTES" "" "    compress: zstd"
+  fi
 done
+[[ -n $CSV ]] && rm -f "$CSV"
+CAP_MIB=${HAKOBU_BENCH_CAP_MIB:-200}
+CAP_RATE=${HAKOBU_BENCH_CAP_RATE:-20}
+if ! skipped capped; then
+  head -c $((CAP_MIB * 1048576)) "$BIG" >"$WORK/data/capped.bin"
+  large_run cluster capped "$WORK/data/capped.bin" $((CAP_MIB * 1048576)) "" "    bandwidth: ${CAP_RATE}MiB/s"
+  rm -f "$WORK/data/capped.bin"
+fi
 if ! skipped small; then
   if ! skipped ceiling; then
     # A file is two messages: its chunk and its receipt.
@@ -720,6 +764,19 @@ enc=$(mean_of large_encrypted mibs)
 rx=$(ratio_rounds large_encrypted ceiling)
 rxp=$(ratio_rounds large_encrypted large_cluster)
 row "large file ($L) encrypted via cluster / ceiling" "(no target)" "$(fmt "$(mean "$rx")" 2) [$(list "$rx")] = $(fmt "$enc") MiB/s; $(fmt "$(mean "$rxp")" 2) of plain" "-" "${enc:-null}" null "MiB/s"
+# A compressible CSV, plain and compressed, beside the ceiling; the bytes on the wire.
+for v in plain zstd; do
+  m=$(mean_of "csv_$v" mibs)
+  rr=$(ratio_rounds "csv_$v" ceiling)
+  w=$(mean_of "csv_$v" wire)
+  wtxt='-'
+  [[ -n $w ]] && wtxt="$(fmt "$(calc "$w / 1048576")" 0) MiB ($(fmt "$(calc "100 * $w / $LARGE_BYTES")" 0)%)"
+  label="CSV ($L) via cluster / ceiling"
+  [[ $v == zstd ]] && label="CSV ($L) compress: zstd via cluster / ceiling"
+  row "$label" "(no target)" "$(fmt "$(mean "$rr")" 2) [$(list "$rr")] = $(fmt "$m") MiB/s; wire $wtxt" "-" "${m:-null}" null "MiB/s"
+done
+# A capped profile: the rate measured beside the cap (drop to hook start).
+row "capped profile ($CAP_MIB MiB, bandwidth: ${CAP_RATE}MiB/s) via cluster" "<= $CAP_RATE MiB/s (+ burst)" "$(fmt "${R[capped_mibs]:-}") MiB/s, cap $CAP_RATE MiB/s" "$(verdict "${R[capped_mibs]:-}" '<=' "$(calc "$CAP_RATE * 1.05")")" "${R[capped_mibs]:-null}" "$CAP_RATE" "MiB/s"
 # The bound the embedded path cannot pass on one disk (see the reference row).
 rt=$(ratio_rounds large_embedded disk two)
 rtm=$(mean "$rt")

@@ -280,7 +280,7 @@ fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::R
     }
     writeln!(
         out,
-        "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4} {:>3} {:>4}",
+        "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:>12} {:<17} {:<20} {:>4} {:>3} {:>4}",
         "STARTED",
         "DIR",
         "TRANSFER",
@@ -288,6 +288,7 @@ fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::R
         "FILE_ID",
         "FILE",
         "SIZE",
+        "WIRE",
         "STATUS",
         "ERROR",
         "HOOK",
@@ -301,7 +302,7 @@ fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::R
         let r = e.transfer();
         writeln!(
             out,
-            "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:<17} {:<20} {:>4} {:>3} {:>4}",
+            "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:>12} {:<17} {:<20} {:>4} {:>3} {:>4}",
             safe(&r.started_at),
             e.direction().as_str(),
             r.transfer_id,
@@ -309,6 +310,7 @@ fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::R
             r.file_id,
             safe(&r.file_name),
             r.size,
+            r.wire_bytes,
             r.status.as_str(),
             r.error_code.as_deref().unwrap_or("-"),
             r.hook_exit

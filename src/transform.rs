@@ -11,10 +11,14 @@
 //! encryption (`encrypt: true` on a send profile, [`seal`]): the sender
 //! seals each body for the receiving node ([`Transform::Seal`]), the
 //! receiver opens what a chunk header declares sealed ([`Transform::Open`]).
-//! Code conversion (`convert:`, [`convert`]) is the receiver's whole-file
-//! step ([`Transform::Convert`]) and the sender's step into the spool.
-//! Compression is to be added here as a variant too.
+//! Compression (`compress: zstd`, [`compress`]) wraps either on the sender
+//! ([`Transform::Compress`]): each body is compressed, then sealed; the
+//! receiver needs no setting, since a chunk header says `compressed`, and
+//! it inflates after opening. Code conversion (`convert:`, [`convert`]) is
+//! the receiver's whole-file step ([`Transform::Convert`]) and the sender's
+//! step into the spool.
 
+pub(crate) mod compress;
 pub mod convert;
 pub(crate) mod seal;
 
@@ -26,8 +30,9 @@ use crate::config::{ReceiveProfile, SendProfile};
 use crate::domain::NodeName;
 use crate::keys::Keyring;
 use crate::receiver::ReceiveError;
-use crate::wire::{ChunkHeader, Sealed};
+use crate::wire::{ChunkHeader, Codec, Sealed};
 
+pub use compress::DEFAULT_LEVEL as ZSTD_LEVEL;
 pub use seal::{OVERHEAD as SEAL_OVERHEAD, Sealer};
 
 /// How one transfer's bytes change between the outbox and the inbox.
@@ -44,6 +49,9 @@ pub enum Transform {
     /// Receiver, the whole-file step: code conversion (`convert:`) between
     /// verify and place ([`convert`]).
     Convert(convert::Convert),
+    /// Sender: each body compressed with zstd at `level` (kept only when it
+    /// shrinks), then passed to `then` (identity or a seal).
+    Compress { level: i32, then: Box<Transform> },
 }
 
 /// Why a send profile's transform cannot be made for a node.
@@ -61,6 +69,21 @@ impl Transform {
     /// What a send profile asks for, for the transfer's receiving node
     /// `peer`: with `encrypt`, a fresh data key wrapped for that node.
     pub fn for_send(
+        profile: &SendProfile,
+        keys: &Keyring,
+        peer: &NodeName,
+    ) -> Result<Transform, SendTransformError> {
+        let base = Self::cipher_for_send(profile, keys, peer)?;
+        Ok(match profile.compress {
+            Some(level) => Transform::Compress {
+                level,
+                then: Box::new(base),
+            },
+            None => base,
+        })
+    }
+
+    fn cipher_for_send(
         profile: &SendProfile,
         keys: &Keyring,
         peer: &NodeName,
@@ -110,6 +133,7 @@ impl Transform {
     pub fn sealed(&self) -> Option<Sealed> {
         match self {
             Transform::Seal(s) => Some(s.sealed()),
+            Transform::Compress { then, .. } => then.sealed(),
             _ => None,
         }
     }
@@ -140,9 +164,20 @@ impl Transform {
     }
 
     /// Sender: the body to frame for the chunk read as `plain`, whose
-    /// header is `h` (complete: a seal binds the chunk to it).
-    pub fn encode(&self, h: &ChunkHeader, plain: Bytes) -> std::io::Result<Bytes> {
+    /// header is `h` (complete: a seal binds the chunk to it). Compression
+    /// sets `h.compressed` when it keeps the compressed bytes.
+    pub fn encode(&self, h: &mut ChunkHeader, plain: Bytes) -> std::io::Result<Bytes> {
         match self {
+            Transform::Compress { level, then } => {
+                let body = match compress::deflate(&plain, *level)? {
+                    Some(z) => {
+                        h.compressed = Some(Codec::Zstd);
+                        z
+                    }
+                    None => plain,
+                };
+                then.encode(h, body)
+            }
             Transform::Seal(_) => {
                 let mut body = vec![0u8; self.framed_len(plain.len())];
                 let at = self.plain_at();
@@ -154,9 +189,36 @@ impl Transform {
         }
     }
 
-    /// Receiver: the bytes to write for a chunk's body as framed. The chunk
-    /// grid (offset, length) is checked on what this returns.
+    /// Receiver: the bytes to write for a chunk's body as framed: opened
+    /// when sealed, then inflated when compressed, into no more than the
+    /// chunk's declared length. The chunk grid (offset, length) is checked
+    /// on what this returns.
     pub fn decode(&self, h: &ChunkHeader, framed: Bytes) -> Result<Bytes, ReceiveError> {
+        let body = self.open(h, framed)?;
+        match h.compressed {
+            None => Ok(body),
+            Some(Codec::Zstd) => {
+                let len = h
+                    .expected_len()
+                    .ok_or(ReceiveError::Inconsistent("the chunk grid (offset, size)"))?;
+                compress::inflate(&body, len).map_err(|e| {
+                    ReceiveError::Inconsistent(match e {
+                        compress::InflateError::TooLong(_) => {
+                            "the chunk's length (its content inflates past it)"
+                        }
+                        compress::InflateError::TooShort { .. } => {
+                            "the chunk's length (its content inflates short of it)"
+                        }
+                        compress::InflateError::Corrupt(_) => {
+                            "the chunk's compressed content (not valid zstd)"
+                        }
+                    })
+                })
+            }
+        }
+    }
+
+    fn open(&self, h: &ChunkHeader, framed: Bytes) -> Result<Bytes, ReceiveError> {
         match (self, &h.sealed) {
             (Transform::Identity, None) => Ok(framed),
             (Transform::Open(keys), Some(sealed)) => seal::open(keys, h, sealed, &framed)
@@ -185,12 +247,10 @@ mod tests {
     fn identity_changes_nothing() {
         let body = Bytes::from_static(b"a,b\r\n");
         let t = Transform::default();
-        let h = seal::tests::header(0, 5);
+        let mut h = seal::tests::header(0, 5);
         assert!(t.in_place());
-        assert_eq!(
-            t.decode(&h, t.encode(&h, body.clone()).unwrap()).unwrap(),
-            body
-        );
+        let framed = t.encode(&mut h, body.clone()).unwrap();
+        assert_eq!(t.decode(&h, framed).unwrap(), body);
         assert!(t.conversion().is_none());
     }
 }

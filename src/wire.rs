@@ -62,6 +62,11 @@ pub struct ChunkHeader {
     /// open it (`src/transform/seal.rs`). Absent: the body is the plain bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed: Option<Sealed>,
+    /// Only when the body is compressed (`compress:` on the send profile):
+    /// with what. Decided per chunk (a chunk that does not shrink travels
+    /// plain); under a seal, compressed before sealing. Absent: not compressed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compressed: Option<Codec>,
     /// Only for a file sent because the receiver asked for it (`hakobu
     /// request`): the request's id, recorded on the receiver's row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,6 +84,14 @@ fn first_attempt() -> u32 {
 
 fn is_first_attempt(n: &u32) -> bool {
     *n == 1
+}
+
+/// How a chunk body is compressed (`src/transform/compress.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// One or more zstd frames that inflate to exactly the chunk's length.
+    Zstd,
 }
 
 /// How a sealed chunk body is opened: the transfer's data key, wrapped for
@@ -390,6 +403,7 @@ mod tests {
                 sealed: None,
                 request_id: None,
                 attempt: 1,
+                compressed: None,
             },
             Bytes::from_static(b"hello"),
         )

@@ -413,3 +413,83 @@ fn a_forged_sender_is_dead_lettered_when_verify_sender_is_on() {
     );
     rig.assert_nothing_escaped();
 }
+
+/// The peak resident memory of a process (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kib << 10
+}
+
+/// Compressed chunks (issue 13, item 4) whose content does not inflate to
+/// exactly the chunk's declared length: a zstd bomb (1 GiB of zeros in a
+/// few dozen KiB), a frame that declares a content size larger than the
+/// chunk, one that inflates short of it, and bytes that are not zstd. Each
+/// fails its transfer with `inconsistent_chunk`, and the receiver never
+/// allocates the inflated size.
+#[test]
+fn compressed_chunks_that_inflate_past_or_short_of_their_length_are_refused() {
+    use std::io::Read;
+    let mut rig = Rig::new();
+    let from = rig.allowed.clone();
+    rig.listen_as(&from);
+    let pid = rig.agent.pid();
+    let before = peak_rss(pid);
+
+    let mut bomb = Vec::new();
+    zstd::stream::copy_encode(std::io::repeat(0).take(1 << 30), &mut bomb, 1).unwrap();
+    assert!(bomb.len() < 256 << 10, "the bomb is {} bytes", bomb.len());
+    // The bulk API writes the content size into the frame: 256 MiB.
+    let declares_large = zstd::bulk::compress(&vec![0u8; 256 << 20], 1).unwrap();
+    let short = zstd::bulk::compress(&[7u8; 500], 1).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("bomb.csv", bomb),
+        ("declares.csv", declares_large),
+        ("short.csv", short),
+        ("garbage.csv", b"this is not a zstd frame at all".to_vec()),
+    ];
+    let mut tids = Vec::new();
+    for (name, body) in cases {
+        let tid = new_tid();
+        let declared = vec![0u8; 1000];
+        let mut h = rig.header(&from, &tid, name, &declared);
+        h.compressed = Some("zstd".into());
+        rig.inject_chunk(h, &body);
+        tids.push(tid);
+    }
+    for tid in &tids {
+        rig.expect_refused(&from, tid, "inconsistent_chunk", true);
+    }
+    for (name, _) in [("bomb.csv", ()), ("declares.csv", ()), ("short.csv", ())] {
+        assert!(!rig.inbox.join(name).exists(), "{name} was placed");
+    }
+    let after = peak_rss(pid);
+    assert!(
+        after < before + (64 << 20),
+        "the receiver's peak RSS grew from {before} to {after} bytes on a zstd bomb"
+    );
+
+    // The control: a good compressed chunk is placed byte for byte.
+    let tid = new_tid();
+    let plain: Vec<u8> = (0..2000)
+        .flat_map(|i| format!("{i},tokyo,ok\n").into_bytes())
+        .collect();
+    let mut h = rig.header(&from, &tid, "good.csv", &plain);
+    h.compressed = Some("zstd".into());
+    rig.inject_chunk(h, &zstd::bulk::compress(&plain, 3).unwrap());
+    let row = rig.final_row(&tid);
+    assert_eq!(row["status"], "received", "{row}");
+    assert_eq!(fs::read(rig.inbox.join("good.csv")).unwrap(), plain);
+    assert!(
+        row["wire_bytes"].as_u64().unwrap() < plain.len() as u64 / 2,
+        "{row}"
+    );
+    rig.placed.push("good.csv".into());
+
+    let refused: Vec<&str> = tids.iter().map(String::as_str).collect();
+    rig.finish(&refused);
+}

@@ -162,7 +162,7 @@ async fn complete_row(store: &Store, tid: &TransferId, name: &str, data: &[u8]) 
     let rx = store.receiving();
     assert!(rx.insert(&row).await.unwrap());
     let count = (data.len() as u64).div_ceil(64 << 10).max(1);
-    let chunks = (0..count).map(|i| (tid.clone(), i)).collect();
+    let chunks = (0..count).map(|i| (tid.clone(), i, 0)).collect();
     assert!(rx.add_chunks(chunks).await.unwrap().iter().any(|c| *c));
     rx.get(tid).await.unwrap().unwrap()
 }
@@ -496,6 +496,7 @@ async fn a_rerun_is_not_taken_for_an_interrupted_hook() {
         sealed: None,
         request_id: None,
         attempt: 1,
+        compressed: None,
     };
     let msg = hakobu::wire::Message::Chunk(header, bytes::Bytes::from_static(data));
     let client = hakobu::broker::embedded::Embedded::new(

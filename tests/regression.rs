@@ -177,6 +177,7 @@ fn chunk(tid: &TransferId, data: &[u8], idx: u64) -> Message {
         sealed: None,
         request_id: None,
         attempt: 1,
+        compressed: None,
     };
     Message::Chunk(
         header,

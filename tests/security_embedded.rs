@@ -138,6 +138,7 @@ fn forged_file(from: &str, to: &str, data: &[u8]) -> (TransferId, Message) {
         sealed: None,
         request_id: None,
         attempt: 1,
+        compressed: None,
     };
     (tid, Message::Chunk(header, Bytes::copy_from_slice(data)))
 }

@@ -104,6 +104,7 @@ fn chunk(tid: &TransferId, name: &str, data: &[u8], idx: u64) -> Message {
         sealed: None,
         request_id: None,
         attempt: 1,
+        compressed: None,
     };
     Message::Chunk(
         header,

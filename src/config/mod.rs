@@ -28,6 +28,8 @@ pub use crate::transform::convert::{Charset, Convert, Newline, OnError};
 pub const MIN_CHUNK: u64 = 64 * 1024;
 pub const MAX_CHUNK: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_CHUNK: u64 = 512 * 1024;
+/// A send profile's `priority:` when it names none (1..9, higher first).
+pub const DEFAULT_PRIORITY: u8 = 5;
 
 /// A configuration error, naming the file, the line and the key.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,8 @@ pub struct Config {
     /// This node's private key (loaded on first use) and its peers' public
     /// keys, for end-to-end encryption; empty when `keys:` is absent.
     pub keys: std::sync::Arc<crate::keys::Keyring>,
+    /// The agent's rate cap in bytes a second (`bandwidth:` at the top).
+    pub bandwidth: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +175,12 @@ pub struct SendProfile {
     pub retry: Retry,
     /// Code conversion into the spool before sending.
     pub convert: Option<Convert>,
+    /// Chunk bodies compressed with zstd at this level (`compress:`).
+    pub compress: Option<i32>,
+    /// 1..9, higher is published first (`priority:`, default 5).
+    pub priority: u8,
+    /// This profile's rate cap in bytes a second (`bandwidth:`).
+    pub bandwidth: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,6 +26,8 @@ pub struct RawConfig {
     pub run_as_root: Option<bool>,
     /// End-to-end encryption: this node's private key, peers' public keys.
     pub keys: Option<RawKeys>,
+    /// The agent's rate cap, all send profiles together (`10MiB/s`).
+    pub bandwidth: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +153,12 @@ pub struct RawSend {
     pub retry: Option<RawRetry>,
     /// Code conversion into the spool before sending.
     pub convert: Option<RawConvert>,
+    /// Compress chunk bodies: `zstd` or `{ zstd: LEVEL }`.
+    pub compress: Option<RawCompress>,
+    /// 1..9, higher first (default 5).
+    pub priority: Option<u8>,
+    /// This profile's rate cap (`10MiB/s`).
+    pub bandwidth: Option<String>,
 }
 
 /// `retry: { attempts: N, backoff: 30s }`, on a hook or a send profile.
@@ -172,6 +180,19 @@ pub struct RawConvert {
     pub newline: Option<String>,
     pub on_error: Option<String>,
     pub bom: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawCompress {
+    Word(String),
+    Level(RawZstdLevel),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawZstdLevel {
+    pub zstd: i32,
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use super::locate::LineIndex;
 use super::raw::{
-    RawAfterSend, RawBroker, RawConfig, RawConvert, RawFileMode, RawHook, RawKeys, RawReady,
-    RawReceive, RawRetry, RawSend,
+    RawAfterSend, RawBroker, RawCompress, RawConfig, RawConvert, RawFileMode, RawHook, RawKeys,
+    RawReady, RawReceive, RawRetry, RawSend,
 };
 use super::*;
 use crate::keys::Keyring;
@@ -67,6 +67,7 @@ impl Validator<'_> {
             receive,
             run_as_root: raw.run_as_root.unwrap_or(false),
             keys,
+            bandwidth: self.rate("bandwidth", raw.bandwidth.as_deref())?,
         })
     }
 
@@ -289,7 +290,50 @@ impl Validator<'_> {
             encrypt: raw.encrypt.unwrap_or(false),
             retry: self.retry(&format!("{key}.retry"), raw.retry, MIN_SEND_BACKOFF)?,
             convert: self.convert(&format!("{key}.convert"), raw.convert)?,
+            compress: self.compress(&format!("{key}.compress"), raw.compress)?,
+            priority: match raw.priority {
+                None => DEFAULT_PRIORITY,
+                Some(p) if (1..=9).contains(&p) => p,
+                Some(_) => {
+                    return Err(self.err(
+                        &format!("{key}.priority"),
+                        "a priority is 1 to 9; higher is more urgent (HULFT's runs the other way)",
+                    ));
+                }
+            },
+            bandwidth: self.rate(&format!("{key}.bandwidth"), raw.bandwidth.as_deref())?,
         })
+    }
+
+    /// `bandwidth: 10MiB/s`: a size a second, more than zero.
+    fn rate(&self, key: &str, text: Option<&str>) -> Result<Option<u64>> {
+        let Some(text) = text else {
+            return Ok(None);
+        };
+        let Some(size) = text.trim().strip_suffix("/s") else {
+            return Err(self.err(key, format!("`{text}` is not a rate such as 10MiB/s")));
+        };
+        match self.size(key, size)? {
+            0 => Err(self.err(key, "a rate is more than 0 bytes a second")),
+            n => Ok(Some(n)),
+        }
+    }
+
+    /// `compress: zstd` (level 3) or `compress: { zstd: LEVEL }` (1 to 19).
+    fn compress(&self, key: &str, raw: Option<RawCompress>) -> Result<Option<i32>> {
+        match raw {
+            None => Ok(None),
+            Some(RawCompress::Word(w)) if w == "zstd" => Ok(Some(crate::transform::ZSTD_LEVEL)),
+            Some(RawCompress::Word(w)) => Err(self.err(
+                key,
+                format!("`{w}` is not a compression; write `zstd` or `{{ zstd: LEVEL }}`"),
+            )),
+            Some(RawCompress::Level(l)) if (1..=19).contains(&l.zstd) => Ok(Some(l.zstd)),
+            Some(RawCompress::Level(_)) => Err(self.err(
+                &format!("{key}.zstd"),
+                "a zstd level is between 1 (fastest) and 19 (smallest)",
+            )),
+        }
     }
 
     fn receive(&self, key: &str, raw: RawReceive) -> Result<ReceiveProfile> {

@@ -27,6 +27,8 @@ pub struct Written {
     pub idx: u64,
     pub partial: PathBuf,
     pub d: Delivery,
+    /// The body's length as it travelled (compressed, sealed).
+    pub wire: u64,
 }
 
 /// The commit stage's inbox (see [`Receiver::start_commits`]). Dropping it
@@ -80,9 +82,9 @@ impl Receiver {
         if ok.is_empty() {
             return;
         }
-        let keys: Vec<(TransferId, u64)> = ok
+        let keys: Vec<(TransferId, u64, u64)> = ok
             .iter()
-            .map(|w| (w.h.transfer_id.clone(), w.idx))
+            .map(|w| (w.h.transfer_id.clone(), w.idx, w.wire))
             .collect();
         let complete = match self.ledger.add_chunks(keys).await {
             Ok(complete) => complete,

@@ -124,8 +124,15 @@ impl Receiver {
             let _ = d.ack().await;
             return None;
         }
+        let wire = body.len() as u64;
         match self.write(&h, body).await {
-            Ok(Staged::Written { idx, partial }) => Some(Written { h, idx, partial, d }),
+            Ok(Staged::Written { idx, partial }) => Some(Written {
+                h,
+                idx,
+                partial,
+                d,
+                wire,
+            }),
             Ok(Staged::Settled) => {
                 let _ = d.ack().await;
                 self.spawn_completion(h.transfer_id);
@@ -439,6 +446,7 @@ mod tests {
             sealed: None,
             request_id: None,
             attempt: 1,
+            compressed: None,
         };
         let p = cfg.receive_profile("A");
         admit(&h(1000), p).unwrap();

@@ -27,9 +27,10 @@ mod recovery;
 mod request;
 mod retry;
 mod spool;
+mod throttle;
 mod watch;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,7 +46,7 @@ pub use watch::ignored;
 use crate::broker::Delivery;
 use crate::coalesce::Coalescer;
 use crate::config::Config;
-use crate::domain::{NodeName, TransferId};
+use crate::domain::{FileId, NodeName, TransferId};
 use crate::store::{RequestLedger, SendLedger, Status, StoreError};
 use crate::wire::Receipt;
 
@@ -58,8 +59,15 @@ pub struct Sender {
     /// Publishes to the broker, coalescing what waits for the same node.
     out: Arc<Coalescer>,
     window: u64,
-    /// Bytes in flight to the broker, shared by every transfer.
-    permits: Semaphore,
+    /// Bytes in flight to the broker, shared by the transfers of one
+    /// priority (indexed by it): urgent work never waits for permits that
+    /// paused, less urgent work holds.
+    permits: Vec<Semaphore>,
+    /// The transfers being published, by priority (`throttle.rs`).
+    priorities: throttle::Priorities,
+    /// The agent's `bandwidth:`, and each send profile's.
+    agent_cap: Option<throttle::Bucket>,
+    caps: HashMap<FileId, throttle::Bucket>,
     /// (transfer id, peer) pairs being published now.
     publishing: Mutex<HashSet<(TransferId, NodeName)>>,
     /// Receipt hook tasks, awaited on a graceful stop.
@@ -79,6 +87,12 @@ impl Sender {
         (window, tasks, stop): (u64, TaskTracker, CancellationToken),
     ) -> Arc<Self> {
         let permits = publish::permits_for(window, window) as usize;
+        let agent_cap = cfg.bandwidth.map(throttle::Bucket::new);
+        let caps = cfg
+            .send
+            .iter()
+            .filter_map(|p| Some((p.file_id.clone(), throttle::Bucket::new(p.bandwidth?))))
+            .collect();
         Arc::new(Sender {
             spool: Spool::new(cfg.spool_dir()),
             requests: ledger.requests(),
@@ -86,7 +100,12 @@ impl Sender {
             ledger,
             out,
             window,
-            permits: Semaphore::new(permits * publish::PARALLEL_WINDOWS as usize),
+            permits: (0..=throttle::MAX_PRIORITY)
+                .map(|_| Semaphore::new(permits * publish::PARALLEL_WINDOWS as usize))
+                .collect(),
+            priorities: throttle::Priorities::default(),
+            agent_cap,
+            caps,
             publishing: Mutex::new(HashSet::new()),
             tasks,
             settling: tokio::sync::Mutex::new(()),
@@ -120,7 +139,9 @@ impl Sender {
         while !self.stop.is_cancelled() {
             self.poll_requests().await;
             match self.ledger.queued_due().await {
-                Ok(rows) => {
+                Ok(mut rows) => {
+                    // Highest priority first; oldest first within one.
+                    rows.sort_by_key(|r| std::cmp::Reverse(self.priority_of(&r.file_id)));
                     for row in rows {
                         let key = (&row.transfer_id, &row.peer);
                         if self.is_publishing(key) {
@@ -154,6 +175,13 @@ impl Sender {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&(tid.clone(), peer.clone()))
+    }
+
+    /// The `priority:` of a file id's send profile (the default without one).
+    fn priority_of(&self, file_id: &FileId) -> u8 {
+        self.cfg
+            .send_profile(file_id)
+            .map_or(crate::config::DEFAULT_PRIORITY, |p| p.priority)
     }
 
     /// A receipt from a receiving node (see `receipt.rs`).

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use tracing::{error, info, warn};
 
 use super::Sender;
+use super::throttle::Pace;
 use crate::broker::{BrokerError, Confirm};
 use crate::coalesce::Coalescer;
 use crate::domain::{NodeName, TransferId};
@@ -44,6 +45,7 @@ impl Sender {
     pub(super) fn enqueue(self: &Arc<Self>, row: &SendRow) {
         let key = (row.transfer_id.clone(), row.peer.clone());
         let size = row.size;
+        let priority = self.priority_of(&row.file_id);
         if !self
             .publishing
             .lock()
@@ -56,7 +58,7 @@ impl Sender {
         tokio::spawn(async move {
             tokio::select! {
                 _ = this.stop.cancelled() => {}
-                _ = this.publish_until_confirmed(&key.0, &key.1, size) => {}
+                _ = this.publish_until_confirmed(&key.0, &key.1, size, priority) => {}
             }
             this.publishing
                 .lock()
@@ -65,12 +67,20 @@ impl Sender {
         });
     }
 
-    async fn publish_until_confirmed(&self, tid: &TransferId, peer: &NodeName, size: u64) {
-        let Ok(_permit) = self
-            .permits
-            .acquire_many(permits_for(size, self.window))
-            .await
-        else {
+    async fn publish_until_confirmed(
+        &self,
+        tid: &TransferId,
+        peer: &NodeName,
+        size: u64,
+        priority: u8,
+    ) {
+        // Registered while it waits for permits too: less urgent
+        // publishers pause from now on.
+        let _active = self.priorities.register(priority);
+        let Some(permits) = self.permits.get(priority as usize) else {
+            return;
+        };
+        let Ok(_permit) = permits.acquire_many(permits_for(size, self.window)).await else {
             return;
         };
         let mut resume = Resume::default();
@@ -127,19 +137,27 @@ impl Sender {
                 node: &self.cfg.node,
                 row: &row,
                 transform,
+                pace: Pace {
+                    priorities: &self.priorities,
+                    priority,
+                    caps: [self.caps.get(&row.file_id), self.agent_cap.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .collect(),
+                },
             };
             match chunks
                 .publish(&self.out, self.window, &mut resume, &record)
                 .await
             {
-                Ok(sha) => {
+                Ok((sha, wire_bytes)) => {
                     // Not waited for: a crash that loses it publishes the
                     // file again, and the receiver ignores the duplicate.
                     self.ledger
                         .deferred()
-                        .published((tid, peer), &sha, row.attempt)
+                        .published((tid, peer), &sha, (row.attempt, wire_bytes))
                         .detach();
-                    info!(message = "Published; awaiting the receipt.", transfer_id = %tid, to = %peer, size = row.size);
+                    info!(message = "Published; awaiting the receipt.", transfer_id = %tid, to = %peer, size = row.size, wire_bytes);
                     return;
                 }
                 Err(PublishError::Spool(path, e)) => {
@@ -169,11 +187,13 @@ impl Sender {
 }
 
 /// Where to pick up after a failure: the first chunk not known to be durable,
-/// and the digest state just before it.
+/// and the digest state just before it; and the chunk body bytes published
+/// so far, every attempt counted (history's `wire_bytes`).
 #[derive(Clone, Default)]
 pub struct Resume {
     pub next: u64,
     pub hasher: Sha256,
+    pub wire: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,11 +218,14 @@ struct Chunks<'a> {
     node: &'a NodeName,
     row: &'a SendRow,
     transform: Transform,
+    pace: Pace<'a>,
 }
 
 impl Chunks<'_> {
     /// Publishes the chunks of the spooled file from `resume` on. Returns the
-    /// file's SHA-256 once every chunk is confirmed; `on_progress` sees confirmed bytes.
+    /// file's SHA-256 once every chunk is confirmed, and the bytes of chunk
+    /// bodies published (as framed: compressed, sealed); `on_progress` sees
+    /// confirmed bytes.
     /// A file of one chunk goes through `out` with whatever else waits for the
     /// same node; the chunks of a larger one straight to the broker, in a window.
     async fn publish(
@@ -211,7 +234,7 @@ impl Chunks<'_> {
         window: u64,
         resume: &mut Resume,
         on_progress: &(dyn Fn(u64) + Send + Sync),
-    ) -> Result<String, PublishError> {
+    ) -> Result<(String, u64), PublishError> {
         let row = self.row;
         let path = row.path.display().to_string();
         if row.records.is_some() {
@@ -227,15 +250,17 @@ impl Chunks<'_> {
         if count == 1 {
             let body = read_at(&file, &path, 0, row.size).await?;
             let sha256 = hex::encode(Sha256::digest(&body));
-            let header = self.header(0, Some(sha256.clone()));
+            let mut header = self.header(0, Some(sha256.clone()));
             let body = self
                 .transform
-                .encode(&header, body)
+                .encode(&mut header, body)
                 .map_err(|e| PublishError::Spool(path.clone(), e))?;
+            self.pace.before(body.len() as u64).await;
+            resume.wire += body.len() as u64;
             let msg = Message::Chunk(header, body);
             out.publish(&row.peer, msg).await?;
             on_progress(row.size);
-            return Ok(sha256);
+            return Ok((sha256, std::mem::take(&mut resume.wire)));
         }
         let broker = out.broker();
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
@@ -250,7 +275,7 @@ impl Chunks<'_> {
         let mut digest = hex::encode(hasher_before.clone().finalize());
 
         while let Some(reading) = next.take() {
-            let (payload, hasher_after) = reading
+            let (payload, hasher_after, wire) = reading
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
                 .map_err(|e| PublishError::Spool(path.clone(), e))?;
@@ -266,22 +291,29 @@ impl Chunks<'_> {
                 confirmed += done;
                 on_progress(confirmed);
             }
+            self.pace.before(wire).await;
             match broker.publish(&row.peer, payload).await {
-                Ok(confirm) => in_flight.push_back(InFlight {
-                    idx,
-                    len,
-                    hasher_before,
-                    confirm,
-                }),
+                Ok(confirm) => {
+                    resume.wire += wire;
+                    in_flight.push_back(InFlight {
+                        idx,
+                        len,
+                        hasher_before,
+                        confirm,
+                    })
+                }
                 Err(e) => {
+                    let wire = resume.wire;
                     *resume = match in_flight.front() {
                         Some(f) => Resume {
                             next: f.idx,
                             hasher: f.hasher_before.clone(),
+                            wire,
                         },
                         None => Resume {
                             next: idx,
                             hasher: hasher_before,
+                            wire,
                         },
                     };
                     return Err(e.into());
@@ -295,8 +327,8 @@ impl Chunks<'_> {
             confirmed += settle(&mut in_flight, resume).await?;
             on_progress(confirmed);
         }
-        *resume = Resume::default();
-        Ok(digest)
+        let wire = std::mem::take(resume).wire;
+        Ok((digest, wire))
     }
 
     /// Reads chunk `idx` into its frame, on a blocking thread, and continues
@@ -327,7 +359,7 @@ impl Chunks<'_> {
                     hasher.update(&*plain);
                     transform.encode_in_place(&header, body)
                 })?;
-                return Ok((frame, hasher));
+                return Ok((frame, hasher, framed as u64));
             }
             let mut body = vec![0u8; len as usize];
             file.read_exact_at(&mut body, offset)?;
@@ -335,8 +367,9 @@ impl Chunks<'_> {
             if let Some(t) = header.last.as_mut() {
                 t.sha256 = hex::encode(hasher.clone().finalize());
             }
-            let body = transform.encode(&header, Bytes::from(body))?;
-            Ok((Message::Chunk(header, body).encode(), hasher))
+            let body = transform.encode(&mut header, Bytes::from(body))?;
+            let wire = body.len() as u64;
+            Ok((Message::Chunk(header, body).encode(), hasher, wire))
         })
     }
 
@@ -361,6 +394,7 @@ impl Chunks<'_> {
             sealed: self.transform.sealed(),
             request_id: row.request_id.clone(),
             attempt: row.attempt,
+            compressed: None,
         }
     }
 }
@@ -370,7 +404,8 @@ fn chunk_len(row: &SendRow, idx: u64) -> u64 {
     row.chunk_size.min(row.size - offset.min(row.size))
 }
 
-type Prepared = tokio::task::JoinHandle<std::io::Result<(Bytes, Sha256)>>;
+/// A chunk's frame, the digest state after it, and its body's framed length.
+type Prepared = tokio::task::JoinHandle<std::io::Result<(Bytes, Sha256, u64)>>;
 
 /// Awaits the oldest confirm; on failure, points `resume` at it.
 async fn settle(
@@ -386,6 +421,7 @@ async fn settle(
             *resume = Resume {
                 next: front.idx,
                 hasher: front.hasher_before,
+                wire: resume.wire,
             };
             Err(e.into())
         }

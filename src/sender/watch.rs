@@ -60,6 +60,12 @@ pub async fn watch(sender: Arc<Sender>, profile: SendProfile) {
     let mut seen: HashMap<String, Seen> = HashMap::new();
     let stop = sender.stop.clone();
     while !stop.is_cancelled() {
+        // Higher priority first: nothing is claimed here while a more
+        // urgent profile's transfer is being published (`throttle.rs`).
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = sender.priorities.yield_to_higher(profile.priority) => {}
+        }
         let ready = ready_files(&profile, &outbox, &mut seen);
         if !ready.is_empty() {
             sender.claim(&profile, ready, None).await;

@@ -84,12 +84,13 @@ impl ReceiveLedger {
     /// The chunk rows and the count move together, so a crash cannot leave a
     /// transfer one chunk short forever. A chunk of a transfer no longer
     /// receiving (failed or placed since) leaves no row.
-    pub fn add_chunks(&self, chunks: Vec<(TransferId, u64)>) -> Call<Vec<bool>> {
+    /// Each chunk comes with its body's length as it travelled (`wire_bytes`).
+    pub fn add_chunks(&self, chunks: Vec<(TransferId, u64, u64)>) -> Call<Vec<bool>> {
         self.store.call(move |db| {
             let tx = db.transaction()?;
             let now = unix_now();
             let mut complete = Vec::with_capacity(chunks.len());
-            for (tid, idx) in &chunks {
+            for (tid, idx, wire) in &chunks {
                 let inserted = tx.run(
                     "INSERT OR IGNORE INTO chunks (transfer_id, idx)
                      SELECT ?2, ?3 WHERE EXISTS (SELECT 1 FROM transfers
@@ -97,10 +98,11 @@ impl ReceiveLedger {
                     params![RX, tid, *idx as i64, Status::Receiving],
                 )?;
                 let (have, digest, size, chunk_size): (i64, bool, i64, i64) = tx.one(
-                    "UPDATE transfers SET chunks_have = chunks_have + ?3, touched_at = ?4
+                    "UPDATE transfers SET chunks_have = chunks_have + ?3, touched_at = ?4,
+                        wire_bytes = wire_bytes + ?3 * ?5
                      WHERE direction = ?1 AND transfer_id = ?2
                      RETURNING chunks_have, sha256 IS NOT NULL, size, chunk_size",
-                    params![RX, tid, inserted as i64, now],
+                    params![RX, tid, inserted as i64, now, *wire as i64],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )?;
                 complete.push(row::complete(

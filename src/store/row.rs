@@ -168,6 +168,9 @@ pub struct Transfer {
     pub placed_sha256: Option<String>,
     /// With `convert:`, the lines of the converted file.
     pub records: Option<u64>,
+    /// Bytes of chunk bodies on the wire (compressed, sealed): published
+    /// by the sender, every attempt counted; received by the receiver.
+    pub wire_bytes: u64,
 }
 
 impl Transfer {
@@ -203,6 +206,7 @@ impl Transfer {
             hook_attempts: None,
             placed_sha256: None,
             records: None,
+            wire_bytes: 0,
         }
     }
 
@@ -233,6 +237,7 @@ impl Transfer {
                 .map(|v| v.clamp(0, u32::MAX as i64) as u32),
             placed_sha256: r.get("placed_sha256")?,
             records: r.get::<_, Option<i64>>("records")?.map(|v| v as u64),
+            wire_bytes: r.get::<_, i64>("wire_bytes")? as u64,
         })
     }
 

@@ -15,6 +15,7 @@ const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[
     send_requests,
     retries,
     conversion,
+    wire_bytes,
 ];
 
 /// The version this hakobu writes.
@@ -149,6 +150,13 @@ fn conversion(tx: &Transaction<'_>) -> rusqlite::Result<()> {
         "ALTER TABLE transfers ADD COLUMN placed_sha256 TEXT;
          ALTER TABLE transfers ADD COLUMN records INTEGER;",
     )
+}
+
+/// 6 (issue 13, compression): the bytes of chunk bodies as they travelled
+/// (compressed, sealed), beside the file's size: what the sender published,
+/// what the receiver received.
+fn wire_bytes(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch("ALTER TABLE transfers ADD COLUMN wire_bytes INTEGER NOT NULL DEFAULT 0;")
 }
 
 #[cfg(test)]

@@ -152,13 +152,19 @@ impl SendLedger {
     }
 
     /// Every chunk of try `attempt` is confirmed: records the file's digest
-    /// and moves the transfer from `sending` to `awaiting_receipt` (unless
-    /// it is on a later try by now).
-    pub fn published(&self, key: (&TransferId, &NodeName), sha256: &str, attempt: u32) -> Call<()> {
+    /// and the bytes published, and moves the transfer from `sending` to
+    /// `awaiting_receipt` (unless it is on a later try by now).
+    pub fn published(
+        &self,
+        key: (&TransferId, &NodeName),
+        sha256: &str,
+        (attempt, wire_bytes): (u32, u64),
+    ) -> Call<()> {
         let (tid, peer, sha256) = (key.0.clone(), key.1.clone(), sha256.to_string());
         self.store.call(move |db| {
             db.run(
-                "UPDATE transfers SET sha256 = ?4, progress = size, status = ?6
+                "UPDATE transfers SET sha256 = ?4, progress = size, status = ?6,
+                    wire_bytes = wire_bytes + ?8
                  WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = ?5
                    AND attempt = ?7",
                 params![
@@ -168,7 +174,8 @@ impl SendLedger {
                     sha256,
                     Status::Sending,
                     Status::AwaitingReceipt,
-                    attempt
+                    attempt,
+                    wire_bytes as i64
                 ],
             )?;
             Ok(())

@@ -61,7 +61,7 @@ async fn a_received_transfer_moves_through_placing_to_its_hook() {
     let (tid, peer) = (t.transfer_id.clone(), t.peer.clone());
     let key = (&tid, &peer);
     rx.insert(&ReceiveRow::new(t)).await.unwrap();
-    let one = rx.add_chunks(vec![(tid.clone(), 1)]).await.unwrap();
+    let one = rx.add_chunks(vec![(tid.clone(), 1, 0)]).await.unwrap();
     assert_eq!(one, vec![false], "one chunk of two");
     rx.set_trailer(
         key,
@@ -73,7 +73,7 @@ async fn a_received_transfer_moves_through_placing_to_its_hook() {
     .unwrap();
     // A redelivered chunk counts once.
     let two = rx
-        .add_chunks(vec![(tid.clone(), 1), (tid.clone(), 0)])
+        .add_chunks(vec![(tid.clone(), 1, 0), (tid.clone(), 0, 0)])
         .await
         .unwrap();
     assert_eq!(two, vec![false, true]);
@@ -104,7 +104,7 @@ async fn a_received_transfer_moves_through_placing_to_its_hook() {
         .await
         .unwrap();
     assert_eq!(
-        rx.add_chunks(vec![(tid.clone(), 0)]).await.unwrap(),
+        rx.add_chunks(vec![(tid.clone(), 0, 0)]).await.unwrap(),
         vec![true]
     );
     let failed = Some((
@@ -184,7 +184,7 @@ async fn a_receipt_settles_only_its_own_transfer_and_file_id() {
     tx.insert_all(vec![SendRow::new(t.clone(), "/spool/x".into())])
         .await
         .unwrap();
-    tx.published(key, &"b".repeat(64), 1).await.unwrap();
+    tx.published(key, &"b".repeat(64), (1, 0)).await.unwrap();
     let row = tx.get(key).await.unwrap().unwrap();
     assert_eq!((row.status, row.progress), (Status::AwaitingReceipt, 10));
     let wrong_profile = receipt_for(&t, "orders", true);
@@ -317,7 +317,7 @@ async fn a_retry_is_the_next_try_of_the_same_row_on_both_sides() {
     tx.insert_all(vec![SendRow::new(t.clone(), "/spool/x".into())])
         .await
         .unwrap();
-    tx.published(key, &"b".repeat(64), 1).await.unwrap();
+    tx.published(key, &"b".repeat(64), (1, 0)).await.unwrap();
     let mut failed = receipt_for(&t, "sales", false);
     failed.error_code = Some("disk_full".into());
     // Tries used up (max 1): no retry.

@@ -6,7 +6,8 @@
 //! with XChaCha20-Poly1305 under a random 24-byte nonce; the associated data
 //! binds the chunk to its place: transfer id, file id, sender, receiver, file
 //! name, size, chunk size, offset, index, count, length and, on the last
-//! chunk, the trailer (digest, start, meta). A chunk changed, moved to
+//! chunk, the trailer (digest, start, meta), and whether the body is
+//! compressed (it is compressed before sealing). A chunk changed, moved to
 //! another offset or into another transfer, or cut short does not open.
 //!
 //! Sealed body: nonce (24 bytes) · ciphertext · tag (16 bytes).
@@ -20,7 +21,7 @@ use serde::Serialize;
 
 use crate::domain::{FileId, NodeName, TransferId};
 use crate::keys::Keyring;
-use crate::wire::{ChunkHeader, Sealed, Trailer};
+use crate::wire::{ChunkHeader, Codec, Sealed, Trailer};
 
 /// The one scheme so far (see [`Sealed::v`]).
 pub const SCHEME: u8 = 1;
@@ -173,6 +174,9 @@ struct Bound<'a> {
     /// Bound only when present, so that chunks without one open as before.
     #[serde(skip_serializing_if = "Option::is_none")]
     request_id: &'a Option<TransferId>,
+    /// Absent when plain, so that seals of uncompressed chunks stay as before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compressed: Option<Codec>,
 }
 
 fn bound(h: &ChunkHeader, len: u64) -> Vec<u8> {
@@ -191,6 +195,7 @@ fn bound(h: &ChunkHeader, len: u64) -> Vec<u8> {
         len,
         last: &h.last,
         request_id: &h.request_id,
+        compressed: h.compressed,
     };
     // Plain strings and integers: serializing cannot fail.
     serde_json::to_vec(&b).unwrap_or_default()

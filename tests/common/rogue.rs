@@ -56,6 +56,9 @@ pub struct ChunkHeader {
     /// The try (a sender's `retry:`); absent means 1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// `"zstd"`: the body claims to be compressed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressed: Option<String>,
 }
 
 #[derive(Clone, Serialize)]
@@ -259,6 +262,7 @@ impl Rig {
             offset: 0,
             last: trailer(sha256(body)),
             attempt: None,
+            compressed: None,
         }
     }
 

@@ -18,6 +18,7 @@ pub(crate) fn header(offset: u64, size: u64) -> ChunkHeader {
         sealed: None,
         request_id: None,
         attempt: 1,
+        compressed: None,
     }
 }
 
@@ -217,4 +218,39 @@ mod mutated {
             prop_assert!(try_open(&beta, &h, &body).is_err());
         }
     }
+}
+
+/// Compress, then seal (`compress: zstd` with `encrypt: true`): the chunk
+/// opens and inflates back, and the seal binds the `compressed` flag, so
+/// that stripping or adding it on the way does not open.
+#[test]
+fn a_compressed_sealed_chunk_round_trips_and_its_flag_is_bound() {
+    use crate::transform::Transform;
+    use crate::wire::Codec;
+    let beta = node();
+    let s = std::sync::Arc::new(Sealer::new(&beta.public).unwrap());
+    let t = Transform::Compress {
+        level: 3,
+        then: Box::new(Transform::Seal(s.clone())),
+    };
+    let plain: Vec<u8> = (0..65536u32).map(|i| b"a,b,c\n"[i as usize % 6]).collect();
+    let mut h = header(65536, 200_000);
+    h.sealed = t.sealed();
+    let body = t.encode(&mut h, Bytes::from(plain.clone())).unwrap();
+    assert_eq!(h.compressed, Some(Codec::Zstd));
+    assert!(body.len() < plain.len() / 10, "{}", body.len());
+    let rx = Transform::Open(std::sync::Arc::new(Keyring::new(
+        beta.ring.private_key_file().map(Into::into),
+        BTreeMap::new(),
+    )));
+    assert_eq!(&rx.decode(&h, body.clone()).unwrap()[..], &plain[..]);
+    let mut stripped = h.clone();
+    stripped.compressed = None;
+    assert!(try_open(&beta, &stripped, &body).is_err());
+    // Uncompressed and sealed: adding the flag does not open either.
+    let (h2, body2) = seal(&s, header(65536, 200_000), &plain);
+    let mut added = h2.clone();
+    added.compressed = Some(Codec::Zstd);
+    assert!(try_open(&beta, &added, &body2).is_err());
+    assert_eq!(&try_open(&beta, &h2, &body2).unwrap()[..], &plain[..]);
 }
