@@ -458,44 +458,60 @@ fn pull_with_node_users_and_a_forged_request() {
     assert_eq!(rig.inbox(), inbox_before);
 }
 
-/// The worked example in `profiles/` as its comments tell it: pull-alpha
-/// hosts the broker, pull-beta gets its secret with `add-node`, and a
-/// request with `--wait` exits 0 once the file the export job wrote is in
-/// pull-beta's inbox and imported.
+/// The worked example in `profiles/` as README and its comments tell it
+/// (issue 13's "done when"): pull-alpha hosts the broker, pull-beta gets its
+/// secret with `add-node` and asks for STOCK; pull-alpha's pre-send job
+/// exports it in Shift_JIS with CRLF and it travels compressed; it arrives
+/// in UTF-8 with LF; the import finds the database busy once and succeeds
+/// on its second run; `hakobu request --wait` exits 0. Then pull-alpha no
+/// longer lets pull-beta ask: the same request exits 1, `request_denied`.
 #[test]
 fn the_pull_example_in_profiles() {
     let work = tempfile::tempdir().unwrap();
+    let w = work.path();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     for sub in ["profiles", "hooks"] {
-        fs::create_dir_all(work.path().join(sub)).unwrap();
+        fs::create_dir_all(w.join(sub)).unwrap();
         for e in fs::read_dir(repo.join(sub)).unwrap().flatten() {
-            fs::copy(e.path(), work.path().join(sub).join(e.file_name())).unwrap();
+            fs::copy(e.path(), w.join(sub).join(e.file_name())).unwrap();
         }
     }
     let yaml = |n: &str| fs::read_to_string(repo.join(format!("profiles/{n}.yaml"))).unwrap();
-    let mut alpha = Agent::new("pull-alpha", work.path(), &yaml("pull-alpha"));
+    let mut alpha = Agent::new("pull-alpha", w, &yaml("pull-alpha"));
     alpha.start();
-    fs::create_dir_all(work.path().join("var/pull-beta")).unwrap();
+    fs::create_dir_all(w.join("var/pull-beta")).unwrap();
     let added = std::process::Command::new(common::bin())
         .args(["broker", "add-node", "-c"])
         .arg(&alpha.config)
         .args(["pull-beta", "-o", "var/pull-beta/broker.secret"])
-        .current_dir(work.path())
+        .current_dir(w)
         .output()
         .unwrap();
     assert!(added.status.success(), "{}", text(&added));
-    let mut beta = Agent::new("pull-beta", work.path(), &yaml("pull-beta"));
+    let mut beta = Agent::new("pull-beta", w, &yaml("pull-beta"));
     beta.start();
-    let o = beta.cli(&[
-        "request",
-        "--file-id",
-        "STOCK",
-        "--from",
-        "pull-alpha",
-        "--wait",
-        "--timeout",
-        "60s",
-    ]);
+    let request = |beta: &Agent| {
+        std::process::Command::new(common::bin())
+            .args(["request", "-c"])
+            .arg(&beta.config)
+            .args(["--file-id", "STOCK", "--from", "pull-alpha"])
+            .args(["--wait", "--timeout", "120s"])
+            .current_dir(w)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The database is busy at first: the import's first run fails (75).
+    let lock = w.join("var/import.lock");
+    fs::write(&lock, "").unwrap();
+    let asking = request(&beta);
+    let log = w.join("var/import.log");
+    common::wait_until(WAIT, "the import to find the database busy", || {
+        fs::read_to_string(&log).is_ok_and(|l| l.contains("busy attempt=1"))
+    });
+    fs::remove_file(&lock).unwrap();
+    let o = asking.wait_with_output().unwrap();
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -504,16 +520,58 @@ fn the_pull_example_in_profiles() {
         alpha.log(),
         beta.log()
     );
-    let placed = fs::read_to_string(work.path().join("var/pull-beta/inbox/stock.csv")).unwrap();
+
+    // Exported in Shift_JIS with CRLF; the source stays as the job wrote it.
+    let source = fs::read(w.join("var/pull-alpha/export/stock.csv")).unwrap();
+    let (text_sjis, _, bad) = encoding_rs::SHIFT_JIS.decode(&source);
     assert!(
-        placed.starts_with("item,quantity,exported_at\nbolt,1200,"),
-        "{placed}"
+        !bad && source.ends_with(b"\r\n"),
+        "the export is not CP932 with CRLF"
     );
-    assert_eq!(
-        fs::read_to_string(work.path().join("var/pull-alpha/export/stock.csv")).unwrap(),
-        placed,
-        "the source stays, as the job wrote it"
+    assert!(
+        std::str::from_utf8(&source).is_err(),
+        "the export is not Shift_JIS"
     );
-    let imported = fs::read_to_string(work.path().join("var/import.log")).unwrap();
-    assert!(imported.contains("file_id=STOCK"), "{imported}");
+    // Placed in UTF-8 with LF: the same text.
+    let placed = fs::read_to_string(w.join("var/pull-beta/inbox/stock.csv")).unwrap();
+    assert!(
+        placed.starts_with("品番,品名,数量,出力日時\n000001,ﾎﾞﾙﾄ①型,37,"),
+        "{}",
+        &placed[..80.min(placed.len())]
+    );
+    assert_eq!(placed, text_sjis.replace("\r\n", "\n"));
+    // Compressed on the wire.
+    let sent = alpha
+        .history()
+        .into_iter()
+        .find(|r| r["direction"] == "send" && r["file_id"] == "STOCK")
+        .expect("pull-alpha's row");
+    let (size, wire) = (
+        sent["size"].as_u64().unwrap(),
+        sent["wire_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        wire > 0 && wire * 3 < size,
+        "{wire} bytes on the wire for {size}"
+    );
+    // Imported on the second run.
+    let imported = fs::read_to_string(&log).unwrap();
+    assert!(
+        imported.contains("received from=pull-alpha file_id=STOCK")
+            && imported.contains("attempt=2"),
+        "{imported}"
+    );
+
+    // Pull-alpha no longer lets pull-beta ask.
+    alpha.kill9();
+    let denied = yaml("pull-alpha").replace(
+        "requests_from: [ pull-beta ]",
+        "requests_from: [ pull-gamma ]",
+    );
+    assert_ne!(denied, yaml("pull-alpha"));
+    fs::write(&alpha.config, denied).unwrap();
+    alpha.start();
+    let o = request(&beta).wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("request_denied"), "{}", text(&o));
 }
