@@ -447,7 +447,9 @@ pub fn log_path(log_dir: &Path, transfer_id: &str, event: Event) -> PathBuf {
 mod tests {
     use super::*;
 
-    fn ctx() -> HookContext {
+    /// A context for tests (here and in `retry.rs`): a name made to break
+    /// a shell.
+    pub(super) fn ctx() -> HookContext {
         HookContext {
             event: Event::Received,
             node: "beta".into(),

@@ -515,12 +515,7 @@ fn ca_file_is_the_only_ca_trusted() {
             .env("SSL_CERT_FILE", tls_dir.join("ca.pem"))
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code(), text)
+        common::rabbit::code_and_text(&out)
     };
     let (code, out) = status_with_ca(&other.join("ca.pem"));
     assert_eq!(

@@ -107,33 +107,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::hooks::Event;
 
     /// The waits a `retry:` makes.
     fn schedule(retry: &Retry) -> Vec<Duration> {
         (1..retry.attempts).map(|n| retry.delay(n)).collect()
-    }
-
-    fn ctx() -> HookContext {
-        HookContext {
-            event: Event::Received,
-            node: "beta".into(),
-            peer: "alpha".into(),
-            file_id: "F".into(),
-            transfer_id: "T".into(),
-            file_name: "a.csv".into(),
-            path: "/in/a.csv".into(),
-            size: 3,
-            sha256: "ab".into(),
-            started_at: "s".into(),
-            finished_at: "f".into(),
-            error_code: None,
-            error: None,
-            meta: BTreeMap::new(),
-            attempt: 1,
-            placed_sha256: None,
-            records: None,
-        }
     }
 
     fn spec(script: &str, attempts: u32, backoff: Duration) -> HookSpec {
@@ -175,9 +152,15 @@ mod tests {
             3,
             Duration::from_millis(10),
         );
-        let o = run_retrying(&s, &ctx(), &log, &CancellationToken::new(), None)
-            .await
-            .unwrap();
+        let o = run_retrying(
+            &s,
+            &super::super::tests::ctx(),
+            &log,
+            &CancellationToken::new(),
+            None,
+        )
+        .await
+        .unwrap();
         assert!(o.ok(), "{o:?}");
         assert_eq!(o.attempts, 2);
         let text = std::fs::read_to_string(&log).unwrap();
@@ -193,9 +176,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let log = d.path().join("h.log");
         let s = spec("echo ran; exit 4", 3, Duration::from_millis(10));
-        let o = run_retrying(&s, &ctx(), &log, &CancellationToken::new(), None)
-            .await
-            .unwrap();
+        let o = run_retrying(
+            &s,
+            &super::super::tests::ctx(),
+            &log,
+            &CancellationToken::new(),
+            None,
+        )
+        .await
+        .unwrap();
         assert_eq!((o.exit, o.attempts), (Some(4), 3));
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(text.matches("ran\n").count(), 3, "{text}");
@@ -212,7 +201,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             stopper.cancel();
         });
-        let o = run_retrying(&s, &ctx(), &log, &stop, None).await;
+        let o = run_retrying(&s, &super::super::tests::ctx(), &log, &stop, None).await;
         assert!(o.is_none(), "{o:?}");
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(text.contains("the agent stopped"), "{text}");

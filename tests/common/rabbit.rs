@@ -152,6 +152,11 @@ pub fn hakobu(dir: &Path, args: &[&str], config: &Path) -> (Option<i32>, String)
         .current_dir(dir)
         .output()
         .unwrap();
+    code_and_text(&out)
+}
+
+/// A command's exit code, and its stdout then stderr as one text.
+pub fn code_and_text(out: &std::process::Output) -> (Option<i32>, String) {
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
