@@ -10,15 +10,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
-use hakobu::broker::Broker;
-use hakobu::broker::embedded::Embedded;
-use hakobu::domain::{FileId, NodeName, TransferId};
-use hakobu::wire::{ChunkHeader, Message, Trailer};
+use hakobu::domain::TransferId;
+use hakobu::wire::Message;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
-use common::{Agent, BrokerProcess, dir_names, hook_runs, recording_hook, wait_until};
+use common::{Agent, BrokerProcess, dir_names, forge, hook_runs, recording_hook, wait_until};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -153,44 +149,13 @@ fn a_failed_placement_is_recorded_before_its_partial_file_goes() {
     assert_eq!(hook_runs(&rig.hooks), vec![format!("{tid} receive_failed")]);
 }
 
-/// A header for chunk `idx` of a two-chunk transfer of `data` from alpha to
-/// beta; the last one carries the digest.
+/// Chunk `idx`, of 64 KiB, of the transfer of `data` from alpha to beta.
 fn chunk(tid: &TransferId, data: &[u8], idx: u64) -> Message {
-    const CHUNK: u64 = 64 << 10;
-    let offset = idx * CHUNK;
-    let end = (offset + CHUNK).min(data.len() as u64);
-    let last = end == data.len() as u64;
-    let header = ChunkHeader {
-        transfer_id: tid.clone(),
-        file_id: FileId::parse("DATA").unwrap(),
-        from: NodeName::parse("alpha").unwrap(),
-        to: NodeName::parse("beta").unwrap(),
-        file_name: "late.bin".into(),
-        size: data.len() as u64,
-        chunk_size: CHUNK,
-        offset,
-        last: last.then(|| Trailer {
-            sha256: hex::encode(Sha256::digest(data)),
-            started_at: "2026-12-01T00:00:00Z".into(),
-            meta: Default::default(),
-        }),
-        sealed: None,
-        request_id: None,
-        attempt: 1,
-        compressed: None,
-    };
-    Message::Chunk(
-        header,
-        Bytes::copy_from_slice(&data[offset as usize..end as usize]),
-    )
+    forge::chunk(tid, ("alpha", "beta"), "late.bin", data, (idx, 64 << 10))
 }
 
 fn publish(rt: &tokio::runtime::Runtime, broker: &BrokerProcess, msg: Message) {
-    rt.block_on(async {
-        let broker = Embedded::new(&broker.addr, broker.credentials("alpha"), 1);
-        let confirm = broker.publish("beta", msg.encode()).await.unwrap();
-        confirm.await.unwrap();
-    });
+    forge::publish_as(rt, broker, ("alpha", "beta"), msg);
 }
 
 /// Defect: an expiry removed the partial file before it recorded the

@@ -16,8 +16,7 @@ use bytes::Bytes;
 use common::attacker::open_dir;
 use common::{Agent, BrokerProcess, hook_runs, recording_hook, unique, visible_names, wait_until};
 use hakobu::domain::{FileId, NodeName, TransferId};
-use hakobu::wire::{ChunkHeader, Message, Receipt, Trailer};
-use sha2::{Digest, Sha256};
+use hakobu::wire::{Message, Receipt};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -121,26 +120,8 @@ impl Rig {
 /// A whole one-chunk file from `from` to `to`.
 fn forged_file(from: &str, to: &str, data: &[u8]) -> (TransferId, Message) {
     let tid = TransferId::new();
-    let header = ChunkHeader {
-        transfer_id: tid.clone(),
-        file_id: FileId::parse("DATA").unwrap(),
-        from: NodeName::parse(from).unwrap(),
-        to: NodeName::parse(to).unwrap(),
-        file_name: "forged.csv".into(),
-        size: data.len() as u64,
-        chunk_size: 64 << 10,
-        offset: 0,
-        last: Some(Trailer {
-            sha256: hex::encode(Sha256::digest(data)),
-            started_at: "2026-12-02T00:00:00Z".into(),
-            meta: Default::default(),
-        }),
-        sealed: None,
-        request_id: None,
-        attempt: 1,
-        compressed: None,
-    };
-    (tid, Message::Chunk(header, Bytes::copy_from_slice(data)))
+    let msg = common::forge::chunk(&tid, (from, to), "forged.csv", data, (0, 64 << 10));
+    (tid, msg)
 }
 
 /// A field of `/proc/PID/status` in KiB (`VmRSS`).

@@ -13,16 +13,12 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use hakobu::broker::Broker;
-use hakobu::broker::embedded::Embedded;
-use hakobu::domain::{FileId, NodeName, TransferId};
-use hakobu::wire::{ChunkHeader, Message, Trailer};
+use hakobu::domain::TransferId;
+use hakobu::wire::Message;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use common::attacker::{let_nobody_write, nobody, open_dir, sh_as_nobody};
-use common::{Agent, BrokerProcess, dir_names, recording_hook, wait_until};
+use common::{Agent, BrokerProcess, dir_names, forge, recording_hook, wait_until};
 
 const WAIT: Duration = Duration::from_secs(60);
 const CHUNK: u64 = 64 << 10;
@@ -81,45 +77,15 @@ impl Rig {
     }
 }
 
-/// Chunk `idx` of a transfer of `data` named `name` from alpha to beta; the
-/// last one carries the digest.
+/// Chunk `idx` of a transfer of `data` named `name` from alpha to beta.
 fn chunk(tid: &TransferId, name: &str, data: &[u8], idx: u64) -> Message {
-    let offset = idx * CHUNK;
-    let end = (offset + CHUNK).min(data.len() as u64);
-    let last = end == data.len() as u64;
-    let header = ChunkHeader {
-        transfer_id: tid.clone(),
-        file_id: FileId::parse("DATA").unwrap(),
-        from: NodeName::parse("alpha").unwrap(),
-        to: NodeName::parse("beta").unwrap(),
-        file_name: name.into(),
-        size: data.len() as u64,
-        chunk_size: CHUNK,
-        offset,
-        last: last.then(|| Trailer {
-            sha256: hex::encode(Sha256::digest(data)),
-            started_at: "2026-12-01T00:00:00Z".into(),
-            meta: Default::default(),
-        }),
-        sealed: None,
-        request_id: None,
-        attempt: 1,
-        compressed: None,
-    };
-    Message::Chunk(
-        header,
-        Bytes::copy_from_slice(&data[offset as usize..end as usize]),
-    )
+    forge::chunk(tid, ("alpha", "beta"), name, data, (idx, CHUNK))
 }
 
 /// Publishes as alpha, the sender beta's profile accepts (the chunks say
 /// `from: alpha`, and the embedded broker stamps the authenticated node).
 fn publish(rt: &tokio::runtime::Runtime, b: &BrokerProcess, msg: Message) {
-    rt.block_on(async {
-        let broker = Embedded::new(&b.addr, b.credentials("alpha"), 1);
-        let confirm = broker.publish("beta", msg.encode()).await.unwrap();
-        confirm.await.unwrap();
-    });
+    forge::publish_as(rt, b, ("alpha", "beta"), msg);
 }
 
 /// Sends the whole of `data` as `name`, chunk by chunk.

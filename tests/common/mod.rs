@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 pub mod attacker;
+pub mod forge;
 pub mod rabbit;
 pub mod rogue;
 pub mod tmpfs;
