@@ -274,3 +274,51 @@ fn rerun_records_hook_running_first_and_settles_its_own_row() {
     let out = solo.cli(&["rerun", "0190f6c4-0000-7000-8000-000000000001"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Defect: a crash between the rename that claims an outbox file for a
+/// request and the rows that record it left the file in the spool with no
+/// row at the next start; a profile without `to` had no one to record it
+/// for, so it stayed there, invisible, for good. Now the claim is undone:
+/// the file is back in the outbox (with its done marker) and the next
+/// request sends it.
+#[test]
+fn a_request_claim_cut_short_by_a_crash_goes_back_to_the_outbox() {
+    let rig = Rig::new();
+    let alpha_yaml = format!(
+        "node: alpha\nstate_dir: state\n{broker}send:\n  - file_id: DATA\n    outbox: {outbox}\n    requests_from: [ beta ]\n    ready: {{ done_marker: .done }}\n",
+        broker = rig.broker.section(),
+        outbox = rig.outbox.display(),
+    );
+    let alpha_dir = rig.tmp.path().join("alpha");
+    let mut crashing = Agent::new("alpha", &alpha_dir, &alpha_yaml)
+        .env("HAKOBU_FAILPOINT", "sender.claim.renamed");
+    let mut beta = rig.beta("new", "");
+    beta.start();
+    crashing.start();
+    fs::create_dir_all(&rig.outbox).unwrap();
+    fs::write(rig.outbox.join("box.csv"), b"id\n1\n").unwrap();
+    fs::write(rig.outbox.join("box.csv.done"), b"").unwrap();
+    let asked = beta.cli(&["request", "--file-id", "DATA", "--from", "alpha"]);
+    assert!(asked.status.success(), "{asked:?}");
+    wait_dead(&mut crashing, "alpha to die between the claim and its rows");
+    assert!(dir_names(&rig.outbox).is_empty(), "not claimed");
+
+    let mut alpha = Agent::new("alpha", &alpha_dir, &alpha_yaml);
+    alpha.start();
+    wait_until(WAIT, "the file back in the outbox", || {
+        dir_names(&rig.outbox) == ["box.csv", "box.csv.done"]
+    });
+    assert!(alpha.history().is_empty(), "recorded for no one");
+    let o = beta.cli(&[
+        "request",
+        "--file-id",
+        "DATA",
+        "--from",
+        "alpha",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}\n{}", alpha.log());
+    assert_eq!(fs::read(rig.inbox.join("box.csv")).unwrap(), b"id\n1\n");
+}

@@ -46,6 +46,7 @@ impl Sender {
             tokio::task::spawn_blocking(move || claim_files(&p, &spool, &names))
                 .await
                 .unwrap_or_default();
+        crate::failpoint::hit("sender.claim.renamed");
         let mut refused: Vec<(Spooled, ErrorCode, String)> = refused
             .into_iter()
             .map(|(file, why)| {

@@ -69,6 +69,12 @@ impl Sender {
     /// Records the rows of a spooled file that has none, converted first
     /// when its profile converts (as a claim does).
     async fn adopt(&self, profile: &SendProfile, file: Spooled) -> Result<(), StoreError> {
+        if profile.to.is_empty() {
+            // Claimed for a request: a profile without `to` claims for no
+            // one else, and which node asked is in no row. Undone instead.
+            put_back(profile, &file, &self.spool);
+            return Ok(());
+        }
         let mut refused = Vec::new();
         let (ok, pending) = if profile.before_send.is_some() {
             // Its before_send job may not have finished: not sent as it stands.
@@ -127,5 +133,38 @@ impl Sender {
             }
         }
         Ok(())
+    }
+}
+
+/// Undoes the claim of `file`, spooled for a request and not recorded: an
+/// outbox file goes back to the outbox (with its done marker), ready for
+/// the next request; a source's copy is dropped (the source stays). A file
+/// of that name already back in the outbox keeps the spooled one where it
+/// is, for the operator (logged).
+fn put_back(profile: &SendProfile, file: &Spooled, spool: &super::spool::Spool) {
+    let Some(outbox) = profile.outbox.as_deref() else {
+        info!(message = "Dropping the copy of a source claimed for a request before a crash; the source stays.", transfer_id = %file.tid);
+        let _ = crate::durable::remove_if_exists(&file.path);
+        let _ = spool.remove_transfer_dir(&file.path);
+        return;
+    };
+    let back = outbox.join(&file.name);
+    if back.exists() {
+        warn!(message = "A file claimed for a request before a crash cannot go back to the outbox: a file of its name is there. It stays in the spool.",
+            transfer_id = %file.tid, path = %file.path.display());
+        return;
+    }
+    match crate::durable::rename_durable(&file.path, &back) {
+        Ok(()) => {
+            if let crate::config::Ready::DoneMarker(marker) = &profile.ready {
+                let _ = std::fs::write(outbox.join(format!("{}{marker}", file.name)), b"");
+            }
+            let _ = spool.remove_transfer_dir(&file.path);
+            info!(message = "A file claimed for a request before a crash is back in the outbox, for the next request.", transfer_id = %file.tid, path = %back.display());
+        }
+        Err(e) => {
+            warn!(message = "Cannot put a file claimed for a request back in the outbox; it stays in the spool.",
+            transfer_id = %file.tid, path = %file.path.display(), error = %e)
+        }
     }
 }
