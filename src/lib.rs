@@ -26,6 +26,7 @@
 //! - [`agent`]: `hakobu run`, wiring the above together, and its lifecycle.
 //! - [`rerun`]: `hakobu rerun`, a settled transfer's hook again.
 //! - [`cli`]: the command line.
+//! - [`progress`]: the terminal's view of a transfer waited for (`--wait`).
 //! - [`broker_cmd`]: `hakobu broker`: the embedded broker alone, `add-node`, `status`.
 //! - [`request_cmd`]: `hakobu request` (pull), and `hakobu send` of a profile's `source`.
 //! - [`failpoint`]: crash points for tests.
@@ -44,6 +45,7 @@ pub mod error_code;
 pub mod failpoint;
 pub mod hooks;
 pub mod keys;
+pub mod progress;
 pub mod receiver;
 pub mod request_cmd;
 pub mod rerun;
