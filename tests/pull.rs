@@ -388,31 +388,20 @@ fn pull_on_the_embedded_broker_and_a_forged_request() {
     let o = rig.request("DENIED");
     assert_refused(&o, "request_denied", &rig);
 
-    let sent_before = rig.alpha.history().len();
-    let inbox_before = rig.inbox();
     let mallory = unique("mallory");
-    let forged = Message::Request(Request {
-        request_id: TransferId::new(),
-        file_id: FileId::parse("SRC").unwrap(),
-        from: NodeName::parse(&rig.beta.node).unwrap(),
-        to: NodeName::parse(&rig.alpha.node).unwrap(),
-        requested_at: "2026-12-02T00:00:00Z".into(),
+    refuses_a_forged_request(&rig, |forged| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            use hakobu::broker::Broker;
+            let m = hakobu::broker::embedded::Embedded::new(
+                &broker.addr,
+                broker.credentials(&mallory),
+                1,
+            );
+            let c = m.publish(&rig.alpha.node, forged.encode()).await;
+            c.unwrap().await.unwrap();
+        });
     });
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        use hakobu::broker::Broker;
-        let m =
-            hakobu::broker::embedded::Embedded::new(&broker.addr, broker.credentials(&mallory), 1);
-        let c = m.publish(&rig.alpha.node, forged.encode()).await;
-        c.unwrap().await.unwrap();
-    });
-    common::wait_until(WAIT, "alpha to refuse the forged request", || {
-        rig.alpha
-            .log()
-            .contains("Dead-lettering a request whose sender is not its broker user.")
-    });
-    assert_eq!(rig.alpha.history().len(), sent_before, "nothing was sent");
-    assert_eq!(rig.inbox(), inbox_before);
 }
 
 /// On the cluster with a broker user per node and `verify_sender` on (the
@@ -432,23 +421,31 @@ fn pull_with_node_users_and_a_forged_request() {
     rig.start();
     pull_of_a_source(&rig);
 
-    let rows_before = rig.alpha.history().len();
-    let inbox_before = rig.inbox();
     let mut cfg = hakobu::config::RabbitmqConfig::with_urls(vec![login_url(&m, &pw[2])]);
     cfg.confirm_timeout = Duration::from_secs(20);
     let mallory = hakobu::broker::rabbitmq::RabbitMq::new(cfg);
-    let forged = Message::Request(Request {
+    refuses_a_forged_request(&rig, |forged| {
+        rt().block_on(async {
+            use hakobu::broker::Broker;
+            let confirm = mallory.publish(&a, forged.encode()).await.expect("publish");
+            confirm.await.expect("confirmed");
+        });
+    });
+}
+
+/// A request in beta's name for `SRC`, published by `publish` (with some
+/// other node's credentials), is dead-lettered by alpha, which sends
+/// nothing.
+fn refuses_a_forged_request(rig: &Rig, publish: impl FnOnce(Message)) {
+    let rows_before = rig.alpha.history().len();
+    let inbox_before = rig.inbox();
+    publish(Message::Request(Request {
         request_id: TransferId::new(),
         file_id: FileId::parse("SRC").unwrap(),
-        from: NodeName::parse(&b).unwrap(),
-        to: NodeName::parse(&a).unwrap(),
+        from: NodeName::parse(&rig.beta.node).unwrap(),
+        to: NodeName::parse(&rig.alpha.node).unwrap(),
         requested_at: "2026-12-02T00:00:00Z".into(),
-    });
-    rt().block_on(async {
-        use hakobu::broker::Broker;
-        let confirm = mallory.publish(&a, forged.encode()).await.expect("publish");
-        confirm.await.expect("confirmed");
-    });
+    }));
     common::wait_until(WAIT, "alpha to refuse the forged request", || {
         rig.alpha
             .log()

@@ -113,6 +113,19 @@ mod tests {
         (1..retry.attempts).map(|n| retry.delay(n)).collect()
     }
 
+    /// `s` run for the tests' context with its retries, never stopped.
+    async fn run_once_retrying(s: &HookSpec, log: &std::path::Path) -> HookOutcome {
+        run_retrying(
+            s,
+            &super::super::tests::ctx(),
+            log,
+            &CancellationToken::new(),
+            None,
+        )
+        .await
+        .unwrap()
+    }
+
     fn spec(script: &str, attempts: u32, backoff: Duration) -> HookSpec {
         HookSpec {
             argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
@@ -152,15 +165,7 @@ mod tests {
             3,
             Duration::from_millis(10),
         );
-        let o = run_retrying(
-            &s,
-            &super::super::tests::ctx(),
-            &log,
-            &CancellationToken::new(),
-            None,
-        )
-        .await
-        .unwrap();
+        let o = run_once_retrying(&s, &log).await;
         assert!(o.ok(), "{o:?}");
         assert_eq!(o.attempts, 2);
         let text = std::fs::read_to_string(&log).unwrap();
@@ -176,15 +181,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let log = d.path().join("h.log");
         let s = spec("echo ran; exit 4", 3, Duration::from_millis(10));
-        let o = run_retrying(
-            &s,
-            &super::super::tests::ctx(),
-            &log,
-            &CancellationToken::new(),
-            None,
-        )
-        .await
-        .unwrap();
+        let o = run_once_retrying(&s, &log).await;
         assert_eq!((o.exit, o.attempts), (Some(4), 3));
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(text.matches("ran\n").count(), 3, "{text}");

@@ -179,12 +179,8 @@ fn receipt_for(t: &Transfer, file_id: &str, ok: bool) -> Receipt {
 async fn a_receipt_settles_only_its_own_transfer_and_file_id() {
     let (_d, store) = open();
     let tx = store.sending();
-    let t = transfer("beta", 10, Status::Sending);
+    let t = awaiting_receipt(&tx).await;
     let key = (&t.transfer_id, &t.peer);
-    tx.insert_all(vec![SendRow::new(t.clone(), "/spool/x".into())])
-        .await
-        .unwrap();
-    tx.published(key, &"b".repeat(64), (1, 0)).await.unwrap();
     let row = tx.get(key).await.unwrap().unwrap();
     assert_eq!((row.status, row.progress), (Status::AwaitingReceipt, 10));
     let wrong_profile = receipt_for(&t, "orders", true);
@@ -312,12 +308,8 @@ async fn a_retry_is_the_next_try_of_the_same_row_on_both_sides() {
     use std::time::Duration;
     let (_d, store) = open();
     let tx = store.sending();
-    let t = transfer("beta", 10, Status::Sending);
+    let t = awaiting_receipt(&tx).await;
     let key = (&t.transfer_id, &t.peer);
-    tx.insert_all(vec![SendRow::new(t.clone(), "/spool/x".into())])
-        .await
-        .unwrap();
-    tx.published(key, &"b".repeat(64), (1, 0)).await.unwrap();
     let mut failed = receipt_for(&t, "sales", false);
     failed.error_code = Some("disk_full".into());
     // Tries used up (max 1): no retry.
@@ -363,4 +355,17 @@ async fn a_retry_is_the_next_try_of_the_same_row_on_both_sides() {
     // The earlier try's receipt, recorded late, leaves the new try's row be.
     rx.set_receipt_sent(rkey, 1).await.unwrap();
     assert!(!rx.get(&r.transfer_id).await.unwrap().unwrap().receipt_sent);
+}
+
+/// A transfer to beta of 10 bytes, recorded and published: it awaits its
+/// receipt.
+async fn awaiting_receipt(tx: &SendLedger) -> Transfer {
+    let t = transfer("beta", 10, Status::Sending);
+    tx.insert_all(vec![SendRow::new(t.clone(), "/spool/x".into())])
+        .await
+        .unwrap();
+    tx.published((&t.transfer_id, &t.peer), &"b".repeat(64), (1, 0))
+        .await
+        .unwrap();
+    t
 }
