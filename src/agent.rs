@@ -210,6 +210,10 @@ impl Agent {
         cfg.keys.check()?;
         prepare_state_dir(&cfg)?;
         let lock = StateLock::acquire(&cfg)?;
+        let http_auth = match &cfg.http {
+            Some(h) => Some(Arc::new(crate::http::Auth::load(h)?)),
+            None => None,
+        };
         // Opening migrates the schema: a blocking task, not an async worker.
         let db = cfg.db_path();
         let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
@@ -236,6 +240,15 @@ impl Agent {
             receiver: receiver.clone(),
             sender: sender.clone(),
         };
+        if let (Some(http), Some(auth)) = (&cfg.http, http_auth) {
+            let state = crate::http::HttpState {
+                cfg: cfg.clone(),
+                store: store.clone(),
+                sender: sender.clone(),
+                auth,
+            };
+            crate::http::start(http, state, stop.child_token()).await?;
+        }
         sender.start_watchers();
         tokio::spawn(sender.poll_queued());
         tokio::spawn(receiver.expire_stale(stop.child_token()));

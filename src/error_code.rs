@@ -106,6 +106,9 @@ codes! {
     UnexpectedReceipt = "unexpected_receipt", Log;
     /// `hakobu request --wait` gave up: no reply, or the files not settled, in time.
     RequestTimeout = "request_timeout", Log;
+    /// An HTTP request without the token (or a session), or a console
+    /// change without its header.
+    Unauthorized = "unauthorized", Log;
 }
 
 impl ErrorCode {

@@ -29,6 +29,8 @@
 //! - [`progress`]: the terminal's view of a transfer waited for (`--wait`).
 //! - [`broker_cmd`]: `hakobu broker`: the embedded broker alone, `add-node`, `status`.
 //! - [`request_cmd`]: `hakobu request` (pull), and `hakobu send` of a profile's `source`.
+//! - [`http`]: the HTTP endpoint: web console, REST API, `/metrics` (token).
+//! - [`metrics`]: the figures `/metrics` exposes.
 //! - [`failpoint`]: crash points for tests.
 
 pub mod agent;
@@ -44,7 +46,9 @@ pub mod durable;
 pub mod error_code;
 pub mod failpoint;
 pub mod hooks;
+pub mod http;
 pub mod keys;
+pub mod metrics;
 pub mod progress;
 pub mod receiver;
 pub mod request_cmd;

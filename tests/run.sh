@@ -3,8 +3,9 @@
 # against a throwaway three-node RabbitMQ cluster on loopback
 # (packaging/rabbitmq/local-cluster.sh), which is always brought down on exit.
 #
-# Installs rabbitmq-server with apt-get when it is missing (without letting the
-# package start its system-wide service). Exports for the tests:
+# Installs what the suites need (NEEDED below: rabbitmq-server, curl, ...) with
+# apt-get when missing (without letting a package start its system-wide
+# service). Exports for the tests:
 #   HAKOBU_TEST_AMQP_URLS   the three nodes' AMQP URLs, comma-separated
 #   HAKOBU_RMQ_BASE, HAKOBU_RMQ_NAME, HAKOBU_RMQ_PORTS
 #                           so a test can run `local-cluster.sh pid N|stop N|start N`
@@ -28,11 +29,20 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 CLUSTER=$ROOT/packaging/rabbitmq/local-cluster.sh
 
-install_rabbitmq() {
+# What the suites need, one line each: the Debian package, then the file
+# that shows it is installed.
+NEEDED=(
+  "rabbitmq-server /usr/lib/rabbitmq/bin/rabbitmq-server"
+  "curl /usr/bin/curl"
+  "openssl /usr/bin/openssl"
+)
+
+install_packages() {
   local sudo='' policy=/usr/sbin/policy-rc.d own_policy=''
   [[ $(id -u) -eq 0 ]] || sudo=sudo
-  echo "tests/run.sh: installing rabbitmq-server" >&2
-  # Keep the package from starting its own node (it would take ports 5672/25672).
+  echo "tests/run.sh: installing $*" >&2
+  # Keep the packages from starting their own services (rabbitmq-server's
+  # would take ports 5672/25672).
   if [[ ! -e $policy ]]; then
     printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
     $sudo chmod 755 "$policy"
@@ -41,13 +51,18 @@ install_rabbitmq() {
   local rc=0
   {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get update -q &&
-      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q rabbitmq-server
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "$@"
   } </dev/null || rc=$?
   [[ -z $own_policy ]] || $sudo rm -f "$policy"
   return "$rc"
 }
 
-[[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || install_rabbitmq
+missing=()
+for need in "${NEEDED[@]}"; do
+  read -r pkg file <<<"$need"
+  [[ -e $file ]] || missing+=("$pkg")
+done
+[[ ${#missing[@]} -eq 0 ]] || install_packages "${missing[@]}"
 
 # Build first, so that a compile error needs no cluster and the nodes do not
 # compete with the compiler for the CPU.

@@ -56,6 +56,20 @@ pub struct Config {
     pub keys: std::sync::Arc<crate::keys::Keyring>,
     /// The agent's rate cap in bytes a second (`bandwidth:` at the top).
     pub bandwidth: Option<u64>,
+    /// The HTTP endpoint (`http:`), off when `None`.
+    pub http: Option<HttpConfig>,
+}
+
+/// `http:`: where the console, the REST API and `/metrics` listen.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: std::net::SocketAddr,
+    /// The bearer token's file (mode 0600).
+    pub token_file: PathBuf,
+    /// `/metrics` without the token (only allowed on loopback).
+    pub metrics_open: bool,
+    /// The endpoint's certificate and key file (required beyond loopback).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]

@@ -28,6 +28,29 @@ pub struct RawConfig {
     pub keys: Option<RawKeys>,
     /// The agent's rate cap, all send profiles together (`10MiB/s`).
     pub bandwidth: Option<String>,
+    /// The HTTP endpoint: web console, REST API, `/metrics` (off unless set).
+    pub http: Option<RawHttp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    /// `host:port` to listen on, such as 127.0.0.1:9810.
+    pub listen: String,
+    /// The token every page and API call needs (mode 0600; default
+    /// `state_dir/http.token`, created on the first start).
+    pub token_file: Option<PathBuf>,
+    /// Serve `/metrics` without the token (loopback only).
+    pub metrics_open: Option<bool>,
+    /// Required beyond loopback: the endpoint's certificate and key.
+    pub tls: Option<RawHttpTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]

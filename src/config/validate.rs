@@ -15,6 +15,7 @@ use super::raw::{
 use super::*;
 use crate::keys::Keyring;
 
+mod http;
 mod options;
 
 /// The shortest wait before a send profile's next try.
@@ -60,6 +61,7 @@ impl Validator<'_> {
         let state_dir = absolute(&raw.state_dir);
         self.overlaps(&state_dir, &send, &receive)?;
         let keys = self.keys(raw.keys, &send, &receive)?;
+        let http = raw.http.map(|h| self.http(h, &state_dir)).transpose()?;
         Ok(Config {
             file: self.file.to_path_buf(),
             node,
@@ -70,6 +72,7 @@ impl Validator<'_> {
             run_as_root: raw.run_as_root.unwrap_or(false),
             keys,
             bandwidth: self.rate("bandwidth", raw.bandwidth.as_deref())?,
+            http,
         })
     }
 

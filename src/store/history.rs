@@ -30,7 +30,7 @@ impl Entry {
         }
     }
 
-    fn from_sql(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
+    pub(super) fn from_sql(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
         let dir: String = r.get("direction")?;
         Ok(if dir == Direction::Send.as_str() {
             Entry::Send(SendRow::from_sql(r)?)

@@ -16,6 +16,7 @@
 mod flush;
 mod history;
 mod ledger;
+mod query;
 mod receive_ledger;
 mod requests;
 mod row;
@@ -35,6 +36,7 @@ use tokio::sync::oneshot;
 
 pub use history::Entry;
 pub use ledger::Side;
+pub use query::{HistoryFilter, MAX_PAGE};
 pub use receive_ledger::{Placing, ReceiveLedger};
 pub use requests::{RequestDir, RequestLedger, RequestRow, RequestStatus};
 pub use row::{Direction, HookRun, ReceiveRow, SendRow, Status, Transfer, UnknownStatus};

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 pub mod attacker;
 pub mod forge;
+pub mod http;
 pub mod rabbit;
 pub mod rogue;
 pub mod tmpfs;
