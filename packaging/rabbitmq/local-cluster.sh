@@ -314,13 +314,25 @@ start_nodes() {
 # Wait until node N has fully booted. (rabbitmqctl await_startup fails at once
 # on 3.10 until the node is registered with epmd, and once it is, re-checks
 # only every 10 s; check_running answers at once, so poll that.)
+# A node restarted right after a kill -9 has been seen to exit while booting
+# (once in CI, after a 200 MiB transfer through it); it is launched again, up
+# to twice, with what it printed shown each time.
 await_node() {
-  local i=$1 n deadline
+  local i=$1 n deadline relaunches=0
   n=$(node "$i")
   deadline=$((SECONDS + TIMEOUT))
   until "$BIN/rabbitmq-diagnostics" -q -n "$n" check_running </dev/null >/dev/null 2>&1; do
     if [[ -s $(pidfile "$i") ]] && ! node_pid "$i" >/dev/null; then
       tail -n 20 "$(ndir "$i")/log/$n.log" >&2 2>/dev/null || true
+      tail -n 20 "$(ndir "$i")/log/start.log" >&2 2>/dev/null || true
+      if ((relaunches < 2)); then
+        relaunches=$((relaunches + 1))
+        log "$n exited while booting; launching it again ($relaunches of 2)"
+        sleep 2
+        launch "$i"
+        await_pidfile "$i"
+        continue
+      fi
       die "$n exited while booting (logs in $(ndir "$i")/log)"
     fi
     if ((SECONDS >= deadline)); then
