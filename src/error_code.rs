@@ -109,6 +109,10 @@ codes! {
     /// An HTTP request without the token (or a session), or a console
     /// change without its header.
     Unauthorized = "unauthorized", Log;
+    /// An API call whose path, query string or body breaks its rules.
+    BadRequest = "bad_request", Log;
+    /// An API call names a transfer, request, profile or path that is not here.
+    NotFound = "not_found", Log;
 }
 
 impl ErrorCode {

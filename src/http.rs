@@ -129,6 +129,8 @@ pub async fn start(
         )
     })?;
     let addr = listener.local_addr()?;
+    // An upload cut short by the last stop left its part file.
+    api::clear_uploads(&state.cfg.state_dir);
     info!(message = "HTTP endpoint listening.", addr = %addr, tls = tls.is_some());
     let app = router(state);
     let seats = Arc::new(Semaphore::new(MAX_CONNECTIONS));

@@ -64,6 +64,11 @@ for need in "${NEEDED[@]}"; do
 done
 [[ ${#missing[@]} -eq 0 ]] || install_packages "${missing[@]}"
 
+# From PyPI: the OpenAPI validator tests/api.rs runs on /api/openapi.json.
+python3 -c 'import openapi_spec_validator' 2>/dev/null ||
+  python3 -m pip install -q openapi-spec-validator ||
+  echo "tests/run.sh: could not install openapi-spec-validator; tests/api.rs will fail" >&2
+
 # Build first, so that a compile error needs no cluster and the nodes do not
 # compete with the compiler for the CPU.
 rc=0

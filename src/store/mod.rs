@@ -12,7 +12,10 @@
 //! - `send_ledger.rs`, `receive_ledger.rs`: one typed facade per side.
 //! - `ledger.rs`: the statements both ledgers share (insert, status changes, hooks).
 //! - `history.rs`: what `hakobu history` and `hakobu rerun` look up.
+//! - `query.rs`: history searched by filters, a page at a time (HTTP API, console).
+//! - `events.rs`: each row's status timeline, written by triggers.
 
+mod events;
 mod flush;
 mod history;
 mod ledger;
@@ -34,6 +37,7 @@ use std::task::{Context, Poll};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
+pub use events::{Event, MAX_EVENTS};
 pub use history::Entry;
 pub use ledger::Side;
 pub use query::{HistoryFilter, MAX_PAGE};

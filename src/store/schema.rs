@@ -16,6 +16,7 @@ const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[
     retries,
     conversion,
     wire_bytes,
+    super::events::migration,
 ];
 
 /// The version this hakobu writes.
