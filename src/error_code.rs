@@ -109,6 +109,11 @@ codes! {
     /// An HTTP request without the token (or a session), or a console
     /// change without its header.
     Unauthorized = "unauthorized", Log;
+    /// A parent id (`hakobu send --parent`, `HAKOBU_TRANSFER_ID`, a done
+    /// marker's `parent=`) that is not a transfer id.
+    BadParentId = "bad_parent_id", Log;
+    /// `hakobu history --chain` of a transfer this node has no row of.
+    UnknownTransfer = "unknown_transfer", Log;
 }
 
 impl ErrorCode {

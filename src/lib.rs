@@ -36,6 +36,7 @@
 pub mod agent;
 pub mod broker;
 pub mod broker_cmd;
+pub mod chain_cmd;
 pub mod cli;
 pub mod clock;
 pub mod coalesce;

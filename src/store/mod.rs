@@ -13,6 +13,7 @@
 //! - `ledger.rs`: the statements both ledgers share (insert, status changes, hooks).
 //! - `history.rs`: what `hakobu history` and `hakobu rerun` look up.
 
+mod chain;
 mod flush;
 mod history;
 mod ledger;
@@ -34,6 +35,7 @@ use std::task::{Context, Poll};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
+pub use chain::{Chain, Step, StepView};
 pub use history::Entry;
 pub use ledger::Side;
 pub use query::{HistoryFilter, MAX_PAGE};
@@ -264,4 +266,4 @@ fn unix_now() -> i64 {
 const COLUMNS: &str = "direction, transfer_id, peer, file_id, file_name, size, sha256, chunk_size, \
      status, error_code, error, path, remote_path, remote_hook_exit, meta, started_at, finished_at, \
      hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode, failure_hook, progress, chunks_have, \
-     request_id, attempt, hook_attempts, placed_sha256, records, wire_bytes";
+     request_id, attempt, hook_attempts, placed_sha256, records, wire_bytes, parent_id";
