@@ -62,7 +62,7 @@ mod tests {
     #[test]
     fn a_malformed_parent_id_makes_the_header_malformed() {
         let (text, body) = header_text(&chunk());
-        for bad in ["\"../etc\"", "\"\"", "42", "\"0190f6c4-0000-7000-8000\""] {
+        for bad in ["\"../etc\"", "\"\"", "42", "\"short\"", "\"a b c d e f g\""] {
             let changed = text.replacen('{', &format!("{{\"parent_id\":{bad},"), 1);
             assert!(
                 matches!(
