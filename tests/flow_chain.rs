@@ -333,7 +333,7 @@ fn job_flow(kind: Kind) {
     // An id this node does not know.
     let out = f
         .beta
-        .cli(&["history", "--chain", &TransferId::new().to_string()]);
+        .cli(&["history", "--chain", TransferId::new().as_str()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_transfer"));
 
