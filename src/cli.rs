@@ -49,6 +49,9 @@ enum Command {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        /// The whole job flow of a transfer, as far as this node knows it.
+        #[arg(long, value_name = "ID")]
+        chain: Option<String>,
     },
     /// Send one file now through a send profile (the agent must be running);
     /// without PATH, the profile's `source`.
@@ -67,6 +70,9 @@ enum Command {
         /// Wait for the receipt; exit 0 only on success.
         #[arg(long)]
         wait: bool,
+        /// The transfer that started this one (default: $HAKOBU_TRANSFER_ID, set for hooks); `none` for no parent.
+        #[arg(long, value_name = "ID|none")]
+        parent: Option<String>,
     },
     /// Ask another node to send a file (HULFT's send request): its send
     /// profile must list this node in `requests_from`.
@@ -160,8 +166,20 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
         }
         Command::History {
             config,
+            json,
+            chain: Some(id),
+            ..
+        } => {
+            let cfg = load(&config)?;
+            crate::chain_cmd::run(&cfg, &open_store(&cfg)?, &id, json)
+                .await
+                .map_err(|(code, e)| Exit(code, e))
+        }
+        Command::History {
+            config,
             limit,
             json,
+            chain: None,
         } => history(&load(&config)?, limit, json).await,
         Command::Send {
             config,
@@ -170,8 +188,16 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
             to,
             meta,
             wait,
+            parent,
         } => match path {
-            Some(path) => send(&load(&config)?, &file_id, &path, to, &meta, wait).await,
+            Some(path) => {
+                let parent = crate::chain_cmd::parent(parent.as_deref()).map_err(usage)?;
+                let cfg = load(&config)?;
+                send(&cfg, &file_id, (&path, parent), to, &meta, wait).await
+            }
+            None if parent.as_deref().is_some_and(|p| p != "none") => Err(usage(anyhow::anyhow!(
+                "--parent is not yet taken with a profile's source; give the file's path"
+            ))),
             None => send_source(&load(&config)?, &file_id, to, &meta, wait).await,
         },
         Command::Request(args) => crate::request_cmd::run(args)
@@ -348,7 +374,7 @@ async fn queue_copy(
     file_id: &str,
     (src, name): (&Path, &str),
     (to, converted): (Option<NodeName>, bool),
-    meta: &BTreeMap<String, String>,
+    (meta, parent): (&BTreeMap<String, String>, Option<&TransferId>),
 ) -> Result<TransferId, Exit> {
     let mut profile = cfg.send_profile(file_id).cloned().ok_or_else(|| {
         usage(anyhow::anyhow!(
@@ -369,15 +395,22 @@ async fn queue_copy(
         profile.convert = None;
     }
     let spool = Spool::new(cfg.spool_dir());
-    crate::sender::queue(&store.sending(), &spool, &profile, (src, name), meta)
-        .await
-        .map_err(failure)
+    crate::sender::queue_child(
+        &store.sending(),
+        &spool,
+        &profile,
+        (src, name),
+        meta,
+        parent,
+    )
+    .await
+    .map_err(failure)
 }
 
 async fn send(
     cfg: &Config,
     file_id: &str,
-    path: &Path,
+    (path, parent): (&Path, Option<TransferId>),
     to: Option<String>,
     meta: &[String],
     wait: bool,
@@ -406,7 +439,16 @@ async fn send(
         .and_then(|n| FileName::parse(n).ok())
         .ok_or_else(|| usage(anyhow::anyhow!("{} has no plain file name", path.display())))?;
     let store = open_store(cfg)?;
-    let tid = queue_copy(cfg, &store, file_id, (path, &name), (to, false), &meta).await?;
+    let src = (path, name.as_str());
+    let tid = queue_copy(
+        cfg,
+        &store,
+        file_id,
+        src,
+        (to, false),
+        (&meta, parent.as_ref()),
+    )
+    .await?;
     if !agent_running {
         eprintln!(
             "note: no agent runs on {}; the file is queued and goes when `hakobu run -c {}` starts",
@@ -535,7 +577,7 @@ async fn resend(cfg: &Config, tid: &str) -> Result<(), Exit> {
                 &row.file_id,
                 src,
                 (Some(peer), row.records.is_some()),
-                &row.meta,
+                (&row.meta, row.parent_id.as_ref()),
             )
             .await?,
         );

@@ -111,8 +111,14 @@ codes! {
     Unauthorized = "unauthorized", Log;
     /// An API call whose path, query string or body breaks its rules.
     BadRequest = "bad_request", Log;
-    /// An API call names a transfer, request, profile or path that is not here.
+    /// An API call names a request, profile or path that is not here.
     NotFound = "not_found", Log;
+    /// A parent id (`hakobu send --parent`, `HAKOBU_TRANSFER_ID`, a done
+    /// marker's `parent=`) that is not a transfer id.
+    BadParentId = "bad_parent_id", Log;
+    /// A transfer this node has no row of: `hakobu history --chain`, the
+    /// API's and the console's transfer pages and actions.
+    UnknownTransfer = "unknown_transfer", Log;
 }
 
 impl ErrorCode {

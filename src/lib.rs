@@ -18,6 +18,7 @@
 //!   message (small files, receipts).
 //! - [`store`]: the SQLite state database: history and the exactly-once ledger.
 //! - [`hooks`]: the hook runner; only it starts hook commands.
+//! - [`chain_cmd`]: `hakobu history --chain`, the job flow across servers.
 //! - [`error_code`]: the one table of the stable error codes users see.
 //! - [`durable`]: fsync/rename helpers for files the agent places or moves.
 //! - [`keys`]: node keys for end-to-end encryption (`hakobu keygen`).
@@ -36,6 +37,7 @@
 pub mod agent;
 pub mod broker;
 pub mod broker_cmd;
+pub mod chain_cmd;
 pub mod cli;
 pub mod clock;
 pub mod coalesce;

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{FileId, NodeName, TransferId};
 use crate::error_code::ErrorCode;
 
+mod parent;
 mod request;
 pub use request::{Request, RequestReply};
 
@@ -76,6 +77,9 @@ pub struct ChunkHeader {
     /// for a later try, and ignores chunks of an earlier one.
     #[serde(default = "first_attempt", skip_serializing_if = "is_first_attempt")]
     pub attempt: u32,
+    /// The transfer that started this one (`wire/parent.rs`); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<TransferId>,
 }
 
 fn first_attempt() -> u32 {
@@ -404,6 +408,7 @@ mod tests {
                 request_id: None,
                 attempt: 1,
                 compressed: None,
+                parent_id: None,
             },
             Bytes::from_static(b"hello"),
         )

@@ -182,6 +182,9 @@ fn send_list_show_and_request_through_the_api() {
     assert_eq!(statuses.last(), Some(&"hook_failed"), "{statuses:?}");
     let good = rig.b.get(&format!("/api/transfers/{good_id}")).json();
     assert_eq!(good["rows"][0]["status"], "received", "{good}");
+    let chain = rig.b.get(&format!("/api/transfers/{good_id}/chain")).json();
+    assert_eq!(chain["root"], good_id.as_str(), "{chain}");
+    assert_eq!(chain["steps"].as_array().map(Vec::len), Some(1), "{chain}");
 
     // A pull: beta asks alpha for REPORT and waits for it.
     let r = rig.b.post_json(
@@ -217,7 +220,12 @@ fn bad_calls_get_stable_codes() {
     expect(
         c.get(&format!("/api/transfers/{unknown}")),
         404,
-        "not_found",
+        "unknown_transfer",
+    );
+    expect(
+        c.get(&format!("/api/transfers/{unknown}/chain")),
+        404,
+        "unknown_transfer",
     );
     expect(c.get(&format!("/api/requests/{unknown}")), 404, "not_found");
     expect(c.get("/api/nothing-here"), 404, "not_found");

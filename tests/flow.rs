@@ -497,6 +497,7 @@ async fn a_rerun_is_not_taken_for_an_interrupted_hook() {
         request_id: None,
         attempt: 1,
         compressed: None,
+        parent_id: None,
     };
     let msg = hakobu::wire::Message::Chunk(header, bytes::Bytes::from_static(data));
     let client = hakobu::broker::embedded::Embedded::new(

@@ -5,6 +5,8 @@
 //! - `GET /api/transfers`: history with filters, a page at a time.
 //! - `GET /api/transfers/{id}`: one transfer's rows (digests, hook output
 //!   tail) and its status timeline.
+//! - `GET /api/transfers/{id}/chain`: its job flow across nodes, as far as
+//!   this node knows it (`hakobu history --chain`).
 //! - `send.rs`: send a file (the profile's source, or uploaded), request a
 //!   file from another node; each at once (202) or waiting (`wait=`).
 //!
@@ -41,6 +43,7 @@ pub fn router() -> Router<HttpState> {
         .route("/api/openapi.json", get(openapi))
         .route("/api/transfers", get(list))
         .route("/api/transfers/{id}", get(detail))
+        .route("/api/transfers/{id}/chain", get(chain))
         .route("/api/send", post(send::source))
         .route("/api/send/{file_id}", post(send::upload))
         .route("/api/requests", post(send::request))
@@ -175,8 +178,8 @@ async fn detail(
     if rows.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            ErrorCode::NotFound,
-            format!("no transfer {tid} in this node's history"),
+            ErrorCode::UnknownTransfer,
+            format!("no transfer {tid} in this node's history; ask a node it went through"),
         ));
     }
     let timeline = st.store.timeline(&tid).await?;
@@ -185,4 +188,20 @@ async fn detail(
         "rows": rows,
         "timeline": timeline,
     })))
+}
+
+/// `GET /api/transfers/{id}/chain`: the flow, as `hakobu history --chain --json`.
+async fn chain(
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::store::Chain>, ApiError> {
+    let tid = transfer_id(&id)?;
+    match st.store.chain(&st.cfg.node, &tid).await? {
+        Some(chain) => Ok(Json(chain)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::UnknownTransfer,
+            format!("no transfer {tid} in this node's history; ask a node it went through"),
+        )),
+    }
 }

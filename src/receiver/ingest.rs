@@ -302,6 +302,7 @@ fn new_row(h: &ChunkHeader) -> ReceiveRow {
         Status::Receiving,
     );
     t.request_id = h.request_id.clone();
+    t.parent_id = h.parent_id.clone();
     t.attempt = h.attempt.max(1);
     if let Some(trailer) = &h.last {
         t.sha256 = Some(trailer.sha256.clone());
@@ -381,6 +382,9 @@ fn check_chunk(h: &ChunkHeader, row: &ReceiveRow, body_len: u64) -> Result<u64, 
     if h.size != row.size || h.chunk_size != row.chunk_size {
         return Err(ReceiveError::Inconsistent("the size"));
     }
+    if h.parent_id != row.parent_id {
+        return Err(ReceiveError::Inconsistent("the parent id"));
+    }
     match h.expected_len() {
         Some(n) if n == body_len => Ok(h.index()),
         _ => Err(ReceiveError::ChunkOutOfRange {
@@ -447,6 +451,7 @@ mod tests {
             request_id: None,
             attempt: 1,
             compressed: None,
+            parent_id: None,
         };
         let p = cfg.receive_profile("A");
         admit(&h(1000), p).unwrap();

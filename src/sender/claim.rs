@@ -4,7 +4,7 @@
 //! two leaves a spooled file without rows, which recovery records
 //! (`recovery.rs`). From the rename on, the file is never lost.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -42,7 +42,7 @@ impl Sender {
         request: Option<&TransferId>,
     ) -> Started {
         let (p, spool) = (profile.clone(), self.spool.clone());
-        let (claimed, refused) =
+        let ((claimed, refused), parents) =
             tokio::task::spawn_blocking(move || claim_files(&p, &spool, &names))
                 .await
                 .unwrap_or_default();
@@ -93,6 +93,9 @@ impl Sender {
         };
         if rows.is_empty() {
             return started;
+        }
+        for row in &mut rows {
+            row.transfer.parent_id = parents.get(&row.transfer_id).cloned();
         }
         // On failure the spooled files are recorded at the next start.
         if let Err(e) = self.ledger.insert_all(rows.clone()).await {
@@ -233,33 +236,42 @@ fn check_claimed(path: &Path, seen_ino: u64) -> Result<(), String> {
 /// Claimed files, and those refused with why (see [`check_claimed`]).
 type Claims = (Vec<Spooled>, Vec<(Spooled, String)>);
 
+/// The parents their done markers named (`marker.rs`), by transfer id.
+type Parents = HashMap<TransferId, TransferId>;
+
 /// Moves ready files from the outbox into the spool, each under a new
 /// transfer id. The renames are made durable together (one flush per
-/// directory, not per file).
-fn claim_files(profile: &SendProfile, spool: &Spool, names: &[ReadyFile]) -> Claims {
+/// directory, not per file). A done marker's `parent=` is read before the
+/// marker goes (`marker.rs`).
+fn claim_files(profile: &SendProfile, spool: &Spool, names: &[ReadyFile]) -> (Claims, Parents) {
     let file_dir = spool.dir_of(&profile.file_id);
     if let Err(e) = std::fs::create_dir_all(&file_dir) {
         error!(message = "Cannot create the spool directory; check the state directory's permissions and space.",
             dir = %file_dir.display(), error = %e, error_code = %ErrorCode::ClaimFailed);
-        return Claims::default();
+        return Default::default();
     }
+    let mut parents = Parents::new();
     let mut claimed = Vec::new();
     let mut refused = Vec::new();
     // Directories whose entries changed, flushed once each at the end: the
     // profile's spool directory, the outbox, and the directory of each file
     // whose name is too long for the flat layout.
     let Some(outbox) = profile.outbox.as_deref() else {
-        return Claims::default();
+        return Default::default();
     };
     let mut changed: Vec<PathBuf> = vec![file_dir.clone(), outbox.to_path_buf()];
     for (name, seen_ino) in names {
         // The marker goes first: a crash after it leaves the file in the
         // outbox waiting for a new marker, never a stale marker that would
         // let the next file of that name be claimed half-written.
-        if let Ready::DoneMarker(marker) = &profile.ready {
-            let _ = durable::remove_if_exists(&outbox.join(format!("{name}{marker}")));
-        }
         let tid = TransferId::new();
+        if let Ready::DoneMarker(marker) = &profile.ready {
+            let marker = outbox.join(format!("{name}{marker}"));
+            if let Some(parent) = super::marker::parent_of(&marker) {
+                parents.insert(tid.clone(), parent);
+            }
+            let _ = durable::remove_if_exists(&marker);
+        }
         let from = outbox.join(name);
         let to = spool.path_of(&profile.file_id, &tid, name);
         let own_dir = to.parent().filter(|d| *d != file_dir);
@@ -290,7 +302,7 @@ fn claim_files(profile: &SendProfile, spool: &Spool, names: &[ReadyFile]) -> Cla
         }
     }
     if claimed.is_empty() && refused.is_empty() {
-        return (claimed, refused);
+        return ((claimed, refused), parents);
     }
     // On a journalling filesystem the first flush commits the journal for
     // all the renames and the rest find nothing left to write; without a
@@ -301,7 +313,7 @@ fn claim_files(profile: &SendProfile, spool: &Spool, names: &[ReadyFile]) -> Cla
             warn!(message = "Cannot flush a spool directory.", dir = %dir.display(), error = %e);
         }
     }
-    (claimed, refused)
+    ((claimed, refused), parents)
 }
 
 /// One row per receiving node for a file already in the spool.
@@ -402,6 +414,19 @@ pub async fn queue(
     (src, name): (&Path, &str),
     meta: &BTreeMap<String, String>,
 ) -> Result<TransferId, QueueError> {
+    queue_child(ledger, spool, profile, (src, name), meta, None).await
+}
+
+/// [`queue`] of a transfer started by `parent` (the job flow: a hook's
+/// `hakobu send`, `--parent`), recorded on its rows and carried by its chunks.
+pub async fn queue_child(
+    ledger: &SendLedger,
+    spool: &Spool,
+    profile: &SendProfile,
+    (src, name): (&Path, &str),
+    meta: &BTreeMap<String, String>,
+    parent: Option<&TransferId>,
+) -> Result<TransferId, QueueError> {
     let file = spool
         .copy_in(&profile.file_id, src, name)
         .map_err(|e| QueueError::Copy(src.to_path_buf(), e))?;
@@ -428,7 +453,10 @@ pub async fn queue(
         }
     };
     let converted = pending.as_ref().map(|p| &p.converted);
-    let rows = sized_rows(profile, &file, meta, (Status::Queued, None), converted);
+    let mut rows = sized_rows(profile, &file, meta, (Status::Queued, None), converted);
+    for row in &mut rows {
+        row.transfer.parent_id = parent.cloned();
+    }
     ledger.insert_all(rows).await?;
     if let Some(p) = &pending {
         // On failure the publisher puts it in place before reading it.

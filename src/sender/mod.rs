@@ -21,6 +21,7 @@ mod after_send;
 mod before_send;
 mod claim;
 mod convert;
+mod marker;
 mod publish;
 mod receipt;
 mod recovery;
@@ -39,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-pub use claim::{QueueError, queue};
+pub use claim::{QueueError, queue, queue_child};
 pub use spool::{Spool, Spooled};
 pub use watch::ignored;
 

@@ -393,6 +393,7 @@ impl Chunks<'_> {
             }),
             sealed: self.transform.sealed(),
             request_id: row.request_id.clone(),
+            parent_id: row.parent_id.clone(),
             attempt: row.attempt,
             compressed: None,
         }

@@ -23,7 +23,7 @@ pub struct Event {
     pub at: String,
 }
 
-/// Migration: the table, its triggers, and one event per existing row (its
+/// Migration 7 (issue 14, the API): the table, its triggers, and one event per existing row (its
 /// status now, at its last known time).
 pub(super) fn migration(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     tx.execute_batch(

@@ -21,9 +21,9 @@ pub fn insert(
     let n = db.run(
         "INSERT OR IGNORE INTO transfers (direction, transfer_id, peer, file_id, file_name, size,
             sha256, chunk_size, status, error_code, error, path, meta, started_at, finished_at, touched_at,
-            attempt, seq, request_id, placed_sha256, records)
+            attempt, seq, request_id, placed_sha256, records, parent_id)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-            (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers), ?18, ?19, ?20)",
+            (SELECT IFNULL(MAX(seq), 0) + 1 FROM transfers), ?18, ?19, ?20, ?21)",
         params![
             dir,
             t.transfer_id,
@@ -45,6 +45,7 @@ pub fn insert(
             t.request_id,
             t.placed_sha256,
             t.records.map(|r| r as i64),
+            t.parent_id,
         ],
     )?;
     Ok(n == 1)

@@ -15,6 +15,7 @@
 //! - `query.rs`: history searched by filters, a page at a time (HTTP API, console).
 //! - `events.rs`: each row's status timeline, written by triggers.
 
+mod chain;
 mod events;
 mod flush;
 mod history;
@@ -37,6 +38,7 @@ use std::task::{Context, Poll};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
+pub use chain::{Chain, Step, StepView};
 pub use events::{Event, MAX_EVENTS};
 pub use history::Entry;
 pub use ledger::Side;
@@ -268,4 +270,4 @@ fn unix_now() -> i64 {
 const COLUMNS: &str = "direction, transfer_id, peer, file_id, file_name, size, sha256, chunk_size, \
      status, error_code, error, path, remote_path, remote_hook_exit, meta, started_at, finished_at, \
      hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode, failure_hook, progress, chunks_have, \
-     request_id, attempt, hook_attempts, placed_sha256, records, wire_bytes";
+     request_id, attempt, hook_attempts, placed_sha256, records, wire_bytes, parent_id";

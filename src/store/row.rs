@@ -171,6 +171,9 @@ pub struct Transfer {
     /// Bytes of chunk bodies on the wire (compressed, sealed): published
     /// by the sender, every attempt counted; received by the receiver.
     pub wire_bytes: u64,
+    /// The transfer that started this one (a hook's `hakobu send`, a done
+    /// marker's `parent=`), as the sender recorded it and the chunks carried it.
+    pub parent_id: Option<TransferId>,
 }
 
 impl Transfer {
@@ -207,6 +210,7 @@ impl Transfer {
             placed_sha256: None,
             records: None,
             wire_bytes: 0,
+            parent_id: None,
         }
     }
 
@@ -238,6 +242,7 @@ impl Transfer {
             placed_sha256: r.get("placed_sha256")?,
             records: r.get::<_, Option<i64>>("records")?.map(|v| v as u64),
             wire_bytes: r.get::<_, i64>("wire_bytes")? as u64,
+            parent_id: r.get("parent_id")?,
         })
     }
 

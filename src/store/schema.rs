@@ -17,6 +17,7 @@ const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[
     conversion,
     wire_bytes,
     super::events::migration,
+    parents,
 ];
 
 /// The version this hakobu writes.
@@ -160,6 +161,19 @@ fn wire_bytes(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     tx.execute_batch("ALTER TABLE transfers ADD COLUMN wire_bytes INTEGER NOT NULL DEFAULT 0;")
 }
 
+/// 8 (issue 14, the job flow): the transfer that started this one (a
+/// hook's `hakobu send`, a done marker's `parent=`), on both sides' rows and
+/// on requests (`hakobu send` without a path queues one), indexed so that
+/// `hakobu history --chain` finds a transfer's children.
+fn parents(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "ALTER TABLE transfers ADD COLUMN parent_id TEXT;
+         CREATE INDEX IF NOT EXISTS transfers_parent ON transfers(parent_id);
+         CREATE INDEX IF NOT EXISTS transfers_id ON transfers(transfer_id);
+         ALTER TABLE requests ADD COLUMN parent_id TEXT;",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,5 +233,51 @@ mod tests {
             .unwrap();
         assert_eq!((have, seq), (2, 1));
         assert_eq!(file_id, "-", "a file id that breaks the rule is replaced");
+    }
+
+    /// A database at version 6 (before the job flow) opens: its rows get
+    /// an empty `parent_id`, requests too, and the column is indexed.
+    #[test]
+    fn a_database_at_version_6_gets_parent_ids() {
+        let d = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(d.path().join("db")).unwrap();
+        for (from, step) in MIGRATIONS.iter().enumerate().take(6) {
+            let tx = conn.transaction().unwrap();
+            step(&tx).unwrap();
+            tx.pragma_update(None, "user_version", from as i64 + 1)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO transfers (direction, transfer_id, peer, file_id, file_name, size,
+                chunk_size, status, started_at)
+             VALUES ('send', '0190f6c4-0000-7000-8000-000000000001', 'beta', 'SALES',
+                'a.csv', 10, 65536, 'sent', 'x');",
+        )
+        .unwrap();
+        let has_parent = |conn: &Connection, table: &str| -> bool {
+            conn.query_row(
+                "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = 'parent_id'",
+                params![table],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+                > 0
+        };
+        assert!(!has_parent(&conn, "transfers"));
+        migrate(&mut conn).unwrap();
+        assert!(has_parent(&conn, "transfers") && has_parent(&conn, "requests"));
+        let parent: Option<String> = conn
+            .query_row("SELECT parent_id FROM transfers", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(parent, None, "an old row has no parent");
+        let indexed: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'transfers_parent'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexed, 1);
     }
 }

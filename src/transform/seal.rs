@@ -177,6 +177,10 @@ struct Bound<'a> {
     /// Absent when plain, so that seals of uncompressed chunks stay as before.
     #[serde(skip_serializing_if = "Option::is_none")]
     compressed: Option<Codec>,
+    /// Bound only when present, like `request_id`: a parent can be neither
+    /// forged onto a sealed chunk nor stripped from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_id: &'a Option<TransferId>,
 }
 
 fn bound(h: &ChunkHeader, len: u64) -> Vec<u8> {
@@ -196,6 +200,7 @@ fn bound(h: &ChunkHeader, len: u64) -> Vec<u8> {
         last: &h.last,
         request_id: &h.request_id,
         compressed: h.compressed,
+        parent_id: &h.parent_id,
     };
     // Plain strings and integers: serializing cannot fail.
     serde_json::to_vec(&b).unwrap_or_default()

@@ -42,6 +42,7 @@ pub fn chunk(
         compressed: None,
         request_id: None,
         attempt: 1,
+        parent_id: None,
     };
     Message::Chunk(
         header,

@@ -19,6 +19,7 @@ pub(crate) fn header(offset: u64, size: u64) -> ChunkHeader {
         request_id: None,
         attempt: 1,
         compressed: None,
+        parent_id: None,
     }
 }
 
@@ -251,6 +252,31 @@ fn a_compressed_sealed_chunk_round_trips_and_its_flag_is_bound() {
     let (h2, body2) = seal(&s, header(65536, 200_000), &plain);
     let mut added = h2.clone();
     added.compressed = Some(Codec::Zstd);
+    assert!(try_open(&beta, &added, &body2).is_err());
+    assert_eq!(&try_open(&beta, &h2, &body2).unwrap()[..], &plain[..]);
+}
+
+/// The parent id (the job flow) is bound like the rest of the header: a
+/// sealed chunk with one does not open when it is changed or stripped, and
+/// one without does not open when one is added.
+#[test]
+fn a_parent_id_is_bound_to_the_seal() {
+    let beta = node();
+    let s = Sealer::new(&beta.public).unwrap();
+    let plain = vec![7u8; 1000];
+    let mut with = header(0, 1000);
+    with.parent_id = Some(TransferId::new());
+    let (h, body) = seal(&s, with, &plain);
+    assert_eq!(&try_open(&beta, &h, &body).unwrap()[..], &plain[..]);
+    let mut forged = h.clone();
+    forged.parent_id = Some(TransferId::new());
+    assert!(try_open(&beta, &forged, &body).is_err());
+    let mut stripped = h.clone();
+    stripped.parent_id = None;
+    assert!(try_open(&beta, &stripped, &body).is_err());
+    let (h2, body2) = seal(&s, header(0, 1000), &plain);
+    let mut added = h2.clone();
+    added.parent_id = Some(TransferId::new());
     assert!(try_open(&beta, &added, &body2).is_err());
     assert_eq!(&try_open(&beta, &h2, &body2).unwrap()[..], &plain[..]);
 }
