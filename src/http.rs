@@ -129,6 +129,8 @@ pub async fn start(
         )
     })?;
     let addr = listener.local_addr()?;
+    // `/metrics`' start time: when the agent's endpoint came up.
+    crate::metrics::registry::global().start_time();
     info!(message = "HTTP endpoint listening.", addr = %addr, tls = tls.is_some());
     let app = router(state);
     let seats = Arc::new(Semaphore::new(MAX_CONNECTIONS));

@@ -12,7 +12,9 @@
 //! - `send_ledger.rs`, `receive_ledger.rs`: one typed facade per side.
 //! - `ledger.rs`: the statements both ledgers share (insert, status changes, hooks).
 //! - `history.rs`: what `hakobu history` and `hakobu rerun` look up.
+//! - `figures.rs`: what `/metrics` reads at each scrape, from indexes only.
 
+mod figures;
 mod flush;
 mod history;
 mod ledger;
@@ -34,6 +36,7 @@ use std::task::{Context, Poll};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
+pub use figures::{Figures, InFlight, Total};
 pub use history::Entry;
 pub use ledger::Side;
 pub use query::{HistoryFilter, MAX_PAGE};
