@@ -485,3 +485,113 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
         _ => {}
     }
 }
+
+/// One agent on the test cluster (tests/run.sh) serving `http:`; its
+/// consumer connects to the cluster's first node first.
+struct RabbitRig {
+    tmp: tempfile::TempDir,
+    node: String,
+    agent: Agent,
+    c: Client,
+    cfg: hakobu::config::RabbitmqConfig,
+}
+
+impl RabbitRig {
+    fn new() -> RabbitRig {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        let node = common::unique("met");
+        let (h, c) = http_section(t);
+        let yaml = format!(
+            "node: {node}\nstate_dir: state\n{broker}{h}receive:\n  - file_id: DATA\n    from: [ alpha ]\n    inbox: {inbox}\n",
+            broker = common::rabbit_broker(0),
+            inbox = t.join("inbox").display(),
+        );
+        let mut agent = Agent::new(&node, &t.join("agent"), &yaml);
+        agent.start();
+        let cfg = match hakobu::config::Config::parse(&agent.config, &yaml)
+            .expect("the agent's configuration")
+            .broker
+        {
+            hakobu::config::BrokerConfig::Rabbitmq(r) => r,
+            _ => unreachable!("a rabbitmq section"),
+        };
+        let c = c.with_token_file(&t.join("agent/state/http.token"));
+        RabbitRig {
+            tmp,
+            node,
+            agent,
+            c,
+            cfg,
+        }
+    }
+
+    /// `hakobu_dead_letters` once the agent has asked the cluster.
+    fn dead_letters(&self) -> f64 {
+        let mut n = None;
+        wait_until(WAIT, "hakobu_dead_letters to be known", || {
+            n = value(&samples(&scrape(&self.c)), "hakobu_dead_letters", &[]);
+            n.is_some()
+        });
+        n.unwrap()
+    }
+}
+
+/// A message the agent cannot parse is dead-lettered on the cluster, and
+/// `hakobu_dead_letters` (asked of RabbitMQ in the background, cached)
+/// counts it.
+#[test]
+fn metrics_rabbitmq_dead_letters() {
+    let rig = RabbitRig::new();
+    let text = scrape(&rig.c);
+    promtool_check(&text);
+    let before = rig.dead_letters();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let broker = hakobu::broker::rabbitmq::RabbitMq::new(rig.cfg.clone());
+    use hakobu::broker::Broker;
+    rt.block_on(async {
+        let confirm = broker
+            .publish(
+                &rig.node,
+                bytes::Bytes::from_static(b"not a hakobu message"),
+            )
+            .await
+            .expect("publish to the agent's queue");
+        confirm.await.expect("the cluster confirms");
+    });
+    wait_until(WAIT, "the agent to dead-letter it", || {
+        rig.agent.log().contains("Dead-lettering")
+    });
+    wait_until(WAIT, "hakobu_dead_letters to count it", || {
+        rig.dead_letters() >= before + 1.0
+    });
+    promtool_check(&scrape(&rig.c));
+    let _ = &rig.tmp;
+}
+
+/// The cluster node the agent consumes from stopped: the agent fails over
+/// to another node, and counts it.
+#[test]
+fn metrics_rabbitmq_node_stopped() {
+    let rig = RabbitRig::new();
+    let read = || {
+        let s = samples(&scrape(&rig.c));
+        (
+            value(&s, "hakobu_broker_connected", &[]).unwrap(),
+            value(&s, "hakobu_broker_failovers_total", &[]).unwrap(),
+        )
+    };
+    wait_until(WAIT, "the consumer to connect", || read() == (1.0, 0.0));
+    common::cluster(&["stop", "1"]);
+    let restarted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(WAIT, "a fail-over to another node", || {
+            let (connected, failovers) = read();
+            connected == 1.0 && failovers >= 1.0
+        });
+        promtool_check(&scrape(&rig.c));
+    }));
+    common::cluster(&["start", "1"]);
+    if let Err(e) = restarted {
+        std::panic::resume_unwind(e);
+    }
+}
