@@ -186,8 +186,20 @@ impl HookOutcome {
 const TAIL_BYTES: u64 = 2048;
 
 /// Runs a hook in a process group of its own, its output appended to
-/// `log`; a timeout kills the group.
+/// `log`; a timeout kills the group. Each run is counted for `/metrics`
+/// (its event, outcome and duration).
 pub async fn run(spec: &HookSpec, ctx: &HookContext, log: &Path) -> HookOutcome {
+    let outcome = run_uncounted(spec, ctx, log).await;
+    let result = match (outcome.timed_out, outcome.ok()) {
+        (true, _) => "timeout",
+        (false, true) => "ok",
+        (false, false) => "failed",
+    };
+    crate::metrics::registry::global().hook_ran(ctx.event.as_str(), result, outcome.duration);
+    outcome
+}
+
+async fn run_uncounted(spec: &HookSpec, ctx: &HookContext, log: &Path) -> HookOutcome {
     let started = Instant::now();
     let program = spec.argv[0].clone();
     let failed = |message: String| HookOutcome {

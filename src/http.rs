@@ -131,6 +131,8 @@ pub async fn start(
     let addr = listener.local_addr()?;
     // An upload cut short by the last stop left its part file.
     api::clear_uploads(&state.cfg.state_dir);
+    // `/metrics`' start time: when the agent's endpoint came up.
+    crate::metrics::registry::global().start_time();
     info!(message = "HTTP endpoint listening.", addr = %addr, tls = tls.is_some());
     let app = router(state);
     let seats = Arc::new(Semaphore::new(MAX_CONNECTIONS));

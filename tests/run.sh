@@ -35,6 +35,7 @@ NEEDED=(
   "rabbitmq-server /usr/lib/rabbitmq/bin/rabbitmq-server"
   "curl /usr/bin/curl"
   "openssl /usr/bin/openssl"
+  "prometheus /usr/bin/promtool"
 )
 
 install_packages() {

@@ -405,10 +405,13 @@ impl Broker for RabbitMq {
         let node = node.to_string();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
+            // Connected before: the next connection is a fail-over (`/metrics`).
+            let mut was_connected = false;
             while !tx.is_closed() {
-                match consume_once(&inner, &node, &tx).await {
+                match consume_once(&inner, &node, &tx, &mut was_connected).await {
                     Ok(()) => return, // the receiver was dropped
                     Err(e) => {
+                        crate::metrics::registry::global().broker_lost();
                         warn!(message = "Consumer lost its broker connection; reconnecting.", error = %e, ?backoff);
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -425,6 +428,7 @@ async fn consume_once(
     inner: &Inner,
     node: &str,
     tx: &mpsc::Sender<Delivery>,
+    was_connected: &mut bool,
 ) -> Result<(), BrokerError> {
     let (conn, url, _) = inner.connect().await?;
     let result = async {
@@ -454,6 +458,8 @@ async fn consume_once(
             .await
             .map_err(conn_err)?;
         info!(message = "Consuming.", queue = %queue_name(node), url, tag);
+        crate::metrics::registry::global().broker_connected(*was_connected);
+        *was_connected = true;
         loop {
             // Stop consuming as soon as nobody listens: the broker then
             // requeues what this consumer held.

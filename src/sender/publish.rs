@@ -291,6 +291,14 @@ impl Chunks<'_> {
                 confirmed += done;
                 on_progress(confirmed);
             }
+            // Confirms already in count as progress now, not only once the
+            // window fills (a file smaller than the window would show none).
+            let done = settle_ready(&mut in_flight, resume)?;
+            if done > 0 {
+                bytes_in_flight -= done;
+                confirmed += done;
+                on_progress(confirmed);
+            }
             self.pace.before(wire).await;
             match broker.publish(&row.peer, payload).await {
                 Ok(confirm) => {
@@ -427,6 +435,34 @@ async fn settle(
             Err(e.into())
         }
     }
+}
+
+/// Settles the confirms at the front that have already resolved, without
+/// waiting; returns their bytes.
+fn settle_ready(
+    in_flight: &mut VecDeque<InFlight>,
+    resume: &mut Resume,
+) -> Result<u64, PublishError> {
+    use futures::FutureExt;
+    let mut done = 0;
+    while let Some(front) = in_flight.front_mut() {
+        match (&mut front.confirm).now_or_never() {
+            None => break,
+            Some(Ok(())) => done += front.len,
+            Some(Err(e)) => {
+                if let Some(front) = in_flight.pop_front() {
+                    *resume = Resume {
+                        next: front.idx,
+                        hasher: front.hasher_before,
+                        wire: resume.wire,
+                    };
+                }
+                return Err(e.into());
+            }
+        }
+        in_flight.pop_front();
+    }
+    Ok(done)
 }
 
 async fn read_at(

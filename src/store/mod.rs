@@ -14,9 +14,12 @@
 //! - `history.rs`: what `hakobu history` and `hakobu rerun` look up.
 //! - `query.rs`: history searched by filters, a page at a time (HTTP API, console).
 //! - `events.rs`: each row's status timeline, written by triggers.
+//! - `figures.rs`: what `/metrics` reads at each scrape, from indexes only.
+//! - `chain.rs`: a transfer's job flow across nodes (`hakobu history --chain`).
 
 mod chain;
 mod events;
+mod figures;
 mod flush;
 mod history;
 mod ledger;
@@ -40,6 +43,7 @@ use tokio::sync::oneshot;
 
 pub use chain::{Chain, Step, StepView};
 pub use events::{Event, MAX_EVENTS};
+pub use figures::{Figures, InFlight, Total};
 pub use history::Entry;
 pub use ledger::Side;
 pub use query::{HistoryFilter, MAX_PAGE};

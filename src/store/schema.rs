@@ -18,6 +18,7 @@ const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[
     wire_bytes,
     super::events::migration,
     parents,
+    metrics_totals,
 ];
 
 /// The version this hakobu writes.
@@ -171,6 +172,16 @@ fn parents(tx: &Transaction<'_>) -> rusqlite::Result<()> {
          CREATE INDEX IF NOT EXISTS transfers_parent ON transfers(parent_id);
          CREATE INDEX IF NOT EXISTS transfers_id ON transfers(transfer_id);
          ALTER TABLE requests ADD COLUMN parent_id TEXT;",
+    )
+}
+
+/// 9 (issue 14, `/metrics`): settled transfers counted by side, file id
+/// and status with their bytes, from an index alone (`store/figures.rs`),
+/// so a scrape never reads the table itself.
+fn metrics_totals(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS transfers_totals
+            ON transfers(status, direction, file_id, size);",
     )
 }
 

@@ -236,10 +236,14 @@ impl Broker for Embedded {
         );
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
+            // Connected before: the next connection is a fail-over (`/metrics`).
+            let mut was_connected = false;
             while !tx.is_closed() {
-                match consume_once(&addr, &creds, tls.as_ref(), &queue, prefetch, &tx).await {
+                let link = (addr.as_str(), &creds, tls.as_ref(), &mut was_connected);
+                match consume_once(link, &queue, prefetch, &tx).await {
                     Ok(()) => return,
                     Err(e) => {
+                        crate::metrics::registry::global().broker_lost();
                         warn!(message = "Consumer lost the embedded broker; reconnecting.", error = %e, ?backoff);
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -259,15 +263,23 @@ async fn next_or_ping(rx: &mut mpsc::UnboundedReceiver<Frame>) -> Option<Frame> 
     }
 }
 
+/// Where to connect, and whether a connection was made before.
+type Link<'a> = (
+    &'a str,
+    &'a Credentials,
+    Option<&'a tls::Client>,
+    &'a mut bool,
+);
+
 async fn consume_once(
-    addr: &str,
-    creds: &Credentials,
-    tls: Option<&tls::Client>,
+    (addr, creds, tls, was_connected): Link<'_>,
     queue: &str,
     prefetch: u32,
     tx: &mpsc::Sender<Delivery>,
 ) -> Result<(), BrokerError> {
     let framed = connect(addr, creds, tls).await?;
+    crate::metrics::registry::global().broker_connected(*was_connected);
+    *was_connected = true;
     let (mut sink, mut frames) = framed.split();
     let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
     out.send(Frame::Subscribe {

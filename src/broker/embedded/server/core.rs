@@ -186,6 +186,7 @@ impl Core {
     /// never wait for the disk's flush.
     pub(super) fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, flusher: Flusher) {
         let mut waiting: Confirms = Vec::new();
+        self.report_dead_letters();
         while let Some(first) = rx.blocking_recv() {
             let mut pending_dead: Vec<(String, Msg)> = Vec::new();
             self.handle(first, &mut waiting, &mut pending_dead);
@@ -213,7 +214,18 @@ impl Core {
             }
             self.compact();
             self.dispatch_all();
+            self.report_dead_letters();
         }
+    }
+
+    /// The dead-letter queue's depth, for `/metrics` of an agent hosting
+    /// this broker.
+    fn report_dead_letters(&self) {
+        let n = self
+            .queues
+            .get(DEAD_LETTER_QUEUE)
+            .map_or(0, |q| q.ready.len() + q.unacked.len());
+        crate::metrics::registry::global().set_hosted_dead_letters(n as u64);
     }
 
     /// A batch is durable (or failed to be): confirm it, and make its
