@@ -109,6 +109,12 @@ codes! {
     /// An HTTP request without the token (or a session), or a console
     /// change without its header.
     Unauthorized = "unauthorized", Log;
+    /// A rerun or resend (command line, console) named a transfer this node
+    /// does not have.
+    TransferNotFound = "transfer_not_found", Log;
+    /// A rerun or resend that does not apply to the transfer as it stands
+    /// (not settled, its receipt not yet sent, no spooled copy to resend).
+    ActionRefused = "action_refused", Log;
 }
 
 impl ErrorCode {

@@ -35,6 +35,8 @@ NEEDED=(
   "rabbitmq-server /usr/lib/rabbitmq/bin/rabbitmq-server"
   "curl /usr/bin/curl"
   "openssl /usr/bin/openssl"
+  "chromium /usr/bin/chromium"
+  "chromium-driver /usr/bin/chromedriver"
 )
 
 install_packages() {
