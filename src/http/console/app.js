@@ -78,6 +78,10 @@ async function act(button) {
       ["sentence", body.sentence],
       ["todo", body.what_to_do ? "What to do: " + body.what_to_do : null],
     ]);
+    const again = document.createElement("a");
+    again.href = location.pathname;
+    again.textContent = "Show the transfer as it stands now";
+    box.appendChild(again);
   } catch (e) {
     show(box, false, [["message", "The agent did not answer: " + e]]);
   } finally {

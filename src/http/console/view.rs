@@ -150,7 +150,7 @@ pub fn table(rows: &[Entry], with_errors: bool, extra: Option<fn(&Entry) -> Mark
         } @else {
             table {
                 thead { tr {
-                    th { "Started" } th { "Dir" } th { "Peer" } th { "File id" }
+                    th { "Time" } th { "Dir" } th { "Peer" } th { "File id" }
                     th { "Name" } th { "Size" } th { "Status" } th { "Transfer" }
                     @if with_errors { th { "Error" } th { "What happened" } th { "What to do" } }
                     @if extra.is_some() { th { "Progress" } }
