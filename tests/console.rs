@@ -61,12 +61,12 @@ fn a_browser_shows_failures_first_progress_history_and_a_transfer_with_its_rerun
     let root = tmp.path();
     let broker = BrokerProcess::start(&root.join("broker"));
     let hook = import_hook(root);
-    let hport = free_port();
+    let (hport, aport) = (free_port(), free_port());
     let mut beta = Agent::new(
         "beta",
         &root.join("beta"),
         &format!(
-            "node: beta\nstate_dir: {r}/beta/state\n{b}http:\n  listen: \"127.0.0.1:{hport}\"\nreceive:\n  - file_id: OK\n    from: [ alpha ]\n    inbox: {r}/in/ok\n  - file_id: BAD\n    from: [ alpha ]\n    inbox: {r}/in/bad\n    on_success: [ \"{h}\" ]\n  - file_id: BIG\n    from: [ alpha ]\n    inbox: {r}/in/big\n",
+            "node: beta\nstate_dir: {r}/beta/state\n{b}http:\n  listen: \"127.0.0.1:{hport}\"\nreceive:\n  - file_id: OK\n    from: [ alpha ]\n    inbox: {r}/in/ok\n    mode: replace\n  - file_id: BAD\n    from: [ alpha ]\n    inbox: {r}/in/bad\n    mode: replace\n    on_success: [ \"{h}\" ]\n  - file_id: BIG\n    from: [ alpha ]\n    inbox: {r}/in/big\n",
             r = root.display(),
             b = broker.section(),
             h = hook.display(),
@@ -76,7 +76,7 @@ fn a_browser_shows_failures_first_progress_history_and_a_transfer_with_its_rerun
         "alpha",
         &root.join("alpha"),
         &format!(
-            "node: alpha\nstate_dir: {r}/alpha/state\n{b}send:\n  - file_id: OK\n    outbox: {r}/out/ok\n    to: [ beta ]\n  - file_id: BAD\n    outbox: {r}/out/bad\n    to: [ beta ]\n  - file_id: BIG\n    outbox: {r}/out/big\n    to: [ beta ]\n    chunk_size: 256KiB\n    bandwidth: 1MiB/s\n",
+            "node: alpha\nstate_dir: {r}/alpha/state\n{b}http:\n  listen: \"127.0.0.1:{aport}\"\nsend:\n  - file_id: OK\n    outbox: {r}/out/ok\n    to: [ beta ]\n  - file_id: BAD\n    outbox: {r}/out/bad\n    to: [ beta ]\n  - file_id: BIG\n    outbox: {r}/out/big\n    to: [ beta ]\n    chunk_size: 256KiB\n    bandwidth: 1MiB/s\n",
             r = root.display(),
             b = broker.section(),
         ),
@@ -298,6 +298,70 @@ fn a_browser_shows_failures_first_progress_history_and_a_transfer_with_its_rerun
     assert_eq!(a.status, 404, "{a:?}");
     assert_eq!(a.json()["code"], "transfer_not_found");
     assert_eq!(a.json()["sentence"], ErrorCode::TransferNotFound.sentence());
+
+    // Resend, from the sending node's console: the spooled copy goes again.
+    let abase = format!("http://127.0.0.1:{aport}");
+    let atoken = fs::read_to_string(root.join("alpha/state/http.token")).unwrap();
+    b.goto(&format!("{abase}/transfers/{ok_tid}"));
+    assert_eq!(b.url(), format!("{abase}/login"));
+    b.type_into("#token", atoken.trim());
+    b.click("button[type=submit]");
+    wait_js(
+        &b,
+        "alpha's overview",
+        "return document.querySelector('#failures') !== null;",
+        json!([]),
+    );
+    // The delivered file's spooled copy is gone (after_send): refused, with
+    // the code, its sentence and what to do.
+    b.goto(&format!("{abase}/transfers/{ok_tid}"));
+    assert_eq!(b.text("section.row h2 .status"), "sent");
+    b.click("#resend");
+    let code = wait_js(
+        &b,
+        "the refusal",
+        "const c = document.querySelector('#action-result.refused .code'); return c ? c.textContent : null;",
+        json!([]),
+    );
+    assert_eq!(code, "spool_unreadable");
+    assert_eq!(
+        b.text("#action-result .sentence"),
+        ErrorCode::SpoolUnreadable.sentence()
+    );
+    b.screenshot(&shots, "06-transfer-resend-refused");
+    // The failed one stays in the spool: sent again, and this time its
+    // (fixed) hook succeeds at beta.
+    wait_until(WAIT, "alpha to settle BAD", || {
+        alpha
+            .history()
+            .iter()
+            .any(|r| r["file_id"] == "BAD" && r["status"] == "send_failed")
+    });
+    b.goto(&format!("{abase}/transfers/{bad_tid}"));
+    b.click("#resend");
+    let said = wait_js(
+        &b,
+        "the resend's answer",
+        "const t = document.querySelector('#action-result').textContent; return t.includes('Queued') || t.includes('_') ? t : null;",
+        json!([]),
+    );
+    assert!(said.as_str().unwrap().contains("Queued again as"), "{said}");
+    b.screenshot(&shots, "07-transfer-resent");
+    wait_until(WAIT, "beta to receive the resent copy", || {
+        beta.history()
+            .iter()
+            .filter(|r| r["file_id"] == "BAD" && r["status"] == "received")
+            .count()
+            == 2
+    });
+    // The command line goes through the same action and code.
+    let out = alpha.cli(&["resend", "0190f6c4-0000-7000-8000-000000000001"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("error_code=transfer_not_found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop(b);
     drop(alpha);
 }

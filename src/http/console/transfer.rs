@@ -166,20 +166,22 @@ fn action_refused(e: ActionError) -> Response {
     refused(status, e.code(), e.to_string())
 }
 
-fn parse_id(id: &str) -> Result<TransferId, Response> {
-    TransferId::parse(id).map_err(|e| {
-        refused(
-            StatusCode::NOT_FOUND,
-            ErrorCode::TransferNotFound,
-            e.to_string(),
-        )
-    })
+/// The transfer id of the address, or the refusal to answer with.
+fn parse_id(id: &str) -> Option<TransferId> {
+    TransferId::parse(id).ok()
+}
+
+fn not_an_id() -> Response {
+    refused(
+        StatusCode::NOT_FOUND,
+        ErrorCode::TransferNotFound,
+        "that is not a transfer id".into(),
+    )
 }
 
 pub async fn rerun(State(st): State<HttpState>, Path(id): Path<String>) -> Response {
-    let tid = match parse_id(&id) {
-        Ok(t) => t,
-        Err(r) => return r,
+    let Some(tid) = parse_id(&id) else {
+        return not_an_id();
     };
     // The console runs inside the agent: an agent holds the state directory.
     match actions::rerun(&st.cfg, &st.store, &tid, true).await {
@@ -206,9 +208,8 @@ pub async fn rerun(State(st): State<HttpState>, Path(id): Path<String>) -> Respo
 }
 
 pub async fn resend(State(st): State<HttpState>, Path(id): Path<String>) -> Response {
-    let tid = match parse_id(&id) {
-        Ok(t) => t,
-        Err(r) => return r,
+    let Some(tid) = parse_id(&id) else {
+        return not_an_id();
     };
     match actions::resend(&st.cfg, &st.store, &tid).await {
         Ok(ids) => {
