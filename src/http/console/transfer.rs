@@ -184,7 +184,18 @@ pub async fn rerun(State(st): State<HttpState>, Path(id): Path<String>) -> Respo
         return not_an_id();
     };
     // The console runs inside the agent: an agent holds the state directory.
-    match actions::rerun(&st.cfg, &st.store, &tid, true).await {
+    // Its own task, so that a browser that goes away does not cut the hook
+    // off half-way (its row would stay `hook_running` until a restart).
+    let (cfg, store) = (st.cfg.clone(), st.store.clone());
+    let task = tokio::spawn(async move { actions::rerun(&cfg, &store, &tid, true).await });
+    let Ok(result) = task.await else {
+        return refused(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::HookInterrupted,
+            "the rerun stopped before it ended; look at the transfer's history".into(),
+        );
+    };
+    match result {
         Ok(Rerun::NoHook(event)) => done(format!(
             "No {} hook is configured for this transfer; nothing ran.",
             event.as_str()
@@ -211,7 +222,16 @@ pub async fn resend(State(st): State<HttpState>, Path(id): Path<String>) -> Resp
     let Some(tid) = parse_id(&id) else {
         return not_an_id();
     };
-    match actions::resend(&st.cfg, &st.store, &tid).await {
+    let (cfg, store) = (st.cfg.clone(), st.store.clone());
+    let task = tokio::spawn(async move { actions::resend(&cfg, &store, &tid).await });
+    let Ok(result) = task.await else {
+        return refused(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::IoError,
+            "the resend stopped before it ended; look at the history".into(),
+        );
+    };
+    match result {
         Ok(ids) => {
             let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
             done(format!("Queued again as {}.", ids.join(", ")))
