@@ -16,6 +16,8 @@ use crate::store::{Direction, HistoryFilter, Status};
 
 /// Rows in one page.
 const PAGE: usize = 50;
+/// The highest page number an address may ask for (a larger one is read as it).
+const MAX_PAGES: usize = 1_000_000;
 
 /// The form's fields; an empty field filters nothing.
 #[derive(Debug, Default, Deserialize)]
@@ -51,7 +53,7 @@ impl Form {
             since: set(&self.since),
             until: set(&self.until),
             limit: PAGE,
-            offset: self.page.saturating_mul(PAGE),
+            offset: self.page.min(MAX_PAGES) * PAGE,
             ..Default::default()
         };
         match self.status.trim() {
@@ -111,7 +113,7 @@ pub async fn page(
     State(st): State<HttpState>,
     form: Result<Query<Form>, QueryRejection>,
 ) -> Response {
-    let Ok(Query(form)) = form else {
+    let Ok(Query(mut form)) = form else {
         return view::problem(
             StatusCode::BAD_REQUEST,
             "History",
@@ -119,6 +121,7 @@ pub async fn page(
             "the address's filters could not be read; use the form",
         );
     };
+    form.page = form.page.min(MAX_PAGES);
     let filter = match form.filter() {
         Ok(f) => f,
         Err(e) => {
