@@ -74,15 +74,15 @@ fn help(code: ErrorCode) -> (&'static str, &'static str) {
         ),
         HookFailed => (
             "The success hook exited with a non-zero status.",
-            "Read the hook's output below (and its log in state_dir/logs), fix the job, then Rerun.",
+            "Read the hook's output (on the transfer's page; its log is in state_dir/logs), fix the job, then rerun it.",
         ),
         HookTimeout => (
             "The success hook ran longer than its timeout and was stopped.",
-            "Make the job faster or raise the hook's `timeout`, then Rerun.",
+            "Make the job faster or raise the hook's `timeout`, then rerun it.",
         ),
         HookInterrupted => (
             "The agent stopped while the hook ran, so its outcome is unknown.",
-            "Check whether the job's work was done; Rerun it if not.",
+            "Check whether the job's work was done; rerun it if not.",
         ),
         TransferExpired => (
             "No chunk arrived for the profile's `partial_ttl`: the sender stopped and the partial file was removed.",
