@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::actions::Rerun;
 use crate::agent::{self, StateLock};
 use crate::config::Config;
 use crate::domain::{FileName, NodeName, TransferId};
 use crate::progress::Progress;
-use crate::rerun::Rerun;
-use crate::sender::Spool;
 use crate::store::{Entry, SendRow, Store};
 
 #[derive(Parser)]
@@ -366,45 +365,18 @@ fn parse_meta(items: &[String]) -> Result<BTreeMap<String, String>, Exit> {
     Ok(meta)
 }
 
-/// Copies a file into the spool as a queued transfer for the agent on this
-/// state directory, to arrive as `name`.
+/// Copies a file into the spool as a queued transfer (`actions.rs`).
 async fn queue_copy(
     cfg: &Config,
     store: &Store,
     file_id: &str,
-    (src, name): (&Path, &str),
-    (to, converted): (Option<NodeName>, bool),
-    (meta, parent): (&BTreeMap<String, String>, Option<&TransferId>),
+    src: (&Path, &str),
+    to: (Option<NodeName>, bool),
+    meta: (&BTreeMap<String, String>, Option<&TransferId>),
 ) -> Result<TransferId, Exit> {
-    let mut profile = cfg.send_profile(file_id).cloned().ok_or_else(|| {
-        usage(anyhow::anyhow!(
-            "no send profile for file id `{file_id}` in {}",
-            cfg.file.display()
-        ))
-    })?;
-    if let Some(node) = to {
-        if profile.encrypt && cfg.keys.peer(&node).is_none() {
-            return Err(usage(anyhow::anyhow!(
-                "file id `{file_id}` is sent encrypted and keys.peers has no public key for `{node}`; run `hakobu keygen` on {node} and add the key it prints"
-            )));
-        }
-        profile.to = vec![node];
-    }
-    if converted {
-        // A spooled file `convert:` already converted is sent as it is.
-        profile.convert = None;
-    }
-    let spool = Spool::new(cfg.spool_dir());
-    crate::sender::queue_child(
-        &store.sending(),
-        &spool,
-        &profile,
-        (src, name),
-        meta,
-        parent,
-    )
-    .await
-    .map_err(failure)
+    crate::actions::queue_copy(cfg, store, file_id, src, to, meta)
+        .await
+        .map_err(action_exit)
 }
 
 async fn send(
@@ -520,22 +492,27 @@ async fn wait_for(store: &Store, tid: &TransferId) -> Result<(), Exit> {
     }
 }
 
+/// An action's refusal or failure, with its code, as an exit.
+fn action_exit(e: crate::actions::ActionError) -> Exit {
+    let usage = e.is_usage();
+    let err = anyhow::anyhow!("{e} (error_code={})", e.code());
+    if usage { Exit(2, err) } else { Exit(1, err) }
+}
+
 async fn rerun(cfg: &Config, tid: &str) -> Result<(), Exit> {
     let tid = transfer_id(tid)?;
     let store = open_store(cfg)?;
-    let done = crate::rerun::rerun(cfg, &store, &tid, StateLock::held(cfg)).await;
-    let (event, outcome, recorded) = match done {
-        Ok(Rerun::NoHook(event)) => {
+    let done = crate::actions::rerun(cfg, &store, &tid, StateLock::held(cfg)).await;
+    let (event, outcome, recorded) = match done.map_err(action_exit)? {
+        Rerun::NoHook(event) => {
             println!("no {} hook configured for transfer {tid}", event.as_str());
             return Ok(());
         }
-        Ok(Rerun::Ran {
+        Rerun::Ran {
             event,
             outcome,
             recorded,
-        }) => (event, outcome, recorded),
-        Err(e @ crate::rerun::RerunError::Store(_)) => return Err(failure(e)),
-        Err(e) => return Err(usage(e)),
+        } => (event, outcome, recorded),
     };
     if !recorded {
         eprintln!(
@@ -554,34 +531,9 @@ async fn rerun(cfg: &Config, tid: &str) -> Result<(), Exit> {
 async fn resend(cfg: &Config, tid: &str) -> Result<(), Exit> {
     let tid = transfer_id(tid)?;
     let store = open_store(cfg)?;
-    let rows = store.sending().rows_of(&tid).await.map_err(failure)?;
-    let Some(row) = rows.first() else {
-        return Err(usage(anyhow::anyhow!(
-            "no sent transfer {tid} in the history of {}",
-            cfg.state_dir.display()
-        )));
-    };
-    if !row.path.is_file() {
-        return Err(failure(anyhow::anyhow!(
-            "the spooled copy {} is gone (after_send removed or moved it); send the file again with `hakobu send`",
-            row.path.display()
-        )));
-    }
-    let mut new_ids = Vec::new();
-    for peer in rows.iter().map(|r| r.peer.clone()) {
-        let src = (row.path.as_path(), row.file_name.as_str());
-        new_ids.push(
-            queue_copy(
-                cfg,
-                &store,
-                &row.file_id,
-                src,
-                (Some(peer), row.records.is_some()),
-                (&row.meta, row.parent_id.as_ref()),
-            )
-            .await?,
-        );
-    }
+    let new_ids = crate::actions::resend(cfg, &store, &tid)
+        .await
+        .map_err(action_exit)?;
     for id in new_ids {
         println!("{id}");
     }

@@ -119,6 +119,9 @@ codes! {
     /// A transfer this node has no row of: `hakobu history --chain`, the
     /// API's and the console's transfer pages and actions.
     UnknownTransfer = "unknown_transfer", Log;
+    /// A rerun or resend that does not apply to the transfer as it stands
+    /// (not settled, its receipt not yet sent, no spooled copy to resend).
+    ActionRefused = "action_refused", Log;
 }
 
 impl ErrorCode {

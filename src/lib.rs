@@ -26,6 +26,9 @@
 //!   private, created 0600.
 //! - [`agent`]: `hakobu run`, wiring the above together, and its lifecycle.
 //! - [`rerun`]: `hakobu rerun`, a settled transfer's hook again.
+//! - [`actions`]: rerun, resend and queue a copy, shared by the command
+//!   line and the web console, each refusal with its error code.
+//! - [`error_help`]: each error code's sentence and what to do about it.
 //! - [`cli`]: the command line.
 //! - [`progress`]: the terminal's view of a transfer waited for (`--wait`).
 //! - [`broker_cmd`]: `hakobu broker`: the embedded broker alone, `add-node`, `status`.
@@ -34,6 +37,7 @@
 //! - [`metrics`]: the figures `/metrics` exposes.
 //! - [`failpoint`]: crash points for tests.
 
+pub mod actions;
 pub mod agent;
 pub mod broker;
 pub mod broker_cmd;
@@ -46,6 +50,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod durable;
 pub mod error_code;
+pub mod error_help;
 pub mod failpoint;
 pub mod hooks;
 pub mod http;

@@ -36,6 +36,8 @@ NEEDED=(
   "curl /usr/bin/curl"
   "openssl /usr/bin/openssl"
   "prometheus /usr/bin/promtool"
+  "chromium /usr/bin/chromium"
+  "chromium-driver /usr/bin/chromedriver"
 )
 
 install_packages() {

@@ -20,6 +20,7 @@ pub mod http;
 pub mod rabbit;
 pub mod rogue;
 pub mod tmpfs;
+pub mod webdriver;
 
 #[allow(unused_imports)]
 pub use rabbit::{amqps_urls, client_cert, node_broker, node_urls, node_users};
