@@ -194,10 +194,10 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
                 let cfg = load(&config)?;
                 send(&cfg, &file_id, (&path, parent), to, &meta, wait).await
             }
-            None if parent.as_deref().is_some_and(|p| p != "none") => Err(usage(anyhow::anyhow!(
-                "--parent is not yet taken with a profile's source; give the file's path"
-            ))),
-            None => send_source(&load(&config)?, &file_id, to, &meta, wait).await,
+            None => {
+                let parent = crate::chain_cmd::parent(parent.as_deref()).map_err(usage)?;
+                send_source(&load(&config)?, &file_id, (to, parent), &meta, wait).await
+            }
         },
         Command::Request(args) => crate::request_cmd::run(args)
             .await
@@ -439,7 +439,7 @@ async fn send(
 async fn send_source(
     cfg: &Config,
     file_id: &str,
-    to: Option<String>,
+    (to, parent): (Option<String>, Option<TransferId>),
     meta: &[String],
     wait: bool,
 ) -> Result<(), Exit> {
@@ -451,7 +451,7 @@ async fn send_source(
     let to = to
         .map(|n| NodeName::parse(&n).map_err(|e| usage(anyhow::anyhow!("--to: {e}"))))
         .transpose()?;
-    let tids = crate::request_cmd::send_source(cfg, file_id, to, wait)
+    let tids = crate::request_cmd::send_source(cfg, file_id, (to, parent), wait)
         .await
         .map_err(|(code, e)| Exit(code, e))?;
     let store = open_store(cfg)?;

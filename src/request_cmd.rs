@@ -194,7 +194,7 @@ fn settled(tids: &[TransferId], rows: &[ReceiveRow]) -> Option<Result<(), Exit>>
 pub async fn send_source(
     cfg: &Config,
     file_id: &str,
-    to: Option<NodeName>,
+    (to, parent): (Option<NodeName>, Option<TransferId>),
     wait: bool,
 ) -> Result<Vec<TransferId>, Exit> {
     let profile = cfg.send_profile(file_id).ok_or_else(|| {
@@ -217,7 +217,8 @@ pub async fn send_source(
     let store = open(cfg, wait)?;
     let id = TransferId::new();
     let peer = to.unwrap_or_else(|| cfg.node.clone());
-    let row = RequestRow::new(id.clone(), RequestDir::Local, peer, profile.file_id.clone());
+    let mut row = RequestRow::new(id.clone(), RequestDir::Local, peer, profile.file_id.clone());
+    row.parent_id = parent;
     record(&store.requests(), row).await?;
     if !wait {
         eprintln!("queued request {id}: the agent sends the source; `hakobu history` shows it");

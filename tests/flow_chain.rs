@@ -86,13 +86,13 @@ impl Flow {
             broker = section(0)
         );
         let beta_yaml = format!(
-            "node: {b}\nstate_dir: {r}/beta/state\n{broker}receive:\n  - file_id: SALES\n    from: [ {a} ]\n    inbox: {r}/beta/inbox\n    on_success: [ \"{report}\", \"{{path}}\" ]\n  - file_id: ORDERS\n    from: [ {a} ]\n    inbox: {r}/beta/inbox\n    on_success: [ \"{ack}\", \"{{path}}\" ]\nsend:\n  - file_id: REPORT\n    outbox: {r}/beta/reports\n    to: [ {g} ]\n    ready: {{ stable_for: 100ms }}\n  - file_id: ACK\n    outbox: {r}/beta/ack\n    to: [ {g} ]\n    ready: {{ done_marker: \".done\" }}\n",
+            "node: {b}\nstate_dir: {r}/beta/state\n{broker}receive:\n  - file_id: SALES\n    from: [ {a} ]\n    inbox: {r}/beta/inbox\n    on_success: [ \"{report}\", \"{{path}}\" ]\n  - file_id: ORDERS\n    from: [ {a} ]\n    inbox: {r}/beta/inbox\n    on_success: [ \"{ack}\", \"{{path}}\" ]\nsend:\n  - file_id: REPORT\n    outbox: {r}/beta/reports\n    to: [ {g} ]\n    ready: {{ stable_for: 100ms }}\n  - file_id: ACK\n    outbox: {r}/beta/ack\n    to: [ {g} ]\n    ready: {{ done_marker: \".done\" }}\n  - file_id: SUMMARY\n    source: {r}/beta/summary.csv\n    to: [ {g} ]\n",
             broker = section(1),
             report = report.display(),
             ack = ack.display()
         );
         let gamma_yaml = format!(
-            "node: {g}\nstate_dir: {r}/gamma/state\n{broker}receive:\n  - file_id: REPORT\n    from: [ {b} ]\n    inbox: {r}/gamma/inbox\n    mode: replace\n    on_success: [ \"/bin/sh\", \"-c\", \"exit 0\" ]\n  - file_id: ACK\n    from: [ {b} ]\n    inbox: {r}/gamma/inbox\n    mode: replace\n",
+            "node: {g}\nstate_dir: {r}/gamma/state\n{broker}receive:\n  - file_id: REPORT\n    from: [ {b} ]\n    inbox: {r}/gamma/inbox\n    mode: replace\n    on_success: [ \"/bin/sh\", \"-c\", \"exit 0\" ]\n  - file_id: ACK\n    from: [ {b} ]\n    inbox: {r}/gamma/inbox\n    mode: replace\n  - file_id: SUMMARY\n    from: [ {b} ]\n    inbox: {r}/gamma/inbox\n    mode: replace\n",
             broker = section(2)
         );
         let alpha = Agent::new(&a, &root.join("alpha"), &alpha_yaml);
@@ -312,6 +312,21 @@ fn job_flow(kind: Kind) {
         r["transfer_id"] == explicit.as_str()
     });
     assert_eq!(row["parent_id"], t2.as_str(), "{row}");
+    // A profile's source sent by a hook (no path) takes the parent too.
+    fs::write(root.join("beta/summary.csv"), "s\n").unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["send", "-c"])
+        .arg(&f.beta.config)
+        .args(["--file-id", "SUMMARY"])
+        .env("HAKOBU_TRANSFER_ID", &t1);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = settled_row(&f.gamma, "gamma's summary.csv", by_name("summary.csv"));
+    assert_eq!(row["parent_id"], t1.as_str(), "{row}");
     // A bad HAKOBU_TRANSFER_ID: refused with its code, nothing queued.
     let before = f.beta.history().len();
     let out = f.beta_send(&file, Some("x/../y z"), &[]);
@@ -349,10 +364,11 @@ fn job_flow(kind: Kind) {
     assert!(n > 0);
     let c = chain(&f.beta, &t1);
     assert_eq!(c["cycle"], true, "{c}");
-    // Each row once: T2 and its receipt, T1 under it, and the `--parent`
-    // transfer (a child of T2) with its receipt.
+    // Each row once: T2 and its receipt, T1 under it with the summary (a
+    // child of T1) and its receipt, and the `--parent` transfer (a child
+    // of T2) with its receipt.
     let seen = steps(&c);
-    assert_eq!(seen.len(), 5, "{c}");
+    assert_eq!(seen.len(), 7, "{c}");
     let mut unique_steps = seen.clone();
     unique_steps.sort();
     unique_steps.dedup();

@@ -41,6 +41,17 @@ impl Sender {
         names: Vec<ReadyFile>,
         request: Option<&TransferId>,
     ) -> Started {
+        self.claim_child(profile, names, (request, None)).await
+    }
+
+    /// [`Self::claim`] for `hakobu send` without a path (a `local` request)
+    /// with a `parent`: the files' parent unless a done marker names one.
+    pub(super) async fn claim_child(
+        self: &Arc<Self>,
+        profile: &SendProfile,
+        names: Vec<ReadyFile>,
+        (request, parent): (Option<&TransferId>, Option<&TransferId>),
+    ) -> Started {
         let (p, spool) = (profile.clone(), self.spool.clone());
         let ((claimed, refused), parents) =
             tokio::task::spawn_blocking(move || claim_files(&p, &spool, &names))
@@ -95,7 +106,8 @@ impl Sender {
             return started;
         }
         for row in &mut rows {
-            row.transfer.parent_id = parents.get(&row.transfer_id).cloned();
+            let marked = parents.get(&row.transfer_id);
+            row.transfer.parent_id = marked.or(parent).cloned();
         }
         // On failure the spooled files are recorded at the next start.
         if let Err(e) = self.ledger.insert_all(rows.clone()).await {

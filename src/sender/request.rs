@@ -280,7 +280,10 @@ impl Sender {
         let mut profile = profile.clone();
         profile.to = peers;
         match profile.source.clone() {
-            Some(source) => self.send_source(&profile, &source, request).await,
+            Some(source) => {
+                let ids = (request, row.parent_id.as_ref());
+                self.send_source(&profile, &source, ids).await
+            }
             None => {
                 let p = profile.clone();
                 let names = tokio::task::spawn_blocking(move || super::watch::ready_now(&p))
@@ -289,7 +292,8 @@ impl Sender {
                 if names.is_empty() {
                     return Started::default();
                 }
-                self.claim(&profile, names, request).await
+                let ids = (request, row.parent_id.as_ref());
+                self.claim_child(&profile, names, ids).await
             }
         }
     }
@@ -300,7 +304,7 @@ impl Sender {
         self: &Arc<Self>,
         profile: &SendProfile,
         source: &Path,
-        request: Option<&TransferId>,
+        (request, parent): (Option<&TransferId>, Option<&TransferId>),
     ) -> Started {
         let tid = TransferId::new();
         let name = source
@@ -350,7 +354,7 @@ impl Sender {
             },
             Err(why) => refused.push((file.clone(), ErrorCode::BeforeSendFailed, why)),
         }
-        let (rows, failed) = match refused.pop() {
+        let (mut rows, failed) = match refused.pop() {
             None => {
                 let converted = pending.as_ref().map(|p| &p.converted);
                 let status = (Status::Sending, request);
@@ -362,6 +366,9 @@ impl Sender {
                 Some((code, why)),
             ),
         };
+        for row in &mut rows {
+            row.transfer.parent_id = parent.cloned();
+        }
         if let Err(e) = self.ledger.insert_all(rows.clone()).await {
             error!(message = "Cannot record the copy of a source; it is recorded at the next start.", error = %e, error_code = %e.code());
             if let Some(p) = &pending {

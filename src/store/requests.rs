@@ -83,6 +83,8 @@ pub struct RequestRow {
     pub error: Option<String>,
     pub transfer_ids: Vec<TransferId>,
     pub created_at: String,
+    /// For `local`: the parent of the transfers it sends (a hook's `hakobu send`).
+    pub parent_id: Option<TransferId>,
 }
 
 impl RequestRow {
@@ -98,6 +100,7 @@ impl RequestRow {
             error: None,
             transfer_ids: Vec::new(),
             created_at: crate::clock::now_rfc3339(),
+            parent_id: None,
         }
     }
 
@@ -128,12 +131,13 @@ impl RequestRow {
                 .filter_map(|t| TransferId::parse(t).ok())
                 .collect(),
             created_at: text("created_at")?,
+            parent_id: r.get("parent_id")?,
         })
     }
 }
 
 const REQUEST_COLUMNS: &str = "direction, request_id, peer, file_id, status, ok, error_code, error, \
-     transfer_ids, created_at";
+     transfer_ids, created_at, parent_id";
 
 #[derive(Clone)]
 pub struct RequestLedger {
@@ -151,14 +155,15 @@ impl RequestLedger {
         self.store.call(move |db| {
             let n = db.run(
                 "INSERT OR IGNORE INTO requests (direction, request_id, peer, file_id, status,
-                    transfer_ids, created_at) VALUES (?1, ?2, ?3, ?4, ?5, '[]', ?6)",
+                    transfer_ids, created_at, parent_id) VALUES (?1, ?2, ?3, ?4, ?5, '[]', ?6, ?7)",
                 params![
                     row.dir.as_str(),
                     row.request_id,
                     row.peer,
                     row.file_id,
                     row.status.as_str(),
-                    row.created_at
+                    row.created_at,
+                    row.parent_id
                 ],
             )?;
             Ok(n == 1)
