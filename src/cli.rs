@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::agent::{self, StateLock};
 use crate::config::Config;
@@ -24,6 +24,15 @@ use crate::store::{Entry, SendRow, Store};
     about = "File-transfer integration hub: outboxes, a replicated broker, verified delivery, hooks."
 )]
 struct Cli {
+    /// Log lines as text, or as one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "HAKOBU_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: crate::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -101,6 +110,9 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Shell completions and man pages, for packaging.
+    #[command(hide = true)]
+    Generate(crate::generate_cmd::GenerateArgs),
 }
 
 /// A failure with the exit code it maps to.
@@ -116,13 +128,7 @@ fn failure(e: impl Into<anyhow::Error>) -> Exit {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HAKOBU_LOG")
-        .unwrap_or_else(|_| "info,lapin=warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    crate::logging::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -190,6 +196,9 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
             .await
             .map_err(|(code, e)| Exit(code, e)),
         Command::Keygen { config, out } => keygen(config.as_deref(), out.as_deref()),
+        Command::Generate(args) => {
+            crate::generate_cmd::run(args, Cli::command()).map_err(|(code, e)| Exit(code, e))
+        }
     }
 }
 

@@ -32,6 +32,8 @@
 //! - [`http`]: the HTTP endpoint: web console, REST API, `/metrics` (token).
 //! - [`metrics`]: the figures `/metrics` exposes.
 //! - [`failpoint`]: crash points for tests.
+//! - [`logging`]: the log subscriber: text or JSON lines (`--log-format`).
+//! - [`generate_cmd`]: `hakobu generate`: completions and man pages for packaging.
 
 pub mod agent;
 pub mod broker;
@@ -45,9 +47,11 @@ pub mod domain;
 pub mod durable;
 pub mod error_code;
 pub mod failpoint;
+pub mod generate_cmd;
 pub mod hooks;
 pub mod http;
 pub mod keys;
+pub mod logging;
 pub mod metrics;
 pub mod progress;
 pub mod receiver;

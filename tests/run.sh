@@ -15,6 +15,8 @@
 #                           client certificates are made there per node
 #   HAKOBU_TEST_AMQPS_URLS  the three nodes' amqps URLs (client certificates
 #                           required), comma-separated, without credentials
+#   HAKOBU_TEST_DPKG        1 (as root, unless set) or 0: tests/package.rs
+#                           installs the .deb on this machine, or not
 # Node users (local-cluster.sh `user NODE`) keep their passwords in
 # $HAKOBU_RMQ_BASE/secrets.
 # HAKOBU_RMQ_BASE defaults to a fresh temporary directory, removed after a
@@ -35,6 +37,11 @@ NEEDED=(
   "rabbitmq-server /usr/lib/rabbitmq/bin/rabbitmq-server"
   "curl /usr/bin/curl"
   "openssl /usr/bin/openssl"
+  "binutils /usr/bin/readelf"
+  "file /usr/bin/file"
+  "dpkg-dev /usr/bin/dpkg-shlibdeps"
+  "adduser /usr/sbin/adduser"
+  "systemd /usr/bin/systemd-analyze"
 )
 
 install_packages() {
@@ -63,6 +70,16 @@ for need in "${NEEDED[@]}"; do
   [[ -e $file ]] || missing+=("$pkg")
 done
 [[ ${#missing[@]} -eq 0 ]] || install_packages "${missing[@]}"
+
+# tests/package.rs builds the Debian package with cargo-deb, and installs it
+# on this machine (dpkg -i, then --purge) when HAKOBU_TEST_DPKG=1: the
+# default as root (CI), 0 otherwise; set it to choose.
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
+if [[ -z ${HAKOBU_TEST_DPKG:-} ]]; then
+  HAKOBU_TEST_DPKG=0
+  [[ $(id -u) -ne 0 ]] || HAKOBU_TEST_DPKG=1
+fi
+export HAKOBU_TEST_DPKG
 
 # Build first, so that a compile error needs no cluster and the nodes do not
 # compete with the compiler for the CPU.
