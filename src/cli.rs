@@ -92,12 +92,9 @@ enum Command {
         config: PathBuf,
         transfer_id: String,
     },
-    /// Ask the RabbitMQ broker how many messages wait in this node's queue
-    /// and in the dead-letter queue.
-    Status {
-        #[arg(short, long)]
-        config: PathBuf,
-    },
+    /// What the agent is doing now: transfers in flight, waiting for a
+    /// receipt, failed in the last 24 hours; on RabbitMQ, the queues' depth.
+    Status(crate::status_cmd::StatusArgs),
     /// Run the embedded broker alone; `add-node` and `status` administer it.
     Broker(crate::broker_cmd::BrokerArgs),
     /// Make this node's key pair for end-to-end encryption: the private key
@@ -191,7 +188,9 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
             config,
             transfer_id,
         } => resend(&load(&config)?, &transfer_id).await,
-        Command::Status { config } => status(&load(&config)?).await,
+        Command::Status(args) => crate::status_cmd::run(args)
+            .await
+            .map_err(|(code, e)| Exit(code, e)),
         Command::Broker(args) => crate::broker_cmd::run(args)
             .await
             .map_err(|(code, e)| Exit(code, e)),
@@ -238,29 +237,6 @@ fn keygen(config: Option<&Path>, out: Option<&Path>) -> Result<(), Exit> {
         path.display()
     );
     println!("{public}");
-    Ok(())
-}
-
-/// `hakobu status`: queue depths as the RabbitMQ broker reports them.
-async fn status(cfg: &Config) -> Result<(), Exit> {
-    let crate::config::BrokerConfig::Rabbitmq(r) = &cfg.broker else {
-        return Err(usage(anyhow::anyhow!(
-            "`hakobu status` asks a RabbitMQ broker; this configuration uses the embedded broker"
-        )));
-    };
-    let depths = crate::broker::rabbitmq::queue_depths(r, cfg.node.as_str())
-        .await
-        .map_err(|e| failure(anyhow::anyhow!("{e} (error_code={})", e.code())))?;
-    for (queue, depth) in depths {
-        match depth {
-            Some(n) => println!("{queue}: {n} messages"),
-            None => println!("{queue}: does not exist yet"),
-        }
-    }
-    println!(
-        "dead letters are kept up to {} bytes (dead_letter_max), the oldest dropped first",
-        r.dead_letter_max
-    );
     Ok(())
 }
 

@@ -33,6 +33,7 @@
 //! - [`metrics`]: the figures `/metrics` exposes.
 //! - [`failpoint`]: crash points for tests.
 //! - [`logging`]: the log subscriber: text or JSON lines (`--log-format`).
+//! - [`status_cmd`]: `hakobu status`: in flight, awaiting receipts, recent failures.
 //! - [`generate_cmd`]: `hakobu generate`: completions and man pages for packaging.
 
 pub mod agent;
@@ -59,6 +60,7 @@ pub mod request_cmd;
 pub mod rerun;
 pub mod secret;
 pub mod sender;
+pub mod status_cmd;
 pub mod store;
 pub mod transform;
 pub mod wire;

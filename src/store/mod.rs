@@ -15,6 +15,7 @@
 
 mod flush;
 mod history;
+mod inflight;
 mod ledger;
 mod query;
 mod receive_ledger;
@@ -35,6 +36,7 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 pub use history::Entry;
+pub use inflight::{Activities, Activity};
 pub use ledger::Side;
 pub use query::{HistoryFilter, MAX_PAGE};
 pub use receive_ledger::{Placing, ReceiveLedger};
