@@ -41,8 +41,8 @@ pub struct Activity {
     pub done: u64,
     pub started_at: String,
     pub finished_at: Option<String>,
-    /// Seconds since the row last moved: for a transfer waiting for its
-    /// receipt, since it was published.
+    /// Seconds since `touched_at`: since it was published (waiting for its
+    /// receipt), its last chunk (receiving), it was queued (sending).
     pub idle_secs: u64,
     pub error_code: Option<String>,
     pub error: Option<String>,
