@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::actions::Rerun;
 use crate::agent::{self, StateLock};
@@ -23,6 +23,15 @@ use crate::store::{Entry, SendRow, Store};
     about = "File-transfer integration hub: outboxes, a replicated broker, verified delivery, hooks."
 )]
 struct Cli {
+    /// Log lines as text, or as one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "HAKOBU_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: crate::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -88,12 +97,9 @@ enum Command {
         config: PathBuf,
         transfer_id: String,
     },
-    /// Ask the RabbitMQ broker how many messages wait in this node's queue
-    /// and in the dead-letter queue.
-    Status {
-        #[arg(short, long)]
-        config: PathBuf,
-    },
+    /// What the agent is doing now: transfers in flight, waiting for a
+    /// receipt, failed in the last 24 hours; on RabbitMQ, the queues' depth.
+    Status(crate::status_cmd::StatusArgs),
     /// Run the embedded broker alone; `add-node` and `status` administer it.
     Broker(crate::broker_cmd::BrokerArgs),
     /// Make this node's key pair for end-to-end encryption: the private key
@@ -106,6 +112,9 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Shell completions and man pages, for packaging.
+    #[command(hide = true)]
+    Generate(crate::generate_cmd::GenerateArgs),
 }
 
 /// A failure with the exit code it maps to.
@@ -121,13 +130,7 @@ fn failure(e: impl Into<anyhow::Error>) -> Exit {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HAKOBU_LOG")
-        .unwrap_or_else(|_| "info,lapin=warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    crate::logging::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -210,11 +213,16 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
             config,
             transfer_id,
         } => resend(&load(&config)?, &transfer_id).await,
-        Command::Status { config } => status(&load(&config)?).await,
+        Command::Status(args) => crate::status_cmd::run(args)
+            .await
+            .map_err(|(code, e)| Exit(code, e)),
         Command::Broker(args) => crate::broker_cmd::run(args)
             .await
             .map_err(|(code, e)| Exit(code, e)),
         Command::Keygen { config, out } => keygen(config.as_deref(), out.as_deref()),
+        Command::Generate(args) => {
+            crate::generate_cmd::run(args, Cli::command()).map_err(|(code, e)| Exit(code, e))
+        }
     }
 }
 
@@ -254,29 +262,6 @@ fn keygen(config: Option<&Path>, out: Option<&Path>) -> Result<(), Exit> {
         path.display()
     );
     println!("{public}");
-    Ok(())
-}
-
-/// `hakobu status`: queue depths as the RabbitMQ broker reports them.
-async fn status(cfg: &Config) -> Result<(), Exit> {
-    let crate::config::BrokerConfig::Rabbitmq(r) = &cfg.broker else {
-        return Err(usage(anyhow::anyhow!(
-            "`hakobu status` asks a RabbitMQ broker; this configuration uses the embedded broker"
-        )));
-    };
-    let depths = crate::broker::rabbitmq::queue_depths(r, cfg.node.as_str())
-        .await
-        .map_err(|e| failure(anyhow::anyhow!("{e} (error_code={})", e.code())))?;
-    for (queue, depth) in depths {
-        match depth {
-            Some(n) => println!("{queue}: {n} messages"),
-            None => println!("{queue}: does not exist yet"),
-        }
-    }
-    println!(
-        "dead letters are kept up to {} bytes (dead_letter_max), the oldest dropped first",
-        r.dead_letter_max
-    );
     Ok(())
 }
 

@@ -36,6 +36,9 @@
 //! - [`http`]: the HTTP endpoint: web console, REST API, `/metrics` (token).
 //! - [`metrics`]: the figures `/metrics` exposes.
 //! - [`failpoint`]: crash points for tests.
+//! - [`logging`]: the log subscriber: text or JSON lines (`--log-format`).
+//! - [`status_cmd`]: `hakobu status`: in flight, awaiting receipts, recent failures.
+//! - [`generate_cmd`]: `hakobu generate`: completions and man pages for packaging.
 
 pub mod actions;
 pub mod agent;
@@ -52,9 +55,11 @@ pub mod durable;
 pub mod error_code;
 pub mod error_help;
 pub mod failpoint;
+pub mod generate_cmd;
 pub mod hooks;
 pub mod http;
 pub mod keys;
+pub mod logging;
 pub mod metrics;
 pub mod progress;
 pub mod receiver;
@@ -62,6 +67,7 @@ pub mod request_cmd;
 pub mod rerun;
 pub mod secret;
 pub mod sender;
+pub mod status_cmd;
 pub mod store;
 pub mod transform;
 pub mod wire;

@@ -15,6 +15,8 @@
 #                           client certificates are made there per node
 #   HAKOBU_TEST_AMQPS_URLS  the three nodes' amqps URLs (client certificates
 #                           required), comma-separated, without credentials
+#   HAKOBU_TEST_DPKG        1 (as root, unless set) or 0: tests/package.rs
+#                           installs the .deb on this machine, or not
 # Node users (local-cluster.sh `user NODE`) keep their passwords in
 # $HAKOBU_RMQ_BASE/secrets.
 # HAKOBU_RMQ_BASE defaults to a fresh temporary directory, removed after a
@@ -38,6 +40,11 @@ NEEDED=(
   "prometheus /usr/bin/promtool"
   "chromium /usr/bin/chromium"
   "chromium-driver /usr/bin/chromedriver"
+  "binutils /usr/bin/readelf"
+  "file /usr/bin/file"
+  "dpkg-dev /usr/bin/dpkg-shlibdeps"
+  "adduser /usr/sbin/adduser"
+  "systemd /usr/bin/systemd-analyze"
 )
 
 install_packages() {
@@ -71,6 +78,15 @@ done
 python3 -c 'import openapi_spec_validator' 2>/dev/null ||
   python3 -m pip install -q openapi-spec-validator ||
   echo "tests/run.sh: could not install openapi-spec-validator; tests/api.rs will fail" >&2
+# tests/package.rs builds the Debian package with cargo-deb, and installs it
+# on this machine (dpkg -i, then --purge) when HAKOBU_TEST_DPKG=1: the
+# default as root (CI), 0 otherwise; set it to choose.
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
+if [[ -z ${HAKOBU_TEST_DPKG:-} ]]; then
+  HAKOBU_TEST_DPKG=0
+  [[ $(id -u) -ne 0 ]] || HAKOBU_TEST_DPKG=1
+fi
+export HAKOBU_TEST_DPKG
 
 # Build first, so that a compile error needs no cluster and the nodes do not
 # compete with the compiler for the CPU.

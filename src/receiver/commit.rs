@@ -90,7 +90,7 @@ impl Receiver {
             Ok(complete) => complete,
             Err(e) => {
                 error!(message = "State database failed while recording chunks; requeueing them.",
-                    error = %e, error_code = %e.code());
+                    error = %e, error_code = %e.code(), transfer_ids = ?ok.iter().map(|w| w.h.transfer_id.as_str()).collect::<Vec<_>>());
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 futures::future::join_all(ok.iter().map(|w| w.d.requeue())).await;
                 return;

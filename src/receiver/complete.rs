@@ -35,7 +35,7 @@ impl Receiver {
             Err(e) => {
                 // Nothing was placed: each transfer tries again by itself.
                 error!(message = "State database failed while placing files together; placing them one by one.",
-                    error = %e, error_code = %e.code());
+                    error = %e, error_code = %e.code(), transfer_ids = ?tids);
                 HashSet::new()
             }
         };

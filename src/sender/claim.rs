@@ -112,7 +112,7 @@ impl Sender {
         // On failure the spooled files are recorded at the next start.
         if let Err(e) = self.ledger.insert_all(rows.clone()).await {
             error!(message = "Cannot record claimed files; they are recorded at the next start.",
-                files = ready.len(), error = %e, error_code = %e.code());
+                files = ready.len(), error = %e, error_code = %e.code(), transfer_ids = ?rows.iter().map(|r| r.transfer_id.as_str()).collect::<Vec<_>>());
             pending
                 .iter()
                 .flatten()

@@ -9,7 +9,7 @@ use rusqlite::{OptionalExtension, params};
 
 use super::ledger;
 use super::row::{Direction, SendRow, Status};
-use super::{COLUMNS, Cached, Call, Store};
+use super::{COLUMNS, Cached, Call, Store, unix_now};
 use crate::domain::{NodeName, TransferId};
 use crate::error_code::ErrorCode;
 use crate::wire::Receipt;
@@ -164,7 +164,7 @@ impl SendLedger {
         self.store.call(move |db| {
             db.run(
                 "UPDATE transfers SET sha256 = ?4, progress = size, status = ?6,
-                    wire_bytes = wire_bytes + ?8
+                    wire_bytes = wire_bytes + ?8, touched_at = ?9
                  WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = ?5
                    AND attempt = ?7",
                 params![
@@ -175,7 +175,8 @@ impl SendLedger {
                     Status::Sending,
                     Status::AwaitingReceipt,
                     attempt,
-                    wire_bytes as i64
+                    wire_bytes as i64,
+                    unix_now()
                 ],
             )?;
             Ok(())
