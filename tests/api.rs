@@ -186,6 +186,63 @@ fn send_list_show_and_request_through_the_api() {
     assert_eq!(chain["root"], good_id.as_str(), "{chain}");
     assert_eq!(chain["steps"].as_array().map(Vec::len), Some(1), "{chain}");
 
+    // Rerun on beta: the failed hook runs again and fails again (502 with
+    // its code); the good one's succeeds. Resend on alpha: a new transfer.
+    let again = rig.b.post_json(
+        &format!("/api/transfers/{bad_id}/rerun"),
+        &serde_json::json!({}),
+    );
+    assert_eq!(again.status, 502, "{}", again.body);
+    assert_eq!(again.json()["code"], "hook_failed");
+    assert_eq!(again.json()["ran"], true);
+    let again = rig.b.post_json(
+        &format!("/api/transfers/{good_id}/rerun"),
+        &serde_json::json!({}),
+    );
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.json()["ok"], true);
+    let runs = rig.b.get(&format!("/api/transfers/{good_id}")).json();
+    let hook_runs = runs["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["status"] == "hook_running")
+        .count();
+    assert_eq!(hook_runs, 2, "the timeline shows the rerun: {runs}");
+    // The inbox keeps the failed file (mode `new`): out of the way first.
+    fs::remove_file(rig.tmp.path().join("inbox/bad.csv")).unwrap();
+    let resent = rig.a.post_json(
+        &format!("/api/transfers/{bad_id}/resend"),
+        &serde_json::json!({}),
+    );
+    assert_eq!(resent.status, 202, "{}", resent.body);
+    let new_id = resent.json()["transfer_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(new_id, bad_id);
+    wait_until(WAIT, "the resent file to settle on alpha", || {
+        let r = rig.a.get(&format!("/api/transfers/{new_id}")).json();
+        !matches!(
+            r["rows"][0]["status"].as_str(),
+            Some("queued" | "sending" | "awaiting_receipt")
+        )
+    });
+    let r = rig.b.get(&format!("/api/transfers/{new_id}"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["rows"][0]["error_code"],
+        "hook_failed",
+        "{}",
+        r.body
+    );
+    let on_beta = rig.b.post_json(
+        &format!("/api/transfers/{bad_id}/resend"),
+        &serde_json::json!({}),
+    );
+    assert_eq!(on_beta.status, 404, "beta never sent it: {}", on_beta.body);
+    assert_eq!(code(&on_beta), "unknown_transfer");
+
     // A pull: beta asks alpha for REPORT and waits for it.
     let r = rig.b.post_json(
         "/api/requests",

@@ -7,12 +7,14 @@
 //!   tail) and its status timeline.
 //! - `GET /api/transfers/{id}/chain`: its job flow across nodes, as far as
 //!   this node knows it (`hakobu history --chain`).
+//! - `actions.rs`: rerun a transfer's hook, resend its spooled copy.
 //! - `send.rs`: send a file (the profile's source, or uploaded), request a
 //!   file from another node; each at once (202) or waiting (`wait=`).
 //!
 //! Every failure is `{"code": "...", "message": "..."}` with a code of
 //! README's tables.
 
+mod actions;
 mod send;
 
 pub use send::clear_uploads;
@@ -44,6 +46,8 @@ pub fn router() -> Router<HttpState> {
         .route("/api/transfers", get(list))
         .route("/api/transfers/{id}", get(detail))
         .route("/api/transfers/{id}/chain", get(chain))
+        .route("/api/transfers/{id}/rerun", post(actions::rerun))
+        .route("/api/transfers/{id}/resend", post(actions::resend))
         .route("/api/send", post(send::source))
         .route("/api/send/{file_id}", post(send::upload))
         .route("/api/requests", post(send::request))
