@@ -25,6 +25,7 @@ use hakobu::domain::TransferId;
 use hakobu::wire::ChunkHeader;
 use serde_json::Value;
 
+use common::webdriver::Browser;
 use common::{Agent, BrokerProcess, bin, rabbit_broker, unique, wait_until};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -37,10 +38,13 @@ enum Kind {
 
 struct Flow {
     tmp: tempfile::TempDir,
+    kind: Kind,
     _broker: Option<BrokerProcess>,
     alpha: Agent,
     beta: Agent,
     gamma: Agent,
+    /// Beta's console (`http:`), e.g. `http://127.0.0.1:PORT`.
+    beta_web: String,
 }
 
 fn script(path: &Path, body: &str) -> PathBuf {
@@ -85,8 +89,10 @@ impl Flow {
             "node: {a}\nstate_dir: {r}/alpha/state\n{broker}send:\n  - file_id: SALES\n    outbox: {r}/alpha/outbox\n    to: [ {b} ]\n    ready: {{ stable_for: 100ms }}\n  - file_id: ORDERS\n    outbox: {r}/alpha/orders\n    to: [ {b} ]\n    ready: {{ stable_for: 100ms }}\n",
             broker = section(0)
         );
+        let port = common::http::free_port();
+        let beta_web = format!("http://127.0.0.1:{port}");
         let beta_yaml = format!(
-            "node: {b}\nstate_dir: {r}/beta/state\n{broker}receive:\n  - file_id: SALES\n    from: [ {a} ]\n    inbox: {r}/beta/inbox\n    on_success: [ \"{report}\", \"{{path}}\" ]\n  - file_id: ORDERS\n    from: [ {a} ]\n    inbox: {r}/beta/inbox\n    on_success: [ \"{ack}\", \"{{path}}\" ]\nsend:\n  - file_id: REPORT\n    outbox: {r}/beta/reports\n    to: [ {g} ]\n    ready: {{ stable_for: 100ms }}\n  - file_id: ACK\n    outbox: {r}/beta/ack\n    to: [ {g} ]\n    ready: {{ done_marker: \".done\" }}\n  - file_id: SUMMARY\n    source: {r}/beta/summary.csv\n    to: [ {g} ]\n",
+            "node: {b}\nstate_dir: {r}/beta/state\n{broker}http:\n  listen: \"127.0.0.1:{port}\"\nreceive:\n  - file_id: SALES\n    from: [ {a} ]\n    inbox: {r}/beta/inbox\n    on_success: [ \"{report}\", \"{{path}}\" ]\n  - file_id: ORDERS\n    from: [ {a} ]\n    inbox: {r}/beta/inbox\n    on_success: [ \"{ack}\", \"{{path}}\" ]\nsend:\n  - file_id: REPORT\n    outbox: {r}/beta/reports\n    to: [ {g} ]\n    ready: {{ stable_for: 100ms }}\n  - file_id: ACK\n    outbox: {r}/beta/ack\n    to: [ {g} ]\n    ready: {{ done_marker: \".done\" }}\n  - file_id: SUMMARY\n    source: {r}/beta/summary.csv\n    to: [ {g} ]\n",
             broker = section(1),
             report = report.display(),
             ack = ack.display()
@@ -100,10 +106,12 @@ impl Flow {
         let gamma = Agent::new(&g, &root.join("gamma"), &gamma_yaml);
         Flow {
             tmp,
+            kind,
             _broker: broker,
             alpha,
             beta,
             gamma,
+            beta_web,
         }
     }
 
@@ -128,6 +136,37 @@ impl Flow {
         }
         cmd.output().unwrap()
     }
+}
+
+/// Beta's console shows the same three steps on the first transfer's page,
+/// in a real browser (headless Chromium over WebDriver), with a screenshot
+/// under target/console-screenshots/.
+fn console_shows_the_flow(f: &Flow, t1: &str, [a, b, g]: [&str; 3], [s1, s2]: [&str; 2]) {
+    let token = fs::read_to_string(f.tmp.path().join("beta/state/http.token")).unwrap();
+    let web = &f.beta_web;
+    let browser = Browser::start();
+    browser.goto(&format!("{web}/login"));
+    browser.type_into("#token", token.trim());
+    browser.click("button[type=submit]");
+    wait_until(WAIT, "the console after signing in", || {
+        browser.url() == format!("{web}/")
+    });
+    browser.goto(&format!("{web}/transfers/{t1}"));
+    let seen = browser.js(
+        "return [...document.querySelectorAll('#flow li.step')].map(e => [e.dataset.id, e.dataset.depth, e.querySelector('.hop').textContent, e.querySelector('.status').textContent]);",
+        serde_json::json!([]),
+    );
+    assert_eq!(
+        seen,
+        serde_json::json!([
+            [s1, "0", format!("{a} → {b}"), "received"],
+            [s2, "1", format!("{b} → {g}"), "sent"],
+            [s2, "1", format!("{b} → {g}"), "received"],
+        ]),
+        "the console's flow on beta"
+    );
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
+    browser.screenshot(&dir, &format!("flow-{:?}", f.kind).to_lowercase());
 }
 
 /// The row of `agent` matching `pred`, once it is in a final status.
@@ -237,6 +276,7 @@ fn job_flow(kind: Kind) {
     assert_eq!(c["steps"][1]["parent_id"], t1.as_str(), "{c}");
     assert_eq!(c["steps"][1]["depth"], 1, "{c}");
     assert!(c["steps"][0]["started_at"].is_string() && c["steps"][0]["finished_at"].is_string());
+    console_shows_the_flow(&f, &t1, [&a, &b, &g], [&t1, &t2]);
     let from_child = chain(&f.beta, &t2);
     assert_eq!(from_child["transfer_id"], t2.as_str());
     assert_eq!(
