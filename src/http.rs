@@ -60,6 +60,19 @@ pub struct ApiError {
     pub message: String,
 }
 
+/// The HTTP status of an action refused with `code` (rerun, resend): 404
+/// for a transfer not here, 500 for the state database or the disk, 409
+/// for the rest (the action does not apply as the transfer stands).
+pub fn refusal_status(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::UnknownTransfer => StatusCode::NOT_FOUND,
+        ErrorCode::StateDbError | ErrorCode::StateDbTooNew | ErrorCode::IoError => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        _ => StatusCode::CONFLICT,
+    }
+}
+
 impl ApiError {
     pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {

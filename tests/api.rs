@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::http::{Answer, Client, free_port};
+use common::http::{Answer, Client, http_section, start_pair};
 use common::{Agent, BrokerProcess, sha256_file, wait_until, write_pattern};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -27,12 +27,6 @@ struct Rig {
     beta: Agent,
     a: Client,
     b: Client,
-}
-
-fn http_section() -> (String, Client) {
-    let port = free_port();
-    let yaml = format!("http:\n  listen: \"127.0.0.1:{port}\"\n");
-    (yaml, Client::new(&format!("http://127.0.0.1:{port}")))
 }
 
 impl Rig {
@@ -63,12 +57,7 @@ impl Rig {
             inbox = t.join("inbox").display(),
             hook = hook.display(),
         );
-        let mut alpha = Agent::new("alpha", &t.join("alpha"), &alpha_yaml);
-        let mut beta = Agent::new("beta", &t.join("beta"), &beta_yaml);
-        alpha.start();
-        beta.start();
-        let a = a.with_token_file(&t.join("alpha/state/http.token"));
-        let b = b.with_token_file(&t.join("beta/state/http.token"));
+        let (alpha, beta, a, b) = start_pair(t, (&alpha_yaml, &beta_yaml), (a, b));
         Rig {
             tmp,
             _broker: broker,

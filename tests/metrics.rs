@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::http::{Client, free_port};
+use common::http::{Client, http_section, start_pair};
 use common::{Agent, BrokerProcess, drop_file, wait_until, write_pattern};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -117,14 +117,6 @@ struct Rig {
     b: Client,
 }
 
-fn http_section(dir: &Path) -> (String, Client) {
-    let port = free_port();
-    let yaml = format!("http:\n  listen: \"127.0.0.1:{port}\"\n");
-    let client = Client::new(&format!("http://127.0.0.1:{port}"));
-    let _ = dir;
-    (yaml, client)
-}
-
 impl Rig {
     /// `send_extra` is appended to alpha's send profile.
     fn new(send_extra: &str) -> Rig {
@@ -140,25 +132,20 @@ impl Rig {
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
-        let (ha, a) = http_section(t);
+        let (ha, a) = http_section();
         let alpha_yaml = format!(
             "node: alpha\nstate_dir: state\n{broker}{ha}send:\n  - file_id: DATA\n    outbox: {outbox}\n    to: [ beta ]\n    ready: {{ stable_for: 200ms }}\n{send_extra}",
             broker = broker.section(),
             outbox = outbox.display(),
         );
-        let (hb, b) = http_section(t);
+        let (hb, b) = http_section();
         let beta_yaml = format!(
             "node: beta\nstate_dir: state\n{broker}{hb}receive:\n  - file_id: DATA\n    from: [ alpha ]\n    inbox: {inbox}\n    on_success: [ \"{hook}\" ]\n",
             broker = broker.section(),
             inbox = t.join("inbox").display(),
             hook = hook.display(),
         );
-        let mut alpha = Agent::new("alpha", &t.join("alpha"), &alpha_yaml);
-        let mut beta = Agent::new("beta", &t.join("beta"), &beta_yaml);
-        alpha.start();
-        beta.start();
-        let a = a.with_token_file(&t.join("alpha/state/http.token"));
-        let b = b.with_token_file(&t.join("beta/state/http.token"));
+        let (alpha, beta, a, b) = start_pair(t, (&alpha_yaml, &beta_yaml), (a, b));
         Rig {
             tmp,
             broker,
@@ -501,7 +488,7 @@ impl RabbitRig {
         let tmp = tempfile::tempdir().unwrap();
         let t = tmp.path();
         let node = common::unique("met");
-        let (h, c) = http_section(t);
+        let (h, c) = http_section();
         let yaml = format!(
             "node: {node}\nstate_dir: state\n{broker}{h}receive:\n  - file_id: DATA\n    from: [ alpha ]\n    inbox: {inbox}\n",
             broker = common::rabbit_broker(0),

@@ -351,28 +351,33 @@ impl Broker for RabbitMq {
             props = props.with_user_id(ShortString::from(user));
         }
         let routing: ShortString = queue_name(node).as_str().into();
-        let sent = ch
-            .basic_publish(
-                "".into(),
-                routing,
-                // Mandatory: a message no queue takes comes back instead of vanishing.
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &payload,
-                props,
-            )
-            .await;
-        let confirm = match sent {
-            Ok(c) => c,
-            Err(e) => {
+        // Bounded like the confirm: a channel of a connection that died
+        // half-way (quorum lost, nodes going) has been seen to leave the
+        // frame's send pending for good, and the transfer with it.
+        let timeout = self.inner.cfg.confirm_timeout;
+        let sending = ch.basic_publish(
+            "".into(),
+            routing,
+            // Mandatory: a message no queue takes comes back instead of vanishing.
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &payload,
+            props,
+        );
+        let confirm = match tokio::time::timeout(timeout, sending).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
                 self.inner.invalidate(generation).await;
                 return Err(conn_err(e));
             }
+            Err(_) => {
+                self.inner.invalidate(generation).await;
+                return Err(BrokerError::ConfirmTimeout(timeout));
+            }
         };
         let inner = self.inner.clone();
-        let timeout = inner.cfg.confirm_timeout;
         Ok(Box::pin(async move {
             let outcome = match tokio::time::timeout(timeout, confirm).await {
                 Ok(Ok(c)) if c.is_ack() => match c.take_message() {

@@ -172,6 +172,15 @@ async fn list(
     })))
 }
 
+/// A 404 for a transfer this node has no row of.
+fn unknown_transfer(tid: &TransferId) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::UnknownTransfer,
+        format!("no transfer {tid} in this node's history; ask a node it went through"),
+    )
+}
+
 /// `GET /api/transfers/{id}`: `{transfer_id, rows, timeline}`.
 async fn detail(
     State(st): State<HttpState>,
@@ -180,11 +189,7 @@ async fn detail(
     let tid = transfer_id(&id)?;
     let rows = st.store.find(&tid).await?;
     if rows.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::UnknownTransfer,
-            format!("no transfer {tid} in this node's history; ask a node it went through"),
-        ));
+        return Err(unknown_transfer(&tid));
     }
     let timeline = st.store.timeline(&tid).await?;
     Ok(Json(json!({
@@ -202,10 +207,6 @@ async fn chain(
     let tid = transfer_id(&id)?;
     match st.store.chain(&st.cfg.node, &tid).await? {
         Some(chain) => Ok(Json(chain)),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::UnknownTransfer,
-            format!("no transfer {tid} in this node's history; ask a node it went through"),
-        )),
+        None => Err(unknown_transfer(&tid)),
     }
 }

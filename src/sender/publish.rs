@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{error, info, warn};
 
 use super::Sender;
 use super::throttle::Pace;
-use crate::broker::{BrokerError, Confirm};
+use crate::broker::BrokerError;
 use crate::coalesce::Coalescer;
 use crate::domain::{NodeName, TransferId};
 use crate::error_code::ErrorCode;
@@ -210,7 +211,24 @@ struct InFlight {
     idx: u64,
     len: u64,
     hasher_before: Sha256,
-    confirm: Confirm,
+    /// The broker's confirm, driven by a task of its own: looking whether it
+    /// has resolved (`settle_ready`) must not poll the confirm itself, whose
+    /// failure path takes the broker's connection lock; a poll that left it
+    /// queued for that lock, never polled again while this task waited for
+    /// the same lock to publish, deadlocked every publisher (chaos test
+    /// `no_quorum_waits_then_completes`). Dropped, the task is aborted.
+    confirm: AbortOnDropHandle<Result<(), BrokerError>>,
+}
+
+/// A confirm's outcome, its task's end included.
+fn confirmed(
+    r: Result<Result<(), BrokerError>, tokio::task::JoinError>,
+) -> Result<(), BrokerError> {
+    r.unwrap_or_else(|e| {
+        Err(BrokerError::Connection(format!(
+            "the confirm was lost: {e}"
+        )))
+    })
 }
 
 /// One spooled file's chunks, as framed for one receiving node.
@@ -307,7 +325,7 @@ impl Chunks<'_> {
                         idx,
                         len,
                         hasher_before,
-                        confirm,
+                        confirm: AbortOnDropHandle::new(tokio::spawn(confirm)),
                     })
                 }
                 Err(e) => {
@@ -424,7 +442,7 @@ async fn settle(
     let Some(front) = in_flight.pop_front() else {
         return Ok(0);
     };
-    match front.confirm.await {
+    match confirmed(front.confirm.await) {
         Ok(()) => Ok(front.len),
         Err(e) => {
             *resume = Resume {
@@ -446,7 +464,7 @@ fn settle_ready(
     use futures::FutureExt;
     let mut done = 0;
     while let Some(front) = in_flight.front_mut() {
-        match (&mut front.confirm).now_or_never() {
+        match (&mut front.confirm).now_or_never().map(confirmed) {
             None => break,
             Some(Ok(())) => done += front.len,
             Some(Err(e)) => {

@@ -13,6 +13,31 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// An `http:` section on a free loopback port, and a client of it (without
+/// the token: the agent makes it when it starts).
+pub fn http_section() -> (String, Client) {
+    let port = free_port();
+    let yaml = format!("http:\n  listen: \"127.0.0.1:{port}\"\n");
+    (yaml, Client::new(&format!("http://127.0.0.1:{port}")))
+}
+
+/// Starts `alpha` and `beta` (in `dir/alpha` and `dir/beta`, each with
+/// `state_dir: state` and the `http:` of `clients`), and gives each client
+/// its agent's token.
+pub fn start_pair(
+    dir: &Path,
+    (alpha_yaml, beta_yaml): (&str, &str),
+    (a, b): (Client, Client),
+) -> (super::Agent, super::Agent, Client, Client) {
+    let mut alpha = super::Agent::new("alpha", &dir.join("alpha"), alpha_yaml);
+    let mut beta = super::Agent::new("beta", &dir.join("beta"), beta_yaml);
+    alpha.start();
+    beta.start();
+    let a = a.with_token_file(&dir.join("alpha/state/http.token"));
+    let b = b.with_token_file(&dir.join("beta/state/http.token"));
+    (alpha, beta, a, b)
+}
+
 /// One HTTP answer.
 #[derive(Debug)]
 pub struct Answer {

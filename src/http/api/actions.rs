@@ -19,17 +19,10 @@ use serde_json::json;
 use super::transfer_id;
 use crate::actions::{self, ActionError, Rerun};
 use crate::error_code::ErrorCode;
-use crate::http::{ApiError, HttpState};
+use crate::http::{ApiError, HttpState, refusal_status};
 
 fn refused(e: ActionError) -> ApiError {
-    let status = match e.code() {
-        ErrorCode::UnknownTransfer => StatusCode::NOT_FOUND,
-        ErrorCode::StateDbError | ErrorCode::StateDbTooNew | ErrorCode::IoError => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
-        _ => StatusCode::CONFLICT,
-    };
-    ApiError::new(status, e.code(), e.to_string())
+    ApiError::new(refusal_status(e.code()), e.code(), e.to_string())
 }
 
 fn cut_short(code: ErrorCode, what: &str) -> ApiError {

@@ -165,13 +165,7 @@ fn refused(status: StatusCode, code: ErrorCode, message: String) -> Response {
 }
 
 fn action_refused(e: ActionError) -> Response {
-    let status = match e.code() {
-        ErrorCode::UnknownTransfer => StatusCode::NOT_FOUND,
-        ErrorCode::StateDbError | ErrorCode::StateDbTooNew | ErrorCode::IoError => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
-        _ => StatusCode::CONFLICT,
-    };
+    let status = crate::http::refusal_status(e.code());
     refused(status, e.code(), e.to_string())
 }
 
