@@ -41,6 +41,11 @@ pub(super) fn parent_of(marker: &Path) -> Option<TransferId> {
 }
 
 fn read(marker: &Path) -> Option<String> {
+    // An empty marker (the usual one) costs one lstat, no open.
+    let seen = std::fs::symlink_metadata(marker).ok()?;
+    if !seen.is_file() || seen.len() == 0 {
+        return None;
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)

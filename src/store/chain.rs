@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::history::Entry;
 use super::row::{Direction, Status};
-use super::{COLUMNS, Cached, Call, Store};
+use super::{BY_ID, COLUMNS, Cached, Call, Store};
 use crate::domain::{FileId, NodeName, TransferId};
 
 /// Most levels walked up from the transfer asked for, and down from the root.
@@ -106,9 +106,7 @@ impl<'a> Walk<'a> {
 
     fn rows_of(&mut self, tid: &TransferId) -> rusqlite::Result<Vec<Entry>> {
         let rows = self.db.all(
-            &format!(
-                "SELECT {COLUMNS} FROM transfers WHERE transfer_id = ?1 ORDER BY direction DESC, peer"
-            ),
+            &format!("SELECT {COLUMNS} FROM transfers WHERE {BY_ID} ORDER BY direction DESC, peer"),
             params![tid],
             Entry::from_sql,
         )?;

@@ -1,8 +1,8 @@
 //! What `/metrics` reads of the state database at each scrape: settled
 //! transfers counted by side, file id and status (with their bytes), the
 //! transfers under way, and the oldest file waiting for its receipt. Each
-//! statement reads an index only (`transfers_totals`, `transfers_status`),
-//! never the whole table.
+//! statement reads an index only (`transfers_totals`, whose first column is
+//! the status), never the whole table.
 
 use super::row::Status;
 use super::{Cached, Call, Store};

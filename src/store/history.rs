@@ -5,7 +5,7 @@ use rusqlite::params;
 use serde::{Serialize, Serializer};
 
 use super::row::{Direction, ReceiveRow, SendRow, Transfer};
-use super::{COLUMNS, Cached, Call, Store};
+use super::{BY_ID, COLUMNS, Cached, Call, Store};
 use crate::domain::TransferId;
 
 /// One row of history, of either side.
@@ -103,9 +103,7 @@ impl Store {
         let tid = tid.clone();
         self.call(move |db| {
             db.all(
-                &format!(
-                    "SELECT {COLUMNS} FROM transfers WHERE transfer_id = ?1 ORDER BY direction, peer"
-                ),
+                &format!("SELECT {COLUMNS} FROM transfers WHERE {BY_ID} ORDER BY direction, peer"),
                 params![tid],
                 Entry::from_sql,
             )

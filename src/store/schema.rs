@@ -19,6 +19,7 @@ const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[
     super::events::migration,
     parents,
     metrics_totals,
+    lean_indexes,
 ];
 
 /// The version this hakobu writes.
@@ -185,6 +186,21 @@ fn metrics_totals(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     )
 }
 
+/// 10: fewer indexes for every status change and insert to keep up
+/// (small files are a handful of each per file). `transfers_status` goes:
+/// `transfers_totals` leads with the status and serves the same lookups.
+/// `transfers_id` goes: a lookup by id names both directions and uses the
+/// primary key (`direction IN ('receive', 'send') AND transfer_id = ?`).
+/// `transfers_parent` keeps only rows that have a parent (most have none).
+fn lean_indexes(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "DROP INDEX IF EXISTS transfers_status;
+         DROP INDEX IF EXISTS transfers_id;
+         DROP INDEX IF EXISTS transfers_parent;
+         CREATE INDEX transfers_parent ON transfers(parent_id) WHERE parent_id IS NOT NULL;",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,5 +306,48 @@ mod tests {
             )
             .unwrap();
         assert_eq!(indexed, 1);
+    }
+
+    /// The lookups the indexes of migration 10 are meant for find their
+    /// rows through an index, not by reading the table: by id through the
+    /// primary key, children through the partial `transfers_parent`, by
+    /// status through `transfers_totals`.
+    #[test]
+    fn lookups_use_the_lean_indexes() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let plan = |sql: &str| -> String {
+            let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows = st.query_map([], |r| r.get::<_, String>(3)).unwrap();
+            rows.map(|r| r.unwrap()).collect::<Vec<_>>().join("; ")
+        };
+        let id = "'0190f6c4-0000-7000-8000-000000000001'";
+        let by_id = plan(&format!(
+            "SELECT * FROM transfers WHERE {}",
+            super::super::BY_ID.replace("?1", id)
+        ));
+        assert!(
+            by_id.contains("USING INDEX sqlite_autoindex_transfers_1"),
+            "{by_id}"
+        );
+        let children = plan(&format!("SELECT * FROM transfers WHERE parent_id = {id}"));
+        assert!(
+            children.contains("USING INDEX transfers_parent"),
+            "{children}"
+        );
+        let by_status = plan("SELECT COUNT(*) FROM transfers WHERE status = 'sending'");
+        assert!(by_status.contains("transfers_totals"), "{by_status}");
+        let names: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'transfers'",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        for gone in ["transfers_status", "transfers_id"] {
+            assert!(!names.iter().any(|n| n == gone), "{gone} in {names:?}");
+        }
     }
 }
