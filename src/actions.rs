@@ -56,9 +56,7 @@ impl ActionError {
                 ErrorCode::UnknownFileId
             }
             ActionError::Rerun(RerunError::Store(e)) | ActionError::Store(e) => e.code(),
-            ActionError::Queue(QueueError::Store(e)) => e.code(),
-            ActionError::Queue(QueueError::Convert(_)) => ErrorCode::ConversionFailed,
-            ActionError::Queue(QueueError::Copy(..)) => ErrorCode::IoError,
+            ActionError::Queue(e) => e.code(),
             ActionError::SpoolGone(_) => ErrorCode::SpoolUnreadable,
             ActionError::PeerKeyMissing(..) => ErrorCode::PeerKeyMissing,
         }
@@ -183,6 +181,30 @@ mod tests {
             (
                 ActionError::SpoolGone("/x".into()),
                 ErrorCode::SpoolUnreadable,
+                false,
+            ),
+            (
+                ActionError::Queue(QueueError::Copy(
+                    "/x".into(),
+                    std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
+                )),
+                ErrorCode::DiskFull,
+                false,
+            ),
+            (
+                ActionError::Queue(QueueError::Copy(
+                    "/x".into(),
+                    std::io::Error::from_raw_os_error(nix::libc::EDQUOT),
+                )),
+                ErrorCode::DiskFull,
+                false,
+            ),
+            (
+                ActionError::Queue(QueueError::Copy(
+                    "/x".into(),
+                    std::io::Error::from_raw_os_error(nix::libc::EACCES),
+                )),
+                ErrorCode::IoError,
                 false,
             ),
         ];

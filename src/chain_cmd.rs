@@ -98,17 +98,8 @@ fn write_tree(out: &mut impl Write, chain: &Chain) -> std::io::Result<()> {
     for s in &chain.steps {
         writeln!(out, "{}{}", "  ".repeat(s.depth + 1), line(s))?;
     }
-    if chain.cycle {
-        writeln!(
-            out,
-            "note: the recorded parents form a cycle; the flow is shown up to it"
-        )?;
-    }
-    if chain.truncated {
-        writeln!(
-            out,
-            "note: the flow is larger than one view shows (64 levels, 10000 rows); ask for a transfer further down"
-        )?;
+    for note in chain.notes() {
+        writeln!(out, "note: {note}")?;
     }
     Ok(())
 }

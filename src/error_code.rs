@@ -128,6 +128,15 @@ impl ErrorCode {
     pub fn parse(text: &str) -> Option<ErrorCode> {
         ErrorCode::ALL.iter().copied().find(|c| c.as_str() == text)
     }
+
+    /// The code of a failed read or write: `disk_full` when the disk or
+    /// the user's quota is full (ENOSPC, EDQUOT), `io_error` otherwise.
+    pub fn of_io(e: &std::io::Error) -> ErrorCode {
+        match e.raw_os_error() {
+            Some(nix::libc::ENOSPC | nix::libc::EDQUOT) => ErrorCode::DiskFull,
+            _ => ErrorCode::IoError,
+        }
+    }
 }
 
 impl fmt::Display for ErrorCode {

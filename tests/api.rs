@@ -7,12 +7,11 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::http::{Answer, Client, http_section, start_pair};
+use common::http::{Answer, Client, start_pair};
 use common::{Agent, BrokerProcess, sha256_file, wait_until, write_pattern};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -34,30 +33,18 @@ impl Rig {
         let tmp = tempfile::tempdir().unwrap();
         let t = tmp.path();
         let broker = BrokerProcess::start(t);
-        let hook = t.join("import.sh");
-        fs::write(
-            &hook,
-            "#!/bin/sh\ncase \"$HAKOBU_FILE_NAME\" in bad*) echo \"refused $HAKOBU_FILE_NAME\"; exit 1;; esac\necho imported\n",
-        )
-        .unwrap();
-        fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
         fs::write(t.join("daily.csv"), "day,total\n1,100\n").unwrap();
         fs::write(t.join("report.csv"), "report\n").unwrap();
-        let (ha, a) = http_section();
-        let alpha_yaml = format!(
-            "node: alpha\nstate_dir: state\n{broker}{ha}send:\n  - file_id: DATA\n    source: {source}\n    to: [ beta ]\n  - file_id: REPORT\n    source: {report}\n    requests_from: [ beta ]\n",
-            broker = broker.section(),
+        let alpha_send = format!(
+            "  - file_id: DATA\n    source: {source}\n    to: [ beta ]\n  - file_id: REPORT\n    source: {report}\n    requests_from: [ beta ]\n",
             source = t.join("daily.csv").display(),
             report = t.join("report.csv").display(),
         );
-        let (hb, b) = http_section();
-        let beta_yaml = format!(
-            "node: beta\nstate_dir: state\n{broker}{hb}receive:\n  - file_id: DATA\n    from: [ alpha ]\n    inbox: {inbox}\n    on_success: [ \"{hook}\" ]\n  - file_id: REPORT\n    from: [ alpha ]\n    inbox: {inbox}\n",
-            broker = broker.section(),
+        let beta_more = format!(
+            "  - file_id: REPORT\n    from: [ alpha ]\n    inbox: {inbox}\n",
             inbox = t.join("inbox").display(),
-            hook = hook.display(),
         );
-        let (alpha, beta, a, b) = start_pair(t, (&alpha_yaml, &beta_yaml), (a, b));
+        let (alpha, beta, a, b) = start_pair(t, &broker.section(), (&alpha_send, &beta_more));
         Rig {
             tmp,
             _broker: broker,

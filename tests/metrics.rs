@@ -124,28 +124,11 @@ impl Rig {
         let t = tmp.path();
         let broker = BrokerProcess::start(t);
         let outbox = t.join("outbox");
-        let hook = t.join("import.sh");
-        fs::write(
-            &hook,
-            "#!/bin/sh\ncase \"$HAKOBU_FILE_NAME\" in bad*) echo refused; exit 1;; esac\necho imported\n",
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
-        let (ha, a) = http_section();
-        let alpha_yaml = format!(
-            "node: alpha\nstate_dir: state\n{broker}{ha}send:\n  - file_id: DATA\n    outbox: {outbox}\n    to: [ beta ]\n    ready: {{ stable_for: 200ms }}\n{send_extra}",
-            broker = broker.section(),
+        let alpha_send = format!(
+            "  - file_id: DATA\n    outbox: {outbox}\n    to: [ beta ]\n    ready: {{ stable_for: 200ms }}\n{send_extra}",
             outbox = outbox.display(),
         );
-        let (hb, b) = http_section();
-        let beta_yaml = format!(
-            "node: beta\nstate_dir: state\n{broker}{hb}receive:\n  - file_id: DATA\n    from: [ alpha ]\n    inbox: {inbox}\n    on_success: [ \"{hook}\" ]\n",
-            broker = broker.section(),
-            inbox = t.join("inbox").display(),
-            hook = hook.display(),
-        );
-        let (alpha, beta, a, b) = start_pair(t, (&alpha_yaml, &beta_yaml), (a, b));
+        let (alpha, beta, a, b) = start_pair(t, &broker.section(), (&alpha_send, ""));
         Rig {
             tmp,
             broker,

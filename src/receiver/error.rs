@@ -103,9 +103,7 @@ impl ReceiveError {
     }
 
     pub fn from_io(context: &str, e: io::Error) -> Self {
-        if e.raw_os_error() == Some(nix::libc::ENOSPC)
-            || e.raw_os_error() == Some(nix::libc::EDQUOT)
-        {
+        if ErrorCode::of_io(&e) == ErrorCode::DiskFull {
             ReceiveError::DiskFull(format!("{context}: {e}"))
         } else {
             ReceiveError::Io(format!("{context}: {e}"))

@@ -487,3 +487,15 @@ pub enum QueueError {
     #[error("conversion_failed: {0}")]
     Convert(String),
 }
+
+impl QueueError {
+    /// The stable code a user sees beside the message (`hakobu send`,
+    /// resend, the API's upload).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            QueueError::Copy(_, e) => ErrorCode::of_io(e),
+            QueueError::Store(e) => e.code(),
+            QueueError::Convert(_) => ErrorCode::ConversionFailed,
+        }
+    }
+}

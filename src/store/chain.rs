@@ -76,6 +76,24 @@ pub struct Chain {
     pub truncated: bool,
 }
 
+impl Chain {
+    /// What a reader of the flow must know besides its steps (a cycle, a
+    /// flow larger than one view), one sentence each: `hakobu history
+    /// --chain` and the console say the same.
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.cycle {
+            notes.push("The recorded parents form a cycle; the flow is shown up to it.".into());
+        }
+        if self.truncated {
+            notes.push(format!(
+                "The flow is larger than one view shows ({MAX_DEPTH} levels, {MAX_ROWS} rows); ask for a transfer further down."
+            ));
+        }
+        notes
+    }
+}
+
 impl Store {
     /// The flow of `tid` as `node` (this node) knows it; `None` when no row
     /// here has that transfer id or names it as a parent.
@@ -390,6 +408,8 @@ mod tests {
         let c = store.chain(&node(), &a).await.unwrap().unwrap();
         assert!(c.cycle);
         assert_eq!(c.steps.len(), 2, "{:?}", c.steps);
+        assert_eq!(c.notes().len(), 1);
+        assert!(c.notes()[0].contains("cycle"), "{:?}", c.notes());
         let ids: Vec<TransferId> = (0..100).map(|_| TransferId::new()).collect();
         let rows = ids
             .iter()
@@ -402,6 +422,7 @@ mod tests {
         store.sending().insert_all(rows).await.unwrap();
         let c = store.chain(&node(), &ids[99]).await.unwrap().unwrap();
         assert!(c.truncated && !c.cycle);
+        assert!(c.notes()[0].contains("64 levels"), "{:?}", c.notes());
         assert!(c.steps.len() <= MAX_DEPTH + 1, "{}", c.steps.len());
     }
 }

@@ -21,16 +21,35 @@ pub fn http_section() -> (String, Client) {
     (yaml, Client::new(&format!("http://127.0.0.1:{port}")))
 }
 
-/// Starts `alpha` and `beta` (in `dir/alpha` and `dir/beta`, each with
-/// `state_dir: state` and the `http:` of `clients`), and gives each client
-/// its agent's token.
+/// Two agents with an `http:` endpoint each, on `broker` (a `broker:`
+/// section), in `dir/alpha` and `dir/beta`: alpha sends what `alpha_send`
+/// lists (profiles under `send:`); beta receives `DATA` from alpha into
+/// `dir/inbox` and runs `dir/import.sh` on success, which refuses files
+/// named `bad*` (exit 1, "refused NAME"), plus the profiles of `beta_more`
+/// (under `receive:`). Both are started; each client has its agent's token.
 pub fn start_pair(
     dir: &Path,
-    (alpha_yaml, beta_yaml): (&str, &str),
-    (a, b): (Client, Client),
+    broker: &str,
+    (alpha_send, beta_more): (&str, &str),
 ) -> (super::Agent, super::Agent, Client, Client) {
-    let mut alpha = super::Agent::new("alpha", &dir.join("alpha"), alpha_yaml);
-    let mut beta = super::Agent::new("beta", &dir.join("beta"), beta_yaml);
+    use std::os::unix::fs::PermissionsExt;
+    let hook = dir.join("import.sh");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\ncase \"$HAKOBU_FILE_NAME\" in bad*) echo \"refused $HAKOBU_FILE_NAME\"; exit 1;; esac\necho imported\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ha, a) = http_section();
+    let alpha_yaml = format!("node: alpha\nstate_dir: state\n{broker}{ha}send:\n{alpha_send}");
+    let (hb, b) = http_section();
+    let beta_yaml = format!(
+        "node: beta\nstate_dir: state\n{broker}{hb}receive:\n  - file_id: DATA\n    from: [ alpha ]\n    inbox: {inbox}\n    on_success: [ \"{hook}\" ]\n{beta_more}",
+        inbox = dir.join("inbox").display(),
+        hook = hook.display(),
+    );
+    let mut alpha = super::Agent::new("alpha", &dir.join("alpha"), &alpha_yaml);
+    let mut beta = super::Agent::new("beta", &dir.join("beta"), &beta_yaml);
     alpha.start();
     beta.start();
     let a = a.with_token_file(&dir.join("alpha/state/http.token"));

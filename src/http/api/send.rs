@@ -33,7 +33,6 @@ use super::{bad_request, query, transfer_id};
 use crate::domain::{FileName, NodeName, TransferId};
 use crate::error_code::ErrorCode;
 use crate::http::{ApiError, HttpState};
-use crate::sender::QueueError;
 use crate::store::{Entry, RequestDir, RequestRow, RequestStatus, Status, Store};
 
 /// The longest a call may wait.
@@ -154,28 +153,13 @@ pub async fn upload(
     let ledger = st.store.sending();
     let queued = crate::sender::queue(&ledger, &spool, &profile, (&part, &name), &meta).await;
     let _ = std::fs::remove_file(&part);
-    let tid = queued.map_err(|e| {
-        let code = match &e {
-            QueueError::Copy(_, io) if is_disk_full(io) => ErrorCode::DiskFull,
-            QueueError::Copy(..) => ErrorCode::IoError,
-            QueueError::Store(s) => s.code(),
-            QueueError::Convert(_) => ErrorCode::ConversionFailed,
-        };
-        ApiError::new(status_of(code), code, e.to_string())
-    })?;
+    let tid = queued.map_err(|e| ApiError::new(status_of(e.code()), e.code(), e.to_string()))?;
     let Some(wait) = wait else {
         return Ok(accepted(json!({ "transfer_id": tid })));
     };
     let deadline = Instant::now() + wait;
     let head = json!({ "transfer_id": tid });
     settle(&st.store, Side::Sent, head, &[tid], deadline).await
-}
-
-fn is_disk_full(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(nix::libc::ENOSPC | nix::libc::EDQUOT)
-    )
 }
 
 fn status_of(code: ErrorCode) -> StatusCode {
@@ -192,11 +176,7 @@ async fn receive_body(state_dir: &FsPath, body: Body) -> Result<PathBuf, ApiErro
     let dir = state_dir.join("uploads");
     let path = dir.join(format!("{}.part", TransferId::new()));
     let failed = |e: std::io::Error| {
-        let code = if is_disk_full(&e) {
-            ErrorCode::DiskFull
-        } else {
-            ErrorCode::IoError
-        };
+        let code = ErrorCode::of_io(&e);
         ApiError::new(
             status_of(code),
             code,

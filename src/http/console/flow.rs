@@ -20,11 +20,8 @@ pub fn section(chain: &Chain) -> Markup {
                     @for s in &chain.steps { (step(s, chain)) }
                 }
             }
-            @if chain.cycle {
-                p.note { "The recorded parents form a cycle; the flow is shown up to it." }
-            }
-            @if chain.truncated {
-                p.note { "The flow is larger than one view shows; open a transfer further down." }
+            @for note in chain.notes() {
+                p.note { (note) }
             }
         }
     }
