@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
@@ -109,10 +110,7 @@ impl Sender {
             let marked = parents.get(&row.transfer_id);
             row.transfer.parent_id = marked.or(parent).cloned();
         }
-        // On failure the spooled files are recorded at the next start.
-        if let Err(e) = self.ledger.insert_all(rows.clone()).await {
-            error!(message = "Cannot record claimed files; they are recorded at the next start.",
-                files = ready.len(), error = %e, error_code = %e.code(), transfer_ids = ?rows.iter().map(|r| r.transfer_id.as_str()).collect::<Vec<_>>());
+        if !self.record_claimed(&rows).await {
             pending
                 .iter()
                 .flatten()
@@ -134,6 +132,48 @@ impl Sender {
         }
         self.start_rows(&rows);
         started
+    }
+
+    /// Records the rows of claimed files. While the state database cannot
+    /// (its disk is full, say) the files wait in the spool and recording is
+    /// tried again, backing off up to [`RECORD_RETRY_MAX`]; the caller (an
+    /// outbox's watcher, a request) waits with them, so nothing more is
+    /// claimed meanwhile. False only when the agent stops first: the files
+    /// are recorded at its next start (`recovery.rs`).
+    async fn record_claimed(&self, rows: &[SendRow]) -> bool {
+        let since = Instant::now();
+        let mut wait = Duration::from_secs(1);
+        let mut told: Option<Instant> = None;
+        loop {
+            match self.ledger.insert_all(rows.to_vec()).await {
+                Ok(()) => {
+                    if told.is_some() {
+                        info!(
+                            message = "Recorded the claimed files that were waiting.",
+                            files = rows.len(),
+                            waited_s = since.elapsed().as_secs()
+                        );
+                    }
+                    return true;
+                }
+                // Said once a minute, not at every try.
+                Err(e) if told.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) => {
+                    error!(message = "Cannot record claimed files; they wait in the spool, nothing more is claimed, and recording is tried again. Free space in the state directory (or mend what the error says).",
+                        files = rows.len(), error = %e, error_code = %e.code(),
+                        transfer_ids = ?rows.iter().map(|r| r.transfer_id.as_str()).collect::<Vec<_>>());
+                    told = Some(Instant::now());
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => {
+                    warn!(message = "Stopping with claimed files not recorded; they are recorded at the next start.", files = rows.len());
+                    return false;
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(RECORD_RETRY_MAX);
+        }
     }
 
     /// The rows of a file that fails before it is sent (`unsafe_source`,
@@ -244,6 +284,9 @@ fn check_claimed(path: &Path, seen_ino: u64) -> Result<(), String> {
     }
     Err(why.to_string())
 }
+
+/// The longest wait between two tries to record claimed files.
+const RECORD_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Claimed files, and those refused with why (see [`check_claimed`]).
 type Claims = (Vec<Spooled>, Vec<(Spooled, String)>);

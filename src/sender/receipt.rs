@@ -75,9 +75,15 @@ impl Sender {
                 }
                 let _ = d.ack().await;
             }
-            // Not acked: delivered again after a reconnect.
+            // Not acked: offered again in a moment (a full disk, say, may
+            // have room by then), and after a reconnect in any case.
             Err(e) => {
-                error!(message = "State database failed while recording a receipt.", error = %e, error_code = %e.code())
+                error!(message = "State database failed while recording a receipt; it is taken again in a second.",
+                    transfer_id = %r.transfer_id, error = %e, error_code = %e.code());
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    let _ = d.requeue().await;
+                });
             }
         }
     }

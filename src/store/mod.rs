@@ -76,6 +76,12 @@ impl StoreError {
     pub fn code(&self) -> ErrorCode {
         match self {
             StoreError::TooNew { .. } => ErrorCode::StateDbTooNew,
+            // The state directory's disk (or the user's quota) is full.
+            StoreError::Sql(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DiskFull =>
+            {
+                ErrorCode::DiskFull
+            }
             _ => ErrorCode::StateDbError,
         }
     }
