@@ -7,7 +7,7 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::tmpfs::Tmpfs;
@@ -16,7 +16,7 @@ use common::{
 };
 
 /// Fills the filesystem of `dir` with one file until it is full; returns it.
-fn fill(dir: &Path) -> std::path::PathBuf {
+fn fill(dir: &Path) -> PathBuf {
     let path = dir.join("filler");
     let mut f = fs::File::create(&path).unwrap();
     let block = vec![0x5au8; 64 << 10];
@@ -32,122 +32,201 @@ fn fill(dir: &Path) -> std::path::PathBuf {
     path
 }
 
+/// Which directory sits on the small tmpfs.
+#[derive(Clone, Copy, PartialEq)]
+enum Full {
+    /// alpha's outbox and state directory (spool, state database).
+    Sender,
+    /// beta's state directory (its inbox stays on the normal disk).
+    ReceiverState,
+    /// The embedded broker's data directory.
+    Broker,
+}
+
+/// alpha sends DATA (done markers) to beta on a `hakobu broker` process;
+/// both sides' hooks are recording hooks writing to `hooks`; `full` says
+/// which directory is on a 24 MiB tmpfs, mounted at `fs`.
+struct Rig {
+    _tmp: tempfile::TempDir,
+    // Dropped after the agents and the broker (fields drop in order).
+    alpha: Agent,
+    beta: Agent,
+    _broker: BrokerProcess,
+    _tmpfs: Tmpfs,
+    fs: PathBuf,
+    outbox: PathBuf,
+    inbox: PathBuf,
+    hooks: PathBuf,
+}
+
+impl Rig {
+    fn new(full: Full) -> Rig {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().to_path_buf();
+        let fs_dir = t.join("fs");
+        let tmpfs = Tmpfs::mount_or_fail(&fs_dir, "24m");
+        let broker = if full == Full::Broker {
+            BrokerProcess::start(&fs_dir)
+        } else {
+            BrokerProcess::start(&t)
+        };
+        let on = |side: Full, name: &str| {
+            if full == side {
+                fs_dir.join(name)
+            } else {
+                t.join(name)
+            }
+        };
+        let (outbox, alpha_state) = (on(Full::Sender, "outbox"), on(Full::Sender, "alpha-state"));
+        let beta_state = on(Full::ReceiverState, "beta-state");
+        fs::create_dir_all(&outbox).unwrap();
+        let hooks = t.join("hooks");
+        let hook = recording_hook(&hooks, "hook.sh");
+        let alpha_yaml = format!(
+            "node: alpha\nstate_dir: {state}\n{broker}send:\n  - file_id: DATA\n    outbox: {outbox}\n    to: [ beta ]\n    ready: {{ done_marker: \".done\" }}\n    on_success: [ \"{hook}\" ]\n    on_failure: [ \"{hook}\" ]\n",
+            state = alpha_state.display(),
+            broker = broker.section(),
+            outbox = outbox.display(),
+            hook = hook.display(),
+        );
+        let inbox = t.join("inbox");
+        let beta_yaml = format!(
+            "node: beta\nstate_dir: {state}\n{broker}receive:\n  - file_id: DATA\n    from: [ alpha ]\n    inbox: {inbox}\n    on_success: [ \"{hook}\" ]\n",
+            state = beta_state.display(),
+            broker = broker.section(),
+            inbox = inbox.display(),
+            hook = hook.display(),
+        );
+        let mut alpha = Agent::new("alpha", &t.join("alpha"), &alpha_yaml);
+        let mut beta = Agent::new("beta", &t.join("beta"), &beta_yaml);
+        alpha.start();
+        beta.start();
+        let rig = Rig {
+            _tmp: tmp,
+            alpha,
+            beta,
+            _broker: broker,
+            _tmpfs: tmpfs,
+            fs: fs_dir,
+            outbox,
+            inbox,
+            hooks,
+        };
+        write_pattern(&rig.outbox.join("warm.bin"), 1000, 1);
+        rig.mark("warm.bin");
+        wait_until(Duration::from_secs(60), "the first file", || {
+            rig.inbox.join("warm.bin").exists()
+        });
+        rig
+    }
+
+    fn mark(&self, name: &str) {
+        fs::write(self.outbox.join(format!("{name}.done")), b"").unwrap();
+    }
+
+    /// Writes `names` (2 MiB each) into the outbox without markers; their digests.
+    fn write(&self, names: &[&str]) -> Vec<String> {
+        for (i, n) in names.iter().enumerate() {
+            write_pattern(&self.outbox.join(n), 2 << 20, 10 + i as u64);
+        }
+        names
+            .iter()
+            .map(|n| sha256_file(&self.outbox.join(n)))
+            .collect()
+    }
+
+    /// Every file arrived, byte for byte, and each side's hook ran once for each.
+    fn all_arrived_once(&self, names: &[&str], want: &[String]) {
+        wait_until(
+            Duration::from_secs(60),
+            "every file once space returns",
+            || names.iter().all(|n| self.inbox.join(n).exists()),
+        );
+        for (n, w) in names.iter().zip(want) {
+            assert_eq!(&sha256_file(&self.inbox.join(n)), w, "{n}");
+        }
+        // warm.bin and each file: one hook on each side.
+        let want_runs = 2 * (1 + names.len());
+        wait_until(Duration::from_secs(30), "every hook", || {
+            hook_runs(&self.hooks).len() >= want_runs
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let runs = hook_runs(&self.hooks);
+        assert_eq!(runs.len(), want_runs, "each hook once: {runs:?}");
+    }
+}
+
 #[test]
 fn sender_disk_full_then_space_returns() {
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
-    let broker = BrokerProcess::start(t);
-    let fs_dir = t.join("alpha/fs");
-    let _tmpfs = Tmpfs::mount_or_fail(&fs_dir, "24m");
-    let outbox = fs_dir.join("outbox");
-    fs::create_dir_all(&outbox).unwrap();
-    let hooks = t.join("hooks");
-    let hook = recording_hook(&hooks, "hook.sh");
-    let alpha_yaml = format!(
-        "node: alpha\nstate_dir: {state}\n{broker}send:\n  - file_id: DATA\n    outbox: {outbox}\n    to: [ beta ]\n    ready: {{ done_marker: \".done\" }}\n    on_success: [ \"{hook}\" ]\n    on_failure: [ \"{hook}\" ]\n",
-        state = fs_dir.join("state").display(),
-        broker = broker.section(),
-        outbox = outbox.display(),
-        hook = hook.display(),
-    );
-    let inbox = t.join("inbox");
-    let beta_yaml = format!(
-        "node: beta\nstate_dir: state\n{broker}receive:\n  - file_id: DATA\n    from: [ alpha ]\n    inbox: {inbox}\n",
-        broker = broker.section(),
-        inbox = inbox.display(),
-    );
-    let mut alpha = Agent::new("alpha", &t.join("alpha"), &alpha_yaml);
-    let mut beta = Agent::new("beta", &t.join("beta"), &beta_yaml);
-    alpha.start();
-    beta.start();
-    let mark = |name: &str| fs::write(outbox.join(format!("{name}.done")), b"").unwrap();
-    write_pattern(&outbox.join("warm.bin"), 1000, 1);
-    mark("warm.bin");
-    wait_until(Duration::from_secs(60), "the first file", || {
-        inbox.join("warm.bin").exists()
-    });
-
+    let mut rig = Rig::new(Full::Sender);
     // Files written, then the disk fills, then their markers appear.
     let names = ["a.bin", "b.bin", "c.bin"];
-    for (i, n) in names.iter().enumerate() {
-        write_pattern(&outbox.join(n), 2 << 20, 10 + i as u64);
-    }
-    let want: Vec<String> = names.iter().map(|n| sha256_file(&outbox.join(n))).collect();
-    let filler = fill(&fs_dir);
+    let want = rig.write(&names);
+    let filler = fill(&rig.fs);
     for n in names {
-        mark(n);
+        rig.mark(n);
     }
     let full_since = Instant::now();
     // The claim cannot be recorded: said with disk_full, and nothing else
     // is claimed or sent meanwhile.
+    let said = |rig: &Rig| {
+        let log = rig.alpha.log();
+        log.lines()
+            .filter(|l| {
+                l.contains("Cannot record claimed files") && l.contains("error_code=disk_full")
+            })
+            .count()
+    };
     wait_until(Duration::from_secs(30), "alpha to say disk_full", || {
-        alpha.log().lines().any(|l| {
-            l.contains("Cannot record claimed files") && l.contains("error_code=disk_full")
-        })
+        said(&rig) > 0
     });
     std::thread::sleep(Duration::from_secs(3));
     assert!(
-        names.iter().all(|n| !inbox.join(n).exists()),
+        names.iter().all(|n| !rig.inbox.join(n).exists()),
         "nothing is sent unrecorded"
     );
-    let told = alpha
-        .log()
-        .lines()
-        .filter(|l| l.contains("Cannot record claimed files"))
-        .count();
-    assert_eq!(told, 1, "said once, not at every try:\n{}", alpha.log());
+    assert_eq!(
+        said(&rig),
+        1,
+        "said once, not at every try:\n{}",
+        rig.alpha.log()
+    );
 
     // Space returns: every file goes, once, without a restart.
     fs::remove_file(&filler).unwrap();
     let freed = Instant::now();
-    wait_until(
-        Duration::from_secs(60),
-        "every file once space returns",
-        || names.iter().all(|n| inbox.join(n).exists()),
-    );
+    rig.all_arrived_once(&names, &want);
     let resumed = freed.elapsed();
-    for (n, w) in names.iter().zip(&want) {
-        assert_eq!(&sha256_file(&inbox.join(n)), w, "{n}");
-    }
-    wait_until(Duration::from_secs(30), "the files' success hooks", || {
-        hook_runs(&hooks).len() == 1 + names.len()
-    });
 
     // A receipt that comes while the disk is full is recorded once there is
     // room, without a reconnect.
-    beta.kill9();
-    write_pattern(&outbox.join("d.bin"), 1 << 20, 20);
-    mark("d.bin");
+    rig.beta.kill9();
+    let more = ["a.bin", "b.bin", "c.bin", "d.bin"];
+    let mut want = want;
+    want.extend(rig.write(&["d.bin"]));
+    rig.mark("d.bin");
     wait_until(
         Duration::from_secs(30),
         "d.bin to await its receipt",
-        || !alpha.with_status("awaiting_receipt").is_empty(),
+        || !rig.alpha.with_status("awaiting_receipt").is_empty(),
     );
-    let filler = fill(&fs_dir);
-    beta.start();
+    let filler = fill(&rig.fs);
+    rig.beta.start();
     wait_until(Duration::from_secs(30), "d.bin at beta", || {
-        inbox.join("d.bin").exists()
+        rig.inbox.join("d.bin").exists()
     });
     std::thread::sleep(Duration::from_secs(3));
-    let receipt_failed = alpha
+    let receipt_failed = rig
+        .alpha
         .log()
         .lines()
         .any(|l| l.contains("recording a receipt") && l.contains("disk_full"));
     fs::remove_file(&filler).unwrap();
-    wait_until(
-        Duration::from_secs(60),
-        "d.bin sent and its hook run",
-        || {
-            alpha
-                .history()
-                .iter()
-                .filter(|r| r["file_name"] == "d.bin")
-                .all(|r| r["status"] == "sent")
-                && hook_runs(&hooks).len() == 2 + names.len()
-        },
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(hook_runs(&hooks).len(), 2 + names.len(), "each hook once");
+    rig.all_arrived_once(&more, &want);
+    let d = rig.alpha.history();
+    let d: Vec<_> = d.iter().filter(|r| r["file_name"] == "d.bin").collect();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0]["status"], "sent", "{}", d[0]);
     eprintln!(
         "figures: claims waited {:.1} s on a full disk, all {} sent {:.1} s after space returned; a receipt on a full disk: {}",
         (freed - full_since).as_secs_f64(),
@@ -158,5 +237,85 @@ fn sender_disk_full_then_space_returns() {
         } else {
             "recorded at once (the WAL had room)"
         }
+    );
+}
+
+/// The receiver's state directory fills (its inbox has room): chunks that
+/// cannot be recorded are not acked; nothing is placed unrecorded; when
+/// space returns every file is placed once and its hooks run once.
+#[test]
+fn receiver_state_dir_full_then_space_returns() {
+    let rig = Rig::new(Full::ReceiverState);
+    let filler = fill(&rig.fs);
+    let names = ["a.bin", "b.bin"];
+    let want = rig.write(&names);
+    for n in names {
+        rig.mark(n);
+    }
+    let full_since = Instant::now();
+    wait_until(Duration::from_secs(30), "beta to say disk_full", || {
+        rig.beta
+            .log()
+            .lines()
+            .any(|l| l.contains("error_code=disk_full"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let placed: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| rig.inbox.join(n).exists())
+        .collect();
+    fs::remove_file(&filler).unwrap();
+    let freed = Instant::now();
+    rig.all_arrived_once(&names, &want);
+    eprintln!(
+        "figures: receiver's state directory full {:.1} s ({} of {} placed meanwhile), all placed {:.1} s after space returned",
+        (freed - full_since).as_secs_f64(),
+        placed.len(),
+        names.len(),
+        freed.elapsed().as_secs_f64()
+    );
+}
+
+/// The embedded broker's data directory fills: publishes are refused, the
+/// sender says so (`broker_nack`) and keeps its files; when space returns
+/// they go, once, and intact.
+#[test]
+fn embedded_broker_disk_full_then_space_returns() {
+    let rig = Rig::new(Full::Broker);
+    let filler = fill(&rig.fs);
+    let names = ["a.bin", "b.bin"];
+    let want = rig.write(&names);
+    for n in names {
+        rig.mark(n);
+    }
+    let full_since = Instant::now();
+    std::thread::sleep(Duration::from_secs(8));
+    eprintln!(
+        "--- alpha while the broker's disk is full ---\n{}",
+        rig.alpha.log()
+    );
+    let delivered_meanwhile = names.iter().filter(|n| rig.inbox.join(n).exists()).count();
+    assert!(
+        rig.alpha.log().contains("error_code=broker_nack"),
+        "the sender says the broker refuses:\n{}",
+        rig.alpha.log()
+    );
+    fs::remove_file(&filler).unwrap();
+    let freed = Instant::now();
+    rig.all_arrived_once(&names, &want);
+    // A record cut short by the full disk must not shift the ones after it
+    // (it did: beta dead-lettered every later message, `bad magic`).
+    assert!(
+        !rig.beta.log().contains("malformed_message"),
+        "{}",
+        rig.beta.log()
+    );
+    eprintln!(
+        "figures: broker's data directory full {:.1} s ({} of {} delivered meanwhile), all delivered {:.1} s after space returned",
+        (freed - full_since).as_secs_f64(),
+        delivered_meanwhile,
+        names.len(),
+        freed.elapsed().as_secs_f64()
     );
 }

@@ -206,7 +206,17 @@ impl Log {
             .segments
             .get_mut(&self.current)
             .ok_or_else(|| io::Error::other("no current segment"))?;
-        (&*seg.file).write_all(&rec)?;
+        if let Err(e) = (&*seg.file).write_all(&rec) {
+            // A write cut short (a full disk) leaves part of a record at the
+            // end, where the next append would follow it and every offset
+            // after it would be wrong: cut it off. If even that fails, the
+            // next append starts a new segment (a torn tail is what a crash
+            // leaves, and reading the log at start stops at it).
+            if seg.file.set_len(seg.size).is_err() {
+                seg.size = seg.size.max(SEGMENT_BYTES);
+            }
+            return Err(e);
+        }
         let loc = Loc {
             segment: self.current,
             offset: seg.size + HEADER + q.len() as u64 + 1 + from.len() as u64,
