@@ -3,7 +3,8 @@
 //! sender and a receiver: both notice by the AMQP heartbeat, move to the
 //! next node, and every file arrives while the node is still stopped;
 //! after SIGCONT nothing comes twice. The embedded broker hung: the agents
-//! wait, say so, and finish after SIGCONT. Whatever happens, the stopped
+//! wait, say so, and finish after SIGCONT. A receiving agent stopped
+//! mid-file: another pair carries on. Whatever happens, the stopped
 //! process gets its SIGCONT (the cluster is shared with the next tests).
 //! The tests run one at a time; each prints a `figures:` line.
 
@@ -295,5 +296,63 @@ fn embedded_broker_hung_then_resumed() {
         p.alpha.log().contains("The embedded broker answers again."),
         "{}",
         p.alpha.log()
+    );
+}
+
+/// A receiving agent stopped in the middle of a large file: another pair
+/// on the same broker carries on meanwhile, and the large file completes
+/// once the agent gets SIGCONT (placed once, hook once).
+#[test]
+fn receiver_hung_mid_file_others_carry_on() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // The broker closes a connection silent for 25 s: the stopped agent's,
+    // whose deliveries then wait for it in the queue.
+    let broker = common::BrokerProcess::start_with(dir.path(), &["--idle-timeout", "25s"]);
+    let opts = || PairOpts {
+        broker: Some(broker.section()),
+        ..Default::default()
+    };
+    let (mut big, mut other) = (Pair::new(opts()), Pair::new(opts()));
+    big.start();
+    other.start();
+    let big_files = drop_files(&big, "big", 1, 150 << 20);
+    wait_until(Duration::from_secs(60), "beta to start receiving", || {
+        !big.beta.with_status("receiving").is_empty()
+    });
+    let stopped = Stopped::stop(big.beta.pid() as i32);
+    let t0 = Instant::now();
+    let small = drop_files(&other, "small", 4, 1 << 20);
+    other.wait_sent(4, Duration::from_secs(60));
+    let others_done = t0.elapsed();
+    let (bad_other, dup_other) = check(&other, &small);
+    // Stopped past the broker's idle timeout: its connection is closed.
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(t0.elapsed()));
+    assert!(
+        big.inbox_files().is_empty(),
+        "the stopped receiver placed its file"
+    );
+    let stopped_for = t0.elapsed();
+    drop(stopped);
+    let t1 = Instant::now();
+    big.wait_sent(1, Duration::from_secs(180));
+    let resumed = t1.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let (bad, dup) = check(&big, &big_files);
+    figures(&format!(
+        "hung[receiving agent]: {} files, the other pair's {} placed {:.1}s after SIGSTOP, stopped {:.1}s, the 150 MiB file placed {:.1}s after SIGCONT, {} lost or corrupted, {} duplicate hooks",
+        small.len() + big_files.len(),
+        small.len(),
+        others_done.as_secs_f64(),
+        stopped_for.as_secs_f64(),
+        resumed.as_secs_f64(),
+        bad + bad_other,
+        dup + dup_other,
+    ));
+    assert_eq!((bad + bad_other, dup + dup_other), (0, 0));
+    assert!(
+        big.beta.log().contains("Consumer lost the embedded broker"),
+        "the broker kept the stopped agent's connection:\n{}",
+        big.beta.log()
     );
 }
