@@ -100,6 +100,8 @@ codes! {
     BrokerNack = "broker_nack", Log;
     BrokerConfirmTimeout = "broker_confirm_timeout", Log;
     BrokerConnectionLost = "broker_connection_lost", Log;
+    /// The embedded broker confirms nothing for a while: hung, stopped or held back.
+    BrokerUnresponsive = "broker_unresponsive", Log;
     /// Failure hooks of refused transfers suppressed by the rate limit.
     AlertsSuppressed = "alerts_suppressed", Log;
     /// A receipt from a node the transfer was not sent to: acked away, no effect.

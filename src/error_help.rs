@@ -172,6 +172,10 @@ fn help(code: ErrorCode) -> (&'static str, &'static str) {
             "The connection to the broker was lost.",
             "Nothing: the agent reconnects and retries; check the broker if it repeats.",
         ),
+        BrokerUnresponsive => (
+            "The embedded broker has confirmed nothing for a while; the agent waits for it.",
+            "Check that the `hakobu broker` process runs (not stopped: kill -CONT) and its disk answers, or that the receiver drains a full queue; the transfer resumes by itself.",
+        ),
         AlertsSuppressed => (
             "Refused transfers came faster than 10 a minute; their failure hooks were not run.",
             "Look at the refused transfers in history and at who sends them.",

@@ -226,6 +226,15 @@ raft.segment_max_entries = 256
 disk_free_limit.absolute = 50MB
 log.console = false
 log.file.level = info
+# A hung node (SIGSTOP, a frozen VM) fills the distribution buffers of its
+# peers and holds up declarations and consumes cluster-wide until it is
+# counted out: after net_ticktime (60 s by default) +-25 %. tests/hung.rs
+# needs the transfers to go on within a minute.
+net_ticktime = 15
+# A partition heals by itself: when a hung node resumes, the side with
+# fewer clients (the hung node) restarts and rejoins (pause_minority left
+# a resumed node wedged on RabbitMQ 3.10; ignore, partitioned for good).
+cluster_partition_handling = autoheal
 EOF
   if [[ -n $TLS_DIR ]]; then
     cat >>"$d/rabbitmq.conf" <<EOF

@@ -140,7 +140,8 @@ impl Inner {
         if st.generation == generation {
             if let Some(live) = st.live.take() {
                 tokio::spawn(async move {
-                    let _ = live.conn.close(320, "hakobu fail-over".into()).await;
+                    let closing = live.conn.close(320, "hakobu fail-over".into());
+                    let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
                 });
             }
         }
@@ -336,14 +337,25 @@ pub async fn queue_depths(
         };
         out.push((name, depth));
     }
-    let _ = conn.close(200, "bye".into()).await;
+    close(&conn).await;
     Ok(out)
 }
 
 #[async_trait]
 impl Broker for RabbitMq {
     async fn publish(&self, node: &str, payload: Bytes) -> Result<Confirm, BrokerError> {
-        let (generation, ch, user) = self.inner.channel(node).await?;
+        // Bounded like the confirm (a hung node of the cluster can hold up
+        // declarations); the connection is then dropped for the next URL.
+        let timeout = self.inner.cfg.confirm_timeout;
+        let (generation, ch, user) =
+            match tokio::time::timeout(timeout, self.inner.channel(node)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    let current = self.inner.publisher.lock().await.generation;
+                    self.inner.invalidate(current).await;
+                    return Err(BrokerError::ConfirmTimeout(timeout));
+                }
+            };
         let mut props = BasicProperties::default().with_delivery_mode(2);
         // The broker refuses a user_id that is not the connection's login, so a
         // receiver can trust it as the sender's identity.
@@ -354,7 +366,6 @@ impl Broker for RabbitMq {
         // Bounded like the confirm: a channel of a connection that died
         // half-way (quorum lost, nodes going) has been seen to leave the
         // frame's send pending for good, and the transfer with it.
-        let timeout = self.inner.cfg.confirm_timeout;
         let sending = ch.basic_publish(
             "".into(),
             routing,
@@ -417,7 +428,7 @@ impl Broker for RabbitMq {
                     Ok(()) => return, // the receiver was dropped
                     Err(e) => {
                         crate::metrics::registry::global().broker_lost();
-                        warn!(message = "Consumer lost its broker connection; reconnecting.", error = %e, ?backoff);
+                        warn!(message = "Consumer lost its broker connection; reconnecting.", error = %e, error_code = %e.code(), ?backoff);
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
@@ -437,32 +448,23 @@ async fn consume_once(
 ) -> Result<(), BrokerError> {
     let (conn, url, _) = inner.connect().await?;
     let result = async {
-        let ch = conn.create_channel().await.map_err(conn_err)?;
-        ch.basic_qos(inner.cfg.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(conn_err)?;
-        let ch = declare_dead_letter(&conn, &ch, &inner.cfg)
-            .await?
-            .unwrap_or(ch);
-        let ch = declare_node_queue(&conn, &ch, node, &inner.cfg)
-            .await?
-            .unwrap_or(ch);
-        ch.basic_qos(inner.cfg.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(conn_err)?;
-        // A fresh tag on every subscribe: RabbitMQ 3.10 can strand messages
-        // when a consumer tag is reused.
-        let tag = format!("hakobu-{node}-{}", uuid::Uuid::now_v7());
-        let mut consumer = ch
-            .basic_consume(
-                queue_name(node).as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(conn_err)?;
-        info!(message = "Consuming.", queue = %queue_name(node), url, tag);
+        // Bounded: a node of the cluster hung (SIGSTOP, a frozen VM) holds up
+        // declarations and consumes on the others until the cluster counts it
+        // out (its net_ticktime); meanwhile the next URL is tried.
+        let setting_up = tokio::time::timeout(
+            inner.cfg.confirm_timeout,
+            start_consumer(&conn, inner, node),
+        );
+        let mut consumer = match setting_up.await {
+            Ok(c) => c?,
+            Err(_) => {
+                return Err(BrokerError::Connection(format!(
+                    "the broker did not set up the consumer within {:?}; trying the next node",
+                    inner.cfg.confirm_timeout
+                )));
+            }
+        };
+        info!(message = "Consuming.", queue = %queue_name(node), url, tag = %consumer.tag());
         crate::metrics::registry::global().broker_connected(*was_connected);
         *was_connected = true;
         loop {
@@ -489,8 +491,46 @@ async fn consume_once(
         ))
     }
     .await;
-    let _ = conn.close(200, "bye".into()).await;
+    close(&conn).await;
     result
+}
+
+/// Declares the queues on a new channel of `conn` and consumes `node`'s.
+async fn start_consumer(
+    conn: &Connection,
+    inner: &Inner,
+    node: &str,
+) -> Result<lapin::Consumer, BrokerError> {
+    let ch = conn.create_channel().await.map_err(conn_err)?;
+    ch.basic_qos(inner.cfg.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(conn_err)?;
+    let ch = declare_dead_letter(conn, &ch, &inner.cfg)
+        .await?
+        .unwrap_or(ch);
+    let ch = declare_node_queue(conn, &ch, node, &inner.cfg)
+        .await?
+        .unwrap_or(ch);
+    ch.basic_qos(inner.cfg.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(conn_err)?;
+    // A fresh tag on every subscribe: RabbitMQ 3.10 can strand messages
+    // when a consumer tag is reused.
+    let tag = format!("hakobu-{node}-{}", uuid::Uuid::now_v7());
+    ch.basic_consume(
+        queue_name(node).as_str().into(),
+        tag.as_str().into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(conn_err)
+}
+
+/// Closes `conn`, waiting a moment at most: a hung node never answers
+/// the close, and the fail-over must not wait for it.
+async fn close(conn: &Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into())).await;
 }
 
 struct RabbitAcker(lapin::Acker);

@@ -84,6 +84,9 @@ pub struct RabbitmqConfig {
     /// (`amqp_url::redact_url`).
     pub urls: Vec<String>,
     pub confirm_timeout: Duration,
+    /// The AMQP heartbeat: a connection that hears nothing for two of
+    /// them is closed and the agent moves to the next URL.
+    pub heartbeat: Duration,
     pub prefetch: u16,
     pub delivery_limit: u32,
     pub window: u64,
@@ -109,12 +112,18 @@ pub struct RabbitTls {
 
 pub const DEFAULT_DEAD_LETTER_MAX: u64 = 1 << 30;
 
+/// Short enough that a hung node is left within ten seconds, long enough
+/// that a busy but alive node (RabbitMQ sends heartbeats from a process of
+/// their own) is never taken for a hung one.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
 impl RabbitmqConfig {
     /// The defaults of the configuration file, for `urls`.
     pub fn with_urls(urls: Vec<String>) -> Self {
         RabbitmqConfig {
             urls,
             confirm_timeout: Duration::from_secs(30),
+            heartbeat: DEFAULT_HEARTBEAT,
             prefetch: 32,
             delivery_limit: 20,
             window: 8 << 20,
@@ -134,6 +143,7 @@ impl std::fmt::Debug for RabbitmqConfig {
         f.debug_struct("RabbitmqConfig")
             .field("urls", &urls)
             .field("confirm_timeout", &self.confirm_timeout)
+            .field("heartbeat", &self.heartbeat)
             .field("prefetch", &self.prefetch)
             .field("delivery_limit", &self.delivery_limit)
             .field("window", &self.window)

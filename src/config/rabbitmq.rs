@@ -134,6 +134,16 @@ impl Validator<'_> {
             Some(t) => self.duration(&format!("{K}.confirm_timeout"), t)?,
             None => Duration::from_secs(30),
         };
+        let heartbeat = match &r.heartbeat {
+            Some(t) => self.duration(&format!("{K}.heartbeat"), t)?,
+            None => DEFAULT_HEARTBEAT,
+        };
+        if heartbeat.is_zero() || heartbeat.subsec_nanos() != 0 || heartbeat.as_secs() > 600 {
+            return Err(self.err(
+                &format!("{K}.heartbeat"),
+                "must be whole seconds from 1s to 600s (AMQP counts heartbeats in seconds; 0 would turn them off and leave an agent on a hung node for minutes)",
+            ));
+        }
         let window = match &r.window {
             Some(w) => self.size(&format!("{K}.window"), w)?,
             None => 8 << 20,
@@ -156,6 +166,7 @@ impl Validator<'_> {
         Ok(RabbitmqConfig {
             urls,
             confirm_timeout,
+            heartbeat,
             prefetch,
             delivery_limit: r.delivery_limit.unwrap_or(20),
             window: window.max(MAX_CHUNK),

@@ -77,6 +77,8 @@ pub struct RawRabbitmq {
     pub urls: Vec<String>,
     /// How long a publish may wait for the broker's confirm (default 30s).
     pub confirm_timeout: Option<String>,
+    /// The AMQP heartbeat, whole seconds (default 5s; 0 is refused).
+    pub heartbeat: Option<String>,
     /// Unacknowledged deliveries a consumer holds at most (default 32).
     pub prefetch: Option<u16>,
     /// Deliveries of one message before the broker dead-letters it (default 20).

@@ -309,6 +309,29 @@ fn rabbitmq_identity_and_transport_rules() {
 }
 
 #[test]
+fn rabbitmq_heartbeat_is_short_and_never_off() {
+    let with = |hb: &str| {
+        parse(&GOOD.replace(
+            "    urls: [ \"amqp://beta:",
+            &format!("    heartbeat: {hb}\n    urls: [ \"amqp://beta:"),
+        ))
+    };
+    let BrokerConfig::Rabbitmq(r) = parse(GOOD).unwrap().broker else {
+        panic!()
+    };
+    assert_eq!(r.heartbeat, DEFAULT_HEARTBEAT);
+    let BrokerConfig::Rabbitmq(r) = with("2s").unwrap().broker else {
+        panic!()
+    };
+    assert_eq!(r.heartbeat, std::time::Duration::from_secs(2));
+    for bad in ["0s", "1500ms", "601s"] {
+        let e = with(bad).unwrap_err();
+        assert_eq!(e.key, "broker.rabbitmq.heartbeat", "{bad}: {e}");
+        assert!(e.message.contains("whole seconds"), "{e}");
+    }
+}
+
+#[test]
 fn embedded_broker_keys() {
     let embedded = |section: &str| {
         let text = GOOD.replace(

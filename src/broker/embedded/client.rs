@@ -29,6 +29,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A full queue parks publishes on purpose (backpressure), so a confirm may
 /// take as long as the receiver needs; only a lost connection fails it early.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A confirm awaited this long is said in the log (`broker_unresponsive`):
+/// the broker is stopped, hung or held back by a full queue; the agent waits.
+const STALL_WARNING: Duration = Duration::from_secs(10);
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), BrokerError>>>>>;
 
@@ -51,6 +54,9 @@ pub struct Embedded {
     tls: Option<tls::Client>,
     prefetch: u32,
     publisher: tokio::sync::Mutex<Option<PubConn>>,
+    /// A confirm waited past [`STALL_WARNING`] and none came since: said
+    /// once, and once more when the broker answers again.
+    stalled: Arc<AtomicBool>,
 }
 
 struct PubConn {
@@ -70,6 +76,7 @@ impl Embedded {
             tls: None,
             prefetch,
             publisher: tokio::sync::Mutex::new(None),
+            stalled: Arc::default(),
         }
     }
 
@@ -211,8 +218,23 @@ impl Broker for Embedded {
                 "the embedded broker connection closed".into(),
             ));
         }
+        let (stalled, addr) = (self.stalled.clone(), self.addr.clone());
         Ok(Box::pin(async move {
-            match tokio::time::timeout(CONFIRM_TIMEOUT, rx).await {
+            let mut rx = rx;
+            let waited = tokio::time::timeout(STALL_WARNING, &mut rx).await;
+            let answered = match waited {
+                Ok(r) => Ok(r),
+                Err(_) => {
+                    if !stalled.swap(true, Ordering::Relaxed) {
+                        warn!(message = "The embedded broker has confirmed nothing for a while; waiting for it. Is the `hakobu broker` process stopped or hung, its disk stalled, or the receiver's queue full (max_queue)?", broker = %addr, waited = ?STALL_WARNING, error_code = %crate::error_code::ErrorCode::BrokerUnresponsive);
+                    }
+                    tokio::time::timeout(CONFIRM_TIMEOUT - STALL_WARNING, rx).await
+                }
+            };
+            if answered.is_ok() && stalled.swap(false, Ordering::Relaxed) {
+                info!(message = "The embedded broker answers again.", broker = %addr);
+            }
+            match answered {
                 Ok(Ok(outcome)) => outcome,
                 Ok(Err(_)) => Err(BrokerError::Connection(
                     "the embedded broker connection closed before confirming".into(),
@@ -244,7 +266,7 @@ impl Broker for Embedded {
                     Ok(()) => return,
                     Err(e) => {
                         crate::metrics::registry::global().broker_lost();
-                        warn!(message = "Consumer lost the embedded broker; reconnecting.", error = %e, ?backoff);
+                        warn!(message = "Consumer lost the embedded broker; reconnecting.", error = %e, error_code = %e.code(), ?backoff);
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                     }

@@ -11,10 +11,15 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::config::{RabbitTls, RabbitmqConfig};
 
 /// One connection attempt. The error is text, for the caller's summary.
+/// The heartbeat of `broker.rabbitmq.heartbeat` replaces any the URL
+/// gives: lapin closes a connection that heard nothing for two of them,
+/// which is how a hung node (SIGSTOP, a frozen VM) is noticed.
 pub(super) async fn connect_url(url: &str, cfg: &RabbitmqConfig) -> Result<Connection, String> {
     let props = ConnectionProperties::default();
+    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|e: String| e)?;
+    uri.query.heartbeat = Some(heartbeat_secs(cfg));
     let Some(tls) = cfg.tls.as_ref().filter(|_| url.starts_with("amqps://")) else {
-        return Connection::connect(url, props)
+        return Connection::connect_uri(uri, props)
             .await
             .map_err(|e| e.to_string());
     };
@@ -25,7 +30,7 @@ pub(super) async fn connect_url(url: &str, cfg: &RabbitmqConfig) -> Result<Conne
             identity: identity.map(|(pem, key)| OwnedIdentity::PKCS8 { pem, key }),
             cert_chain: None,
         };
-        return Connection::connect_with_config(url, props, config, runtime)
+        return Connection::connect_uri_with_config(uri, props, config, runtime)
             .await
             .map_err(|e| e.to_string());
     };
@@ -47,7 +52,6 @@ pub(super) async fn connect_url(url: &str, cfg: &RabbitmqConfig) -> Result<Conne
         None => config.connector_with_no_client_auth(),
     }
     .map_err(|e| format!("TLS: {e}"))?;
-    let uri: lapin::uri::AMQPUri = url.parse().map_err(|e: String| e)?;
     Connection::connector(
         uri,
         runtime,
@@ -64,6 +68,12 @@ pub(super) async fn connect_url(url: &str, cfg: &RabbitmqConfig) -> Result<Conne
     )
     .await
     .map_err(|e| e.to_string())
+}
+
+/// The heartbeat in whole seconds, as AMQP negotiates it (the
+/// configuration refuses 0 and values beyond a u16).
+fn heartbeat_secs(cfg: &RabbitmqConfig) -> u16 {
+    cfg.heartbeat.as_secs().clamp(1, u64::from(u16::MAX)) as u16
 }
 
 fn read(p: &std::path::Path) -> Result<Vec<u8>, String> {
