@@ -29,6 +29,24 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A full queue parks publishes on purpose (backpressure), so a confirm may
 /// take as long as the receiver needs; only a lost connection fails it early.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A confirm that takes longer than this is said in the log (a full queue
+/// parks it): the sender waits, says so, and says when it goes on.
+const SLOW_CONFIRM: Duration = Duration::from_secs(5);
+/// At most one such line (and one that publishing goes on) in this long.
+const SAY_EVERY: Duration = Duration::from_secs(30);
+
+static SAID_WAITING: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+static SAID_RESUMED: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+
+/// Runs `log` unless it ran less than [`SAY_EVERY`] ago (by `last`): a
+/// window of parked publishes makes one line, not one each.
+fn say(last: &Mutex<Option<std::time::Instant>>, log: impl FnOnce()) {
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    if last.is_none_or(|t| t.elapsed() >= SAY_EVERY) {
+        *last = Some(std::time::Instant::now());
+        log();
+    }
+}
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), BrokerError>>>>>;
 
@@ -193,7 +211,8 @@ impl Embedded {
 impl Broker for Embedded {
     async fn publish(&self, node: &str, payload: Bytes) -> Result<Confirm, BrokerError> {
         let (out, pending, seq, dead) = self.publisher().await?;
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
+        let queue = queue_name(node);
         pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -201,7 +220,7 @@ impl Broker for Embedded {
         if out
             .send(Frame::Publish {
                 seq,
-                queue: queue_name(node),
+                queue: queue.clone(),
                 payload,
             })
             .is_err()
@@ -212,7 +231,23 @@ impl Broker for Embedded {
             ));
         }
         Ok(Box::pin(async move {
-            match tokio::time::timeout(CONFIRM_TIMEOUT, rx).await {
+            let confirmed = match tokio::time::timeout(SLOW_CONFIRM, &mut rx).await {
+                Ok(r) => Ok(r),
+                Err(_) => {
+                    say(&SAID_WAITING, || {
+                        warn!(message = "The embedded broker has not confirmed a publish for 5s: the queue is over the broker's max_queue (its node is away or slow), or the broker is slow. Waiting; publishing goes on once the queue drains.",
+                            queue = %queue);
+                    });
+                    let r = tokio::time::timeout(CONFIRM_TIMEOUT - SLOW_CONFIRM, rx).await;
+                    if matches!(r, Ok(Ok(Ok(())))) {
+                        say(&SAID_RESUMED, || {
+                            info!(message = "The embedded broker confirms again; publishing goes on.", queue = %queue);
+                        });
+                    }
+                    r
+                }
+            };
+            match confirmed {
                 Ok(Ok(outcome)) => outcome,
                 Ok(Err(_)) => Err(BrokerError::Connection(
                     "the embedded broker connection closed before confirming".into(),
