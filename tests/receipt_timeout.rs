@@ -212,7 +212,8 @@ fn failure_hook_once_after_receipt_timeout_then_the_late_receipt_settles_it() {
 }
 
 /// A queue that reaches `max_queue` while its receiver is away (the embedded
-/// broker hosted by the sender, 1 MiB): the publishes that do not fit are
+/// broker hosted by the sender, 1 MiB, filled by a first file of 700 KiB):
+/// the publishes that do not fit are
 /// parked, the sender waits and says so in its log; once the receiver runs,
 /// the queue drains, publishing goes on (said too) and every file arrives.
 #[test]
@@ -238,13 +239,24 @@ fn a_full_queue_makes_the_sender_wait_say_so_and_resume() {
         drop_file(&alpha.dir.join("outbox"), &format!("f{i}.bin"), |p| {
             fs::copy(&src, p).unwrap();
         });
+        if i == 0 {
+            // The first fills the queue (publishes that reach the broker
+            // in one batch are stored together, so the others come after).
+            wait_until(Duration::from_secs(60), "f0.bin in the queue", || {
+                alpha.with_status("awaiting_receipt").len() == 1
+            });
+        }
     }
     let waiting = Instant::now();
-    wait_until(
-        Duration::from_secs(60),
-        "the sender to say it waits",
-        || alpha.log().contains("has not confirmed a publish"),
-    );
+    while !alpha.log().contains("has not confirmed a publish") {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(60),
+            "the sender did not say it waits within 60s: {:?}\n{}",
+            alpha.history(),
+            alpha.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let said_after = waiting.elapsed();
     assert!(
         !alpha.with_status("sending").is_empty(),
