@@ -250,6 +250,7 @@ impl Agent {
             crate::http::start(http, state, stop.child_token()).await?;
         }
         sender.start_watchers();
+        tokio::spawn(sender.clone().check_receipt_timeouts());
         tokio::spawn(sender.poll_queued());
         tokio::spawn(receiver.expire_stale(stop.child_token()));
         info!(message = "Agent running.", node = %cfg.node, send_profiles = cfg.send.len(), receive_profiles = cfg.receive.len());

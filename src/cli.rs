@@ -309,9 +309,10 @@ fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::R
     // Text that came from the network (a sender's clock, a name recorded
     // by an older release) is escaped: it cannot drive the terminal.
     let safe = crate::domain::escape_text;
+    let now = crate::clock::unix_now();
     for e in rows {
         let r = e.transfer();
-        writeln!(
+        write!(
             out,
             "{:<24} {:<7} {:<36} {:<12} {:<16} {:<24} {:>12} {:>12} {:<17} {:<20} {:>4} {:>3} {:>4}",
             safe(&r.started_at),
@@ -332,6 +333,10 @@ fn write_history(out: &mut impl Write, rows: &[Entry], json: bool) -> std::io::R
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| "-".into()),
         )?;
+        match e.awaiting_note(now) {
+            Some(note) => writeln!(out, "  {note}")?,
+            None => writeln!(out)?,
+        }
     }
     Ok(())
 }

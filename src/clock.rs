@@ -40,3 +40,10 @@ pub fn looks_like_rfc3339(text: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b":.+-".contains(&b))
 }
+
+/// Now in unix seconds (0 before 1970).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

@@ -78,6 +78,9 @@ codes! {
     PeerKeyMissing = "peer_key_missing", History;
     /// A send profile's `before_send` job failed or timed out; nothing was sent.
     BeforeSendFailed = "before_send_failed", History;
+    /// No receipt within the send profile's `receipt_timeout`: the failure
+    /// hook ran once; the transfer still waits and completes if one comes.
+    ReceiptTimeout = "receipt_timeout", History;
     /// A request from a node not in the send profile's `requests_from`.
     RequestDenied = "request_denied", History;
     /// A request found nothing to send (no ready file, no source).

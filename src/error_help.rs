@@ -88,6 +88,10 @@ fn help(code: ErrorCode) -> (&'static str, &'static str) {
             "No chunk arrived for the profile's `partial_ttl`: the sender stopped and the partial file was removed.",
             "Check the sending agent; a send profile's `retry:` sends the file again, or resend it.",
         ),
+        ReceiptTimeout => (
+            "No receipt came back within the send profile's `receipt_timeout`; the file stays in the spool and the transfer still waits for it.",
+            "Check the receiving agent and its broker connection; once it runs again its receipt settles the transfer (success hook and `after_send` as usual).",
+        ),
         SpoolUnreadable => (
             "The sender's spooled copy of the file disappeared.",
             "Send the file again with `hakobu send` (or drop it into the outbox again).",

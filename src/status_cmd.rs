@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::config::{BrokerConfig, Config};
 use crate::domain::escape_text;
+use crate::error_code::ErrorCode;
 use crate::store::{Activities, Activity, Direction, Store};
 
 /// Failures shown: those of the last day.
@@ -145,9 +146,14 @@ fn show(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
     for t in &a.awaiting_receipt {
         writeln!(
             out,
-            "  {}  for {}",
+            "  {}  for {}{}",
             describe(t),
-            humantime::format_duration(Duration::from_secs(t.idle_secs))
+            humantime::format_duration(Duration::from_secs(t.idle_secs)),
+            if t.error_code.as_deref() == Some(ErrorCode::ReceiptTimeout.as_str()) {
+                ", past receipt_timeout (failure hook ran)"
+            } else {
+                ""
+            }
         )?;
     }
     writeln!(out, "\nFailed in the last 24 h ({}):", a.failed.len())?;

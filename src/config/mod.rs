@@ -205,6 +205,9 @@ pub struct SendProfile {
     pub priority: u8,
     /// This profile's rate cap in bytes a second (`bandwidth:`).
     pub bandwidth: Option<u64>,
+    /// How long a transfer may wait for its receipt before the failure
+    /// hook runs (once) with `receipt_timeout`; `None`: for ever.
+    pub receipt_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

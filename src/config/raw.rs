@@ -184,6 +184,9 @@ pub struct RawSend {
     pub priority: Option<u8>,
     /// This profile's rate cap (`10MiB/s`).
     pub bandwidth: Option<String>,
+    /// The failure hook runs once a transfer has waited this long for its
+    /// receipt (`2d`); absent: no limit.
+    pub receipt_timeout: Option<String>,
 }
 
 /// `retry: { attempts: N, backoff: 30s }`, on a hook or a send profile.

@@ -581,3 +581,29 @@ fn convert_and_receive_name_are_checked_with_their_line() {
     assert_eq!(e.line, Some(21), "{e}");
     assert!(e.message.contains("unknown placeholder `{nope}`"), "{e}");
 }
+
+#[test]
+fn receipt_timeout_is_a_duration_from_a_second_to_a_year() {
+    let with = |t: &str| {
+        GOOD.replace(
+            "    on_success: [ \"hooks/sent.sh\" ]",
+            &format!("    receipt_timeout: {t}\n    on_success: [ \"hooks/sent.sh\" ]"),
+        )
+    };
+    assert_eq!(parse(GOOD).unwrap().send[0].receipt_timeout, None);
+    let c = parse(&with("2d")).unwrap();
+    assert_eq!(
+        c.send[0].receipt_timeout,
+        Some(Duration::from_secs(2 * 86_400))
+    );
+    for (bad, says) in [
+        ("soon", "not a duration"),
+        ("0s", "1s to 365d"),
+        ("400d", "1s to 365d"),
+    ] {
+        let e = parse(&with(bad)).unwrap_err();
+        assert_eq!(e.key, "send[0].receipt_timeout", "{e}");
+        assert_eq!(e.line, Some(14), "{e}");
+        assert!(e.to_string().contains(says), "{bad}: {e}");
+    }
+}

@@ -20,6 +20,9 @@ mod options;
 
 /// The shortest wait before a send profile's next try.
 const MIN_SEND_BACKOFF: Duration = Duration::from_secs(1);
+/// The bounds of a send profile's `receipt_timeout`.
+const MIN_RECEIPT_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_RECEIPT_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
 
 pub(super) struct Validator<'a> {
     pub(super) file: &'a Path,
@@ -307,7 +310,23 @@ impl Validator<'_> {
                 }
             },
             bandwidth: self.rate(&format!("{key}.bandwidth"), raw.bandwidth.as_deref())?,
+            receipt_timeout: match raw.receipt_timeout.as_deref() {
+                None => None,
+                Some(t) => Some(self.receipt_timeout(&format!("{key}.receipt_timeout"), t)?),
+            },
         })
+    }
+
+    /// A `receipt_timeout:` between one second and a year.
+    fn receipt_timeout(&self, key: &str, text: &str) -> Result<Duration> {
+        let d = self.duration(key, text)?;
+        if !(MIN_RECEIPT_TIMEOUT..=MAX_RECEIPT_TIMEOUT).contains(&d) {
+            return Err(self.err(
+                key,
+                "a receipt_timeout is 1s to 365d (such as 2d or 12h); leave it out to wait for ever",
+            ));
+        }
+        Ok(d)
     }
 
     fn receive(&self, key: &str, raw: RawReceive) -> Result<ReceiveProfile> {

@@ -9,7 +9,9 @@
 //!    `convert.rs`: a send profile's `convert:`, into the spool.
 //! 4. `publish.rs`: chunks through the transform stage to the broker, in a
 //!    window, until every one is confirmed.
-//! 5. `receipt.rs`: the receiver's outcome, and the sender's hook for it.
+//! 5. `receipt.rs`: the receiver's outcome, and the sender's hook for it;
+//!    `receipt_timeout.rs`: the failure hook, once, for a receipt that
+//!    takes longer than the profile's `receipt_timeout`.
 //! 6. `after_send.rs`: delete, keep or move the spooled file.
 //! 7. `recovery.rs`: start-up recovery from the ledger and the spool.
 //!
@@ -24,6 +26,7 @@ mod convert;
 mod marker;
 mod publish;
 mod receipt;
+mod receipt_timeout;
 mod recovery;
 mod request;
 mod retry;

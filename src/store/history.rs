@@ -30,6 +30,22 @@ impl Entry {
         }
     }
 
+    /// For a sending row that waits for its receipt, how long it has
+    /// (`awaiting receipt for 3h 12m 5s`), and whether its
+    /// `receipt_timeout` ran out; `hakobu status` shows the same wait.
+    pub fn awaiting_note(&self, now: i64) -> Option<String> {
+        let Entry::Send(r) = self else { return None };
+        let secs = r.awaiting_receipt_secs(now)?;
+        let mut note = format!(
+            "awaiting receipt for {}",
+            humantime::format_duration(std::time::Duration::from_secs(secs))
+        );
+        if r.receipt_timeout_at.is_some() {
+            note.push_str(", past receipt_timeout (failure hook ran)");
+        }
+        Some(note)
+    }
+
     pub(super) fn from_sql(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
         let dir: String = r.get("direction")?;
         Ok(if dir == Direction::Send.as_str() {
@@ -54,6 +70,12 @@ struct Flat<'a> {
     delivered: bool,
     inode: Option<u64>,
     progress: u64,
+    /// Sending rows waiting for their receipt: seconds waited so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    awaiting_receipt_secs: Option<u64>,
+    /// When a sending row's `receipt_timeout` ran out (unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    receipt_timeout_at: Option<i64>,
 }
 
 impl Serialize for Entry {
@@ -69,6 +91,8 @@ impl Serialize for Entry {
                 delivered: r.delivered,
                 inode: None,
                 progress: r.progress,
+                awaiting_receipt_secs: r.awaiting_receipt_secs(crate::clock::unix_now()),
+                receipt_timeout_at: r.receipt_timeout_at,
             },
             Entry::Receive(r) => Flat {
                 direction: Direction::Receive,
@@ -80,6 +104,8 @@ impl Serialize for Entry {
                 delivered: false,
                 inode: r.inode,
                 progress: 0,
+                awaiting_receipt_secs: None,
+                receipt_timeout_at: None,
             },
         };
         flat.serialize(s)

@@ -282,7 +282,8 @@ fn unix_now() -> i64 {
 const COLUMNS: &str = "direction, transfer_id, peer, file_id, file_name, size, sha256, chunk_size, \
      status, error_code, error, path, remote_path, remote_hook_exit, meta, started_at, finished_at, \
      hook_exit, hook_ms, hook_tail, receipt_sent, delivered, inode, failure_hook, progress, chunks_have, \
-     request_id, attempt, hook_attempts, placed_sha256, records, wire_bytes, parent_id";
+     request_id, attempt, hook_attempts, placed_sha256, records, wire_bytes, parent_id, touched_at, \
+     receipt_timeout_at";
 
 /// The rows of one transfer id (`?1`), both sides, found through the primary
 /// key (direction, transfer_id, peer): no index on the id alone to keep up.

@@ -267,6 +267,12 @@ pub struct SendRow {
     pub delivered: bool,
     /// Bytes the broker has confirmed so far.
     pub progress: u64,
+    /// While `awaiting_receipt`: since when (unix seconds, the time its
+    /// last chunk was confirmed); `None` in any other status.
+    pub awaiting_since: Option<i64>,
+    /// When its `receipt_timeout` ran out and the failure hook was run
+    /// (unix seconds); it stays set once the late receipt settles the row.
+    pub receipt_timeout_at: Option<i64>,
 }
 
 /// A transfer as the receiving side records it, from one sending node.
@@ -307,17 +313,31 @@ impl SendRow {
             remote_hook_exit: None,
             delivered: false,
             progress: 0,
+            awaiting_since: None,
+            receipt_timeout_at: None,
         }
     }
 
+    /// How long it has waited for its receipt, `None` unless it waits.
+    pub fn awaiting_receipt_secs(&self, now: i64) -> Option<u64> {
+        self.awaiting_since.map(|t| (now - t).max(0) as u64)
+    }
+
     pub(super) fn from_sql(r: &rusqlite::Row<'_>) -> rusqlite::Result<SendRow> {
+        let transfer = Transfer::from_sql(r)?;
+        let status = transfer.status;
         Ok(SendRow {
-            transfer: Transfer::from_sql(r)?,
+            transfer,
             path: PathBuf::from(r.get::<_, Option<String>>("path")?.unwrap_or_default()),
             remote_path: r.get("remote_path")?,
             remote_hook_exit: r.get("remote_hook_exit")?,
             delivered: r.get("delivered")?,
             progress: r.get::<_, i64>("progress")? as u64,
+            awaiting_since: match status {
+                Status::AwaitingReceipt => Some(r.get("touched_at")?),
+                _ => None,
+            },
+            receipt_timeout_at: r.get("receipt_timeout_at")?,
         })
     }
 }

@@ -20,6 +20,7 @@ const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[
     parents,
     metrics_totals,
     lean_indexes,
+    receipt_timeouts,
 ];
 
 /// The version this hakobu writes.
@@ -201,6 +202,21 @@ fn lean_indexes(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     )
 }
 
+/// 11 (issue 15, receivers gone for days): when a send row's
+/// `receipt_timeout` ran out (unix seconds; NULL while it has not), set
+/// before the failure hook runs so that it runs once, restarts included.
+/// The sender's checker finds the rows still due through a partial index
+/// that holds only the sending rows waiting for their receipt and not yet
+/// timed out, by file id and the time they were published (`touched_at`).
+fn receipt_timeouts(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "ALTER TABLE transfers ADD COLUMN receipt_timeout_at INTEGER;
+         CREATE INDEX transfers_receipt_due ON transfers(file_id, touched_at)
+            WHERE direction = 'send' AND status = 'awaiting_receipt'
+              AND receipt_timeout_at IS NULL;",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,5 +365,26 @@ mod tests {
         for gone in ["transfers_status", "transfers_id"] {
             assert!(!names.iter().any(|n| n == gone), "{gone} in {names:?}");
         }
+    }
+
+    /// The sender's checker finds rows past their `receipt_timeout` through
+    /// the partial index of migration 11, not by reading the table.
+    #[test]
+    fn receipts_due_use_their_partial_index() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let sql = format!(
+            "EXPLAIN QUERY PLAN SELECT transfer_id FROM transfers {}",
+            super::super::send_ledger::RECEIPT_DUE
+        );
+        let mut st = conn.prepare(&sql).unwrap();
+        let plan: Vec<String> = st
+            .query_map(params!["SALES", 0, 10], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        let plan = plan.join("; ");
+        assert!(plan.contains("USING INDEX transfers_receipt_due"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
     }
 }

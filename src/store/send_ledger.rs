@@ -10,7 +10,7 @@ use rusqlite::{OptionalExtension, params};
 use super::ledger;
 use super::row::{Direction, SendRow, Status};
 use super::{COLUMNS, Cached, Call, Store, unix_now};
-use crate::domain::{NodeName, TransferId};
+use crate::domain::{FileId, NodeName, TransferId};
 use crate::error_code::ErrorCode;
 use crate::wire::Receipt;
 
@@ -242,6 +242,68 @@ impl SendLedger {
         })
     }
 }
+
+impl SendLedger {
+    /// Rows of `file_id` waiting for their receipt since before
+    /// `published_before` (unix seconds, whole: a row published in that
+    /// second is not yet due, so none is due early) whose `receipt_timeout` has not run out yet,
+    /// longest waiting first, at most `limit`: through the partial index
+    /// `transfers_receipt_due` (its condition spelled out, not bound, so that
+    /// SQLite can use it).
+    pub fn receipts_due(
+        &self,
+        file_id: &FileId,
+        published_before: i64,
+        limit: usize,
+    ) -> Call<Vec<SendRow>> {
+        let file_id = file_id.clone();
+        self.store.call(move |db| {
+            db.all(
+                &format!("SELECT {COLUMNS} FROM transfers {RECEIPT_DUE}"),
+                params![file_id, published_before, limit as i64],
+                SendRow::from_sql,
+            )
+        })
+    }
+
+    /// Records that a row's `receipt_timeout` ran out: the time, and
+    /// `receipt_timeout` with `error` as its code and sentence; the status
+    /// stays `awaiting_receipt` (a late receipt still settles it). False when
+    /// the row no longer waits for try `attempt`'s receipt or was timed out
+    /// before: the caller runs the failure hook only on true, once.
+    pub fn time_out_receipt(
+        &self,
+        (tid, peer): (&TransferId, &NodeName),
+        attempt: u32,
+        error: &str,
+    ) -> Call<bool> {
+        let (tid, peer, error) = (tid.clone(), peer.clone(), error.to_string());
+        self.store.call(move |db| {
+            let n = db.run(
+                "UPDATE transfers SET receipt_timeout_at = ?4, error_code = ?5, error = ?6
+                 WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND status = ?7
+                   AND attempt = ?8 AND receipt_timeout_at IS NULL",
+                params![
+                    TX,
+                    tid,
+                    peer,
+                    unix_now(),
+                    ErrorCode::ReceiptTimeout.as_str(),
+                    error,
+                    Status::AwaitingReceipt,
+                    attempt
+                ],
+            )?;
+            Ok(n == 1)
+        })
+    }
+}
+
+/// The condition of the partial index `transfers_receipt_due` (schema
+/// migration 11), then ?1 the file id, ?2 the second before which a row was published, ?3 the limit.
+pub(super) const RECEIPT_DUE: &str = "WHERE direction = 'send' AND status = 'awaiting_receipt'
+       AND receipt_timeout_at IS NULL AND file_id = ?1 AND touched_at < ?2
+     ORDER BY touched_at LIMIT ?3";
 
 impl SendLedger {
     /// The requests ledger, on the same database.
