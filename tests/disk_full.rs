@@ -215,7 +215,10 @@ fn sender_disk_full_then_space_returns() {
     wait_until(Duration::from_secs(30), "d.bin at beta", || {
         rig.inbox.join("d.bin").exists()
     });
-    std::thread::sleep(Duration::from_secs(3));
+    // Full for longer than 20 redeliveries a second apart: a receipt
+    // requeued at each failed try would reach the broker's delivery limit
+    // and be dead-lettered, and d.bin would wait for it for ever.
+    std::thread::sleep(Duration::from_secs(25));
     let receipt_failed = rig
         .alpha
         .log()

@@ -14,6 +14,9 @@ use crate::hooks::{self, Event, HookContext};
 use crate::store::{Status, StoreError};
 use crate::wire::Receipt;
 
+/// How long a receipt that could not be recorded waits for its next try.
+const RECEIPT_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Sender {
     pub(super) async fn receipt(self: &Arc<Self>, r: Receipt, d: Delivery) {
         if self.cfg.verify_sender() && d.user_id.as_deref() != Some(r.from.as_str()) {
@@ -35,8 +38,7 @@ impl Sender {
                 return;
             }
             Ok(false) => {}
-            // Not acked: delivered again after a reconnect.
-            Err(()) => return,
+            Err(()) => return self.retry_receipt(r, d),
         }
         // Without a hook for this outcome the transfer ends with the receipt.
         let hook = self
@@ -75,17 +77,27 @@ impl Sender {
                 }
                 let _ = d.ack().await;
             }
-            // Not acked: offered again in a moment (a full disk, say, may
-            // have room by then), and after a reconnect in any case.
             Err(e) => {
-                error!(message = "State database failed while recording a receipt; it is taken again in a second.",
+                error!(message = "State database failed while recording a receipt; it is tried again in a moment.",
                     transfer_id = %r.transfer_id, error = %e, error_code = %e.code());
-                tokio::spawn(async move {
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    let _ = d.requeue().await;
-                });
+                self.retry_receipt(r, d);
             }
         }
+    }
+
+    /// A receipt the state database could not take (a full disk, say) is
+    /// handled again after [`RECEIPT_RETRY`], in a task of its own (the
+    /// dispatcher goes on), unacked meanwhile: a requeue would count toward
+    /// the broker's delivery limit and dead-letter it after a few dozen
+    /// tries. A stop ends the wait; the broker delivers it again then.
+    fn retry_receipt(self: &Arc<Self>, r: Receipt, d: Delivery) {
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = this.stop.cancelled() => {}
+                _ = tokio::time::sleep(RECEIPT_RETRY) => Box::pin(this.receipt(r, d)).await,
+            }
+        });
     }
 
     /// Runs the send profile's hook for the receipt's outcome, recorded in
