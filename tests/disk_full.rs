@@ -135,6 +135,17 @@ impl Rig {
             .collect()
     }
 
+    /// Writes `names` into the outbox, fills the tmpfs, then marks them
+    /// ready; the filler, to remove, and the files' digests.
+    fn fill_then_drop(&self, names: &[&str]) -> (PathBuf, Vec<String>) {
+        let want = self.write(names);
+        let filler = fill(&self.fs);
+        for n in names {
+            self.mark(n);
+        }
+        (filler, want)
+    }
+
     /// Every file arrived, byte for byte, and each side's hook ran once for each.
     fn all_arrived_once(&self, names: &[&str], want: &[String]) {
         wait_until(
@@ -161,11 +172,7 @@ fn sender_disk_full_then_space_returns() {
     let mut rig = Rig::new(Full::Sender);
     // Files written, then the disk fills, then their markers appear.
     let names = ["a.bin", "b.bin", "c.bin"];
-    let want = rig.write(&names);
-    let filler = fill(&rig.fs);
-    for n in names {
-        rig.mark(n);
-    }
+    let (filler, want) = rig.fill_then_drop(&names);
     let full_since = Instant::now();
     // The claim cannot be recorded: said with disk_full, and nothing else
     // is claimed or sent meanwhile.
@@ -249,12 +256,8 @@ fn sender_disk_full_then_space_returns() {
 #[test]
 fn receiver_state_dir_full_then_space_returns() {
     let rig = Rig::new(Full::ReceiverState);
-    let filler = fill(&rig.fs);
     let names = ["a.bin", "b.bin"];
-    let want = rig.write(&names);
-    for n in names {
-        rig.mark(n);
-    }
+    let (filler, want) = rig.fill_then_drop(&names);
     let full_since = Instant::now();
     wait_until(Duration::from_secs(30), "beta to say disk_full", || {
         rig.beta
@@ -268,6 +271,7 @@ fn receiver_state_dir_full_then_space_returns() {
         .copied()
         .filter(|n| rig.inbox.join(n).exists())
         .collect();
+    assert!(placed.is_empty(), "placed without a record: {placed:?}");
     fs::remove_file(&filler).unwrap();
     let freed = Instant::now();
     rig.all_arrived_once(&names, &want);
@@ -286,18 +290,10 @@ fn receiver_state_dir_full_then_space_returns() {
 #[test]
 fn embedded_broker_disk_full_then_space_returns() {
     let rig = Rig::new(Full::Broker);
-    let filler = fill(&rig.fs);
     let names = ["a.bin", "b.bin"];
-    let want = rig.write(&names);
-    for n in names {
-        rig.mark(n);
-    }
+    let (filler, want) = rig.fill_then_drop(&names);
     let full_since = Instant::now();
     std::thread::sleep(Duration::from_secs(8));
-    eprintln!(
-        "--- alpha while the broker's disk is full ---\n{}",
-        rig.alpha.log()
-    );
     let delivered_meanwhile = names.iter().filter(|n| rig.inbox.join(n).exists()).count();
     assert!(
         rig.alpha.log().contains("error_code=broker_nack"),
