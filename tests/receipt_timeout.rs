@@ -265,23 +265,10 @@ fn a_full_queue_makes_the_sender_wait_say_so_and_resume() {
     );
 
     // The receiver, enrolled on alpha's broker, comes.
-    let out = std::process::Command::new(common::bin())
-        .args(["broker", "add-node", "--data"])
-        .arg(alpha.dir.join("state/broker"))
-        .arg(&b)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let secret = common::node_secret(&alpha.dir.join("state/broker"), &b);
     let beta_dir = root.join("beta");
     fs::create_dir_all(beta_dir.join("state")).unwrap();
-    common::write_secret(
-        &beta_dir.join("state/broker.secret"),
-        String::from_utf8_lossy(&out.stdout).trim(),
-    );
+    common::write_secret(&beta_dir.join("state/broker.secret"), &secret);
     let mut beta = Agent::new(
         &b,
         &beta_dir,
