@@ -55,6 +55,7 @@ pub use row::{Direction, HookRun, ReceiveRow, SendRow, Status, Transfer, Unknown
 pub use schema::LATEST as SCHEMA_VERSION;
 pub use send_ledger::SendLedger;
 
+use crate::clock::unix_now;
 use crate::error_code::ErrorCode;
 use flush::{Flusher, Reply};
 
@@ -269,13 +270,6 @@ impl Cached for Connection {
         let rows = stmt.query_map(params, f)?;
         rows.collect()
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Every column a row type reads, in one place.
