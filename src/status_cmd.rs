@@ -150,7 +150,7 @@ fn show(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
             describe(t),
             humantime::format_duration(Duration::from_secs(t.idle_secs)),
             if t.error_code.as_deref() == Some(ErrorCode::ReceiptTimeout.as_str()) {
-                ", past receipt_timeout (failure hook ran)"
+                crate::store::PAST_RECEIPT_TIMEOUT
             } else {
                 ""
             }

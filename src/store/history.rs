@@ -15,6 +15,10 @@ pub enum Entry {
     Receive(ReceiveRow),
 }
 
+/// Said after a wait for a receipt once its `receipt_timeout` ran out
+/// (`hakobu history` and `hakobu status` alike).
+pub const PAST_RECEIPT_TIMEOUT: &str = ", past receipt_timeout (failure hook ran)";
+
 impl Entry {
     pub fn direction(&self) -> Direction {
         match self {
@@ -41,7 +45,7 @@ impl Entry {
             humantime::format_duration(std::time::Duration::from_secs(secs))
         );
         if r.receipt_timeout_at.is_some() {
-            note.push_str(", past receipt_timeout (failure hook ran)");
+            note.push_str(PAST_RECEIPT_TIMEOUT);
         }
         Some(note)
     }

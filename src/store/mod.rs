@@ -45,7 +45,7 @@ use tokio::sync::oneshot;
 pub use chain::{Chain, Step, StepView};
 pub use events::{Event, MAX_EVENTS};
 pub use figures::{Figures, InFlight, Total};
-pub use history::Entry;
+pub use history::{Entry, PAST_RECEIPT_TIMEOUT};
 pub use inflight::{Activities, Activity};
 pub use ledger::Side;
 pub use query::{HistoryFilter, MAX_PAGE};
