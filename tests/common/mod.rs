@@ -160,6 +160,9 @@ pub struct Agent {
     pub config: PathBuf,
     child: Option<Child>,
     extra_env: Vec<(String, String)>,
+    /// The network namespace it runs in (`ip netns exec`, which execs: the
+    /// child's pid is the agent's).
+    netns: Option<String>,
 }
 
 impl Agent {
@@ -174,7 +177,13 @@ impl Agent {
             config,
             child: None,
             extra_env: Vec::new(),
+            netns: None,
         }
+    }
+
+    /// Runs the agent in network namespace `ns` from its next start.
+    pub fn set_netns(&mut self, ns: &str) {
+        self.netns = Some(ns.to_string());
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -189,7 +198,14 @@ impl Agent {
             .append(true)
             .open(self.dir.join(format!("{}.log", self.node)))
             .unwrap();
-        let mut cmd = Command::new(bin());
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin()]);
+                c
+            }
+            None => Command::new(bin()),
+        };
         cmd.arg("run")
             .arg("-c")
             .arg(&self.config)
