@@ -495,8 +495,24 @@ fn sender_cut_from_receiver(net: &Net) {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let said = p.alpha.log().matches("Publishing interrupted").count() > before_waits;
-    assert!(said, "the sender did not say it waits:\n{}", p.alpha.log());
+    // What the sender said meanwhile: the error codes of its waits.
+    let mut codes: Vec<String> = p
+        .alpha
+        .log()
+        .lines()
+        .filter(|l| l.contains("Publishing interrupted"))
+        .skip(before_waits)
+        .filter_map(|l| l.split("error_code=").nth(1))
+        .filter_map(|c| c.split_whitespace().next())
+        .map(String::from)
+        .collect();
+    codes.sort();
+    codes.dedup();
+    assert!(
+        !codes.is_empty(),
+        "the sender did not say it waits:\n{}",
+        p.alpha.log()
+    );
     assert!(
         paused.is_some(),
         "node 1 did not pause as a minority (cluster_partition_handling)"
@@ -511,10 +527,11 @@ fn sender_cut_from_receiver(net: &Net) {
     std::thread::sleep(Duration::from_secs(3));
     let (bad, dup) = check(&p, &files_with_warm(&p, &files));
     figures(&format!(
-        "partition[sender | receiver]: sender on node 1 cut from nodes 2-3 and the receiver, {} files, node 1 paused {:.1}s after the cut, 0 confirmed in {:.0}s on the minority, all placed {:.1}s after the heal, {} lost or corrupted, {} duplicate hooks",
+        "partition[sender | receiver]: sender on node 1 cut from nodes 2-3 and the receiver, {} files, node 1 paused {:.1}s after the cut, 0 confirmed in {:.0}s on the minority (the sender waited: {}), all placed {:.1}s after the heal, {} lost or corrupted, {} duplicate hooks",
         files.len() + 1,
         paused.map_or(-1.0, |d| d.as_secs_f64()),
         hold.as_secs_f64(),
+        codes.join(", "),
         placed.as_secs_f64(),
         bad,
         dup,
@@ -544,4 +561,31 @@ fn partitions() {
         isolate_one(&net, "follower", Target::Follower, &p);
     }
     sender_cut_from_receiver(&net);
+}
+
+/// Where namespaces cannot be made (here: run as `nobody`, not root), the
+/// network does not come up and says why, so `partitions` fails instead of
+/// passing without having cut anything; nothing is left behind.
+#[test]
+fn without_namespaces_the_network_refuses_to_come_up() {
+    let dir = common::attacker::open_dir("hkbp-noroot");
+    common::attacker::let_nobody_write(dir.path());
+    let copy = dir.path().join("netns-cluster.sh");
+    fs::copy(script(), &copy).unwrap();
+    let id = format!("hkbp-n{}", std::process::id());
+    let out = common::attacker::as_nobody(&copy)
+        .arg("up")
+        .env("HKBP_ID", &id)
+        .env("HKBP_BASE", dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "up succeeded as nobody: {err}");
+    assert!(err.contains("network namespaces need root"), "{err}");
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(&id),
+        "a namespace was left behind"
+    );
 }

@@ -17,6 +17,9 @@
 #                           required), comma-separated, without credentials
 #   HAKOBU_TEST_DPKG        1 (as root, unless set) or 0: tests/package.rs
 #                           installs the .deb on this machine, or not
+# tests/partition.rs builds a cluster of its own, each node in a network
+# namespace (tests/netns-cluster.sh, iproute2, root), and fails where
+# namespaces cannot be made.
 # Node users (local-cluster.sh `user NODE`) keep their passwords in
 # $HAKOBU_RMQ_BASE/secrets.
 # HAKOBU_RMQ_BASE defaults to a fresh temporary directory, removed after a
@@ -45,6 +48,7 @@ NEEDED=(
   "dpkg-dev /usr/bin/dpkg-shlibdeps"
   "adduser /usr/sbin/adduser"
   "systemd /usr/bin/systemd-analyze"
+  "iproute2 /usr/sbin/ip"
 )
 
 install_packages() {
