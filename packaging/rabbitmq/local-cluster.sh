@@ -232,8 +232,11 @@ log.file.level = info
 # needs the transfers to go on within a minute.
 net_ticktime = 15
 # A partition heals by itself: when a hung node resumes, the side with
-# fewer clients (the hung node) restarts and rejoins (pause_minority left
-# a resumed node wedged on RabbitMQ 3.10; ignore, partitioned for good).
+# fewer clients (the hung node) restarts and rejoins. RabbitMQ's partitions
+# guide recommends pause_minority for three nodes or more, and the README
+# does; tests/netns-cluster.sh, whose nodes are really cut apart, uses it.
+# This loopback cluster serves the SIGSTOP tests, where pause_minority left
+# the resumed node wedged on RabbitMQ 3.10; ignore stays partitioned for good.
 cluster_partition_handling = autoheal
 EOF
   if [[ -n $TLS_DIR ]]; then
