@@ -27,6 +27,8 @@
 #                                       namespaces deleted (their veths with them)
 #   netns-cluster.sh cut X Y | heal X Y drop / pass traffic between endpoints X and Y
 #   netns-cluster.sh heal-all           delete every cut
+#   netns-cluster.sh sweep              remove namespaces left by a killed run (`up` does
+#                                       it too): hkbp-PID-* whose PID is gone
 #   netns-cluster.sh ns X               the namespace's name (for `ip netns exec`)
 #   netns-cluster.sh ctl N ARGS...      rabbitmqctl on node N, run inside its namespace
 #   netns-cluster.sh leader QUEUE [N..] 1..3: the node leading QUEUE, as the first of
@@ -46,7 +48,7 @@
 # heal, and ignore leaves the cluster split for good.
 set -euo pipefail
 
-usage() { echo "usage: $0 up|down|cut X Y|heal X Y|heal-all|ns X|ctl N ARGS...|leader QUEUE|status|pid N" >&2; exit 2; }
+usage() { echo "usage: $0 up|down|cut X Y|heal X Y|heal-all|sweep|ns X|ctl N ARGS...|leader QUEUE|status|pid N" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
 
 ID=${HKBP_ID:?set HKBP_ID, a unique prefix such as hkbp-\$\$}
@@ -106,6 +108,7 @@ preflight() {
   command -v ip >/dev/null || die "no 'ip' command: apt-get install iproute2"
   command -v epmd >/dev/null || die "no epmd: apt-get install rabbitmq-server"
   [[ -x $BIN/rabbitmq-server ]] || die "$BIN/rabbitmq-server not found (apt-get install rabbitmq-server)"
+  sweep
   local e
   for e in sw "${ENDPOINTS[@]}"; do
     if ip netns list | grep -q "^$ID-$e\b"; then die "namespace $ID-$e exists already (run down first)"; fi
@@ -230,6 +233,22 @@ cmd_up() {
   for i in 1 2 3; do echo "amqp://hakobu:secret@$(addr "n$i"):5672/%2f"; done
 }
 
+# Namespaces left by a run that was killed before its guard ran
+# (hkbp-PID-..., PID no longer alive): every process in them killed by pid,
+# then deleted. Only names of this script's pattern are looked at.
+sweep() {
+  local name owner pid
+  for name in $(ip netns list | awk '{print $1}' | grep -E '^hkbp-[0-9]+-(sw|n1|n2|n3|a|b|c)$' || true); do
+    owner=${name#hkbp-}
+    owner=${owner%%-*}
+    [[ -d /proc/$owner ]] && continue
+    log "removing $name, left by process $owner which is gone"
+    for pid in $(ip netns pids "$name" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+    for _ in $(seq 50); do [[ -z $(ip netns pids "$name" 2>/dev/null) ]] && break; sleep 0.1; done
+    ip netns del "$name" || log "could not delete namespace $name"
+  done
+}
+
 cmd_down() {
   local i pid e p pids=()
   for i in 1 2 3; do
@@ -319,6 +338,7 @@ case $1 in
   cut) [[ $# -eq 3 ]] || usage; rule add "$2" "$3" ;;
   heal) [[ $# -eq 3 ]] || usage; rule del "$2" "$3" ;;
   heal-all) cmd_heal_all ;;
+  sweep) sweep ;;
   ns) [[ $# -eq 2 ]] || usage; ns "$2" ;;
   ctl) check_n "${2:-}"; i=$2; shift 2; ctl "$i" "$@" ;;
   leader) [[ $# -ge 2 ]] || usage; shift; cmd_leader "$@" ;;
