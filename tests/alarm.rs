@@ -255,7 +255,7 @@ fn scenario(kind: Kind) {
             "beta to place the queued files during the alarm",
             || {
                 let names = p.inbox_files();
-                let hooks = runs_by_transfer(&p, "received").len();
+                let hooks = runs_by_transfer(p, "received").len();
                 queued.iter().all(|(n, _)| names.contains(n)) && hooks >= queued.len()
             },
         );
