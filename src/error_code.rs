@@ -105,6 +105,8 @@ codes! {
     BrokerConnectionLost = "broker_connection_lost", Log;
     /// The embedded broker confirms nothing for a while: hung, stopped or held back.
     BrokerUnresponsive = "broker_unresponsive", Log;
+    /// RabbitMQ blocks publishing (a node's disk or memory alarm).
+    BrokerBlocked = "broker_blocked", Log;
     /// Failure hooks of refused transfers suppressed by the rate limit.
     AlertsSuppressed = "alerts_suppressed", Log;
     /// A receipt from a node the transfer was not sent to: acked away, no effect.

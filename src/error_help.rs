@@ -180,6 +180,10 @@ fn help(code: ErrorCode) -> (&'static str, &'static str) {
             "The embedded broker has confirmed nothing for a while; the agent waits for it.",
             "Check that the `hakobu broker` process runs (not stopped: kill -CONT) and its disk answers, or that the receiver drains a full queue; the transfer resumes by itself.",
         ),
+        BrokerBlocked => (
+            "RabbitMQ blocks publishing: a node of the cluster is short of disk or memory (a resource alarm). Files are received and placed meanwhile; sending and receipts wait.",
+            "Free disk space or memory on the RabbitMQ node in alarm (`rabbitmq-diagnostics alarms`), or drain its queues; publishing resumes by itself when the alarm clears.",
+        ),
         AlertsSuppressed => (
             "Refused transfers came faster than 10 a minute; their failure hooks were not run.",
             "Look at the refused transfers in history and at who sends them.",

@@ -65,6 +65,7 @@ pub mod progress;
 pub mod receiver;
 pub mod request_cmd;
 pub mod rerun;
+pub mod retry_log;
 pub mod secret;
 pub mod sender;
 pub mod status_cmd;

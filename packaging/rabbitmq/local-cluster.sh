@@ -11,6 +11,9 @@
 #
 # Usage: local-cluster.sh up|down|status|urls|tls-urls
 #        local-cluster.sh pid N | start N | stop N        (N = 1, 2 or 3)
+#        local-cluster.sh ctl N ARGS...   rabbitmqctl ARGS on node N (e.g.
+#                                         set_disk_free_limit, to raise and
+#                                         clear a resource alarm at run time)
 #        local-cluster.sh leader QUEUE    the number (1..3) of the node that
 #                                         leads quorum queue QUEUE in the vhost
 #        local-cluster.sh user NODE...    a RabbitMQ user per hakobu node, with
@@ -59,8 +62,8 @@
 # progress goes to stderr.
 set -euo pipefail
 
-usage() { echo "usage: $0 up|down|status|urls|tls-urls|pid N|start N|stop N|leader QUEUE|user NODE..." >&2; exit 2; }
-case ${1:-} in up | down | status | urls | tls-urls | pid | start | stop | leader | user) ;; *) usage ;; esac
+usage() { echo "usage: $0 up|down|status|urls|tls-urls|pid N|start N|stop N|ctl N ARGS...|leader QUEUE|user NODE..." >&2; exit 2; }
+case ${1:-} in up | down | status | urls | tls-urls | pid | start | stop | ctl | leader | user) ;; *) usage ;; esac
 
 NAME=${HAKOBU_RMQ_NAME:-rabbit}
 BASE=${HAKOBU_RMQ_BASE:-${TMPDIR:-/tmp}/hakobu-rmq}
@@ -581,6 +584,7 @@ case ${1:-} in
   pid) check_n "${2:-}"; node_pid "$2" || die "$(node "$2") is not running" ;;
   start) check_n "${2:-}"; cmd_start "$2" ;;
   stop) check_n "${2:-}"; stop_nodes "$2" ;;
+  ctl) check_n "${2:-}"; i=$2; shift 2; [[ $# -gt 0 ]] || usage; ctl "$i" "$@" ;;
   leader) [[ -n ${2:-} ]] || usage; cmd_leader "$2" ;;
   *) usage ;;
 esac

@@ -22,8 +22,10 @@ use tracing::{debug, info, warn};
 use super::{Acker, Broker, BrokerError, Confirm, DEAD_LETTER_QUEUE, Delivery, queue_name};
 use crate::config::RabbitmqConfig;
 use crate::config::amqp_url::{redact_text, redact_url, url_user};
+use blocked::Blocked;
 use tls::connect_url;
 
+mod blocked;
 mod tls;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,6 +39,8 @@ struct Inner {
     /// Index of the URL to try first on the next connect.
     next_url: AtomicUsize,
     publisher: Mutex<PublisherState>,
+    /// Whether RabbitMQ holds the publishing connection back (an alarm).
+    blocked: Arc<Blocked>,
 }
 
 #[derive(Default)]
@@ -53,6 +57,8 @@ struct Live {
     ch: Channel,
     /// The login, sent as `user_id`: the broker checks it.
     user: Option<String>,
+    /// Ends the watch of its blocked state with the connection.
+    _blocked: tokio_util::sync::DropGuard,
 }
 
 async fn publishing_channel(conn: &Connection) -> Result<Channel, BrokerError> {
@@ -70,6 +76,7 @@ impl RabbitMq {
                 cfg,
                 next_url: AtomicUsize::new(0),
                 publisher: Mutex::new(PublisherState::default()),
+                blocked: Arc::default(),
             }),
         }
     }
@@ -109,10 +116,16 @@ impl Inner {
             let ch = declare_dead_letter(&conn, &ch, &self.cfg)
                 .await?
                 .unwrap_or(ch);
-            info!(message = "Connected to RabbitMQ for publishing.", url);
             st.generation += 1;
+            let watch = self.blocked.watch(&conn, st.generation, url.clone());
+            info!(message = "Connected to RabbitMQ for publishing.", url);
             st.declared.clear();
-            st.live = Some(Live { conn, ch, user });
+            st.live = Some(Live {
+                conn,
+                ch,
+                user,
+                _blocked: watch,
+            });
         }
         let generation = st.generation;
         let state = &mut *st;
@@ -323,6 +336,7 @@ pub async fn queue_depths(
         cfg: cfg.clone(),
         next_url: AtomicUsize::new(0),
         publisher: Mutex::new(PublisherState::default()),
+        blocked: Arc::default(),
     };
     let (conn, _, _) = inner.connect().await?;
     let mut out = Vec::new();
@@ -346,16 +360,19 @@ impl Broker for RabbitMq {
     async fn publish(&self, node: &str, payload: Bytes) -> Result<Confirm, BrokerError> {
         // Bounded like the confirm (a hung node of the cluster can hold up
         // declarations); the connection is then dropped for the next URL.
+        // Every wait here leaves out the time RabbitMQ blocks the connection
+        // (a resource alarm, `blocked.rs`): that is no reason to fail over.
         let timeout = self.inner.cfg.confirm_timeout;
-        let (generation, ch, user) =
-            match tokio::time::timeout(timeout, self.inner.channel(node)).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    let current = self.inner.publisher.lock().await.generation;
-                    self.inner.invalidate(current).await;
-                    return Err(BrokerError::ConfirmTimeout(timeout));
-                }
-            };
+        let blocked = self.inner.blocked.clone();
+        let (generation, ch, user) = match blocked.bounded(timeout, self.inner.channel(node)).await
+        {
+            Ok(r) => r?,
+            Err(_) => {
+                let current = self.inner.publisher.lock().await.generation;
+                self.inner.invalidate(current).await;
+                return Err(BrokerError::ConfirmTimeout(timeout));
+            }
+        };
         let mut props = BasicProperties::default().with_delivery_mode(2);
         // The broker refuses a user_id that is not the connection's login, so a
         // receiver can trust it as the sender's identity.
@@ -377,7 +394,7 @@ impl Broker for RabbitMq {
             &payload,
             props,
         );
-        let confirm = match tokio::time::timeout(timeout, sending).await {
+        let confirm = match blocked.bounded(timeout, sending).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 self.inner.invalidate(generation).await;
@@ -390,7 +407,7 @@ impl Broker for RabbitMq {
         };
         let inner = self.inner.clone();
         Ok(Box::pin(async move {
-            let outcome = match tokio::time::timeout(timeout, confirm).await {
+            let outcome = match blocked.bounded(timeout, confirm).await {
                 Ok(Ok(c)) if c.is_ack() => match c.take_message() {
                     None => return Ok(()),
                     // Unroutable (the queue is gone): redeclare on a new connection.

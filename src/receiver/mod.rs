@@ -70,6 +70,8 @@ pub struct Receiver {
     names: place::NameLocks,
     digests: verify::RunningDigests,
     alerts: alert_limit::AlertLimit,
+    /// Receipts not confirmed, said once (then once a minute), not at every retry.
+    retries: crate::retry_log::RetryLog,
 }
 
 impl Receiver {
@@ -89,6 +91,7 @@ impl Receiver {
             names: Default::default(),
             digests: Default::default(),
             alerts: Default::default(),
+            retries: Default::default(),
         })
     }
 

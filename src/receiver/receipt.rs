@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Receiver;
 use crate::clock::now_rfc3339;
+use crate::retry_log::Say;
 use crate::store::{ReceiveRow, Status, StoreError};
 use crate::wire::{Message, Receipt};
 
@@ -46,9 +47,26 @@ impl Receiver {
                 .publish(&row.peer, Message::Receipt(receipt.clone()))
                 .await;
             match sent {
-                Ok(()) => break,
+                Ok(()) => {
+                    for r in self.retries.succeeded() {
+                        info!(message = "The broker takes receipts again.", failed_with = %r.code, failures = r.failures, failed_for = ?r.failed_for);
+                    }
+                    break;
+                }
                 Err(e) => {
-                    warn!(message = "Receipt not confirmed; retrying.", transfer_id = %row.transfer_id, error = %e, error_code = %e.code());
+                    // Every receipt waiting retries: said once, not at each try.
+                    match self.retries.failed(e.code()) {
+                        Say::First => {
+                            warn!(message = "Receipt not confirmed; retrying until the broker takes it. Said once; if it goes on, once a minute.",
+                            transfer_id = %row.transfer_id, error = %e, error_code = %e.code())
+                        }
+                        Say::Again { since_last } => {
+                            warn!(message = "Receipts still not confirmed; retrying.",
+                            failures = since_last, transfer_id = %row.transfer_id, error = %e, error_code = %e.code())
+                        }
+                        Say::Quiet => debug!(message = "Receipt not confirmed; retrying.",
+                            transfer_id = %row.transfer_id, error = %e, error_code = %e.code()),
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }

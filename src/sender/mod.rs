@@ -81,6 +81,8 @@ pub struct Sender {
     /// Cancelled when the agent stops taking work: watchers, the queue
     /// poller and publishers end (the ledger resumes them at the next start).
     stop: CancellationToken,
+    /// Publishing failures, said once (then once a minute), not at every retry.
+    retries: crate::retry_log::RetryLog,
 }
 
 impl Sender {
@@ -114,6 +116,7 @@ impl Sender {
             tasks,
             settling: tokio::sync::Mutex::new(()),
             stop,
+            retries: Default::default(),
         })
     }
 

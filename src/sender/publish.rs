@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio_util::task::AbortOnDropHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::Sender;
 use super::throttle::Pace;
@@ -21,6 +21,7 @@ use crate::broker::BrokerError;
 use crate::coalesce::Coalescer;
 use crate::domain::{NodeName, TransferId};
 use crate::error_code::ErrorCode;
+use crate::retry_log::Say;
 use crate::store::{SendRow, Status};
 use crate::transform::Transform;
 use crate::wire::{ChunkHeader, Message, Trailer, chunk_count};
@@ -159,6 +160,9 @@ impl Sender {
                         .published((tid, peer), &sha, (row.attempt, wire_bytes))
                         .detach();
                     info!(message = "Published; awaiting the receipt.", transfer_id = %tid, to = %peer, size = row.size, wire_bytes);
+                    for r in self.retries.succeeded() {
+                        info!(message = "The broker takes publishes again.", failed_with = %r.code, failures = r.failures, failed_for = ?r.failed_for);
+                    }
                     return;
                 }
                 Err(PublishError::Spool(path, e)) => {
@@ -177,8 +181,19 @@ impl Sender {
                     return;
                 }
                 Err(PublishError::Broker(e)) => {
-                    warn!(message = "Publishing interrupted; resuming from the first unconfirmed chunk.",
-                        transfer_id = %tid, to = %peer, next_chunk = resume.next, error_code = %e.code(), error = %e);
+                    // Every transfer under way retries: said once, not at each try.
+                    match self.retries.failed(e.code()) {
+                        Say::First => {
+                            warn!(message = "Publishing interrupted; resuming from the first unconfirmed chunk, and retrying until the broker takes it. Said once; if it goes on, once a minute.",
+                            transfer_id = %tid, to = %peer, next_chunk = resume.next, error_code = %e.code(), error = %e)
+                        }
+                        Say::Again { since_last } => {
+                            warn!(message = "Publishing still interrupted; retrying.",
+                            failures = since_last, transfer_id = %tid, to = %peer, error_code = %e.code(), error = %e)
+                        }
+                        Say::Quiet => debug!(message = "Publishing interrupted; retrying.",
+                            transfer_id = %tid, to = %peer, next_chunk = resume.next, error_code = %e.code(), error = %e),
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
