@@ -160,6 +160,9 @@ pub struct Agent {
     pub config: PathBuf,
     child: Option<Child>,
     extra_env: Vec<(String, String)>,
+    /// The `hakobu` binary it runs (this build's unless a test says:
+    /// tests/upgrade.rs runs the previous release's).
+    program: PathBuf,
 }
 
 impl Agent {
@@ -174,7 +177,14 @@ impl Agent {
             config,
             child: None,
             extra_env: Vec::new(),
+            program: PathBuf::from(bin()),
         }
+    }
+
+    /// Runs `program` instead of this build's binary, from the next start
+    /// (and for `cli`): an upgrade is a restart onto another binary.
+    pub fn set_program(&mut self, program: &Path) {
+        self.program = program.to_path_buf();
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -189,7 +199,7 @@ impl Agent {
             .append(true)
             .open(self.dir.join(format!("{}.log", self.node)))
             .unwrap();
-        let mut cmd = Command::new(bin());
+        let mut cmd = Command::new(&self.program);
         cmd.arg("run")
             .arg("-c")
             .arg(&self.config)
@@ -263,6 +273,31 @@ impl Agent {
         }
     }
 
+    /// SIGTERM by pid, and waits for the agent to finish its drain and
+    /// exit; panics (with its log) when it is still running after 60 s.
+    pub fn term(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let start = Instant::now();
+        while matches!(c.try_wait(), Ok(None)) {
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "agent {} still running 60 s after SIGTERM:\n{}",
+                    self.node,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// True while the process runs (it exits on a fatal error).
     pub fn alive(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
@@ -274,7 +309,7 @@ impl Agent {
 
     /// Runs a `hakobu` subcommand against this agent's configuration.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = Command::new(bin());
+        let mut cmd = Command::new(&self.program);
         cmd.arg(args[0])
             .arg("-c")
             .arg(&self.config)
