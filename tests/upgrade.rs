@@ -12,6 +12,7 @@
 //!   files (SIGTERM twice, `kill -9` once) loses nothing.
 //! - A frame of a newer release is dead-lettered with `unsupported_version`.
 //! - A configuration of the previous release is checked before the upgrade.
+//! - The embedded broker of this release refuses an agent of the previous one.
 //!
 //! Each scenario prints a `figures:` line.
 
@@ -357,7 +358,13 @@ fn a_rolling_restart_onto_this_release_under_a_stream_loses_nothing() {
             for r in rows(a, "send") {
                 match r["status"].as_str() {
                     Some("sent") => settled += 1,
+                    // The receiver's hook cut off (its receipt says so),
+                    // or this sender's own.
                     Some("send_failed") if r["error_code"] == "hook_interrupted" => {
+                        settled += 1;
+                        interrupted += 1;
+                    }
+                    Some("hook_interrupted") => {
                         settled += 1;
                         interrupted += 1;
                     }
@@ -504,4 +511,39 @@ fn a_configuration_of_the_previous_release_is_checked_before_the_upgrade() {
         let (code, text) = check(program, &explicit);
         assert_eq!(code, Some(0), "{}: {text}", program.display());
     }
+}
+
+/// The embedded broker's protocol is not kept across releases: an agent of
+/// the previous release is refused at the handshake by this release's
+/// broker, which says why and what to do (the agent logs it).
+#[test]
+fn this_release_s_embedded_broker_refuses_an_agent_of_the_previous_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(tmp.path());
+    let net = Net::new(tmp.path(), broker.section());
+    let node = unique("up-emb");
+    let agent = net.agent(&node, &[], &[("DATA", "alpha")], previous());
+    let log = std::fs::File::create(tmp.path().join("old.log")).unwrap();
+    let mut child = Command::new(previous())
+        .args(["run", "-c"])
+        .arg(&agent.config)
+        .current_dir(&agent.dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let refused =
+        "protocol version 1 is not supported (this broker speaks 2); run the same hakobu version";
+    let read = || std::fs::read_to_string(tmp.path().join("old.log")).unwrap_or_default();
+    let waited = Instant::now();
+    while !read().contains(refused) && waited.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(read().contains(refused), "{}", read());
+    figures(&format!(
+        "upgrade[embedded broker]: an agent of the previous release refused at the handshake in {:.1}s: \"{refused}\"",
+        waited.elapsed().as_secs_f64()
+    ));
 }
