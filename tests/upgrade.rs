@@ -515,35 +515,79 @@ fn a_configuration_of_the_previous_release_is_checked_before_the_upgrade() {
 
 /// The embedded broker's protocol is not kept across releases: an agent of
 /// the previous release is refused at the handshake by this release's
-/// broker, which says why and what to do (the agent logs it).
+/// broker, and this release's agent by the previous release's broker; both
+/// agents log why and what to do.
 #[test]
-fn this_release_s_embedded_broker_refuses_an_agent_of_the_previous_one() {
+fn the_embedded_broker_and_an_agent_of_another_release_refuse_each_other() {
     let tmp = tempfile::tempdir().unwrap();
+    // The previous release's agent, this release's broker.
     let broker = BrokerProcess::start(tmp.path());
     let net = Net::new(tmp.path(), broker.section());
     let node = unique("up-emb");
     let agent = net.agent(&node, &[], &[("DATA", "alpha")], previous());
-    let log = std::fs::File::create(tmp.path().join("old.log")).unwrap();
+    let log = tmp.path().join("old.log");
     let mut child = Command::new(previous())
         .args(["run", "-c"])
         .arg(&agent.config)
         .current_dir(&agent.dir)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(tmp.path().join("old.err")).unwrap())
         .spawn()
         .unwrap();
     let refused =
         "protocol version 1 is not supported (this broker speaks 2); run the same hakobu version";
-    let read = || std::fs::read_to_string(tmp.path().join("old.log")).unwrap_or_default();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    let old_err = tmp.path().join("old.err");
     let waited = Instant::now();
-    while !read().contains(refused) && waited.elapsed() < WAIT {
+    while !read(&old_err).contains(refused) && waited.elapsed() < WAIT {
         std::thread::sleep(Duration::from_millis(100));
     }
+    let old_refused = waited.elapsed();
     let _ = child.kill();
     let _ = child.wait();
-    assert!(read().contains(refused), "{}", read());
+    assert!(read(&old_err).contains(refused), "{}", read(&old_err));
+
+    // This release's agent, the previous release's broker.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut old_broker = Command::new(previous())
+        .args(["broker", "--listen", &addr, "--data"])
+        .arg(tmp.path().join("old-broker"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(WAIT, "the previous release's broker to listen", || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    let net = Net::new(
+        &tmp.path().join("new"),
+        format!("broker:\n  embedded: {{ connect: \"{addr}\" }}\n"),
+    );
+    let node = unique("up-emb");
+    let mut agent = net.agent(&node, &[], &[("DATA", "alpha")], current());
+    let secret = agent.secret_path();
+    std::fs::create_dir_all(secret.parent().unwrap()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let private = std::fs::Permissions::from_mode(0o700);
+    std::fs::set_permissions(secret.parent().unwrap(), private).unwrap();
+    common::write_secret(&secret, &"ab".repeat(32));
+    let started = Instant::now();
+    agent.start();
+    let said = "the broker runs another hakobu release (this agent speaks protocol version 2); run the same release on the broker and its agents";
+    wait_for(&[&agent], "this release's agent to say why", || {
+        agent.log().contains(said)
+    });
+    let new_refused = started.elapsed();
+    let _ = old_broker.kill();
+    let _ = old_broker.wait();
     figures(&format!(
-        "upgrade[embedded broker]: an agent of the previous release refused at the handshake in {:.1}s: \"{refused}\"",
-        waited.elapsed().as_secs_f64()
+        "upgrade[embedded broker]: an agent of the previous release refused by this release's broker in {:.1}s (\"{refused}\"), this release's agent by the previous release's broker in {:.1}s (\"{said}\")",
+        old_refused.as_secs_f64(),
+        new_refused.as_secs_f64()
     ));
 }
