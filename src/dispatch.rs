@@ -15,7 +15,7 @@ use tracing::warn;
 use crate::broker::Delivery;
 use crate::receiver::{Commits, Receiver};
 use crate::sender::Sender;
-use crate::wire::Message;
+use crate::wire::{DecodeError, Message};
 
 /// Most messages one batch takes: what arrived together shares one fsync
 /// per partial file and one ledger commit.
@@ -62,6 +62,13 @@ impl Dispatch {
                 }
                 Ok(Message::Chunk(h, body)) => chunks.push((h, body, d)),
                 Ok(other) => receipts.push(self.control(other, d)),
+                Err(e @ DecodeError::Version(_)) => {
+                    // Dead-lettered, not requeued: a redelivery would meet
+                    // the same decoder. The sender hears nothing (its frame
+                    // cannot be read), so the log says who must act.
+                    warn!(message = "Dead-lettering a message from a newer hakobu; upgrade this agent, then have the sender resend.", error_code = %e.code(), error = %e, from = d.user_id.as_deref().unwrap_or(""), bytes);
+                    let _ = d.dead_letter().await;
+                }
                 Err(e) => {
                     warn!(message = "Dead-lettering a message that cannot be parsed.", error_code = %e.code(), error = %e, bytes);
                     let _ = d.dead_letter().await;

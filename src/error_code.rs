@@ -94,6 +94,9 @@ codes! {
     BadReceiveName = "bad_receive_name", History;
     /// A message that cannot be parsed, or names no usable transfer.
     MalformedMessage = "malformed_message", Log;
+    /// A message framed by a newer hakobu (a wire version this one does
+    /// not know): dead-lettered, never guessed at.
+    UnsupportedVersion = "unsupported_version", Log;
     ClaimFailed = "claim_failed", Log;
     StateDbError = "state_db_error", Log;
     StateDbFlushFailed = "state_db_flush_failed", Log;

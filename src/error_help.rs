@@ -144,6 +144,10 @@ fn help(code: ErrorCode) -> (&'static str, &'static str) {
             "A message could not be parsed or names no usable transfer; it was dead-lettered.",
             "Look at who publishes to the broker; nothing else is needed.",
         ),
+        UnsupportedVersion => (
+            "A message came in a wire version this agent does not know: a newer hakobu sent it; it was dead-lettered.",
+            "Upgrade this agent (upgrade receivers before senders), then have the sender resend the transfer.",
+        ),
         ClaimFailed => (
             "A ready file could not be renamed into the spool.",
             "Put the spool on the outbox's filesystem and check the agent's rights on both.",

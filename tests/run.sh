@@ -17,6 +17,8 @@
 #                           required), comma-separated, without credentials
 #   HAKOBU_TEST_DPKG        1 (as root, unless set) or 0: tests/package.rs
 #                           installs the .deb on this machine, or not
+#   HAKOBU_PREVIOUS_BIN     the previous release's binary (tests/previous-release.sh
+#                           builds it once), for tests/upgrade.rs
 # tests/partition.rs builds a cluster of its own, each node in a network
 # namespace (tests/netns-cluster.sh, iproute2, root), and fails where
 # namespaces cannot be made.
@@ -97,6 +99,13 @@ export HAKOBU_TEST_DPKG
 rc=0
 cargo test --release --no-run "$@" || rc=$?
 [[ $rc -eq 0 ]] || exit "$rc"
+# The previous release, for tests/upgrade.rs (old and new agents side by
+# side): built once from its commit, kept under target/previous-release/.
+# Not needed when the arguments pick other suites only.
+if [[ " $* " != *" --test "* || " $* " == *" --test upgrade "* ]]; then
+  HAKOBU_PREVIOUS_BIN=$("$ROOT/tests/previous-release.sh")
+  export HAKOBU_PREVIOUS_BIN
+fi
 
 own_base=''
 if [[ -z ${HAKOBU_RMQ_BASE:-} ]]; then

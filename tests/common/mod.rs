@@ -166,6 +166,9 @@ pub struct Agent {
     /// The network namespace it runs in (`ip netns exec`, which execs: the
     /// child's pid is the agent's).
     netns: Option<String>,
+    /// The `hakobu` binary it runs (this build's unless a test says:
+    /// tests/upgrade.rs runs the previous release's).
+    program: PathBuf,
 }
 
 impl Agent {
@@ -181,12 +184,19 @@ impl Agent {
             child: None,
             extra_env: Vec::new(),
             netns: None,
+            program: PathBuf::from(bin()),
         }
     }
 
     /// Runs the agent in network namespace `ns` from its next start.
     pub fn set_netns(&mut self, ns: &str) {
         self.netns = Some(ns.to_string());
+    }
+
+    /// Runs `program` instead of this build's binary, from the next start
+    /// (and for `cli`): an upgrade is a restart onto another binary.
+    pub fn set_program(&mut self, program: &Path) {
+        self.program = program.to_path_buf();
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -204,10 +214,10 @@ impl Agent {
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, bin()]);
+                c.args(["netns", "exec", ns]).arg(&self.program);
                 c
             }
-            None => Command::new(bin()),
+            None => Command::new(&self.program),
         };
         cmd.arg("run")
             .arg("-c")
@@ -282,6 +292,31 @@ impl Agent {
         }
     }
 
+    /// SIGTERM by pid, and waits for the agent to finish its drain and
+    /// exit; panics (with its log) when it is still running after 60 s.
+    pub fn term(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let start = Instant::now();
+        while matches!(c.try_wait(), Ok(None)) {
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "agent {} still running 60 s after SIGTERM:\n{}",
+                    self.node,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// True while the process runs (it exits on a fatal error).
     pub fn alive(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
@@ -293,7 +328,7 @@ impl Agent {
 
     /// Runs a `hakobu` subcommand against this agent's configuration.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = Command::new(bin());
+        let mut cmd = Command::new(&self.program);
         cmd.arg(args[0])
             .arg("-c")
             .arg(&self.config)

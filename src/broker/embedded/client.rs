@@ -122,10 +122,24 @@ async fn connect(
     match tokio::time::timeout(CONNECT_TIMEOUT, framed.next()).await {
         Ok(Some(Ok(b))) => match Frame::decode(b.freeze()) {
             Ok(Frame::Welcome { .. }) => Ok(framed),
-            Ok(Frame::Error { message }) => Err(unavailable(message)),
+            Ok(Frame::Error { message }) => Err(unavailable(refusal(message))),
             other => Err(unavailable(format!("unexpected handshake reply {other:?}"))),
         },
         _ => Err(unavailable("no handshake reply".into())),
+    }
+}
+
+/// The broker's refusal of the hello, with what to do when the broker could
+/// not even read it: a broker of this release reads its hello whatever it
+/// holds, so that one is of another release (release 0.1 says only that the
+/// frame is malformed; later brokers name the versions themselves).
+fn refusal(message: String) -> String {
+    if message.starts_with("malformed embedded-broker frame") {
+        format!(
+            "{message}: the broker runs another hakobu release (this agent speaks protocol version {PROTOCOL_VERSION}); run the same release on the broker and its agents"
+        )
+    } else {
+        message
     }
 }
 
