@@ -39,6 +39,12 @@
 #             file and the hook process, 64 files side by side, alone).
 #   latency   200 files of 4 KiB, one after another, each dropped after the
 #             previous hook started; drop-to-hook-start p50 and p99, cluster.
+#   backlog   100,000 files of 4 KiB through the embedded broker (sqlite3
+#             needed): dropped at once into a running pair; then as many to a
+#             sender whose receiver is away, until all await their receipt;
+#             then the sender restarted with them all awaiting, and the
+#             receiver back to drain the queue. Peak RSS of each agent in
+#             each phase (fresh processes), target <= 64 MiB each.
 #   memory    peak RSS (VmHWM) of the sending and the receiving agent, read
 #             when the transfer is done (each run uses fresh agents): the
 #             1 GiB runs, and one 4 GiB run through the embedded broker (the
@@ -68,11 +74,12 @@
 #   HAKOBU_BENCH_LARGE_MIB   the large file [1024]
 #   HAKOBU_BENCH_HUGE_X      the memory run's file, in multiples of the large one [4]
 #   HAKOBU_BENCH_SMALL       small files [2000]
+#   HAKOBU_BENCH_BACKLOG     the backlog's files [100000]
 #   HAKOBU_BENCH_LATENCY     latency samples [200]
 #   HAKOBU_BENCH_SKIP        space-separated parts to skip: ceiling disk floor latency huge,
 #                            large (or large_cluster, large_encrypted, large_embedded),
 #                            csv (or csv_plain, csv_zstd), capped, small (or
-#                            small_cluster, small_embedded)
+#                            small_cluster, small_embedded), backlog
 #   HAKOBU_BENCH_PROFILE     a directory: for each hakobu measurement, keep the agents'
 #                            logs and configurations there, and record the whole machine
 #                            with `perf record -a -g` (TAG.perf.data) when perf is
@@ -96,6 +103,7 @@ ROUNDS=${HAKOBU_BENCH_ROUNDS:-2}
 LARGE_MIB=${HAKOBU_BENCH_LARGE_MIB:-1024}
 HUGE_X=${HAKOBU_BENCH_HUGE_X:-4}
 SMALL_N=${HAKOBU_BENCH_SMALL:-2000}
+BACKLOG_N=${HAKOBU_BENCH_BACKLOG:-100000}
 SMALL_SIZE=4096
 LAT_N=${HAKOBU_BENCH_LATENCY:-200}
 SKIP=" ${HAKOBU_BENCH_SKIP:-} "
@@ -628,6 +636,85 @@ small_run() {
   rm -rf "$dir"
 }
 
+# count DB SQL: one number from an agent's state database (read-only), 0
+# while it cannot be read.
+count() { sqlite3 "file:$1?mode=ro" "$2" 2>/dev/null || echo 0; }
+# wait_count DB SQL N WHAT: until the query counts N or more (an hour at most).
+wait_count() {
+  local t0 n
+  t0=$(now)
+  while :; do
+    n=$(count "$1" "$2")
+    ((n >= $3)) && return 0
+    kill -0 "$SEND_PID" 2>/dev/null || die "backlog: the sender exited: $(tail -n 5 "$dir/send.log")"
+    (($(calc "$(now) - $t0 > 3600"))) && die "backlog: $4: $n of $3 after an hour"
+    nap 0.5
+  done
+}
+
+# backlog_run TAG: memory under a backlog, on the embedded broker. BACKLOG_N
+# files of 4 KiB dropped at once (one mv) to a running pair; then the same
+# number to a sender whose receiver is away, until all of them await a
+# receipt; then the receiver comes back and drains them. Records the peak
+# RSS of the sender, the receiver and the broker in each phase (fresh
+# processes per phase: VmHWM only grows). Progress is read from the
+# agents' state databases (sqlite3): with this many files, counting hook
+# logs would cost more than the agents.
+backlog_run() {
+  local tag=$1 i t0 sdb rdb
+  dir=$WORK/$tag
+  mkdir -p "$dir"
+  embedded_broker "$dir"
+  pair embedded "$dir"
+  sdb=$dir/send/history.sqlite
+  rdb=$dir/recv/history.sqlite
+  local received="SELECT count(*) FROM transfers WHERE direction = 'receive' AND status = 'received'"
+  local awaiting="SELECT count(*) FROM transfers WHERE direction = 'send' AND status = 'awaiting_receipt'"
+  local sent="SELECT count(*) FROM transfers WHERE direction = 'send' AND status = 'sent'"
+  backlog_files() {
+    mkdir -p "$STAGE/files"
+    for ((i = 1; i <= BACKLOG_N; i++)); do printf '%s' "$SMALL_BODY" >"$STAGE/files/$1$i.dat"; done
+    # As few mv calls as the argument list allows.
+    find "$STAGE/files" -maxdepth 1 -type f -exec mv -t "$OUTBOX" -- {} +
+    for ((i = 1; i <= BACKLOG_N; i++)); do : >"$OUTBOX/$1$i.dat.done"; done
+  }
+  # Phase 1: dropped at once, receiver present.
+  t0=$(now)
+  backlog_files a
+  wait_count "$rdb" "$received" $((BACKLOG_N + 1)) "files placed"
+  R[${tag}_drop_s]=$(calc "$(now) - $t0")
+  R[${tag}_drop_send_kib]=$(hwm_kib "$SEND_PID")
+  R[${tag}_drop_recv_kib]=$(hwm_kib "$RECV_PID")
+  log "$tag: $BACKLOG_N files dropped at once, all placed in ${R[${tag}_drop_s]} s; peak RSS sender ${R[${tag}_drop_send_kib]} KiB, receiver ${R[${tag}_drop_recv_kib]} KiB"
+  # Phase 2: the receiver away; all sent, awaiting a receipt.
+  stop "$SEND_PID" "$RECV_PID"
+  start "$dir/send.log" env HAKOBU_LOG="${HAKOBU_BENCH_LOG:-info,lapin=warn}" "$HAKOBU" run -c "$dir/send.yaml"
+  SEND_PID=$LAST_PID
+  t0=$(now)
+  backlog_files b
+  wait_count "$sdb" "$awaiting" "$BACKLOG_N" "files awaiting a receipt"
+  R[${tag}_away_s]=$(calc "$(now) - $t0")
+  R[${tag}_away_send_kib]=$(hwm_kib "$SEND_PID")
+  log "$tag: $BACKLOG_N files to an absent receiver, all awaiting a receipt in ${R[${tag}_away_s]} s; peak RSS sender ${R[${tag}_away_send_kib]} KiB"
+  # Phase 3: the sender restarted with them all awaiting, then the
+  # receiver back to drain the queue.
+  stop "$SEND_PID"
+  start "$dir/send.log" env HAKOBU_LOG="${HAKOBU_BENCH_LOG:-info,lapin=warn}" "$HAKOBU" run -c "$dir/send.yaml"
+  SEND_PID=$LAST_PID
+  t0=$(now)
+  start "$dir/recv.log" env HAKOBU_LOG="${HAKOBU_BENCH_LOG:-info,lapin=warn}" "$HAKOBU" run -c "$dir/recv.yaml"
+  RECV_PID=$LAST_PID
+  wait_count "$rdb" "$received" $((2 * BACKLOG_N + 1)) "files placed"
+  wait_count "$sdb" "$sent" $((2 * BACKLOG_N + 1)) "receipts settled"
+  R[${tag}_drain_s]=$(calc "$(now) - $t0")
+  R[${tag}_drain_send_kib]=$(hwm_kib "$SEND_PID")
+  R[${tag}_drain_recv_kib]=$(hwm_kib "$RECV_PID")
+  R[${tag}_broker_kib]=$(hwm_kib "$BROKER_PID")
+  log "$tag: the receiver back, $BACKLOG_N placed and settled in ${R[${tag}_drain_s]} s; peak RSS sender ${R[${tag}_drain_send_kib]} KiB, receiver ${R[${tag}_drain_recv_kib]} KiB, broker ${R[${tag}_broker_kib]} KiB"
+  unpair
+  rm -rf "$dir"
+}
+
 latency_run() {
   local kind=$1 tag=$2 dir i t0 lat=()
   dir=$WORK/$tag
@@ -705,6 +792,10 @@ if ! skipped small; then
   if ! skipped small_embedded; then
     small_run embedded small_embedded
   fi
+fi
+if ! skipped backlog; then
+  command -v sqlite3 >/dev/null || die "the backlog measurement needs the sqlite3 command (apt-get install sqlite3)"
+  backlog_run backlog
 fi
 if ! skipped latency; then
   latency_run cluster latency_cluster
@@ -851,6 +942,20 @@ row "CPU s, small via cluster: sender + receiver + hooks + RabbitMQ (info)" "(no
 row "CPU s, small via embedded: sender + receiver + hooks + broker (info)" "(no target)" "$(fmt "${R[small_embedded_send_cpu_s]:-}") + $(fmt "${R[small_embedded_recv_cpu_s]:-}") + $(fmt "${R[small_embedded_hook_cpu_s]:-}") + $(fmt "${R[small_embedded_broker_cpu_s]:-}") in $(fmt "${R[small_embedded_s]:-}") s" "-" "${R[small_embedded_send_cpu_s]:-null}" null "s"
 row "CPU s, small raw ceiling: client + RabbitMQ (info)" "(no target)" "$(fmt "${R[small_ceiling_client_cpu_s]:-}") + $(fmt "${R[small_ceiling_rmq_cpu_s]:-}")" "-" "${R[small_ceiling_client_cpu_s]:-null}" null "s"
 row "peak RSS hakobu broker, $L / $H (info)" "(no target)" "$(mib "$bk") / $(mib "${R[huge_embedded_broker_kib]:-}") MiB" "-" "${R[huge_embedded_broker_kib]:-null}" null "KiB"
+
+# The backlog (issue 15): each agent under 64 MiB however many files wait.
+BN=$(printf "%'d" "$BACKLOG_N")
+for ph in "drop|dropped at once|drop_send_kib drop_recv_kib" "away|to an absent receiver|away_send_kib" "drain|awaiting, then drained|drain_send_kib drain_recv_kib"; do
+  IFS='|' read -r _ what keys <<<"$ph"
+  for k in $keys; do
+    v=${R[backlog_$k]:-}
+    who=sender
+    [[ $k == *recv* ]] && who=receiver
+    row "peak RSS $who, $BN files $what (embedded)" "<= 64 MiB" "$(mib "$v") MiB" "$(verdict "$v" '<=' 65536)" "${v:-null}" 65536 "KiB"
+  done
+done
+row "backlog: $BN files dropped at once, placed (info)" "(no target)" "$(fmt "${R[backlog_drop_s]:-}") s = $(fmt "$( [[ -n ${R[backlog_drop_s]:-} ]] && calc "$BACKLOG_N / ${R[backlog_drop_s]}")" 0) files/s" "-" "${R[backlog_drop_s]:-null}" null "s"
+row "peak RSS hakobu broker, $BN files queued and drained (info)" "(no target)" "$(mib "${R[backlog_broker_kib]:-}") MiB" "-" "${R[backlog_broker_kib]:-null}" null "KiB"
 
 # The table.
 {

@@ -249,6 +249,7 @@ impl Agent {
             };
             crate::http::start(http, state, stop.child_token()).await?;
         }
+        tokio::spawn(sender.clone().refill());
         sender.start_watchers();
         tokio::spawn(sender.clone().check_receipt_timeouts());
         tokio::spawn(sender.poll_queued());

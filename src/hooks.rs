@@ -4,8 +4,10 @@
 //! `retry.rs` runs a hook again, after a backoff, while it fails.
 
 mod retry;
+mod slot;
 
 pub use retry::run_retrying;
+pub use slot::Slot;
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;

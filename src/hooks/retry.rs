@@ -75,15 +75,19 @@ pub async fn run_retrying(
                     transfer_id = %ctx.transfer_id, error = %e, error_code = %e.code());
             }
         }
-        tokio::select! {
-            _ = stop.cancelled() => {
-                info!(message = "Agent stopping: the hook's next run is left for the next start (hook_interrupted).",
-                    transfer_id = %ctx.transfer_id, attempt = ctx.attempt + 1);
-                note(log, "the agent stopped before the next run").await;
-                return None;
-            }
-            _ = tokio::time::sleep(delay) => {}
+        // Other transfers take this one's completion slot meanwhile.
+        let slot = super::slot::release();
+        let stopped = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = tokio::time::sleep(delay) => false,
+        };
+        if stopped {
+            info!(message = "Agent stopping: the hook's next run is left for the next start (hook_interrupted).",
+                transfer_id = %ctx.transfer_id, attempt = ctx.attempt + 1);
+            note(log, "the agent stopped before the next run").await;
+            return None;
         }
+        super::slot::retake(slot).await;
         ctx.attempt += 1;
     }
 }

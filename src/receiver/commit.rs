@@ -2,8 +2,9 @@
 //! (one fsync per partial file a batch touched), record it (one ledger
 //! transaction for the batch), then ack it. A chunk that completes its
 //! transfer hands it to the completion stage; from then on the ledger, not
-//! the broker, carries the transfer, so no delivery stays unacked while
-//! hooks run.
+//! the broker, carries the transfer, so no delivery of it stays unacked
+//! while its hook runs. With `COMPLETING_MAX` completions under way, the
+//! stage waits for one to end before it takes the next batch.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use super::ingest::sync_partial;
 use super::{Receiver, SIDE_BY_SIDE};
 use crate::broker::Delivery;
 use crate::domain::TransferId;
+use crate::hooks::Slot;
 use crate::wire::ChunkHeader;
 
 /// A chunk written, waiting for its batch's fsync and ledger commit.
@@ -99,16 +101,39 @@ impl Receiver {
         futures::future::join_all(ok.iter().map(|w| w.d.ack())).await;
         // Complete: read from the recorded row (its chunk count and digest,
         // whichever batch brought them), never from this batch alone.
-        let mut done: Vec<TransferId> = ok
+        let done: Vec<TransferId> = ok
             .into_iter()
             .zip(complete)
             .filter(|(w, complete)| *complete && self.claim(&w.h.transfer_id))
             .map(|(w, _)| w.h.transfer_id)
             .collect();
-        if done.len() > 1 {
-            self.tasks.spawn(self.clone().complete_together(done));
-        } else if let Some(tid) = done.pop() {
-            self.tasks.spawn(self.clone().complete(tid));
+        // A slot each among COMPLETING_MAX. With none free, those that
+        // have one start, and this waits for the next; the next batches
+        // wait unacked meanwhile (`mod.rs`).
+        let mut group = Vec::new();
+        for tid in done {
+            let permit = match self.completing.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    self.start_completions(std::mem::take(&mut group));
+                    let Ok(p) = self.completing.clone().acquire_owned().await else {
+                        return;
+                    };
+                    p
+                }
+            };
+            group.push((tid, Slot::new(self.completing.clone(), permit)));
+        }
+        self.start_completions(group);
+    }
+
+    /// Completes transfers, each in its slot: together when there are
+    /// several (their files placed in one pass).
+    fn start_completions(self: &Arc<Self>, mut group: Vec<(TransferId, Slot)>) {
+        if group.len() > 1 {
+            self.tasks.spawn(self.clone().complete_together(group));
+        } else if let Some((tid, slot)) = group.pop() {
+            self.tasks.spawn(slot.hold(self.clone().complete(tid)));
         }
     }
 }

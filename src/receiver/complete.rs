@@ -17,7 +17,7 @@ use super::{Receiver, alert_limit};
 use crate::config::ReceiveProfile;
 use crate::domain::{NodeName, TransferId};
 use crate::error_code::ErrorCode;
-use crate::hooks::{self, Event, HookContext};
+use crate::hooks::{self, Event, HookContext, Slot};
 use crate::store::{ReceiveRow, Status, StoreError};
 
 impl Receiver {
@@ -29,7 +29,8 @@ impl Receiver {
     /// Completes transfers whose last chunks were committed together: those
     /// that can be are placed together ([`Receiver::place_together`]), then
     /// each goes on by itself (hooks, receipt) side by side.
-    pub(super) async fn complete_together(self: Arc<Self>, tids: Vec<TransferId>) {
+    pub(super) async fn complete_together(self: Arc<Self>, work: Vec<(TransferId, Slot)>) {
+        let tids: Vec<TransferId> = work.iter().map(|(tid, _)| tid.clone()).collect();
         let placed = match self.place_together(&tids).await {
             Ok(placed) => placed,
             Err(e) => {
@@ -39,9 +40,9 @@ impl Receiver {
                 HashSet::new()
             }
         };
-        let each = tids.into_iter().map(|tid| {
+        let each = work.into_iter().map(|(tid, slot)| {
             let placed_here = placed.contains(&tid);
-            self.clone().complete_from(tid, placed_here)
+            slot.hold(self.clone().complete_from(tid, placed_here))
         });
         futures::future::join_all(each).await;
     }

@@ -55,6 +55,13 @@ use crate::wire::ChunkHeader;
 /// does not start a blocking thread for each.
 const SIDE_BY_SIDE: usize = 16;
 
+/// Transfers completed side by side at most (placed, their hooks run,
+/// their receipts sent). More wait in the commit stage, which then acks
+/// nothing more, so the broker holds the backlog (up to the prefetch),
+/// not this process: a hook slower than the files arrive costs time, not
+/// memory or processes.
+const COMPLETING_MAX: usize = 64;
+
 pub struct Receiver {
     cfg: Arc<Config>,
     ledger: ReceiveLedger,
@@ -72,6 +79,8 @@ pub struct Receiver {
     alerts: alert_limit::AlertLimit,
     /// Receipts not confirmed, said once (then once a minute), not at every retry.
     retries: crate::retry_log::RetryLog,
+    /// Permits for [`COMPLETING_MAX`] completions at once.
+    completing: Arc<tokio::sync::Semaphore>,
 }
 
 impl Receiver {
@@ -92,6 +101,7 @@ impl Receiver {
             digests: Default::default(),
             alerts: Default::default(),
             retries: Default::default(),
+            completing: Arc::new(tokio::sync::Semaphore::new(COMPLETING_MAX)),
         })
     }
 

@@ -8,7 +8,8 @@
 //! 3. `spool.rs`: the spool's layout (also for `hakobu send` and `resend`);
 //!    `convert.rs`: a send profile's `convert:`, into the spool.
 //! 4. `publish.rs`: chunks through the transform stage to the broker, in a
-//!    window, until every one is confirmed.
+//!    window, until every one is confirmed; `backlog.rs`: how many publish
+//!    at once, the rest waiting in the ledger.
 //! 5. `receipt.rs`: the receiver's outcome, and the sender's hook for it;
 //!    `receipt_timeout.rs`: the failure hook, once, for a receipt that
 //!    takes longer than the profile's `receipt_timeout`.
@@ -20,6 +21,7 @@
 //! 8. `retry.rs`: a transient failure sent again (the profile's `retry:`).
 
 mod after_send;
+mod backlog;
 mod before_send;
 mod claim;
 mod convert;
@@ -34,8 +36,8 @@ mod spool;
 mod throttle;
 mod watch;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -50,9 +52,12 @@ pub use watch::ignored;
 use crate::broker::Delivery;
 use crate::coalesce::Coalescer;
 use crate::config::Config;
-use crate::domain::{FileId, NodeName, TransferId};
+use crate::domain::FileId;
 use crate::store::{RequestLedger, SendLedger, Status, StoreError};
 use crate::wire::Receipt;
+
+/// Queued transfers (`hakobu send`, `resend`, retries) started per poll.
+const QUEUED_PER_POLL: usize = 256;
 
 pub struct Sender {
     cfg: Arc<Config>,
@@ -72,8 +77,8 @@ pub struct Sender {
     /// The agent's `bandwidth:`, and each send profile's.
     agent_cap: Option<throttle::Bucket>,
     caps: HashMap<FileId, throttle::Bucket>,
-    /// (transfer id, peer) pairs being published now.
-    publishing: Mutex<HashSet<(TransferId, NodeName)>>,
+    /// The transfers being published now (`backlog.rs`).
+    publishing: backlog::Publishing,
     /// Receipt hook tasks, awaited on a graceful stop.
     tasks: TaskTracker,
     /// Held while `after_send` runs.
@@ -112,7 +117,7 @@ impl Sender {
             priorities: throttle::Priorities::default(),
             agent_cap,
             caps,
-            publishing: Mutex::new(HashSet::new()),
+            publishing: backlog::Publishing::default(),
             tasks,
             settling: tokio::sync::Mutex::new(()),
             stop,
@@ -145,13 +150,16 @@ impl Sender {
     pub async fn poll_queued(self: Arc<Self>) {
         while !self.stop.is_cancelled() {
             self.poll_requests().await;
-            match self.ledger.queued_due().await {
+            match self.ledger.queued_due(QUEUED_PER_POLL).await {
                 Ok(mut rows) => {
                     // Highest priority first; oldest first within one.
                     rows.sort_by_key(|r| std::cmp::Reverse(self.priority_of(&r.file_id)));
                     for row in rows {
                         let key = (&row.transfer_id, &row.peer);
-                        if self.is_publishing(key) {
+                        if self
+                            .publishing
+                            .contains(&(row.transfer_id.clone(), row.peer.clone()))
+                        {
                             // An earlier try's publisher has yet to see that
                             // its try ended: the next poll takes this one.
                             continue;
@@ -174,14 +182,6 @@ impl Sender {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
         }
-    }
-
-    /// A publisher runs for this transfer and node.
-    fn is_publishing(&self, (tid, peer): (&TransferId, &NodeName)) -> bool {
-        self.publishing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&(tid.clone(), peer.clone()))
     }
 
     /// The `priority:` of a file id's send profile (the default without one).

@@ -41,35 +41,7 @@ pub(super) fn permits_for(bytes: u64, window: u64) -> u32 {
 }
 
 impl Sender {
-    /// Publishes a transfer to one peer in the background, retrying until
-    /// the broker confirms it (or the agent stops: the ledger still says
-    /// `sending`, and the next start publishes it again).
-    pub(super) fn enqueue(self: &Arc<Self>, row: &SendRow) {
-        let key = (row.transfer_id.clone(), row.peer.clone());
-        let size = row.size;
-        let priority = self.priority_of(&row.file_id);
-        if !self
-            .publishing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone())
-        {
-            return;
-        }
-        let this = self.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = this.stop.cancelled() => {}
-                _ = this.publish_until_confirmed(&key.0, &key.1, size, priority) => {}
-            }
-            this.publishing
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
-        });
-    }
-
-    async fn publish_until_confirmed(
+    pub(super) async fn publish_until_confirmed(
         &self,
         tid: &TransferId,
         peer: &NodeName,

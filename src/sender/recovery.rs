@@ -22,23 +22,21 @@ impl Sender {
         for tid in self.adopt_spool_orphans().await? {
             self.settle_spool(&tid).await;
         }
-        for row in self.ledger.unfinished().await? {
-            match row.status {
-                Status::Sending => self.enqueue(&row),
-                Status::HookRunning => {
-                    warn!(message = "A sender hook was running when the agent stopped; not re-running it.", transfer_id = %row.transfer_id);
-                    let why = "the agent stopped while the hook ran; run `hakobu rerun` if it should run again";
-                    self.ledger
-                        .fail(
-                            (&row.transfer_id, &row.peer),
-                            Status::HookInterrupted,
-                            (ErrorCode::HookInterrupted, why),
-                        )
-                        .await?;
-                    self.settle_spool(&row.transfer_id).await;
-                }
-                _ => {}
-            }
+        // Transfers mid-publish: the refiller takes them from the ledger,
+        // a window at a time (`backlog.rs`), however many there are.
+        self.publishing.all_waiting();
+        for row in self.ledger.in_status(Status::HookRunning).await? {
+            warn!(message = "A sender hook was running when the agent stopped; not re-running it.", transfer_id = %row.transfer_id);
+            let why =
+                "the agent stopped while the hook ran; run `hakobu rerun` if it should run again";
+            self.ledger
+                .fail(
+                    (&row.transfer_id, &row.peer),
+                    Status::HookInterrupted,
+                    (ErrorCode::HookInterrupted, why),
+                )
+                .await?;
+            self.settle_spool(&row.transfer_id).await;
         }
         Ok(())
     }

@@ -292,8 +292,16 @@ impl Sender {
                 if names.is_empty() {
                     return Started::default();
                 }
+                // A window at a time, as the watcher claims (`backlog.rs`).
                 let ids = (request, row.parent_id.as_ref());
-                self.claim_child(&profile, names, ids).await
+                let mut started = Started::default();
+                for batch in names.chunks(super::watch::CLAIM_MAX) {
+                    self.wait_for_room(profile.priority).await;
+                    let more = self.claim_child(&profile, batch.to_vec(), ids).await;
+                    started.tids.extend(more.tids);
+                    started.failed = started.failed.or(more.failed);
+                }
+                started
             }
         }
     }

@@ -2,7 +2,7 @@
 //! the fallback; the readiness rule (`stable_for` or `done_marker`) decides
 //! when a file is complete and may be claimed. Runs until the agent stops.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
@@ -23,6 +23,11 @@ pub fn ignored(name: &str) -> bool {
 
 /// How long a wake-up waits for the rest of its burst before scanning.
 const COALESCE: Duration = Duration::from_millis(5);
+
+/// Files claimed together, at most: a fuller outbox is claimed a batch at
+/// a time, each once the one before has publishers (`backlog.rs`), so a
+/// million files dropped at once wait in the outbox, not in memory.
+pub(super) const CLAIM_MAX: usize = 256;
 
 struct Seen {
     size: u64,
@@ -66,9 +71,17 @@ pub async fn watch(sender: Arc<Sender>, profile: SendProfile) {
             _ = stop.cancelled() => break,
             _ = sender.priorities.yield_to_higher(profile.priority) => {}
         }
-        let ready = ready_files(&profile, &outbox, &mut seen);
+        // Nothing more is claimed while this priority's claimed files
+        // wait for a publisher.
+        sender.wait_for_room(profile.priority).await;
+        let ready = ready_files(&profile, &outbox, &mut seen, CLAIM_MAX);
+        let full = ready.len() >= CLAIM_MAX;
         if !ready.is_empty() {
             sender.claim(&profile, ready, None).await;
+        }
+        if full {
+            // More may be ready now: no wait for a wake-up.
+            continue;
         }
         // With stable_for, a file must be re-looked at when its time is up
         // even if nothing else happens, hence the timeout.
@@ -86,11 +99,13 @@ pub async fn watch(sender: Arc<Sender>, profile: SendProfile) {
 }
 
 /// Names in the outbox that are complete now, regular files (a link is
-/// never ready), each with the inode seen.
+/// never ready), each with the inode seen; at most `limit` (the directory's
+/// order decides which: the next scan finds the others).
 fn ready_files(
     profile: &SendProfile,
     outbox: &std::path::Path,
     seen: &mut HashMap<String, Seen>,
+    limit: usize,
 ) -> Vec<ReadyFile> {
     let entries = match fs::read_dir(outbox) {
         Ok(e) => e,
@@ -99,9 +114,15 @@ fn ready_files(
             return Vec::new();
         }
     };
-    let mut present = Vec::new();
+    let mut present = HashSet::new();
     let mut ready = Vec::new();
+    let mut whole = true;
     for entry in entries.flatten() {
+        if ready.len() >= limit {
+            // The rest of the directory is not looked at this time.
+            whole = false;
+            break;
+        }
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
@@ -132,7 +153,7 @@ fn ready_files(
                 }
                 let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                 let (size, ino) = (meta.len(), meta.ino());
-                present.push(name.clone());
+                present.insert(name.clone());
                 match seen.get(&name) {
                     // Another inode under the name is another file: its wait starts over.
                     Some(s) if s.size == size && s.mtime == mtime && s.ino == ino => {
@@ -156,7 +177,9 @@ fn ready_files(
             }
         }
     }
-    seen.retain(|name, _| present.contains(name));
+    if whole {
+        seen.retain(|name, _| present.contains(name));
+    }
     ready.sort();
     ready
 }
@@ -169,7 +192,7 @@ pub(super) fn ready_now(profile: &SendProfile) -> Vec<ReadyFile> {
         return Vec::new();
     };
     let Ready::StableFor(d) = profile.ready else {
-        return ready_files(profile, outbox, &mut HashMap::new());
+        return ready_files(profile, outbox, &mut HashMap::new(), usize::MAX);
     };
     let Ok(entries) = fs::read_dir(outbox) else {
         return Vec::new();

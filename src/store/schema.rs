@@ -21,6 +21,7 @@ const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[
     metrics_totals,
     lean_indexes,
     receipt_timeouts,
+    publish_backlog,
 ];
 
 /// The version this hakobu writes.
@@ -217,6 +218,18 @@ fn receipt_timeouts(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     )
 }
 
+/// 12 (issue 15, memory bounded whatever the backlog): the sender
+/// publishes a bounded number of transfers at once and takes the next ones
+/// from the ledger; a partial index of the rows waiting to be published
+/// (`sending`), by file id in the order they were recorded, finds them
+/// without reading the rest (`SendLedger::to_publish`).
+fn publish_backlog(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "CREATE INDEX transfers_to_publish ON transfers(file_id, seq)
+            WHERE direction = 'send' AND status = 'sending';",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,6 +398,28 @@ mod tests {
             .collect();
         let plan = plan.join("; ");
         assert!(plan.contains("USING INDEX transfers_receipt_due"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+    }
+
+    /// The sender's refiller finds the rows waiting to be published
+    /// through the partial index of migration 12, oldest first, without a
+    /// sort and without reading the table's other rows.
+    #[test]
+    fn rows_to_publish_use_their_partial_index() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let sql = format!(
+            "EXPLAIN QUERY PLAN SELECT transfer_id FROM transfers {}",
+            super::super::send_ledger::TO_PUBLISH
+        );
+        let mut st = conn.prepare(&sql).unwrap();
+        let plan: Vec<String> = st
+            .query_map(params!["SALES", 10], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        let plan = plan.join("; ");
+        assert!(plan.contains("USING INDEX transfers_to_publish"), "{plan}");
         assert!(!plan.contains("TEMP B-TREE"), "{plan}");
     }
 }

@@ -83,17 +83,46 @@ impl SendLedger {
         })
     }
 
-    /// Queued rows whose retry (if they are one) is due, oldest first.
-    pub fn queued_due(&self) -> Call<Vec<SendRow>> {
+    /// Queued rows whose retry (if they are one) is due, oldest first, at
+    /// most `limit` (the rest are read at the next poll).
+    pub fn queued_due(&self, limit: usize) -> Call<Vec<SendRow>> {
         self.store.call(move |db| {
             db.all(
                 &format!(
                     "SELECT {COLUMNS} FROM transfers WHERE direction = ?1 AND status = ?2
-                       AND (retry_at IS NULL OR retry_at <= ?3) ORDER BY seq"
+                       AND (retry_at IS NULL OR retry_at <= ?3) ORDER BY seq LIMIT ?4"
                 ),
-                params![TX, Status::Queued, unix_ms()],
+                params![TX, Status::Queued, unix_ms(), limit as i64],
                 SendRow::from_sql,
             )
+        })
+    }
+
+    /// Rows waiting to be published (`sending`), oldest first, at most
+    /// `limit`: those of `file_id`, or with `None`, those of no file id in
+    /// `known` (a profile since taken out of the configuration). Through
+    /// the partial index `transfers_to_publish` (its condition spelled out,
+    /// not bound, so that SQLite can use it).
+    pub fn to_publish(
+        &self,
+        file_id: Option<FileId>,
+        known: Vec<FileId>,
+        limit: usize,
+    ) -> Call<Vec<SendRow>> {
+        self.store.call(move |db| match file_id {
+            Some(f) => db.all(
+                &format!("SELECT {COLUMNS} FROM transfers {TO_PUBLISH}"),
+                params![f, limit as i64],
+                SendRow::from_sql,
+            ),
+            None => {
+                let known = serde_json::to_string(&known).unwrap_or_else(|_| "[]".into());
+                db.all(
+                    &format!("SELECT {COLUMNS} FROM transfers {TO_PUBLISH_UNKNOWN}"),
+                    params![known, limit as i64],
+                    SendRow::from_sql,
+                )
+            }
         })
     }
 
@@ -304,6 +333,14 @@ impl SendLedger {
 pub(super) const RECEIPT_DUE: &str = "WHERE direction = 'send' AND status = 'awaiting_receipt'
        AND receipt_timeout_at IS NULL AND file_id = ?1 AND touched_at < ?2
      ORDER BY touched_at LIMIT ?3";
+
+/// The condition of the partial index `transfers_to_publish` (schema
+/// migration 12), then ?1 the file id, ?2 the limit.
+pub(super) const TO_PUBLISH: &str = "WHERE direction = 'send' AND status = 'sending'
+       AND file_id = ?1 ORDER BY seq LIMIT ?2";
+/// The same for the rows of no file id in ?1 (a JSON array), ?2 the limit.
+pub(super) const TO_PUBLISH_UNKNOWN: &str = "WHERE direction = 'send' AND status = 'sending'
+       AND file_id NOT IN (SELECT value FROM json_each(?1)) ORDER BY seq LIMIT ?2";
 
 impl SendLedger {
     /// The requests ledger, on the same database.

@@ -322,7 +322,7 @@ async fn a_retry_is_the_next_try_of_the_same_row_on_both_sides() {
     let row = tx.get(key).await.unwrap().unwrap();
     assert_eq!((row.status, row.attempt), (Status::Queued, 2));
     assert_eq!(row.error_code.as_deref(), Some("disk_full"));
-    assert!(tx.queued_due().await.unwrap().is_empty(), "not due yet");
+    assert!(tx.queued_due(10).await.unwrap().is_empty(), "not due yet");
     // The same receipt again (redelivered) neither retries nor settles.
     assert!(!tx.retry(&failed, 3, Duration::ZERO).await.unwrap());
     tx.advance(key, Status::Queued, Status::Sending)
@@ -368,4 +368,42 @@ async fn awaiting_receipt(tx: &SendLedger) -> Transfer {
         .await
         .unwrap();
     t
+}
+
+/// The refiller's read: rows still to publish (`sending`) of one file id,
+/// oldest first, at most the limit; and those of file ids no longer
+/// configured. Rows in other statuses are not among them.
+#[tokio::test]
+async fn rows_to_publish_are_read_oldest_first_by_file_id() {
+    let (_d, store) = open();
+    let tx = store.sending();
+    let mut ids = Vec::new();
+    for (file_id, status) in [
+        ("sales", Status::Sending),
+        ("orders", Status::Sending),
+        ("sales", Status::AwaitingReceipt),
+        ("sales", Status::Sending),
+        ("gone", Status::Sending),
+    ] {
+        let mut t = transfer("beta", 1, status);
+        t.file_id = FileId::parse(file_id).unwrap();
+        ids.push(t.transfer_id.clone());
+        tx.insert_all(vec![SendRow::new(t, "/spool/a".into())])
+            .await
+            .unwrap();
+    }
+    let sales = Some(FileId::parse("sales").unwrap());
+    let known = |names: &[&str]| names.iter().map(|n| FileId::parse(n).unwrap()).collect();
+    let got = |rows: Vec<SendRow>| -> Vec<TransferId> {
+        rows.into_iter().map(|r| r.transfer_id.clone()).collect()
+    };
+    let all = tx.to_publish(sales.clone(), vec![], 10).await.unwrap();
+    assert_eq!(got(all), vec![ids[0].clone(), ids[3].clone()]);
+    let first = tx.to_publish(sales, vec![], 1).await.unwrap();
+    assert_eq!(got(first), vec![ids[0].clone()]);
+    let unknown = tx
+        .to_publish(None, known(&["sales", "orders"]), 10)
+        .await
+        .unwrap();
+    assert_eq!(got(unknown), vec![ids[4].clone()]);
 }

@@ -1,0 +1,237 @@
+//! Memory bounded whatever the backlog (issue 15). Thousands of files
+//! dropped at once while the embedded broker is hung (SIGSTOP): the sender
+//! claims a bounded window of them and leaves the rest in the outbox
+//! instead of taking them all into memory; after SIGCONT every file
+//! arrives, byte for byte, each hook once, and neither agent's peak RSS
+//! passes 64 MiB. A hook slower than the files arrive: at most 64 run at
+//! once, the rest of the files wait in the broker. The benchmark
+//! (`benches/run.sh`, `backlog`) measures the memory at 100,000 files.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Agent, BrokerProcess, Pair, PairOpts, hook_runs, unique, visible_names, wait_until};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const FILES: usize = 5_000;
+/// What the sender may take from the outbox while nothing is confirmed:
+/// one claim (256) for the publishers of its priority (256) and one more
+/// that waits for them (`src/sender/backlog.rs`, `watch.rs`).
+const CLAIMED_AT_MOST: usize = 512;
+const RSS_LIMIT_KIB: u64 = 64 << 10;
+
+/// A process stopped with SIGSTOP; dropping the guard (also while a failed
+/// assertion unwinds) sends SIGCONT.
+struct Stopped(i32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
+    }
+}
+
+/// The peak resident set of a process (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc status")
+}
+
+/// The 4 KiB body of file `i`: its number, repeated.
+fn body(i: usize) -> Vec<u8> {
+    let line = format!("{i:08}\n");
+    line.as_bytes().iter().copied().cycle().take(4096).collect()
+}
+
+fn count_files(dir: &Path) -> usize {
+    fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+#[test]
+fn thousands_of_files_wait_on_disk_not_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let mut p = Pair::new(PairOpts {
+        broker: Some(broker.section()),
+        ready: Some("{ done_marker: \".done\" }".into()),
+        ..Default::default()
+    });
+    p.start();
+    let spool = p.alpha.dir.join("state/spool").join(&p.file_id);
+
+    // Nothing is confirmed while the broker is stopped.
+    let stopped = Stopped(broker.pid() as i32);
+    kill(Pid::from_raw(stopped.0), Signal::SIGSTOP).expect("SIGSTOP");
+    let stage = p.tmp.path().join("stage");
+    fs::create_dir_all(&stage).unwrap();
+    for i in 0..FILES {
+        fs::write(stage.join(format!("f{i}.dat")), body(i)).unwrap();
+    }
+    let t0 = Instant::now();
+    for i in 0..FILES {
+        let name = format!("f{i}.dat");
+        fs::rename(stage.join(&name), p.outbox.join(&name)).unwrap();
+    }
+    for i in 0..FILES {
+        fs::write(p.outbox.join(format!("f{i}.dat.done")), b"").unwrap();
+    }
+    // The sender claims what it may, then waits: the spool stops growing.
+    let (mut last, mut still_since) = (usize::MAX, Instant::now());
+    wait_until(Duration::from_secs(60), "the spool to stop growing", || {
+        let n = count_files(&spool);
+        if n != last {
+            (last, still_since) = (n, Instant::now());
+        }
+        n > 0 && still_since.elapsed() >= Duration::from_secs(3)
+    });
+    let claimed = count_files(&spool);
+    let left = visible_names(&p.outbox)
+        .iter()
+        .filter(|n| n.ends_with(".dat"))
+        .count();
+    assert!(
+        claimed <= CLAIMED_AT_MOST,
+        "{claimed} files claimed while nothing could be published (at most {CLAIMED_AT_MOST}: the rest wait in the outbox)"
+    );
+    assert_eq!(
+        claimed + left,
+        FILES,
+        "every file in the spool or the outbox"
+    );
+
+    drop(stopped);
+    let resumed = Instant::now();
+    wait_until(Duration::from_secs(600), "every file placed", || {
+        visible_names(&p.inbox).len() >= FILES
+    });
+    p.wait_sent(FILES, Duration::from_secs(300));
+    let all_sent = t0.elapsed();
+
+    let mut corrupted = 0;
+    for i in 0..FILES {
+        if fs::read(p.inbox.join(format!("f{i}.dat"))).ok() != Some(body(i)) {
+            corrupted += 1;
+        }
+    }
+    let mut hooks: BTreeMap<String, usize> = BTreeMap::new();
+    for l in hook_runs(&p.hooks) {
+        *hooks.entry(l).or_default() += 1;
+    }
+    let received = hooks.keys().filter(|l| l.ends_with(" received")).count();
+    let dup = hooks.values().filter(|&&n| n > 1).count();
+    let (send_kib, recv_kib) = (peak_rss_kib(p.alpha.pid()), peak_rss_kib(p.beta.pid()));
+    println!(
+        "figures: backlog: {FILES} files dropped at once on a hung broker, {claimed} claimed meanwhile, all placed {:.1}s after SIGCONT ({:.1}s in all), peak RSS sender {:.1} MiB, receiver {:.1} MiB, lost {}, corrupted {corrupted}, duplicate hooks {dup}",
+        resumed.elapsed().as_secs_f64(),
+        all_sent.as_secs_f64(),
+        send_kib as f64 / 1024.0,
+        recv_kib as f64 / 1024.0,
+        FILES - visible_names(&p.inbox).len().min(FILES),
+    );
+    assert_eq!(corrupted, 0, "files placed with other bytes");
+    assert_eq!(received, FILES, "one success hook per file on the receiver");
+    assert_eq!(dup, 0, "a hook ran twice");
+    for (who, kib) in [("sender", send_kib), ("receiver", recv_kib)] {
+        assert!(
+            kib <= RSS_LIMIT_KIB,
+            "the {who}'s peak RSS is {kib} KiB (limit {RSS_LIMIT_KIB} KiB)"
+        );
+    }
+}
+
+/// The receiver's completions at once (`src/receiver/mod.rs`).
+const COMPLETING_MAX: usize = 64;
+
+/// A success hook that takes a second, 200 files dropped at once: the
+/// receiver runs at most 64 hooks at once (each hook counts the others
+/// running as it starts), and every file is placed with one hook.
+#[test]
+fn a_slow_hook_runs_at_most_64_at_once() {
+    const N: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let broker = BrokerProcess::start(root);
+    let (a, b) = (unique("alpha"), unique("beta"));
+    let runs = root.join("runs");
+    fs::create_dir_all(&runs).unwrap();
+    let hook = root.join("slow-hook.sh");
+    fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nd={runs}\ntouch \"$d/running.$$\"\nls \"$d\" | grep -c '^running\\.' >> \"$d/side-by-side.log\"\nsleep 1\nrm -f \"$d/running.$$\"\necho \"$HAKOBU_TRANSFER_ID\" >> \"$d/done.log\"\n",
+            runs = runs.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let (outbox, inbox) = (root.join("outbox"), root.join("inbox"));
+    let mut alpha = Agent::new(
+        &a,
+        &root.join("alpha"),
+        &format!(
+            "node: {a}\nstate_dir: state\n{broker}send:\n  - file_id: SLOW\n    outbox: {outbox}\n    to: [ {b} ]\n    ready: {{ done_marker: \".done\" }}\n",
+            broker = broker.section(),
+            outbox = outbox.display()
+        ),
+    );
+    let mut beta = Agent::new(
+        &b,
+        &root.join("beta"),
+        &format!(
+            "node: {b}\nstate_dir: state\n{broker}receive:\n  - file_id: SLOW\n    from: [ {a} ]\n    inbox: {inbox}\n    on_success: {{ run: [ \"{hook}\" ], timeout: 1m }}\n",
+            broker = broker.section(),
+            inbox = inbox.display(),
+            hook = hook.display()
+        ),
+    );
+    beta.start();
+    alpha.start();
+    fs::create_dir_all(&outbox).unwrap();
+    for i in 0..N {
+        fs::write(outbox.join(format!("s{i}.dat")), body(i)).unwrap();
+    }
+    let t0 = Instant::now();
+    for i in 0..N {
+        fs::write(outbox.join(format!("s{i}.dat.done")), b"").unwrap();
+    }
+    let lines = |name: &str| -> Vec<String> {
+        fs::read_to_string(runs.join(name))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    };
+    wait_until(Duration::from_secs(120), "every slow hook to end", || {
+        lines("done.log").len() >= N
+    });
+    let took = t0.elapsed();
+    let most = lines("side-by-side.log")
+        .iter()
+        .filter_map(|l| l.trim().parse::<usize>().ok())
+        .max()
+        .unwrap_or(0);
+    let done = lines("done.log");
+    let distinct: std::collections::BTreeSet<&String> = done.iter().collect();
+    let corrupted = (0..N)
+        .filter(|&i| fs::read(inbox.join(format!("s{i}.dat"))).ok() != Some(body(i)))
+        .count();
+    println!(
+        "figures: slow hooks: {N} files, a 1 s hook, at most {most} hooks at once (limit {COMPLETING_MAX}), all done in {:.1}s, lost {}, corrupted {corrupted}, duplicate hooks {}",
+        took.as_secs_f64(),
+        N - distinct.len().min(N),
+        done.len() - distinct.len()
+    );
+    assert!(most <= COMPLETING_MAX, "{most} hooks ran at once");
+    assert!(most >= 2, "hooks ran one at a time: {most}");
+    assert_eq!(corrupted, 0);
+    assert_eq!((done.len(), distinct.len()), (N, N), "one hook per file");
+}
