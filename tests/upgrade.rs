@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{BrokerProcess, rabbit_broker, unique, wait_until};
+use common::{BrokerProcess, amqp_urls, cluster, unique, wait_until};
 use rig::{Expected, Net, WAIT, current, figures, previous, rows, status_of, wait_for};
 
 /// One scenario at a time: each runs several agents and a stream of files
@@ -51,7 +51,7 @@ fn a_state_directory_of_the_previous_release_resumes() {
     let _g = serial();
     let old = previous();
     let tmp = tempfile::tempdir().unwrap();
-    let broker = format!("{}    max_queue: 4MiB\n", rabbit_broker(0));
+    let broker = format!("{}    max_queue: 4MiB\n", cluster_broker());
     let net = Net::new(tmp.path(), broker);
     let (a, b, g) = (unique("up-a"), unique("up-b"), unique("up-g"));
     let mut alpha = net.agent(&a, &[("DATA", &b), ("LATE", &g)], &[], old);
@@ -183,7 +183,7 @@ fn a_state_directory_of_the_previous_release_resumes() {
 fn the_previous_release_and_this_one_exchange_files_both_ways() {
     let _g = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let net = Net::new(tmp.path(), rabbit_broker(0));
+    let net = Net::new(tmp.path(), cluster_broker());
     let (o, n) = (unique("up-old"), unique("up-new"));
     let mut old = net.agent(&o, &[("DATA", &n)], &[("DATA", &n)], previous());
     let mut new = net.agent(&n, &[("DATA", &o)], &[("DATA", &o)], current());
@@ -291,7 +291,7 @@ fn the_previous_release_and_this_one_exchange_files_both_ways() {
 fn a_rolling_restart_onto_this_release_under_a_stream_loses_nothing() {
     let _g = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let net = Net::new(tmp.path(), rabbit_broker(0));
+    let net = Net::new(tmp.path(), cluster_broker());
     let nodes: Vec<String> = (0..3).map(|i| unique(&format!("roll{i}"))).collect();
     let mut agents: Vec<common::Agent> = (0..3)
         .map(|i| {
@@ -590,4 +590,56 @@ fn the_embedded_broker_and_an_agent_of_another_release_refuse_each_other() {
         old_refused.as_secs_f64(),
         new_refused.as_secs_f64()
     ));
+}
+
+/// The test cluster, in a virtual host of this run's own. Release 0.1
+/// declares the dead-letter queue without the bound this release gives it,
+/// and RabbitMQ refuses a declaration that differs from the queue's
+/// (PRECONDITION_FAILED): an agent of release 0.1 cannot work where this
+/// release declared that queue first, as the suites before this one do on
+/// `/`. In a real upgrade the older agents were there first, and this
+/// release uses their queue as it is (it says so); here too, in a vhost
+/// where the 0.1 agents start first.
+fn cluster_broker() -> String {
+    static VHOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let vhost = VHOST.get_or_init(|| {
+        let v = format!("hakobu-upgrade-{}", std::process::id());
+        cluster(&["ctl", "1", "add_vhost", &v]);
+        let user = url_user(&amqp_urls()[0]);
+        cluster(&[
+            "ctl",
+            "1",
+            "set_permissions",
+            "-p",
+            &v,
+            &user,
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        v
+    });
+    let urls: Vec<String> = amqp_urls()
+        .iter()
+        .map(|u| {
+            let at = u.rfind('@').map_or(0, |i| i + 1);
+            let base = match u[at..].find('/') {
+                Some(slash) => &u[..at + slash],
+                None => u.as_str(),
+            };
+            format!("\"{base}/{vhost}\"")
+        })
+        .collect();
+    format!(
+        "broker:\n  rabbitmq:\n    urls: [ {} ]\n    confirm_timeout: 20s\n    verify_sender: false\n",
+        urls.join(", ")
+    )
+}
+
+/// The user of an `amqp://user:password@host/vhost` URL (percent-decoded
+/// only as far as the test cluster's names need).
+fn url_user(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let creds = rest.rsplit_once('@').map_or("", |(c, _)| c);
+    creds.split(':').next().unwrap_or("").replace("%2D", "-")
 }
