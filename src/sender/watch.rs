@@ -77,11 +77,13 @@ pub async fn watch(sender: Arc<Sender>, profile: SendProfile) {
         let ready = ready_files(&profile, &outbox, &mut seen, CLAIM_MAX);
         let full = ready.len() >= CLAIM_MAX;
         if !ready.is_empty() {
-            sender.claim(&profile, ready, None).await;
-        }
-        if full {
-            // More may be ready now: no wait for a wake-up.
-            continue;
+            let started = sender.claim(&profile, ready, None).await;
+            if full && !started.tids.is_empty() {
+                // More may be ready now: no wait for a wake-up. (A claim
+                // that took nothing, files it cannot rename, waits for the
+                // rescan as before.)
+                continue;
+            }
         }
         // With stable_for, a file must be re-looked at when its time is up
         // even if nothing else happens, hence the timeout.
