@@ -13,7 +13,6 @@ use serde::Serialize;
 
 use crate::config::{BrokerConfig, Config};
 use crate::domain::escape_text;
-use crate::error_code::ErrorCode;
 use crate::store::{Activities, Activity, Direction, Store};
 
 /// Failures shown: those of the last day.
@@ -149,7 +148,7 @@ fn show(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
             "  {}  for {}{}",
             describe(t),
             humantime::format_duration(Duration::from_secs(t.idle_secs)),
-            if t.error_code.as_deref() == Some(ErrorCode::ReceiptTimeout.as_str()) {
+            if t.receipt_timeout_at.is_some() {
                 crate::store::PAST_RECEIPT_TIMEOUT
             } else {
                 ""

@@ -46,6 +46,9 @@ pub struct Activity {
     pub idle_secs: u64,
     pub error_code: Option<String>,
     pub error: Option<String>,
+    /// When its `receipt_timeout` ran out (unix seconds), for a transfer
+    /// still waiting for its receipt after that.
+    pub receipt_timeout_at: Option<i64>,
 }
 
 /// The three lists of `hakobu status`.
@@ -60,7 +63,7 @@ pub struct Activities {
 const SELECT: &str = "SELECT direction, transfer_id, peer, file_id, file_name, status, size,
     CASE WHEN direction = ?1 THEN progress
          ELSE MIN(size, chunks_have * chunk_size) END AS done,
-    started_at, finished_at, touched_at, error_code, error FROM transfers";
+    started_at, finished_at, touched_at, error_code, error, receipt_timeout_at FROM transfers";
 
 fn activity(r: &rusqlite::Row<'_>, now: i64) -> rusqlite::Result<Activity> {
     let dir: String = r.get("direction")?;
@@ -83,6 +86,7 @@ fn activity(r: &rusqlite::Row<'_>, now: i64) -> rusqlite::Result<Activity> {
         idle_secs: (now - touched).max(0) as u64,
         error_code: r.get("error_code")?,
         error: r.get("error")?,
+        receipt_timeout_at: r.get("receipt_timeout_at")?,
     })
 }
 

@@ -139,7 +139,7 @@ impl SendLedger {
             let n = db.run(
                 "UPDATE transfers SET status = ?5, attempt = attempt + 1, retry_at = ?6,
                     error_code = ?7, error = ?8, progress = 0, remote_path = NULL,
-                    remote_hook_exit = NULL, delivered = 0
+                    remote_hook_exit = NULL, delivered = 0, receipt_timeout_at = NULL
                  WHERE direction = ?1 AND transfer_id = ?2 AND peer = ?3 AND file_id = ?4
                    AND attempt = ?9 AND attempt < ?10 AND status IN (?11, ?12)",
                 params![

@@ -312,6 +312,8 @@ async fn a_retry_is_the_next_try_of_the_same_row_on_both_sides() {
     let key = (&t.transfer_id, &t.peer);
     let mut failed = receipt_for(&t, "sales", false);
     failed.error_code = Some("disk_full".into());
+    // Try 1 waited past its receipt_timeout before the receipt came.
+    assert!(tx.time_out_receipt(key, 1, "late").await.unwrap());
     // Tries used up (max 1): no retry.
     assert!(!tx.retry(&failed, 1, Duration::ZERO).await.unwrap());
     assert!(
@@ -322,6 +324,7 @@ async fn a_retry_is_the_next_try_of_the_same_row_on_both_sides() {
     let row = tx.get(key).await.unwrap().unwrap();
     assert_eq!((row.status, row.attempt), (Status::Queued, 2));
     assert_eq!(row.error_code.as_deref(), Some("disk_full"));
+    assert_eq!(row.receipt_timeout_at, None, "try 2 may time out again");
     assert!(tx.queued_due(10).await.unwrap().is_empty(), "not due yet");
     // The same receipt again (redelivered) neither retries nor settles.
     assert!(!tx.retry(&failed, 3, Duration::ZERO).await.unwrap());
