@@ -7,12 +7,19 @@
 #   - a dropper writes files of random sizes (0..5 MiB, random bytes) into
 #     alpha's outbox (written under a hidden name, then renamed in) and notes
 #     each one's SHA-256 in a manifest;
-#   - every few seconds one fault: `kill -9` of a RabbitMQ node (one at a
-#     time: the next only once the cluster is whole again; started again in
-#     the background a few seconds later with local-cluster.sh start N, while
-#     the other faults go on), or of the sending agent (alpha), or of the
-#     receiving agent (beta), each restarted after up to two seconds. Only
-#     pids this script started or read from local-cluster.sh are killed.
+#   - every few seconds one fault. On a RabbitMQ node (one at a time: the
+#     next only once the cluster is whole again; undone in the background
+#     while the other faults go on): `kill -9`, started again a few seconds
+#     later with local-cluster.sh start N; SIGSTOP for 3 to 20 s (a hung
+#     node: past net_ticktime the others count it out), then SIGCONT; a
+#     disk alarm (`set_disk_free_limit` above the disk's size, publishers
+#     blocked cluster-wide) for 2 to 12 s, then the limit restored. On the
+#     sending agent (alpha) or the receiving agent (beta): `kill -9`,
+#     restarted after up to two seconds, or SIGSTOP for 1 to 8 s, then
+#     SIGCONT. Only pids this script started or read from local-cluster.sh
+#     are signalled, and whatever it stopped or alarmed is undone on exit.
+#     (Network partitions need a cluster in network namespaces,
+#     tests/partition.rs; full disks a small tmpfs, tests/disk_full.rs.)
 # Then everything runs again and the script waits for quiescence (every file
 # settled on both sides, QUIESCE_SECONDS, default 600), and checks: every file
 # is in beta's inbox byte for byte, its success hook ran exactly once, the
@@ -72,17 +79,28 @@ fi
 # --- the work directory and state that cleanup needs ---------------------------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hakobu-soak.XXXXXX")
 ALPHA_PID='' BETA_PID='' DROPPER_PID='' NODE_DOWN='' NODE_JOB='' OWN_CLUSTER='' RESULT=1
+# The node fault under way (kill | hang | alarm) and, for a hang, its pid.
+NODE_FAULT='' NODE_PID=''
+DISK_LIMIT=50MB
 
 # shellcheck disable=SC2317 # (trap handler)
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   for pid in $DROPPER_PID $ALPHA_PID $BETA_PID; do
+    kill -CONT "$pid" 2>/dev/null || true
     kill -9 "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
+  # A hung node gets its SIGCONT, an alarm its limit back, whatever
+  # happened to the job that was to undo them.
+  if [[ $NODE_FAULT == hang ]]; then kill -CONT "$NODE_PID" 2>/dev/null || true; fi
+  if [[ $NODE_FAULT == alarm ]]; then
+    "$CLUSTER" ctl "$NODE_DOWN" set_disk_free_limit "$DISK_LIMIT" >>"$WORK/cluster.log" 2>&1 || true
+  fi
   # A node being started again is left to finish booting, then checked.
   if [[ -n $NODE_JOB ]]; then wait "$NODE_JOB" 2>/dev/null && NODE_DOWN=''; fi
+  if [[ $NODE_FAULT != kill ]]; then NODE_DOWN=''; fi
   if [[ -n $NODE_DOWN ]]; then
     log "starting RabbitMQ node $NODE_DOWN again"
     "$CLUSTER" start "$NODE_DOWN" >>"$WORK/cluster.log" 2>&1 || log "could not start node $NODE_DOWN (see $WORK/cluster.log)"
@@ -204,7 +222,7 @@ dropper() {
 }
 
 # --- the faults ------------------------------------------------------------------
-KILLS_NODE=0 KILLS_ALPHA=0 KILLS_BETA=0
+KILLS_NODE=0 KILLS_ALPHA=0 KILLS_BETA=0 HANGS_NODE=0 HANGS_AGENT=0 ALARMS=0
 log "seed $SEED; $MINUTES min of faults; work directory $WORK"
 start_beta
 start_alpha
@@ -215,22 +233,22 @@ while ((SECONDS < END)); do
   rsleep 2000 6000
   ((SECONDS < END)) || break
   check_alive
-  # The node started again in the background: done yet?
+  # The node fault undone in the background: done yet?
   if [[ -n $NODE_JOB ]] && ! kill -0 "$NODE_JOB" 2>/dev/null; then
-    wait "$NODE_JOB" || die "node $NODE_DOWN did not start (see $WORK/cluster.log)"
-    log "node $NODE_DOWN is back"
-    NODE_JOB='' NODE_DOWN=''
+    wait "$NODE_JOB" || die "node $NODE_DOWN: undoing the $NODE_FAULT failed (see $WORK/cluster.log)"
+    log "node $NODE_DOWN is back ($NODE_FAULT undone)"
+    NODE_JOB='' NODE_DOWN='' NODE_FAULT='' NODE_PID=''
   fi
-  fault=$(rand 10)
+  fault=$(rand 16)
   # One node at a time, and only once the cluster is whole again.
-  if ((fault < 4)) && [[ -z $NODE_DOWN ]] && ! "$CLUSTER" status >/dev/null 2>&1; then fault=9; fi
-  if ((fault < 4)) && [[ -n $NODE_DOWN ]]; then fault=$((4 + $(rand 6))); fi
+  if ((fault < 6)) && [[ -z $NODE_DOWN ]] && ! "$CLUSTER" status >/dev/null 2>&1; then fault=15; fi
+  if ((fault < 6)) && [[ -n $NODE_DOWN ]]; then fault=$((6 + $(rand 10))); fi
   case $fault in
-    0 | 1 | 2 | 3)
+    0 | 1 | 2)
       n=$((1 + $(rand 3)))
       pid=$("$CLUSTER" pid "$n")
       log "kill -9 RabbitMQ node $n (pid $pid)"
-      NODE_DOWN=$n
+      NODE_DOWN=$n NODE_FAULT=kill
       kill -9 "$pid"
       KILLS_NODE=$((KILLS_NODE + 1))
       (
@@ -239,33 +257,78 @@ while ((SECONDS < END)); do
       ) &
       NODE_JOB=$!
       ;;
-    4 | 5 | 6)
+    3 | 4)
+      n=$((1 + $(rand 3)))
+      pid=$("$CLUSTER" pid "$n")
+      t=$((3000 + $(rand 17000)))
+      log "SIGSTOP RabbitMQ node $n (pid $pid) for $((t / 1000)) s"
+      NODE_DOWN=$n NODE_FAULT=hang NODE_PID=$pid
+      kill -STOP "$pid"
+      HANGS_NODE=$((HANGS_NODE + 1))
+      (
+        rsleep "$t" "$t"
+        kill -CONT "$pid"
+        # Counted out and back (autoheal), or never left: whole again.
+        for _ in $(seq 120); do "$CLUSTER" status >/dev/null 2>&1 && exit 0; sleep 1; done
+        exit 1
+      ) &
+      NODE_JOB=$!
+      ;;
+    5)
+      n=$((1 + $(rand 3)))
+      t=$((2000 + $(rand 10000)))
+      log "disk alarm on RabbitMQ node $n for $((t / 1000)) s"
+      NODE_DOWN=$n NODE_FAULT=alarm
+      "$CLUSTER" ctl "$n" set_disk_free_limit 1000000000000000 >>"$WORK/cluster.log" 2>&1 ||
+        die "cannot raise a disk alarm on node $n (see $WORK/cluster.log)"
+      ALARMS=$((ALARMS + 1))
+      (
+        rsleep "$t" "$t"
+        "$CLUSTER" ctl "$n" set_disk_free_limit "$DISK_LIMIT" >>"$WORK/cluster.log" 2>&1
+      ) &
+      NODE_JOB=$!
+      ;;
+    6 | 7 | 8)
       log "kill -9 alpha (pid $ALPHA_PID)"
       kill9 "$ALPHA_PID"
       KILLS_ALPHA=$((KILLS_ALPHA + 1))
       rsleep 0 2000
       start_alpha
       ;;
-    *)
+    9 | 10 | 11)
       log "kill -9 beta (pid $BETA_PID)"
       kill9 "$BETA_PID"
       KILLS_BETA=$((KILLS_BETA + 1))
       rsleep 0 2000
       start_beta
       ;;
+    12 | 13)
+      log "SIGSTOP alpha (pid $ALPHA_PID)"
+      kill -STOP "$ALPHA_PID"
+      HANGS_AGENT=$((HANGS_AGENT + 1))
+      rsleep 1000 8000
+      kill -CONT "$ALPHA_PID"
+      ;;
+    *)
+      log "SIGSTOP beta (pid $BETA_PID)"
+      kill -STOP "$BETA_PID"
+      HANGS_AGENT=$((HANGS_AGENT + 1))
+      rsleep 1000 8000
+      kill -CONT "$BETA_PID"
+      ;;
   esac
 done
 wait "$DROPPER_PID" || die "the dropper failed"
 DROPPER_PID=''
 if [[ -n $NODE_JOB ]]; then
-  wait "$NODE_JOB" || die "node $NODE_DOWN did not start (see $WORK/cluster.log)"
-  log "node $NODE_DOWN is back"
-  NODE_JOB='' NODE_DOWN=''
+  wait "$NODE_JOB" || die "node $NODE_DOWN: undoing the $NODE_FAULT failed (see $WORK/cluster.log)"
+  log "node $NODE_DOWN is back ($NODE_FAULT undone)"
+  NODE_JOB='' NODE_DOWN='' NODE_FAULT='' NODE_PID=''
 fi
 check_alive
 FILES=$(wc -l <"$MANIFEST")
-FAULTS=$((KILLS_NODE + KILLS_ALPHA + KILLS_BETA))
-log "faults over: $FILES files dropped; $KILLS_NODE node, $KILLS_ALPHA alpha and $KILLS_BETA beta kills"
+FAULTS=$((KILLS_NODE + KILLS_ALPHA + KILLS_BETA + HANGS_NODE + HANGS_AGENT + ALARMS))
+log "faults over: $FILES files dropped; $KILLS_NODE node, $KILLS_ALPHA alpha and $KILLS_BETA beta kills; $HANGS_NODE node and $HANGS_AGENT agent hangs; $ALARMS disk alarms"
 
 # --- quiescence --------------------------------------------------------------
 hist() { "$BIN" history -c "$WORK/$1.yaml" --limit 1000000 --json </dev/null; }
