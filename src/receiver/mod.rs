@@ -60,7 +60,7 @@ const SIDE_BY_SIDE: usize = 16;
 /// nothing more, so the broker holds the backlog (up to the prefetch),
 /// not this process: a hook slower than the files arrive costs time, not
 /// memory or processes.
-const COMPLETING_MAX: usize = 64;
+const COMPLETING_MAX: usize = 256;
 
 pub struct Receiver {
     cfg: Arc<Config>,

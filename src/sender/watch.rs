@@ -27,7 +27,7 @@ const COALESCE: Duration = Duration::from_millis(5);
 /// Files claimed together, at most: a fuller outbox is claimed a batch at
 /// a time, each once the one before has publishers (`backlog.rs`), so a
 /// million files dropped at once wait in the outbox, not in memory.
-pub(super) const CLAIM_MAX: usize = 256;
+pub(super) const CLAIM_MAX: usize = 1024;
 
 struct Seen {
     size: u64,
