@@ -380,23 +380,29 @@ mod tests {
         }
     }
 
+    /// The query plan of `SELECT transfer_id FROM transfers {condition}`
+    /// with `params` bound, its steps joined with "; ".
+    fn plan_of(condition: &str, params: impl rusqlite::Params) -> String {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let sql = format!("EXPLAIN QUERY PLAN SELECT transfer_id FROM transfers {condition}");
+        let mut st = conn.prepare(&sql).unwrap();
+        let plan: Vec<String> = st
+            .query_map(params, |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        plan.join("; ")
+    }
+
     /// The sender's checker finds rows past their `receipt_timeout` through
     /// the partial index of migration 11, not by reading the table.
     #[test]
     fn receipts_due_use_their_partial_index() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn).unwrap();
-        let sql = format!(
-            "EXPLAIN QUERY PLAN SELECT transfer_id FROM transfers {}",
-            super::super::send_ledger::RECEIPT_DUE
+        let plan = plan_of(
+            super::super::send_ledger::RECEIPT_DUE,
+            params!["SALES", 0, 10],
         );
-        let mut st = conn.prepare(&sql).unwrap();
-        let plan: Vec<String> = st
-            .query_map(params!["SALES", 0, 10], |r| r.get::<_, String>(3))
-            .unwrap()
-            .map(|r| r.unwrap())
-            .collect();
-        let plan = plan.join("; ");
         assert!(plan.contains("USING INDEX transfers_receipt_due"), "{plan}");
         assert!(!plan.contains("TEMP B-TREE"), "{plan}");
     }
@@ -406,19 +412,7 @@ mod tests {
     /// sort and without reading the table's other rows.
     #[test]
     fn rows_to_publish_use_their_partial_index() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn).unwrap();
-        let sql = format!(
-            "EXPLAIN QUERY PLAN SELECT transfer_id FROM transfers {}",
-            super::super::send_ledger::TO_PUBLISH
-        );
-        let mut st = conn.prepare(&sql).unwrap();
-        let plan: Vec<String> = st
-            .query_map(params!["SALES", 10], |r| r.get::<_, String>(3))
-            .unwrap()
-            .map(|r| r.unwrap())
-            .collect();
-        let plan = plan.join("; ");
+        let plan = plan_of(super::super::send_ledger::TO_PUBLISH, params!["SALES", 10]);
         assert!(plan.contains("USING INDEX transfers_to_publish"), "{plan}");
         assert!(!plan.contains("TEMP B-TREE"), "{plan}");
     }
