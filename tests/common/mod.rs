@@ -326,7 +326,9 @@ impl Agent {
         fs::read_to_string(self.dir.join(format!("{}.log", self.node))).unwrap_or_default()
     }
 
-    /// Runs a `hakobu` subcommand against this agent's configuration.
+    /// Runs a `hakobu` subcommand against this agent's configuration; one
+    /// still running after `CLI_LIMIT` (a `send --wait` whose receipt never
+    /// comes) is killed and the test fails, naming it, instead of hanging CI.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         let mut cmd = Command::new(&self.program);
         cmd.arg(args[0])
@@ -334,7 +336,11 @@ impl Agent {
             .arg(&self.config)
             .args(&args[1..])
             .current_dir(&self.dir);
-        cmd.output().expect("run hakobu")
+        output_within(
+            &mut cmd,
+            CLI_LIMIT,
+            &format!("{}'s hakobu {args:?}", self.node),
+        )
     }
 
     /// History rows (`hakobu history --json`).
@@ -524,6 +530,55 @@ pub fn visible_names(dir: &Path) -> Vec<String> {
     let mut names = dir_names(dir);
     names.retain(|n| !n.starts_with('.'));
     names
+}
+
+/// How long one `hakobu` command of a test may run.
+pub const CLI_LIMIT: Duration = Duration::from_secs(300);
+
+/// `cmd.output()`, but a command still running after `limit` is killed
+/// (by its `Child`, before it is reaped) and the test panics with what it
+/// printed so far.
+pub fn output_within(cmd: &mut Command, limit: Duration, what: &str) -> std::process::Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run hakobu");
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for hakobu") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (out, err) = (out.join().unwrap(), err.join().unwrap());
+            panic!(
+                "{what} still running after {limit:?}, killed:\n{}{}",
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 /// Runs `cmd` (a command that must refuse to start) and returns its
