@@ -2,7 +2,8 @@
 //! Two real agents on a real `hakobu broker`; the receiver is killed (-9,
 //! by pid) before the file is dropped. After the timeout the sender's
 //! failure hook runs once with `HAKOBU_ERROR_CODE=receipt_timeout`, the file
-//! stays in the spool, history and status show the wait; a sender killed
+//! stays in the spool, history, status and the console show the wait; a
+//! sender killed
 //! and restarted does not run the hook again; once the receiver runs again
 //! its late receipt settles the transfer (success hook, `after_send`), and
 //! history shows it sent.
@@ -73,11 +74,12 @@ fn failure_hook_once_after_receipt_timeout_then_the_late_receipt_settles_it() {
     beta.start();
     beta.kill9();
 
+    let (http, console) = common::http::http_section();
     let mut alpha = Agent::new(
         &a,
         &root.join("alpha"),
         &format!(
-            "node: {a}\nstate_dir: state\n{}send:\n  - file_id: RT\n    outbox: outbox\n    to: [ {b} ]\n    \
+            "node: {a}\nstate_dir: state\n{http}{}send:\n  - file_id: RT\n    outbox: outbox\n    to: [ {b} ]\n    \
              ready: {{ stable_for: 200ms }}\n    after_send: delete\n    receipt_timeout: {TIMEOUT_S}s\n    \
              on_success: [ \"{h}\" ]\n    on_failure: [ \"{h}\" ]\n",
             broker.section(),
@@ -156,6 +158,18 @@ fn failure_hook_once_after_receipt_timeout_then_the_late_receipt_settles_it() {
             .any(|l| l.contains(&tid) && l.contains("past receipt_timeout")),
         "{status}"
     );
+
+    let console = console.with_token_file(&alpha.dir.join("state/http.token"));
+    for page in ["/".to_string(), format!("/transfers/{tid}")] {
+        let answer = console.get(&page);
+        assert_eq!(answer.status, 200, "{page}: {}", answer.body);
+        assert!(
+            answer.body.contains("past receipt_timeout")
+                && answer.body.contains("awaiting receipt for"),
+            "the console's {page} shows the wait past receipt_timeout:\n{}",
+            answer.body
+        );
+    }
 
     // A restart (kill -9) does not run the hook again.
     alpha.kill9();

@@ -86,11 +86,11 @@ async fn sections(st: &HttpState) -> Result<Response, StoreError> {
         }
         section #inflight data-poll="/console/inflight.json" {
             h2 { "In flight (" (moving.len()) ")" }
-            (view::table(&moving, false, Some(view::progress_bar)))
+            (view::table(&moving, false, Some(("Progress", view::progress_bar))))
         }
         section #awaiting {
             h2 { "Waiting for a receipt (" (awaiting.len()) ")" }
-            (view::table(&awaiting, false, None))
+            (view::table(&awaiting, true, Some(("Waiting", view::waiting))))
         }
         section #recent {
             h2 { "Recent" }

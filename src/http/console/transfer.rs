@@ -98,6 +98,7 @@ fn row(e: &Entry) -> Markup {
                         dt { "Spooled copy" } dd { (s.path.display().to_string()) }
                         dt { "Placed at" } dd { (s.remote_path.as_deref().unwrap_or("-")) }
                         @if let Some(x) = s.remote_hook_exit { dt { "Receiver's hook exit" } dd { (x) } }
+                        @if let Some(note) = e.awaiting_note(crate::clock::unix_now()) { dt { "Waiting" } dd.waiting { (note) } }
                     }
                     Entry::Receive(r) => {
                         dt { "Placed at" } dd { (r.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into())) }

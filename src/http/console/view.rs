@@ -113,6 +113,13 @@ pub fn progress_bar(e: &Entry) -> Markup {
     }
 }
 
+/// How long a sending row has waited for its receipt, and whether its
+/// `receipt_timeout` ran out (the same words as `hakobu status`).
+pub fn waiting(e: &Entry) -> Markup {
+    let note = e.awaiting_note(crate::clock::unix_now());
+    html! { span.waiting { (note.as_deref().unwrap_or("-")) } }
+}
+
 /// An error code from history with its sentence and what to do (a code
 /// this version does not know is shown as it is).
 pub fn error_cells(code: Option<&str>) -> Markup {
@@ -142,8 +149,11 @@ pub fn transfer_link(e: &Entry) -> Markup {
     html! { a.tid href={ "/transfers/" (id) } { (id) } }
 }
 
+/// One more column of a list: its heading and its cell for a row.
+pub type Extra = (&'static str, fn(&Entry) -> Markup);
+
 /// The columns every list has, then `extra` per row.
-pub fn table(rows: &[Entry], with_errors: bool, extra: Option<fn(&Entry) -> Markup>) -> Markup {
+pub fn table(rows: &[Entry], with_errors: bool, extra: Option<Extra>) -> Markup {
     html! {
         @if rows.is_empty() {
             p.empty { "None." }
@@ -153,7 +163,7 @@ pub fn table(rows: &[Entry], with_errors: bool, extra: Option<fn(&Entry) -> Mark
                     th { "Time" } th { "Dir" } th { "Peer" } th { "File id" }
                     th { "Name" } th { "Size" } th { "Status" } th { "Transfer" }
                     @if with_errors { th { "Error" } th { "What happened" } th { "What to do" } }
-                    @if extra.is_some() { th { "Progress" } }
+                    @if let Some((heading, _)) = extra { th { (heading) } }
                 } }
                 tbody {
                     @for e in rows {
@@ -168,7 +178,7 @@ pub fn table(rows: &[Entry], with_errors: bool, extra: Option<fn(&Entry) -> Mark
                             td { (status(t.status)) }
                             td { (transfer_link(e)) }
                             @if with_errors { (error_cells(t.error_code.as_deref())) }
-                            @if let Some(f) = extra { td { (f(e)) } }
+                            @if let Some((_, cell)) = extra { td { (cell(e)) } }
                         }
                     }
                 }
