@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::Path;
@@ -20,7 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Pair, PairOpts, cluster, hook_runs, sha256_file, wait_until, write_pattern};
+use common::fault::{LogsOnPanic, delivered, hooks_by_transfer};
+use common::{Pair, PairOpts, cluster, sha256_file, wait_until, write_pattern};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -168,18 +168,6 @@ impl Drop for Stream {
     }
 }
 
-/// Hook runs of `event` by transfer id.
-fn runs_by_transfer(p: &Pair, event: &str) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    let suffix = format!(" {event}");
-    for l in hook_runs(&p.hooks) {
-        if let Some(tid) = l.strip_suffix(&suffix) {
-            *m.entry(tid.to_string()).or_default() += 1;
-        }
-    }
-    m
-}
-
 fn count(log: &str, what: &str) -> usize {
     log.lines().filter(|l| l.contains(what)).count()
 }
@@ -187,22 +175,6 @@ fn count(log: &str, what: &str) -> usize {
 fn figures(line: &str) {
     // Straight to stderr: the harness captures print! of passing tests.
     let _ = writeln!(std::io::stderr(), "figures: {line}");
-}
-
-/// Runs `f`; on a panic, prints both agents' logs first.
-fn with_logs<T>(p: &mut Pair, f: impl FnOnce(&mut Pair) -> T) -> T {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *p))) {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "--- alpha ---\n{}\n--- beta ---\n{}",
-                p.alpha.log(),
-                p.beta.log()
-            );
-            std::panic::resume_unwind(e);
-        }
-    }
 }
 
 const BLOCKED: &str = "error_code=broker_blocked";
@@ -219,6 +191,7 @@ fn scenario(kind: Kind) {
         broker: Some(broker),
         ..Default::default()
     });
+    let _logs = LogsOnPanic::of(&p);
     // Queued before the alarm, for a receiver that starts during it.
     p.alpha.start();
     let tmp = p.tmp.path().to_path_buf();
@@ -228,19 +201,17 @@ fn scenario(kind: Kind) {
             drop_one(&tmp, &p.outbox, &format!("queued-{i}.bin"), size, 100 + i)
         })
         .collect();
-    with_logs(&mut p, |p| {
-        wait_until(
-            Duration::from_secs(60),
-            "alpha to publish the queued files",
-            || p.alpha.with_status("awaiting_receipt").len() == queued.len(),
-        )
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "alpha to publish the queued files",
+        || p.alpha.with_status("awaiting_receipt").len() == queued.len(),
+    );
     let alpha_connects = count(&p.alpha.log(), "Connected to RabbitMQ for publishing.");
 
     let mut alarm = Alarm::raise(kind);
     let t0 = Instant::now();
     let mut stream = Stream::start(&p);
-    let (alpha_said, beta_said, placed_during, receipts_during) = with_logs(&mut p, |p| {
+    let (alpha_said, beta_said, placed_during, receipts_during) = {
         wait_until(
             Duration::from_secs(30),
             "alpha to say it is blocked",
@@ -255,7 +226,7 @@ fn scenario(kind: Kind) {
             "beta to place the queued files during the alarm",
             || {
                 let names = p.inbox_files();
-                let hooks = runs_by_transfer(p, "received").len();
+                let hooks = hooks_by_transfer(&p, "received").len();
                 queued.iter().all(|(n, _)| names.contains(n)) && hooks >= queued.len()
             },
         );
@@ -267,7 +238,7 @@ fn scenario(kind: Kind) {
         std::thread::sleep(HOLD.saturating_sub(t0.elapsed()));
         let receipts_during = p.alpha.with_status("sent").len();
         (alpha_said, beta_said, placed_during, receipts_during)
-    });
+    };
     let held = t0.elapsed();
     // beta's first publishing connection is made for its first receipt,
     // during the alarm: one connection, and no more.
@@ -283,35 +254,18 @@ fn scenario(kind: Kind) {
     std::thread::sleep(Duration::from_secs(2));
     let mut files = queued.clone();
     files.extend(stream.stop());
-    with_logs(&mut p, |p| {
-        wait_until(
-            Duration::from_secs(90),
-            "every transfer sent (receipt settled) after the alarm",
-            || p.alpha.with_status("sent").len() == files.len(),
-        )
-    });
+    wait_until(
+        Duration::from_secs(90),
+        "every transfer sent (receipt settled) after the alarm",
+        || p.alpha.with_status("sent").len() == files.len(),
+    );
     let resumed = t1.elapsed();
     let (alpha_log, beta_log) = (p.alpha.log(), p.beta.log());
 
     // Every file byte for byte, nothing else; each hook exactly once.
-    let mut bad = 0;
-    for (name, want) in &files {
-        let path = p.inbox.join(name);
-        if !path.exists() || sha256_file(&path) != *want {
-            bad += 1;
-        }
-    }
-    let mut names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
-    names.sort();
-    assert_eq!(p.inbox_files(), names, "the inbox holds other files");
-    let received = runs_by_transfer(&p, "received");
-    let sent = runs_by_transfer(&p, "sent");
-    let dup = received
-        .values()
-        .chain(sent.values())
-        .map(|n| n.saturating_sub(1))
-        .sum::<usize>();
-    assert_eq!(received.len(), files.len(), "a receiver hook is missing");
+    let (bad, dup_received) = delivered(&p, &files);
+    let sent = hooks_by_transfer(&p, "sent");
+    let dup = dup_received + sent.values().map(|n| n.saturating_sub(1)).sum::<usize>();
     assert_eq!(sent.len(), files.len(), "a sender hook is missing");
     assert_eq!(bad, 0, "{bad} files lost or corrupted");
     assert_eq!(dup, 0, "{dup} duplicate hook runs");

@@ -14,9 +14,8 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::fault::Stopped;
 use common::{Agent, BrokerProcess, Pair, PairOpts, hook_runs, unique, visible_names, wait_until};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 
 const FILES: usize = 5_000;
 /// What the sender may take from the outbox while nothing is confirmed:
@@ -24,16 +23,6 @@ const FILES: usize = 5_000;
 /// that waits for them (`src/sender/backlog.rs`, `watch.rs`).
 const CLAIMED_AT_MOST: usize = 2048;
 const RSS_LIMIT_KIB: u64 = 64 << 10;
-
-/// A process stopped with SIGSTOP; dropping the guard (also while a failed
-/// assertion unwinds) sends SIGCONT.
-struct Stopped(i32);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
-    }
-}
 
 /// The peak resident set of a process (VmHWM), in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -68,8 +57,7 @@ fn thousands_of_files_wait_on_disk_not_in_memory() {
     let spool = p.alpha.dir.join("state/spool").join(&p.file_id);
 
     // Nothing is confirmed while the broker is stopped.
-    let stopped = Stopped(broker.pid() as i32);
-    kill(Pid::from_raw(stopped.0), Signal::SIGSTOP).expect("SIGSTOP");
+    let stopped = Stopped::stop(broker.pid());
     let stage = p.tmp.path().join("stage");
     fs::create_dir_all(&stage).unwrap();
     for i in 0..FILES {

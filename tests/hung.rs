@@ -10,13 +10,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{Pair, PairOpts, cluster, hook_runs, sha256_file, wait_until, write_pattern};
+use common::fault::{Stopped, delivered};
+use common::{Pair, PairOpts, cluster, sha256_file, wait_until, write_pattern};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -24,34 +24,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A process stopped with SIGSTOP; dropping the guard (also while a failed
-/// assertion unwinds) sends SIGCONT.
-struct Stopped(i32);
-
-impl Stopped {
-    fn stop(pid: i32) -> Stopped {
-        kill(Pid::from_raw(pid), Signal::SIGSTOP).expect("SIGSTOP");
-        Stopped(pid)
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
-    }
-}
-
-/// Received-hook runs by transfer id.
-fn received_by_transfer(p: &Pair) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for l in hook_runs(&p.hooks) {
-        if let Some(tid) = l.strip_suffix(" received") {
-            *m.entry(tid.to_string()).or_default() += 1;
-        }
-    }
-    m
 }
 
 /// Drops `n` files of `size` bytes named `prefix-i.bin`; returns (name, sha256).
@@ -66,29 +38,6 @@ fn drop_files(p: &Pair, prefix: &str, n: usize, size: u64) -> Vec<(String, Strin
             (name, want)
         })
         .collect()
-}
-
-/// Every file in the inbox byte for byte, nothing else there, and exactly
-/// one success hook per transfer: (lost or corrupted, duplicate hooks).
-fn check(p: &Pair, files: &[(String, String)]) -> (usize, usize) {
-    let mut bad = 0;
-    for (name, want) in files {
-        let path = p.inbox.join(name);
-        if !path.exists() || sha256_file(&path) != *want {
-            bad += 1;
-        }
-    }
-    let runs = received_by_transfer(p);
-    let dup = runs.values().map(|n| n.saturating_sub(1)).sum::<usize>();
-    let mut names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
-    names.sort();
-    assert_eq!(p.inbox_files(), names, "the inbox holds other files");
-    assert_eq!(
-        runs.len(),
-        files.len(),
-        "a success hook is missing: {runs:?}"
-    );
-    (bad, dup)
 }
 
 /// `local-cluster.sh status`: three nodes running, no partition.
@@ -137,7 +86,7 @@ fn rabbitmq_node_hung_under_sender_and_receiver() {
         p.beta.log().matches("Consuming.").count(),
         p.alpha.log().matches("Connected to RabbitMQ").count(),
     );
-    let pid: i32 = cluster(&["pid", "2"]).parse().expect("node pid");
+    let pid: u32 = cluster(&["pid", "2"]).parse().expect("node pid");
     let stopped = Stopped::stop(pid);
     let t0 = Instant::now();
     let (mut beta_moved, mut alpha_moved) = (None, None);
@@ -185,7 +134,7 @@ fn rabbitmq_node_hung_under_sender_and_receiver() {
     );
     let mut all = warm.clone();
     all.extend(files.iter().cloned());
-    let (bad_stopped, dup_stopped) = check(&p, &all);
+    let (bad_stopped, dup_stopped) = delivered(&p, &all);
     drop(stopped);
     let t1 = Instant::now();
     let back = std::panic::catch_unwind(|| {
@@ -197,7 +146,7 @@ fn rabbitmq_node_hung_under_sender_and_receiver() {
     });
     if let Err(e) = back {
         // Leave the shared cluster whole for the next tests, then fail.
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         cluster(&["start", "2"]);
         std::panic::resume_unwind(e);
     }
@@ -205,7 +154,7 @@ fn rabbitmq_node_hung_under_sender_and_receiver() {
     // Whatever the node held (unconfirmed publishes, unacked deliveries)
     // comes back now: give it time to, then check again.
     std::thread::sleep(Duration::from_secs(10));
-    let (bad, dup) = check(&p, &all);
+    let (bad, dup) = delivered(&p, &all);
     figures(&format!(
         "hung[rabbitmq node]: {} files, receiver moved in {:.1}s, sender moved in {:.1}s, all placed {:.1}s after SIGSTOP, node rejoined {:.1}s after SIGCONT, {} lost or corrupted, {} duplicate hooks",
         all.len(),
@@ -252,7 +201,7 @@ fn embedded_broker_hung_then_resumed() {
     wait_until(Duration::from_secs(60), "beta to start receiving", || {
         !p.beta.with_status("receiving").is_empty()
     });
-    let stopped = Stopped::stop(broker.pid() as i32);
+    let stopped = Stopped::stop(broker.pid());
     let t0 = Instant::now();
     files.extend(drop_files(&p, "second", 1, 4 << 20));
     wait_until(Duration::from_secs(60), "alpha to say it waits", || {
@@ -281,7 +230,7 @@ fn embedded_broker_hung_then_resumed() {
     p.wait_sent(2, Duration::from_secs(120));
     let resumed = t1.elapsed();
     std::thread::sleep(Duration::from_secs(3));
-    let (bad, dup) = check(&p, &files);
+    let (bad, dup) = delivered(&p, &files);
     figures(&format!(
         "hung[embedded broker]: {} files, sender said it waits {:.1}s after SIGSTOP, stopped {:.1}s, all placed {:.1}s after SIGCONT, {} lost or corrupted, {} duplicate hooks",
         files.len(),
@@ -320,12 +269,12 @@ fn receiver_hung_mid_file_others_carry_on() {
     wait_until(Duration::from_secs(60), "beta to start receiving", || {
         !big.beta.with_status("receiving").is_empty()
     });
-    let stopped = Stopped::stop(big.beta.pid() as i32);
+    let stopped = Stopped::stop(big.beta.pid());
     let t0 = Instant::now();
     let small = drop_files(&other, "small", 4, 1 << 20);
     other.wait_sent(4, Duration::from_secs(60));
     let others_done = t0.elapsed();
-    let (bad_other, dup_other) = check(&other, &small);
+    let (bad_other, dup_other) = delivered(&other, &small);
     // Stopped past the broker's idle timeout: its connection is closed.
     std::thread::sleep(Duration::from_secs(30).saturating_sub(t0.elapsed()));
     assert!(
@@ -338,7 +287,7 @@ fn receiver_hung_mid_file_others_carry_on() {
     big.wait_sent(1, Duration::from_secs(180));
     let resumed = t1.elapsed();
     std::thread::sleep(Duration::from_secs(2));
-    let (bad, dup) = check(&big, &big_files);
+    let (bad, dup) = delivered(&big, &big_files);
     figures(&format!(
         "hung[receiving agent]: {} files, the other pair's {} placed {:.1}s after SIGSTOP, stopped {:.1}s, the 150 MiB file placed {:.1}s after SIGCONT, {} lost or corrupted, {} duplicate hooks",
         small.len() + big_files.len(),

@@ -18,14 +18,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Pair, PairOpts, hook_runs, sha256_file, wait_until, write_pattern};
+use common::fault::{LogsOnPanic, delivered};
+use common::{Pair, PairOpts, sha256_file, wait_until, write_pattern};
 
 fn script() -> &'static str {
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/netns-cluster.sh")
@@ -274,67 +274,30 @@ fn streaming<T>(
     })
 }
 
-/// Success-hook runs by transfer id.
-fn received_by_transfer(p: &Pair) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for l in hook_runs(&p.hooks) {
-        if let Some(tid) = l.strip_suffix(" received") {
-            *m.entry(tid.to_string()).or_default() += 1;
-        }
-    }
-    m
-}
-
 /// Every file in the inbox byte for byte, nothing else there, a success
 /// hook per transfer, and every transfer `sent` on alpha (its receipt
 /// settled): (lost or corrupted, duplicate hooks).
 fn check(p: &Pair, files: &[(String, String)]) -> (usize, usize) {
-    let bad = files
-        .iter()
-        .filter(|(name, want)| {
-            let path = p.inbox.join(name);
-            !path.exists() || sha256_file(&path) != *want
-        })
-        .count();
-    let runs = received_by_transfer(p);
-    let dup = runs.values().map(|n| n.saturating_sub(1)).sum::<usize>();
-    let mut names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
-    names.sort();
-    assert_eq!(p.inbox_files(), names, "the inbox holds other files");
-    assert_eq!(
-        runs.len(),
-        files.len(),
-        "a success hook is missing: {runs:?}"
-    );
+    let figures = delivered(p, files);
     let h = p.alpha.history();
     let unsettled: Vec<_> = h.iter().filter(|r| r["status"] != "sent").collect();
     assert!(unsettled.is_empty(), "receipts not settled: {unsettled:?}");
-    (bad, dup)
+    figures
 }
 
 /// Waits for `n` transfers sent, with both agents' logs if it fails.
 fn wait_sent(p: &Pair, n: usize, limit: Duration, mut each: impl FnMut()) {
-    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until(limit, &format!("{n} transfers sent"), || {
-            each();
-            let h = p.alpha.history();
-            let failed: Vec<_> = h
-                .iter()
-                .filter(|r| r["status"].as_str().is_some_and(|s| s.contains("fail")))
-                .collect();
-            assert!(failed.is_empty(), "a transfer failed: {failed:?}");
-            h.iter().filter(|r| r["status"] == "sent").count() >= n
-        })
-    }));
-    if let Err(e) = waited {
-        let _ = writeln!(
-            std::io::stderr(),
-            "--- alpha ---\n{}\n--- beta ---\n{}",
-            p.alpha.log(),
-            p.beta.log()
-        );
-        std::panic::resume_unwind(e);
-    }
+    let _logs = LogsOnPanic::of(p);
+    wait_until(limit, &format!("{n} transfers sent"), || {
+        each();
+        let h = p.alpha.history();
+        let failed: Vec<_> = h
+            .iter()
+            .filter(|r| r["status"].as_str().is_some_and(|s| s.contains("fail")))
+            .collect();
+        assert!(failed.is_empty(), "a transfer failed: {failed:?}");
+        h.iter().filter(|r| r["status"] == "sent").count() >= n
+    })
 }
 
 /// When an agent's log gained a line with `what` since `before` lines of it.

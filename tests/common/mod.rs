@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 pub mod attacker;
 pub mod broker;
+pub mod fault;
 pub mod forge;
 pub mod http;
 pub mod rabbit;
@@ -323,7 +324,12 @@ impl Agent {
     }
 
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.join(format!("{}.log", self.node))).unwrap_or_default()
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Where its stdout and stderr go.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.log", self.node))
     }
 
     /// Runs a `hakobu` subcommand against this agent's configuration; one
