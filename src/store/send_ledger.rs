@@ -161,7 +161,9 @@ impl SendLedger {
         })
     }
 
-    /// Rows not final, oldest first.
+    /// Rows not final, oldest first: all at once, so only for tests (the
+    /// sender's recovery takes them by status, a window at a time).
+    #[cfg(test)]
     pub fn unfinished(&self) -> Call<Vec<SendRow>> {
         self.store
             .call(|db| ledger::unfinished(db, TX, SendRow::from_sql))
