@@ -335,6 +335,51 @@ fn backpressure_makes_publishers_wait(kind: Kind) {
     });
 }
 
+/// Publishes that arrive together (one connection, none of their confirms
+/// awaited yet) fill a queue no further than its limit either: the embedded
+/// broker counts what it appended and has not yet confirmed. (Before, each
+/// group-commit batch was checked against the queue without itself: 7 MiB
+/// were confirmed into the 4 MiB queue.) Embedded only: RabbitMQ's quorum queues apply
+/// `reject-publish` approximately.
+#[test]
+fn a_burst_stays_within_max_queue() {
+    let backend = Backend::new(Kind::Embedded, Some(4 << 20));
+    run(async {
+        let node = common::unique("conf");
+        let b = backend.client(&node);
+        let confirmed = Arc::new(AtomicUsize::new(0));
+        let mut waiters = Vec::new();
+        for i in 0..16u8 {
+            let confirm = b
+                .publish(&node, Bytes::from(vec![i; 1 << 20]))
+                .await
+                .unwrap();
+            let c = confirmed.clone();
+            waiters.push(tokio::spawn(async move {
+                confirm.await.expect("confirmed once there is room");
+                c.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let held = confirmed.load(Ordering::SeqCst);
+        assert!(
+            (1..=5).contains(&held),
+            "{held} MiB confirmed into a 4 MiB queue nobody reads"
+        );
+        let mut rx = b.subscribe(&node).await.unwrap();
+        for _ in 0..16 {
+            let d = next(&mut rx, Duration::from_secs(60))
+                .await
+                .expect("a delivery");
+            d.ack().await.unwrap();
+        }
+        for w in waiters {
+            w.await.unwrap();
+        }
+        assert_eq!(confirmed.load(Ordering::SeqCst), 16);
+    });
+}
+
 /// Garbage on the wire closes that connection and nothing else.
 fn bad_frames_are_refused_without_harm(kind: Kind) {
     let _g = CLUSTER.read().unwrap_or_else(|p| p.into_inner());

@@ -92,6 +92,10 @@ pub(super) struct Queue {
     consumers: Vec<Consumer>,
     next_consumer: usize,
     bytes: u64,
+    /// Payload bytes appended for it and not yet confirmed (in the batch
+    /// being appended or the one with the flusher): counted against
+    /// `max_queue` with `bytes`, or publishes arriving together overshoot.
+    pending: u64,
     /// Payload bytes of `unacked`.
     unacked_bytes: u64,
     parked: VecDeque<Parked>,
@@ -103,8 +107,11 @@ impl Queue {
         self.ready.insert(m.id, m);
     }
 
+    /// Whether `extra` more bytes would take it past `max` (an empty queue
+    /// takes one message of any size).
     fn full(&self, extra: u64, max: u64) -> bool {
-        self.bytes > 0 && self.bytes + extra > max
+        let held = self.bytes + self.pending;
+        held > 0 && held + extra > max
     }
 }
 
@@ -236,7 +243,8 @@ impl Core {
             error!(message = "Broker fsync failed; refusing the batch.", error = %e);
         }
         for (reply, visible) in confirms {
-            if let Some((_, msg)) = &visible {
+            if let Some((queue, msg)) = &visible {
+                self.queue(queue).pending -= msg.loc.len as u64;
                 if let Some(n) = self.unconfirmed.get_mut(&msg.loc.segment) {
                     *n -= 1;
                     if *n == 0 {
@@ -267,7 +275,8 @@ impl Core {
                 payload,
                 reply,
             } => {
-                if self.stored + payload.len() as u64 > self.limits.max_disk {
+                let pending: u64 = self.queues.values().map(|q| q.pending).sum();
+                if self.stored + pending + payload.len() as u64 > self.limits.max_disk {
                     warn!(
                         message = "Broker disk quota (max_disk) reached; refusing a publish, which its sender retries.",
                         queue,
@@ -347,6 +356,7 @@ impl Core {
         match self.log.append(id, queue, from, payload) {
             Ok(loc) => {
                 *self.unconfirmed.entry(loc.segment).or_default() += 1;
+                self.queue(queue).pending += loc.len as u64;
                 let msg = Msg {
                     id,
                     loc,
@@ -452,14 +462,7 @@ impl Core {
             loop {
                 let q = self.queue(&name);
                 let Some(front) = q.parked.front() else { break };
-                // Count what this batch already appended for the queue.
-                let pending: u64 = confirms
-                    .iter()
-                    .filter_map(|(_, v)| v.as_ref())
-                    .filter(|(n, _)| *n == name)
-                    .map(|(_, m)| m.loc.len as u64)
-                    .sum();
-                if q.bytes + pending > 0 && q.bytes + pending + front.payload.len() as u64 > max {
+                if q.full(front.payload.len() as u64, max) {
                     break;
                 }
                 let Some(p) = q.parked.pop_front() else { break };
