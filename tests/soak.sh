@@ -16,10 +16,15 @@
 #     blocked cluster-wide) for 2 to 12 s, then the limit restored. On the
 #     sending agent (alpha) or the receiving agent (beta): `kill -9`,
 #     restarted after up to two seconds, or SIGSTOP for 1 to 8 s, then
-#     SIGCONT. Only pids this script started or read from local-cluster.sh
-#     are signalled, and whatever it stopped or alarmed is undone on exit.
-#     (Network partitions need a cluster in network namespaces,
-#     tests/partition.rs; full disks a small tmpfs, tests/disk_full.rs.)
+#     SIGCONT. A full disk (one at a time): the sender's outbox and state
+#     directory (spool, state database; one filesystem, as claims rename into
+#     the spool) or the receiver's state directory, each on a tmpfs of its
+#     own (SOAK_STATE_SIZE, default 2g), filled to the last byte for 2 to
+#     12 s, then emptied (the dropper writes each file elsewhere first and
+#     copies it in under a hidden name, again until it fits). Only pids this script started or read from
+#     local-cluster.sh are signalled, and whatever it stopped, alarmed or
+#     filled is undone on exit. (Network partitions need a cluster in
+#     network namespaces: tests/partition.rs.)
 # Then everything runs again and the script waits for quiescence (every file
 # settled on both sides, QUIESCE_SECONDS, default 600), and checks: every file
 # is in beta's inbox byte for byte, its success hook ran exactly once, the
@@ -40,6 +45,8 @@
 # unless set) and stops it at the end. Nodes it took down are always started
 # again, also on failure or Ctrl-C.
 #
+# Root is needed for the tmpfs mounts; SOAK_DISK_FULL=0 leaves the full-disk
+# faults out (and the state directories on the work directory's disk).
 # Other knobs: SOAK_SEED (random seed; printed, to replay a run's choices),
 # HAKOBU_BIN (the binary; default target/release/hakobu, built with cargo),
 # SOAK_KEEP=1 (keep the work directory even on success).
@@ -82,6 +89,8 @@ ALPHA_PID='' BETA_PID='' DROPPER_PID='' NODE_DOWN='' NODE_JOB='' OWN_CLUSTER='' 
 # The node fault under way (kill | hang | alarm) and, for a hang, its pid.
 NODE_FAULT='' NODE_PID=''
 DISK_LIMIT=50MB
+# Full disks: the tmpfs mounts made, and the job that empties the full one.
+DISK_FULL=${SOAK_DISK_FULL:-1} MOUNTS=() FILL_JOB=''
 
 # shellcheck disable=SC2317 # (trap handler)
 cleanup() {
@@ -108,6 +117,11 @@ cleanup() {
   if [[ -n $OWN_CLUSTER ]]; then
     "$CLUSTER" down >>"$WORK/cluster.log" 2>&1 || true
   fi
+  if [[ -n $FILL_JOB ]]; then kill "$FILL_JOB" 2>/dev/null || true; wait "$FILL_JOB" 2>/dev/null || true; fi
+  for m in "${MOUNTS[@]}"; do
+    rm -f "$m/.soak-ballast"
+    umount "$m" 2>/dev/null || log "could not unmount $m"
+  done
   if [[ $RESULT -eq 0 && $rc -eq 0 && -z ${SOAK_KEEP:-} ]]; then
     rm -rf "$WORK"
   else
@@ -139,7 +153,17 @@ IFS=, read -r -a URLS <<<"$HAKOBU_TEST_AMQP_URLS"
 # --- two agents --------------------------------------------------------------
 A=soak-alpha-$$
 B=soak-beta-$$
-mkdir -p "$WORK/alpha/outbox" "$WORK/beta/inbox" "$WORK/hooks"
+# What a full-disk fault fills: alpha's outbox and state, beta's state.
+FULL_DIRS=("$WORK/alpha" "$WORK/beta/state")
+mkdir -p "${FULL_DIRS[@]}"
+if [[ $DISK_FULL != 0 ]]; then
+  [[ $EUID -eq 0 ]] || die "the full-disk faults mount a tmpfs and need root (SOAK_DISK_FULL=0 leaves them out)"
+  for d in "${FULL_DIRS[@]}"; do
+    mount -t tmpfs -o "size=${SOAK_STATE_SIZE:-2g},mode=700" soak "$d" || die "cannot mount a tmpfs on $d"
+    MOUNTS+=("$d")
+  done
+fi
+mkdir -p "$WORK/alpha/outbox" "$WORK/beta/inbox" "$WORK/hooks" "$WORK/stage"
 HOOK=$WORK/hooks/hook.sh
 cat >"$HOOK" <<EOF
 #!/bin/sh
@@ -203,7 +227,7 @@ check_alive() {
 MANIFEST=$WORK/manifest
 : >"$MANIFEST"
 dropper() {
-  local i=0 name size tmp end=$1
+  local i=0 name size tmp staged end=$1
   RANDOM=$((SEED + 1))
   while ((SECONDS < end)); do
     name=$(printf 'f%05d.bin' "$i")
@@ -212,9 +236,17 @@ dropper() {
       1) size=$(rand 1024) ;;
       *) size=$(rand $((5 * 1024 * 1024 + 1))) ;;
     esac
-    tmp=$WORK/alpha/outbox/.$name.tmp
-    head -c "$size" /dev/urandom >"$tmp"
-    echo "$name $size $(sha256sum <"$tmp" | cut -d' ' -f1)" >>"$MANIFEST"
+    staged=$WORK/stage/$name tmp=$WORK/alpha/outbox/.$name.tmp
+    head -c "$size" /dev/urandom >"$staged"
+    # The outbox's disk may be full (a fault): as a user's job would, try
+    # again until the copy fits; only a whole copy is renamed in.
+    until cp "$staged" "$tmp" 2>/dev/null; do
+      rm -f "$tmp"
+      ((SECONDS < end + 120)) || { log "the outbox stayed full"; return 1; }
+      sleep 0.5
+    done
+    echo "$name $size $(sha256sum <"$staged" | cut -d' ' -f1)" >>"$MANIFEST"
+    rm -f "$staged"
     mv "$tmp" "$WORK/alpha/outbox/$name"
     i=$((i + 1))
     rsleep 100 800
@@ -222,7 +254,16 @@ dropper() {
 }
 
 # --- the faults ------------------------------------------------------------------
-KILLS_NODE=0 KILLS_ALPHA=0 KILLS_BETA=0 HANGS_NODE=0 HANGS_AGENT=0 ALARMS=0
+KILLS_NODE=0 KILLS_ALPHA=0 KILLS_BETA=0 HANGS_NODE=0 HANGS_AGENT=0 ALARMS=0 FULL_DISKS=0
+# Fills the filesystem of directory $1 to the last byte (a ballast file as
+# large as the free space, then what rounding left), for $2 ms; then empties it.
+fill_for() {
+  local ballast=$1/.soak-ballast
+  fallocate -l "$(df -B1 --output=avail "$1" | tail -1)" "$ballast" 2>/dev/null || true
+  cat /dev/zero >>"$ballast" 2>/dev/null || true
+  rsleep "$2" "$2"
+  rm -f "$ballast"
+}
 log "seed $SEED; $MINUTES min of faults; work directory $WORK"
 start_beta
 start_alpha
@@ -239,7 +280,13 @@ while ((SECONDS < END)); do
     log "node $NODE_DOWN is back ($NODE_FAULT undone)"
     NODE_JOB='' NODE_DOWN='' NODE_FAULT='' NODE_PID=''
   fi
-  fault=$(rand 16)
+  if [[ -n $FILL_JOB ]] && ! kill -0 "$FILL_JOB" 2>/dev/null; then
+    wait "$FILL_JOB" || true
+    FILL_JOB=''
+  fi
+  fault=$(rand 18)
+  # One full disk at a time; none without the tmpfs mounts.
+  if ((fault >= 16)) && [[ $DISK_FULL == 0 || -n $FILL_JOB ]]; then fault=$(rand 16); fi
   # One node at a time, and only once the cluster is whole again.
   if ((fault < 6)) && [[ -z $NODE_DOWN ]] && ! "$CLUSTER" status >/dev/null 2>&1; then fault=15; fi
   if ((fault < 6)) && [[ -n $NODE_DOWN ]]; then fault=$((6 + $(rand 10))); fi
@@ -309,6 +356,14 @@ while ((SECONDS < END)); do
       rsleep 1000 8000
       kill -CONT "$ALPHA_PID"
       ;;
+    16 | 17)
+      d=${FULL_DIRS[fault - 16]}
+      t=$((2000 + $(rand 10000)))
+      log "disk full: ${d#"$WORK"/} for $((t / 1000)) s"
+      FULL_DISKS=$((FULL_DISKS + 1))
+      fill_for "$d" "$t" &
+      FILL_JOB=$!
+      ;;
     *)
       log "SIGSTOP beta (pid $BETA_PID)"
       kill -STOP "$BETA_PID"
@@ -320,6 +375,7 @@ while ((SECONDS < END)); do
 done
 wait "$DROPPER_PID" || die "the dropper failed"
 DROPPER_PID=''
+if [[ -n $FILL_JOB ]]; then wait "$FILL_JOB" || true; FILL_JOB=''; fi
 if [[ -n $NODE_JOB ]]; then
   wait "$NODE_JOB" || die "node $NODE_DOWN: undoing the $NODE_FAULT failed (see $WORK/cluster.log)"
   log "node $NODE_DOWN is back ($NODE_FAULT undone)"
@@ -327,8 +383,8 @@ if [[ -n $NODE_JOB ]]; then
 fi
 check_alive
 FILES=$(wc -l <"$MANIFEST")
-FAULTS=$((KILLS_NODE + KILLS_ALPHA + KILLS_BETA + HANGS_NODE + HANGS_AGENT + ALARMS))
-log "faults over: $FILES files dropped; $KILLS_NODE node, $KILLS_ALPHA alpha and $KILLS_BETA beta kills; $HANGS_NODE node and $HANGS_AGENT agent hangs; $ALARMS disk alarms"
+FAULTS=$((KILLS_NODE + KILLS_ALPHA + KILLS_BETA + HANGS_NODE + HANGS_AGENT + ALARMS + FULL_DISKS))
+log "faults over: $FILES files dropped; $KILLS_NODE node, $KILLS_ALPHA alpha and $KILLS_BETA beta kills; $HANGS_NODE node and $HANGS_AGENT agent hangs; $ALARMS disk alarms; $FULL_DISKS full disks"
 
 # --- quiescence --------------------------------------------------------------
 hist() { "$BIN" history -c "$WORK/$1.yaml" --limit 1000000 --json </dev/null; }
@@ -422,7 +478,7 @@ done < <(find "$WORK" -type f ! -path "$WORK/alpha/state/*" ! -path "$WORK/beta/
   ! -path "$WORK/beta/inbox/*" ! -path "$WORK/hooks/*" ! -path "$WORK/rmq/*" \
   ! -name '*.yaml' ! -name '*.log' ! -name manifest)
 
-log "seed $SEED: $KILLS_NODE node, $KILLS_ALPHA alpha, $KILLS_BETA beta kills; $interrupted hooks interrupted ($reruns re-run by hand); $failed transfers failed, $EXITS agent exits"
+log "seed $SEED: $KILLS_NODE node, $KILLS_ALPHA alpha, $KILLS_BETA beta kills; $FULL_DISKS full disks; $interrupted hooks interrupted ($reruns re-run by hand); $failed transfers failed, $EXITS agent exits"
 echo "soak: $FAULTS faults injected, $FILES files, $lost lost, $corrupted corrupted, $dup duplicate hooks, $missed missed hooks, $outside writes outside inbox"
 if ((lost + corrupted + dup + outside + failed + missed + EXITS == 0)); then RESULT=0; else
   log "FAILED; last lines of the agents' logs:"
