@@ -244,7 +244,8 @@ impl Core {
         }
         for (reply, visible) in confirms {
             if let Some((queue, msg)) = &visible {
-                self.queue(queue).pending -= msg.loc.len as u64;
+                let q = self.queue(queue);
+                q.pending = q.pending.saturating_sub(msg.loc.len as u64);
                 if let Some(n) = self.unconfirmed.get_mut(&msg.loc.segment) {
                     *n -= 1;
                     if *n == 0 {
