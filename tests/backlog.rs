@@ -19,9 +19,9 @@ use common::{Agent, BrokerProcess, Pair, PairOpts, hook_runs, unique, visible_na
 
 const FILES: usize = 5_000;
 /// What the sender may take from the outbox while nothing is confirmed:
-/// one claim (1,024) for the publishers of its priority (1,024) and one more
+/// one claim (1,024) for the publishers of its priority (256) and one more
 /// that waits for them (`src/sender/backlog.rs`, `watch.rs`).
-const CLAIMED_AT_MOST: usize = 2048;
+const CLAIMED_AT_MOST: usize = 1280;
 const RSS_LIMIT_KIB: u64 = 64 << 10;
 
 /// The peak resident set of a process (VmHWM), in KiB.

@@ -18,12 +18,12 @@ use super::throttle::MAX_PRIORITY;
 use crate::domain::{NodeName, TransferId};
 use crate::store::SendRow;
 
-/// Publishers at once, per priority: a few KiB of memory each. Tried with
-/// 256 (and 256 files per claim, 64 completions on the receiver), small
-/// files went 10-17 % slower and RabbitMQ took about 60 % more CPU than
-/// before the bound (benches/run.sh, small); these values measured close to
-/// it, at under 64 MiB per agent with 100,000 files waiting.
-pub(super) const PUBLISHING_MAX: usize = 1024;
+/// Publishers at once, per priority. Each costs about 53 KiB of the
+/// sender's memory while it runs (benches/run.sh, backlog, 100,000 files
+/// dropped at once, blocking threads capped at 64: peak RSS 81 MiB with
+/// 1,024, 40 MiB with 256), so 1,024 broke the 64 MiB bound that 256
+/// keeps; with the cap (`cli.rs`) small files go as fast as with 1,024.
+pub(super) const PUBLISHING_MAX: usize = 256;
 const LEVELS: usize = MAX_PRIORITY as usize + 1;
 
 type Key = (TransferId, NodeName);
