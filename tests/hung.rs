@@ -86,6 +86,12 @@ fn rabbitmq_node_hung_under_sender_and_receiver() {
         p.beta.log().matches("Consuming.").count(),
         p.alpha.log().matches("Connected to RabbitMQ").count(),
     );
+    // A node restarted by an earlier suite may still be booting.
+    wait_until(
+        Duration::from_secs(120),
+        "the cluster whole",
+        cluster_healthy,
+    );
     let pid: u32 = cluster(&["pid", "2"]).parse().expect("node pid");
     let stopped = Stopped::stop(pid);
     let t0 = Instant::now();

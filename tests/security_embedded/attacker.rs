@@ -15,10 +15,24 @@ use hakobu::broker::embedded::frame::{Frame, PROTOCOL_VERSION};
 
 use super::common::attacker::{as_nobody, open_dir};
 
+/// The copy of this test binary that `nobody` runs, in a directory of its
+/// own. A static is never dropped, so the directory is removed at exit
+/// (`remove_copy`); before, every run left a copy of the binary in /tmp.
+static COPY: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+
+extern "C" fn remove_copy() {
+    if let Some((d, _)) = COPY.get() {
+        let _ = std::fs::remove_dir_all(d.path());
+    }
+}
+
 /// This test binary, copied where `nobody` may run it.
 fn attacker_bin() -> PathBuf {
-    static COPY: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, path) = COPY.get_or_init(|| {
+        // SAFETY: registers a plain function, once; it runs at exit.
+        unsafe {
+            nix::libc::atexit(remove_copy);
+        }
         let d = open_dir("hakobu-attacker-");
         let p = d.path().join("attacker");
         std::fs::copy(std::env::current_exe().unwrap(), &p).unwrap();
