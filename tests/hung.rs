@@ -67,6 +67,13 @@ fn figures(line: &str) {
 #[test]
 fn rabbitmq_node_hung_under_sender_and_receiver() {
     let _g = serial();
+    // A node restarted by an earlier suite may still be booting; waiting
+    // here, not later: the node must hang while the files are under way.
+    wait_until(
+        Duration::from_secs(120),
+        "the cluster whole",
+        cluster_healthy,
+    );
     // Node 2 carries what matters: beta consumes there (its first URL),
     // and alpha publishes there (its consumer takes its first URL, node 1,
     // and its publishing connection the next one).
@@ -85,12 +92,6 @@ fn rabbitmq_node_hung_under_sender_and_receiver() {
     let (beta_consuming, alpha_connected) = (
         p.beta.log().matches("Consuming.").count(),
         p.alpha.log().matches("Connected to RabbitMQ").count(),
-    );
-    // A node restarted by an earlier suite may still be booting.
-    wait_until(
-        Duration::from_secs(120),
-        "the cluster whole",
-        cluster_healthy,
     );
     let pid: u32 = cluster(&["pid", "2"]).parse().expect("node pid");
     let stopped = Stopped::stop(pid);
