@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::fault::{LogsOnPanic, delivered};
+use common::fault::{LogsOnPanic, delivered, sent_none_failed};
 use common::{Pair, PairOpts, sha256_file, wait_until, write_pattern};
 
 fn script() -> &'static str {
@@ -290,13 +290,7 @@ fn wait_sent(p: &Pair, n: usize, limit: Duration, mut each: impl FnMut()) {
     let _logs = LogsOnPanic::of(p);
     wait_until(limit, &format!("{n} transfers sent"), || {
         each();
-        let h = p.alpha.history();
-        let failed: Vec<_> = h
-            .iter()
-            .filter(|r| r["status"].as_str().is_some_and(|s| s.contains("fail")))
-            .collect();
-        assert!(failed.is_empty(), "a transfer failed: {failed:?}");
-        h.iter().filter(|r| r["status"] == "sent").count() >= n
+        sent_none_failed(p) >= n
     })
 }
 

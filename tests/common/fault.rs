@@ -76,6 +76,18 @@ pub fn hooks_by_transfer(p: &Pair, event: &str) -> BTreeMap<String, usize> {
     m
 }
 
+/// How many of alpha's transfers are `sent`; panics when one has failed
+/// (for the wait loops of the fault suites).
+pub fn sent_none_failed(p: &Pair) -> usize {
+    let h = p.alpha.history();
+    let failed: Vec<_> = h
+        .iter()
+        .filter(|r| r["status"].as_str().is_some_and(|s| s.contains("fail")))
+        .collect();
+    assert!(failed.is_empty(), "a transfer failed: {failed:?}");
+    h.iter().filter(|r| r["status"] == "sent").count()
+}
+
 /// Every file of `files` (name, SHA-256) in the inbox byte for byte, nothing
 /// else there (asserted), a success hook for every transfer (asserted):
 /// returns (lost or corrupted, duplicate hooks), for the figures line.
