@@ -3,8 +3,9 @@
 //! claims a bounded window of them and leaves the rest in the outbox
 //! instead of taking them all into memory; after SIGCONT every file
 //! arrives, byte for byte, each hook once, and neither agent's peak RSS
-//! passes 64 MiB. A hook slower than the files arrive: at most 256 run at
-//! once, the rest of the files wait in the broker. The benchmark
+//! passes 64 MiB. A hook slower than the files arrive, on the receiving or
+//! on the sending side: at most 256 run at once, the rest of the files (or
+//! receipts) wait in the broker. The benchmark
 //! (`benches/run.sh`, `backlog`) measures the memory at 100,000 files.
 
 mod common;
@@ -135,14 +136,33 @@ fn thousands_of_files_wait_on_disk_not_in_memory() {
     }
 }
 
-/// The receiver's completions at once (`src/receiver/mod.rs`).
+/// The receiver's completions at once (`src/receiver/mod.rs`), and the
+/// sender's receipts settling at once (`src/sender/receipt.rs`).
 const COMPLETING_MAX: usize = 256;
+const SETTLING_MAX: usize = 256;
 
 /// A success hook that takes a second, 600 files dropped at once: the
 /// receiver runs at most 256 hooks at once (each hook counts the others
 /// running as it starts), and every file is placed with one hook.
 #[test]
 fn a_slow_hook_runs_at_most_256_at_once() {
+    slow_hooks("receiver", 1, COMPLETING_MAX);
+}
+
+/// The same with a 3 s hook on the sender, run for each receipt, the
+/// receiver started only once all 600 transfers await their receipt (so
+/// that the receipts come in a burst, about 200 a second): at most 256 at
+/// once, the other receipts waiting in the broker. (Before the bound, a
+/// task per receipt: all hooks at once, and a sender restarted with
+/// 100,000 receipts to drain peaked at 82 to 98 MiB.)
+#[test]
+fn a_slow_sender_hook_runs_at_most_256_at_once() {
+    slow_hooks("sender", 3, SETTLING_MAX);
+}
+
+/// 600 files, a success hook of `secs` seconds on `side`'s profile; at
+/// most `limit` hooks side by side.
+fn slow_hooks(side: &str, secs: u32, limit: usize) {
     const N: usize = 600;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -154,7 +174,7 @@ fn a_slow_hook_runs_at_most_256_at_once() {
     fs::write(
         &hook,
         format!(
-            "#!/bin/sh\nd={runs}\ntouch \"$d/running.$$\"\nls \"$d\" | grep -c '^running\\.' >> \"$d/side-by-side.log\"\nsleep 1\nrm -f \"$d/running.$$\"\necho \"$HAKOBU_TRANSFER_ID\" >> \"$d/done.log\"\n",
+            "#!/bin/sh\nd={runs}\ntouch \"$d/running.$$\"\nls \"$d\" | grep -c '^running\\.' >> \"$d/side-by-side.log\"\nsleep {secs}\nrm -f \"$d/running.$$\"\necho \"$HAKOBU_TRANSFER_ID\" >> \"$d/done.log\"\n",
             runs = runs.display()
         ),
     )
@@ -162,11 +182,19 @@ fn a_slow_hook_runs_at_most_256_at_once() {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
     let (outbox, inbox) = (root.join("outbox"), root.join("inbox"));
+    let on_success = format!(
+        "    on_success: {{ run: [ \"{hook}\" ], timeout: 1m }}\n",
+        hook = hook.display()
+    );
+    let (send_hook, receive_hook) = match side {
+        "sender" => (on_success.as_str(), ""),
+        _ => ("", on_success.as_str()),
+    };
     let mut alpha = Agent::new(
         &a,
         &root.join("alpha"),
         &format!(
-            "node: {a}\nstate_dir: state\n{broker}send:\n  - file_id: SLOW\n    outbox: {outbox}\n    to: [ {b} ]\n    ready: {{ done_marker: \".done\" }}\n",
+            "node: {a}\nstate_dir: state\n{broker}send:\n  - file_id: SLOW\n    outbox: {outbox}\n    to: [ {b} ]\n    ready: {{ done_marker: \".done\" }}\n{send_hook}",
             broker = broker.section(),
             outbox = outbox.display()
         ),
@@ -175,13 +203,15 @@ fn a_slow_hook_runs_at_most_256_at_once() {
         &b,
         &root.join("beta"),
         &format!(
-            "node: {b}\nstate_dir: state\n{broker}receive:\n  - file_id: SLOW\n    from: [ {a} ]\n    inbox: {inbox}\n    on_success: {{ run: [ \"{hook}\" ], timeout: 1m }}\n",
+            "node: {b}\nstate_dir: state\n{broker}receive:\n  - file_id: SLOW\n    from: [ {a} ]\n    inbox: {inbox}\n{receive_hook}",
             broker = broker.section(),
-            inbox = inbox.display(),
-            hook = hook.display()
+            inbox = inbox.display()
         ),
     );
-    beta.start();
+    let burst = side == "sender";
+    if !burst {
+        beta.start();
+    }
     alpha.start();
     fs::create_dir_all(&outbox).unwrap();
     for i in 0..N {
@@ -190,6 +220,14 @@ fn a_slow_hook_runs_at_most_256_at_once() {
     let t0 = Instant::now();
     for i in 0..N {
         fs::write(outbox.join(format!("s{i}.dat.done")), b"").unwrap();
+    }
+    if burst {
+        wait_until(
+            Duration::from_secs(120),
+            "every file awaiting its receipt",
+            || alpha.with_status("awaiting_receipt").len() >= N,
+        );
+        beta.start();
     }
     let lines = |name: &str| -> Vec<String> {
         fs::read_to_string(runs.join(name))
@@ -213,12 +251,12 @@ fn a_slow_hook_runs_at_most_256_at_once() {
         .filter(|&i| fs::read(inbox.join(format!("s{i}.dat"))).ok() != Some(body(i)))
         .count();
     println!(
-        "figures: slow hooks: {N} files, a 1 s hook, at most {most} hooks at once (limit {COMPLETING_MAX}), all done in {:.1}s, lost {}, corrupted {corrupted}, duplicate hooks {}",
+        "figures: slow {side} hooks: {N} files, a {secs} s hook, at most {most} hooks at once (limit {limit}), all done in {:.1}s, lost {}, corrupted {corrupted}, duplicate hooks {}",
         took.as_secs_f64(),
         N - distinct.len().min(N),
         done.len() - distinct.len()
     );
-    assert!(most <= COMPLETING_MAX, "{most} hooks ran at once");
+    assert!(most <= limit, "{most} {side} hooks ran at once");
     assert!(most >= 2, "hooks ran one at a time: {most}");
     assert_eq!(corrupted, 0);
     assert_eq!((done.len(), distinct.len()), (N, N), "one hook per file");

@@ -83,6 +83,8 @@ pub struct Sender {
     tasks: TaskTracker,
     /// Held while `after_send` runs.
     settling: tokio::sync::Mutex<()>,
+    /// Permits for [`receipt::SETTLING_MAX`] receipts settling at once.
+    settling_slots: Arc<Semaphore>,
     /// Cancelled when the agent stops taking work: watchers, the queue
     /// poller and publishers end (the ledger resumes them at the next start).
     stop: CancellationToken,
@@ -120,6 +122,7 @@ impl Sender {
             publishing: backlog::Publishing::default(),
             tasks,
             settling: tokio::sync::Mutex::new(()),
+            settling_slots: Arc::new(Semaphore::new(receipt::SETTLING_MAX)),
             stop,
             retries: Default::default(),
         })

@@ -1,6 +1,10 @@
 //! Receipts: a receiving node's outcome for a transfer sent to it. It is
 //! recorded (once: a duplicate finds no transfer waiting), acked, and then
-//! the sender's own hook for that outcome runs and `after_send` follows.
+//! the sender's own hook for that outcome runs and `after_send` follows,
+//! in one of [`SETTLING_MAX`] slots taken before the ack: with none free
+//! the dispatcher waits, and the receipts after it wait in the broker, not
+//! in this agent's memory (a restarted sender with 100,000 receipts to
+//! drain otherwise held a task for each).
 
 use std::sync::Arc;
 
@@ -10,12 +14,17 @@ use super::Sender;
 use crate::broker::Delivery;
 use crate::domain::{NodeName, TransferId};
 use crate::error_code::ErrorCode;
-use crate::hooks::{self, Event, HookContext};
+use crate::hooks::{self, Event, HookContext, Slot};
 use crate::store::{Status, StoreError};
 use crate::wire::Receipt;
 
 /// How long a receipt that could not be recorded waits for its next try.
 const RECEIPT_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Receipts settling at once (their hook, then `after_send`); like the
+/// receiver's completions, a hook waiting for its next run gives its slot
+/// back meanwhile (`hooks/slot.rs`).
+pub(super) const SETTLING_MAX: usize = 256;
 
 impl Sender {
     pub(super) async fn receipt(self: &Arc<Self>, r: Receipt, d: Delivery) {
@@ -53,16 +62,23 @@ impl Sender {
         match self.ledger.record_receipt(&r, next).await {
             Ok(true) => {
                 info!(message = "Receipt.", transfer_id = %r.transfer_id, from = %r.from, ok = r.ok, error_code = ?r.error_code);
+                // Recorded: a stop while this waits leaves the row to the
+                // next start (`recovery.rs`), and the broker's redelivery
+                // finds it recorded.
+                let Ok(permit) = self.settling_slots.clone().acquire_owned().await else {
+                    return;
+                };
                 let _ = d.ack().await;
                 let this = self.clone();
-                self.tasks.spawn(async move {
+                let slot = Slot::new(self.settling_slots.clone(), permit);
+                self.tasks.spawn(slot.hold(async move {
                     if hook {
                         if let Err(e) = this.run_hook(&r.transfer_id, &r.from).await {
                             error!(message = "State database failed while running a sender hook.", error = %e, error_code = %e.code());
                         }
                     }
                     this.settle_spool(&r.transfer_id).await;
-                });
+                }));
             }
             Ok(false) => {
                 // A receipt counts only from a node the transfer was sent to.
