@@ -22,7 +22,7 @@ use crate::config::{BrokerConfig, Config};
 use crate::dispatch::Dispatch;
 use crate::receiver::Receiver;
 use crate::sender::Sender;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// How long a stopping agent waits for hooks and receipts under way.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
@@ -232,8 +232,8 @@ impl Agent {
             out.clone(),
             (window, tasks.clone(), stop.clone()),
         );
-        receiver.recover().await?;
-        sender.recover().await?;
+        until_space(|| receiver.recover()).await?;
+        until_space(|| sender.recover()).await?;
         let mut deliveries = broker.subscribe(&cfg.node).await?;
         let dispatch = Dispatch {
             commits: receiver.start_commits(),
@@ -253,6 +253,7 @@ impl Agent {
         sender.start_watchers();
         tokio::spawn(sender.clone().check_receipt_timeouts());
         tokio::spawn(sender.poll_queued());
+        tokio::spawn(receiver.clone().complete_waiting());
         tokio::spawn(receiver.expire_stale(stop.child_token()));
         info!(message = "Agent running.", node = %cfg.node, send_profiles = cfg.send.len(), receive_profiles = cfg.receive.len());
         let intake_stop = stop.clone();
@@ -304,5 +305,74 @@ impl Agent {
             );
         }
         self.out.close();
+    }
+}
+
+/// How often start-up recovery tries again on a full disk.
+const SPACE_RETRY: std::time::Duration = if cfg!(test) {
+    std::time::Duration::from_millis(10)
+} else {
+    std::time::Duration::from_secs(5)
+};
+
+/// Runs a recovery step until the state directory's disk has room for it:
+/// on a full disk (`disk_full`, said once) it is tried again every few
+/// seconds rather than the agent exiting. Recovery resumes from the ledger
+/// alone, so a step cut short by the full disk is safe to run again.
+async fn until_space<F, Fut>(mut step: F) -> Result<(), StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
+    let mut said = false;
+    loop {
+        match step().await {
+            Err(e) if e.code() == crate::error_code::ErrorCode::DiskFull => {
+                if !said {
+                    warn!(message = "The state directory's disk is full: start-up recovery waits for space and tries again every 5 s. Free space on it.",
+                        error = %e, error_code = %e.code());
+                    said = true;
+                }
+                tokio::time::sleep(SPACE_RETRY).await;
+            }
+            done => {
+                if said {
+                    info!(
+                        message =
+                            "The state directory's disk has room again; start-up recovery done."
+                    );
+                }
+                return done;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full() -> StoreError {
+        let e = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL);
+        StoreError::Sql(rusqlite::Error::SqliteFailure(e, None))
+    }
+
+    #[tokio::test]
+    async fn recovery_waits_out_a_full_disk_and_stops_at_another_error() {
+        let mut tries = 0;
+        let r = until_space(|| {
+            tries += 1;
+            let r = if tries < 3 { Err(full()) } else { Ok(()) };
+            async move { r }
+        })
+        .await;
+        assert!(r.is_ok() && tries == 3, "tried {tries} times: {r:?}");
+        let mut tries = 0;
+        let r = until_space(|| {
+            tries += 1;
+            async { Err(StoreError::Stopped) }
+        })
+        .await;
+        assert!(r.is_err() && tries == 1, "another error is not waited out");
     }
 }

@@ -261,3 +261,103 @@ fn slow_hooks(side: &str, secs: u32, limit: usize) {
     assert_eq!(corrupted, 0);
     assert_eq!((done.len(), distinct.len()), (N, N), "one hook per file");
 }
+
+/// A received file sent on by its hook with `hakobu send --wait` (HULFT's
+/// post-receive job with a synchronous send), 1,500 files dropped at once:
+/// the hooks hold every completion slot while they wait for the next
+/// node's receipts, so the transfers after them must wait where they do
+/// not hold up those receipts. Before, they waited unacked in the broker,
+/// the consumer's prefetch filled, no receipt came through, and every hook
+/// waited out its timeout (35 of 1,500 files sent on, then none for a
+/// minute).
+#[test]
+fn hooks_that_send_on_and_wait_get_their_receipts() {
+    const N: usize = 1_500;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let broker = BrokerProcess::start(root);
+    let (a, b, c) = (unique("alpha"), unique("beta"), unique("gamma"));
+    let (outbox, inbox_b, inbox_c) = (root.join("outbox"), root.join("in-b"), root.join("in-c"));
+    let forward = root.join("forward.sh");
+    let section = broker.section();
+    let mut alpha = Agent::new(
+        &a,
+        &root.join("alpha"),
+        &format!(
+            "node: {a}\nstate_dir: state\n{section}send:\n  - file_id: IN\n    outbox: {}\n    to: [ {b} ]\n    ready: {{ done_marker: \".done\" }}\n",
+            outbox.display()
+        ),
+    );
+    let mut beta = Agent::new(
+        &b,
+        &root.join("beta"),
+        &format!(
+            "node: {b}\nstate_dir: state\n{section}receive:\n  - file_id: IN\n    from: [ {a} ]\n    inbox: {}\n    on_success: {{ run: [ \"{}\" ], timeout: 10m }}\nsend:\n  - file_id: ON\n    outbox: {}\n    to: [ {c} ]\n",
+            inbox_b.display(),
+            forward.display(),
+            root.join("on-outbox").display()
+        ),
+    );
+    fs::write(
+        &forward,
+        format!(
+            "#!/bin/sh\n{bin} send -c {cfg} --file-id ON \"$HAKOBU_PATH\" --wait >/dev/null && echo \"$HAKOBU_TRANSFER_ID\" >> {done}\n",
+            bin = common::bin(),
+            cfg = beta.config.display(),
+            done = root.join("forwarded.log").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&forward, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut gamma = Agent::new(
+        &c,
+        &root.join("gamma"),
+        &format!(
+            "node: {c}\nstate_dir: state\n{section}receive:\n  - file_id: ON\n    from: [ {b} ]\n    inbox: {}\n",
+            inbox_c.display()
+        ),
+    );
+    gamma.start();
+    beta.start();
+    alpha.start();
+    fs::create_dir_all(&outbox).unwrap();
+    for i in 0..N {
+        fs::write(outbox.join(format!("s{i}.dat")), body(i)).unwrap();
+    }
+    let t0 = Instant::now();
+    for i in 0..N {
+        fs::write(outbox.join(format!("s{i}.dat.done")), b"").unwrap();
+    }
+    let forwarded = || {
+        fs::read_to_string(root.join("forwarded.log"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let mut last = (0, Instant::now());
+    wait_until(Duration::from_secs(300), "every file sent on", || {
+        let n = forwarded();
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+        assert!(
+            last.1.elapsed() < Duration::from_secs(60),
+            "stuck: {n} of {N} files sent on, none for 60 s (beta placed {}, gamma {})",
+            count_files(&inbox_b),
+            count_files(&inbox_c)
+        );
+        n >= N
+    });
+    let corrupted = (0..N)
+        .filter(|&i| fs::read(inbox_c.join(format!("s{i}.dat"))).ok() != Some(body(i)))
+        .count();
+    let n = forwarded();
+    println!(
+        "figures: sent on by hooks with --wait: {N} files dropped at once, {n} sent on by beta's hooks in {:.1}s, lost {}, corrupted {corrupted}",
+        t0.elapsed().as_secs_f64(),
+        N - count_files(&inbox_c).min(N)
+    );
+    assert_eq!(corrupted, 0);
+    assert_eq!(n, N, "one hook run per file");
+}

@@ -3,8 +3,9 @@
 //! transaction for the batch), then ack it. A chunk that completes its
 //! transfer hands it to the completion stage; from then on the ledger, not
 //! the broker, carries the transfer, so no delivery of it stays unacked
-//! while its hook runs. With `COMPLETING_MAX` completions under way, the
-//! stage waits for one to end before it takes the next batch.
+//! while its hook runs. With `COMPLETING_MAX` completions under way, a
+//! transfer completed by a batch waits in the ledger (`waiting.rs`), and
+//! the stage goes on with the next batch.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -107,29 +108,31 @@ impl Receiver {
             .filter(|(w, complete)| *complete && self.claim(&w.h.transfer_id))
             .map(|(w, _)| w.h.transfer_id)
             .collect();
-        // A slot each among COMPLETING_MAX. With none free, those that
-        // have one start, and this waits for the next; the next batches
-        // wait unacked meanwhile (`mod.rs`).
+        // A slot each among COMPLETING_MAX. With none free, the transfer
+        // waits in the ledger, unclaimed, its running digest dropped (the
+        // file is read back when its turn comes): memory does not grow
+        // with the number waiting.
         let mut group = Vec::new();
+        let mut wait = false;
         for tid in done {
-            let permit = match self.completing.clone().try_acquire_owned() {
-                Ok(p) => p,
+            match self.completing.clone().try_acquire_owned() {
+                Ok(p) => group.push((tid, Slot::new(self.completing.clone(), p))),
                 Err(_) => {
-                    self.start_completions(std::mem::take(&mut group));
-                    let Ok(p) = self.completing.clone().acquire_owned().await else {
-                        return;
-                    };
-                    p
+                    self.digests.forget(&tid);
+                    self.release(&tid);
+                    wait = true;
                 }
-            };
-            group.push((tid, Slot::new(self.completing.clone(), permit)));
+            }
         }
         self.start_completions(group);
+        if wait {
+            self.waiting.add();
+        }
     }
 
     /// Completes transfers, each in its slot: together when there are
     /// several (their files placed in one pass).
-    fn start_completions(self: &Arc<Self>, mut group: Vec<(TransferId, Slot)>) {
+    pub(super) fn start_completions(self: &Arc<Self>, mut group: Vec<(TransferId, Slot)>) {
         if group.len() > 1 {
             self.tasks.spawn(self.clone().complete_together(group));
         } else if let Some((tid, slot)) = group.pop() {

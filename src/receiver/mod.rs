@@ -18,6 +18,8 @@
 //! 7. `alert_limit.rs`: the failure hooks of refused transfers, rate-limited.
 //! 8. `recovery.rs`: start-up recovery, the sweep of leftover partial files,
 //!    expiry of transfers whose sender stopped.
+//! 9. `waiting.rs`: complete transfers that found every completion slot
+//!    taken wait in the ledger, and get one as completions end.
 
 mod alert_limit;
 mod commit;
@@ -31,6 +33,7 @@ mod receipt;
 mod recovery;
 mod staged;
 mod verify;
+mod waiting;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -56,10 +59,10 @@ use crate::wire::ChunkHeader;
 const SIDE_BY_SIDE: usize = 16;
 
 /// Transfers completed side by side at most (placed, their hooks run,
-/// their receipts sent). More wait in the commit stage, which then acks
-/// nothing more, so the broker holds the backlog (up to the prefetch),
-/// not this process: a hook slower than the files arrive costs time, not
-/// memory or processes.
+/// their receipts sent). More wait in the ledger, complete, their partial
+/// files on disk (`waiting.rs`), while chunks and receipts keep flowing: a
+/// hook slower than the files arrive costs time and disk, not memory or
+/// processes.
 const COMPLETING_MAX: usize = 256;
 
 pub struct Receiver {
@@ -81,6 +84,8 @@ pub struct Receiver {
     retries: crate::retry_log::RetryLog,
     /// Permits for [`COMPLETING_MAX`] completions at once.
     completing: Arc<tokio::sync::Semaphore>,
+    /// Complete transfers waiting in the ledger for a permit.
+    waiting: waiting::Waiting,
 }
 
 impl Receiver {
@@ -102,6 +107,7 @@ impl Receiver {
             alerts: Default::default(),
             retries: Default::default(),
             completing: Arc::new(tokio::sync::Semaphore::new(COMPLETING_MAX)),
+            waiting: Default::default(),
         })
     }
 

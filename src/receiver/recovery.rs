@@ -31,6 +31,11 @@ impl Receiver {
                 }
                 // Not complete yet: its sender's chunks are still to come.
                 Status::Receiving if !row.complete() => continue,
+                // Complete, not placed: in turn, a slot each (`waiting.rs`).
+                Status::Receiving => {
+                    self.waiting.add();
+                    continue;
+                }
                 _ => {}
             }
             self.spawn_completion(row.transfer.transfer_id);
@@ -107,7 +112,9 @@ impl Receiver {
                         continue;
                     }
                 };
-                for row in stale {
+                // A complete transfer is not stale: it waits for a
+                // completion slot (`waiting.rs`), its sender is done.
+                for row in stale.into_iter().filter(|r| !r.complete()) {
                     let tid = &row.transfer_id;
                     if !self.claim(tid) {
                         continue;

@@ -52,6 +52,26 @@ impl ReceiveLedger {
         })
     }
 
+    /// Transfers complete but still `receiving` (their completion waits
+    /// for a slot, `receiver/waiting.rs`), oldest first, after `seq`, at
+    /// most `limit` rows looked at: each with its `seq`, to read on from.
+    pub fn completable(&self, after: i64, limit: usize) -> Call<Vec<(i64, Option<TransferId>)>> {
+        self.store.call(move |db| {
+            db.all(
+                "SELECT seq, transfer_id, chunks_have, sha256 IS NOT NULL, size, chunk_size
+                   FROM transfers WHERE direction = ?1 AND status = ?2 AND seq > ?3
+                  ORDER BY seq LIMIT ?4",
+                params![RX, Status::Receiving, after, limit as i64],
+                |r| {
+                    let (have, digest, size, chunk): (i64, bool, i64, i64) =
+                        (r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
+                    let whole = row::complete(have as u64, digest, size as u64, chunk as u64);
+                    Ok((r.get(0)?, whole.then(|| r.get(1)).transpose()?))
+                },
+            )
+        })
+    }
+
     /// Rows not final, or whose receipt is not sent yet, oldest first.
     pub fn unfinished(&self) -> Call<Vec<ReceiveRow>> {
         self.store
