@@ -36,6 +36,8 @@
 #   netns-cluster.sh status             0 when all three nodes run, see each other
 #                                       and report no partition
 #   netns-cluster.sh pid N              the OS pid of node N
+#   netns-cluster.sh start N            node N started again (after a kill -9), waited
+#                                       for until it runs; it rejoins the cluster itself
 # Endpoints: n1 n2 n3 a b c.
 #
 # RabbitMQ's partition handling is pause_minority, as RabbitMQ's clustering
@@ -48,7 +50,7 @@
 # heal, and ignore leaves the cluster split for good.
 set -euo pipefail
 
-usage() { echo "usage: $0 up|down|cut X Y|heal X Y|heal-all|sweep|ns X|ctl N ARGS...|leader QUEUE|status|pid N" >&2; exit 2; }
+usage() { echo "usage: $0 up|down|cut X Y|heal X Y|heal-all|sweep|ns X|ctl N ARGS...|leader QUEUE|status|pid N|start N" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
 
 ID=${HKBP_ID:?set HKBP_ID, a unique prefix such as hkbp-\$\$}
@@ -170,9 +172,12 @@ launch() {
   a=$(addr "n$i")
   write_files "$i"
   rm -f "$(pidfile "$i")"
-  # Its own epmd, on the namespace's addresses only, so that its pid is known.
-  ip netns exec "$(ns "n$i")" setsid epmd -address "127.0.0.1,$a" </dev/null >>"$d/log/epmd.log" 2>&1 &
-  echo $! >"$d/epmd.pid"
+  # Its own epmd, on the namespace's addresses only, so that its pid is
+  # known; a node started again finds its epmd still there.
+  if ! { [[ -s $d/epmd.pid ]] && alive "$(tr -dc 0-9 <"$d/epmd.pid")"; }; then
+    ip netns exec "$(ns "n$i")" setsid epmd -address "127.0.0.1,$a" </dev/null >>"$d/log/epmd.log" 2>&1 &
+    echo $! >"$d/epmd.pid"
+  fi
   for _ in $(seq 50); do
     ip netns exec "$(ns "n$i")" epmd -names >/dev/null 2>&1 && break
     sleep 0.1
@@ -344,5 +349,11 @@ case $1 in
   leader) [[ $# -ge 2 ]] || usage; shift; cmd_leader "$@" ;;
   status) cmd_status ;;
   pid) check_n "${2:-}"; node_pid "$2" || die "$(node "$2") is not running" ;;
+  start)
+    check_n "${2:-}"
+    if node_pid "$2" >/dev/null; then die "$(node "$2") is running already"; fi
+    launch "$2"
+    await_node "$2"
+    ;;
   *) usage ;;
 esac

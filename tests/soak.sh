@@ -23,8 +23,14 @@
 #     12 s, then emptied (the dropper writes each file elsewhere first and
 #     copies it in under a hidden name, again until it fits). Only pids this script started or read from
 #     local-cluster.sh are signalled, and whatever it stopped, alarmed or
-#     filled is undone on exit. (Network partitions need a cluster in
-#     network namespaces: tests/partition.rs.)
+#     filled is undone on exit.
+#   - with SOAK_NETNS=1, also network partitions (one at a time, as a node
+#     fault): a RabbitMQ node cut off from the other nodes and both agents,
+#     or one agent cut off from one node, for 3 to 20 s, then healed. The
+#     cluster and both agents then run each in a network namespace of its
+#     own (tests/netns-cluster.sh: a private subnet inside namespaces this
+#     script creates and deletes; needs root), with RabbitMQ's partition
+#     handling set to pause_minority, as its documentation recommends.
 # Then everything runs again and the script waits for quiescence (every file
 # settled on both sides, QUIESCE_SECONDS, default 600), and checks: every file
 # is in beta's inbox byte for byte, its success hook ran exactly once, the
@@ -43,7 +49,12 @@
 # (as tests/run.sh exports them); when HAKOBU_TEST_AMQP_URLS is unset, the
 # script starts a cluster of its own (HAKOBU_RMQ_NAME=soak, ports 5972-5974,
 # unless set) and stops it at the end. Nodes it took down are always started
-# again, also on failure or Ctrl-C.
+# again, also on failure or Ctrl-C. A node that is not back in the cluster
+# 90 s after its SIGCONT (RabbitMQ 3.10's partition handling can go on
+# restarting nodes) is restarted as an operator would (`kill -9`, then
+# started again), counted and said; it fails the soak only if that does not
+# make the cluster whole either. With SOAK_NETNS=1 the soak always makes a
+# cluster of its own in namespaces, and removes it.
 #
 # Root is needed for the tmpfs mounts; SOAK_DISK_FULL=0 leaves the full-disk
 # faults out (and the state directories on the work directory's disk).
@@ -86,7 +97,10 @@ fi
 # --- the work directory and state that cleanup needs ---------------------------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hakobu-soak.XXXXXX")
 ALPHA_PID='' BETA_PID='' DROPPER_PID='' NODE_DOWN='' NODE_JOB='' OWN_CLUSTER='' RESULT=1
-# The node fault under way (kill | hang | alarm) and, for a hang, its pid.
+# SOAK_NETNS=1: the cluster and the agents in network namespaces.
+NETNS=${SOAK_NETNS:-0}
+# The node fault under way (kill | hang | alarm | cut: a partition) and, for
+# a hang, its pid.
 NODE_FAULT='' NODE_PID=''
 DISK_LIMIT=50MB
 # Full disks: the tmpfs mounts made, and the job that empties the full one.
@@ -104,13 +118,16 @@ cleanup() {
   # A hung node gets its SIGCONT, an alarm its limit back, whatever
   # happened to the job that was to undo them.
   if [[ $NODE_FAULT == hang ]]; then kill -CONT "$NODE_PID" 2>/dev/null || true; fi
+  if [[ $NODE_FAULT == cut ]]; then "$CLUSTER" heal-all >>"$WORK/cluster.log" 2>&1 || true; fi
   if [[ $NODE_FAULT == alarm ]]; then
     "$CLUSTER" ctl "$NODE_DOWN" set_disk_free_limit "$DISK_LIMIT" >>"$WORK/cluster.log" 2>&1 || true
   fi
   # A node being started again is left to finish booting, then checked.
   if [[ -n $NODE_JOB ]]; then wait "$NODE_JOB" 2>/dev/null && NODE_DOWN=''; fi
-  if [[ $NODE_FAULT != kill ]]; then NODE_DOWN=''; fi
-  if [[ -n $NODE_DOWN ]]; then
+  if [[ $NODE_FAULT != kill && $NODE_FAULT != hang ]]; then NODE_DOWN=''; fi
+  if [[ $NODE_FAULT == hang ]] && "$CLUSTER" pid "$NODE_DOWN" >/dev/null 2>&1; then NODE_DOWN=''; fi
+  # (A cluster of our own is removed whole instead.)
+  if [[ -n $NODE_DOWN && -z $OWN_CLUSTER ]]; then
     log "starting RabbitMQ node $NODE_DOWN again"
     "$CLUSTER" start "$NODE_DOWN" >>"$WORK/cluster.log" 2>&1 || log "could not start node $NODE_DOWN (see $WORK/cluster.log)"
   fi
@@ -134,7 +151,15 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # --- the cluster ---------------------------------------------------------------
-if [[ -z ${HAKOBU_TEST_AMQP_URLS:-} ]]; then
+if [[ $NETNS != 0 ]]; then
+  [[ $EUID -eq 0 ]] || die "SOAK_NETNS=1 makes network namespaces and needs root"
+  CLUSTER=$ROOT/tests/netns-cluster.sh
+  export HKBP_ID=hkbp-$$ HKBP_BASE=$WORK/rmq
+  log "starting a RabbitMQ cluster of our own in network namespaces ($HKBP_ID-*)"
+  OWN_CLUSTER=1
+  HAKOBU_TEST_AMQP_URLS=$("$CLUSTER" up 2>>"$WORK/cluster.log" | paste -sd,) ||
+    die "the cluster in namespaces did not start (see $WORK/cluster.log)"
+elif [[ -z ${HAKOBU_TEST_AMQP_URLS:-} ]]; then
   export HAKOBU_RMQ_NAME=${HAKOBU_RMQ_NAME:-soak}
   export HAKOBU_RMQ_PORTS=${HAKOBU_RMQ_PORTS:-5972 5973 5974}
   export HAKOBU_RMQ_BASE=${HAKOBU_RMQ_BASE:-$WORK/rmq}
@@ -146,7 +171,7 @@ fi
 IFS=, read -r -a URLS <<<"$HAKOBU_TEST_AMQP_URLS"
 [[ ${#URLS[@]} -eq 3 ]] || die "HAKOBU_TEST_AMQP_URLS must hold three URLs"
 # The nodes local-cluster.sh controls must be the ones the URLs name.
-[[ $("$CLUSTER" urls | paste -sd,) == "$HAKOBU_TEST_AMQP_URLS" ]] ||
+[[ $NETNS != 0 || $("$CLUSTER" urls | paste -sd,) == "$HAKOBU_TEST_AMQP_URLS" ]] ||
   die "local-cluster.sh (HAKOBU_RMQ_NAME/PORTS/BASE) does not control the cluster of HAKOBU_TEST_AMQP_URLS"
 "$CLUSTER" status >/dev/null || die "the cluster is not healthy: $("$CLUSTER" status 2>&1)"
 
@@ -176,6 +201,10 @@ BROKER="broker:
     urls: [ \"${URLS[0]}\", \"${URLS[1]}\", \"${URLS[2]}\" ]
     confirm_timeout: 10s
     verify_sender: false"
+# The namespaces' private test subnet is not loopback: plain AMQP there
+# must be allowed by name.
+if [[ $NETNS != 0 ]]; then BROKER+="
+    insecure: true"; fi
 cat >"$WORK/alpha.yaml" <<EOF
 node: $A
 state_dir: $WORK/alpha/state
@@ -200,12 +229,17 @@ receive:
     on_failure: [ "$HOOK" ]
 EOF
 
+# In namespaces, alpha runs in endpoint a's and beta in b's, and so do
+# their commands. A simple command put in the background is exec'd by the
+# shell's child, and `ip netns exec` execs the agent: $! is the agent's pid.
+IN_A=() IN_B=()
+if [[ $NETNS != 0 ]]; then IN_A=(ip netns exec "$HKBP_ID-a") IN_B=(ip netns exec "$HKBP_ID-b"); fi
 start_alpha() {
-  HAKOBU_LOG=info,lapin=warn "$BIN" run -c "$WORK/alpha.yaml" </dev/null >>"$WORK/alpha.log" 2>&1 &
+  HAKOBU_LOG=info,lapin=warn "${IN_A[@]}" "$BIN" run -c "$WORK/alpha.yaml" </dev/null >>"$WORK/alpha.log" 2>&1 &
   ALPHA_PID=$!
 }
 start_beta() {
-  HAKOBU_LOG=info,lapin=warn "$BIN" run -c "$WORK/beta.yaml" </dev/null >>"$WORK/beta.log" 2>&1 &
+  HAKOBU_LOG=info,lapin=warn "${IN_B[@]}" "$BIN" run -c "$WORK/beta.yaml" </dev/null >>"$WORK/beta.log" 2>&1 &
   BETA_PID=$!
 }
 kill9() { kill -9 "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
@@ -255,6 +289,23 @@ dropper() {
 
 # --- the faults ------------------------------------------------------------------
 KILLS_NODE=0 KILLS_ALPHA=0 KILLS_BETA=0 HANGS_NODE=0 HANGS_AGENT=0 ALARMS=0 FULL_DISKS=0
+CUTS_NODE=0 CUTS_AGENT=0 RESTARTS=0
+# Waits up to $1 s for the cluster to be whole; 0 when it is.
+whole_within() {
+  local _
+  for _ in $(seq "$1"); do "$CLUSTER" status >/dev/null 2>&1 && return 0; sleep 1; done
+  return 1
+}
+# Node $1, resumed (pid $2) but not back in the cluster: restarted as an
+# operator would, and the cluster waited for. Run in the node job.
+restart_node() {
+  echo "node $1 not back 90 s after SIGCONT: kill -9 and start" >>"$WORK/cluster.log"
+  kill -9 "$2" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$2" 2>/dev/null || break; sleep 0.1; done
+  "$CLUSTER" start "$1" >>"$WORK/cluster.log" 2>&1 && whole_within 180
+}
+# The endpoints that partition faults cut apart (netns-cluster.sh's names).
+peers_of() { local m; for m in n1 n2 n3 a b; do [[ $m == "$1" ]] || echo "$m"; done; }
 # Fills the filesystem of directory $1 to the last byte (a ballast file as
 # large as the free space, then what rounding left), for $2 ms; then empties it.
 fill_for() {
@@ -264,9 +315,30 @@ fill_for() {
   rsleep "$2" "$2"
   rm -f "$ballast"
 }
+# The node fault's job is over: the node is back, or the soak fails.
+node_back() {
+  local rc=0
+  wait "$NODE_JOB" || rc=$?
+  case $rc in
+    0) log "node $NODE_DOWN is back ($NODE_FAULT undone)" ;;
+    3)
+      RESTARTS=$((RESTARTS + 1))
+      log "node $NODE_DOWN was not back in the cluster 90 s after SIGCONT; restarted (kill -9, start), now back"
+      ;;
+    *) die "node $NODE_DOWN: undoing the $NODE_FAULT failed (see $WORK/cluster.log)" ;;
+  esac
+  NODE_JOB='' NODE_DOWN='' NODE_FAULT='' NODE_PID=''
+}
 log "seed $SEED; $MINUTES min of faults; work directory $WORK"
 start_beta
 start_alpha
+# An agent that cannot start (its configuration refused, say) ends the
+# soak now, not after it.
+sleep 2
+for agent in alpha beta; do
+  pid=ALPHA_PID; [[ $agent == beta ]] && pid=BETA_PID
+  kill -0 "${!pid}" 2>/dev/null || die "$agent did not start: $(tail -n 3 "$WORK/$agent.log")"
+done
 END=$((SECONDS + MINUTES * 60))
 dropper "$END" &
 DROPPER_PID=$!
@@ -275,21 +347,19 @@ while ((SECONDS < END)); do
   ((SECONDS < END)) || break
   check_alive
   # The node fault undone in the background: done yet?
-  if [[ -n $NODE_JOB ]] && ! kill -0 "$NODE_JOB" 2>/dev/null; then
-    wait "$NODE_JOB" || die "node $NODE_DOWN: undoing the $NODE_FAULT failed (see $WORK/cluster.log)"
-    log "node $NODE_DOWN is back ($NODE_FAULT undone)"
-    NODE_JOB='' NODE_DOWN='' NODE_FAULT='' NODE_PID=''
-  fi
+  if [[ -n $NODE_JOB ]] && ! kill -0 "$NODE_JOB" 2>/dev/null; then node_back; fi
   if [[ -n $FILL_JOB ]] && ! kill -0 "$FILL_JOB" 2>/dev/null; then
     wait "$FILL_JOB" || true
     FILL_JOB=''
   fi
-  fault=$(rand 18)
+  # 18 and 19, partitions, only in namespaces.
+  if [[ $NETNS != 0 ]]; then fault=$(rand 20); else fault=$(rand 18); fi
   # One full disk at a time; none without the tmpfs mounts.
-  if ((fault >= 16)) && [[ $DISK_FULL == 0 || -n $FILL_JOB ]]; then fault=$(rand 16); fi
-  # One node at a time, and only once the cluster is whole again.
-  if ((fault < 6)) && [[ -z $NODE_DOWN ]] && ! "$CLUSTER" status >/dev/null 2>&1; then fault=15; fi
-  if ((fault < 6)) && [[ -n $NODE_DOWN ]]; then fault=$((6 + $(rand 10))); fi
+  if ((fault == 16 || fault == 17)) && [[ $DISK_FULL == 0 || -n $FILL_JOB ]]; then fault=$(rand 16); fi
+  # One node or network fault at a time, and only once the cluster is whole again.
+  node_fault=$((fault < 6 || fault >= 18))
+  if ((node_fault)) && [[ -z $NODE_DOWN ]] && ! "$CLUSTER" status >/dev/null 2>&1; then fault=15; node_fault=0; fi
+  if ((node_fault)) && [[ -n $NODE_DOWN ]]; then fault=$((6 + $(rand 10))); fi
   case $fault in
     0 | 1 | 2)
       n=$((1 + $(rand 3)))
@@ -315,8 +385,10 @@ while ((SECONDS < END)); do
       (
         rsleep "$t" "$t"
         kill -CONT "$pid"
-        # Counted out and back (autoheal), or never left: whole again.
-        for _ in $(seq 120); do "$CLUSTER" status >/dev/null 2>&1 && exit 0; sleep 1; done
+        # Counted out and back (partition handling), or never left: whole
+        # again; or restarted (exit 3: counted by the main loop).
+        whole_within 90 && exit 0
+        restart_node "$n" "$pid" && exit 3
         exit 1
       ) &
       NODE_JOB=$!
@@ -356,6 +428,30 @@ while ((SECONDS < END)); do
       rsleep 1000 8000
       kill -CONT "$ALPHA_PID"
       ;;
+    18 | 19)
+      t=$((3000 + $(rand 17000)))
+      if ((fault == 18)); then
+        # A node cut off from everyone: it pauses (the minority), the
+        # other two carry on; the agents connected to it move on.
+        n=$((1 + $(rand 3)))
+        log "partition: RabbitMQ node $n cut off from the other nodes and both agents for $((t / 1000)) s"
+        for m in $(peers_of "n$n"); do "$CLUSTER" cut "n$n" "$m" >>"$WORK/cluster.log" 2>&1; done
+        CUTS_NODE=$((CUTS_NODE + 1))
+      else
+        # One agent cut off from one node (the one it uses, or another).
+        n=$((1 + $(rand 3))) e=$([[ $(rand 2) == 0 ]] && echo a || echo b)
+        log "partition: agent $e cut off from RabbitMQ node $n for $((t / 1000)) s"
+        "$CLUSTER" cut "$e" "n$n" >>"$WORK/cluster.log" 2>&1
+        CUTS_AGENT=$((CUTS_AGENT + 1))
+      fi
+      NODE_DOWN=$n NODE_FAULT=cut
+      (
+        rsleep "$t" "$t"
+        "$CLUSTER" heal-all >>"$WORK/cluster.log" 2>&1
+        whole_within 180
+      ) &
+      NODE_JOB=$!
+      ;;
     16 | 17)
       d=${FULL_DIRS[fault - 16]}
       t=$((2000 + $(rand 10000)))
@@ -376,18 +472,18 @@ done
 wait "$DROPPER_PID" || die "the dropper failed"
 DROPPER_PID=''
 if [[ -n $FILL_JOB ]]; then wait "$FILL_JOB" || true; FILL_JOB=''; fi
-if [[ -n $NODE_JOB ]]; then
-  wait "$NODE_JOB" || die "node $NODE_DOWN: undoing the $NODE_FAULT failed (see $WORK/cluster.log)"
-  log "node $NODE_DOWN is back ($NODE_FAULT undone)"
-  NODE_JOB='' NODE_DOWN='' NODE_FAULT='' NODE_PID=''
-fi
+if [[ -n $NODE_JOB ]]; then node_back; fi
 check_alive
 FILES=$(wc -l <"$MANIFEST")
-FAULTS=$((KILLS_NODE + KILLS_ALPHA + KILLS_BETA + HANGS_NODE + HANGS_AGENT + ALARMS + FULL_DISKS))
-log "faults over: $FILES files dropped; $KILLS_NODE node, $KILLS_ALPHA alpha and $KILLS_BETA beta kills; $HANGS_NODE node and $HANGS_AGENT agent hangs; $ALARMS disk alarms; $FULL_DISKS full disks"
+FAULTS=$((KILLS_NODE + KILLS_ALPHA + KILLS_BETA + HANGS_NODE + HANGS_AGENT + ALARMS + FULL_DISKS + CUTS_NODE + CUTS_AGENT))
+log "faults over: $FILES files dropped; $KILLS_NODE node, $KILLS_ALPHA alpha and $KILLS_BETA beta kills; $HANGS_NODE node and $HANGS_AGENT agent hangs ($RESTARTS nodes restarted after their hang); $ALARMS disk alarms; $FULL_DISKS full disks; $CUTS_NODE nodes and $CUTS_AGENT agents cut off"
 
 # --- quiescence --------------------------------------------------------------
-hist() { "$BIN" history -c "$WORK/$1.yaml" --limit 1000000 --json </dev/null; }
+hist() {
+  local in=("${IN_A[@]}")
+  [[ $1 == beta ]] && in=("${IN_B[@]}")
+  "${in[@]}" "$BIN" history -c "$WORK/$1.yaml" --limit 1000000 --json </dev/null
+}
 # The value of string field $2 in the JSON line $1 (history lines are flat,
 # and the names and ids this script uses need no escaping).
 field() { sed -n "s/.*\"$2\":\"\\([^\"]*\\)\".*/\\1/p" <<<"$1"; }
@@ -441,7 +537,7 @@ while read -r name size sha; do
     if [[ $k -eq 0 && $(field "$(grep -F "\"transfer_id\":\"$tid\"" <<<"$rx")" status) == hook_interrupted ]]; then
       interrupted=$((interrupted + 1))
       log "$name: beta was killed before its hook ran (hook_interrupted): hakobu rerun $tid"
-      "$BIN" rerun -c "$WORK/beta.yaml" "$tid" </dev/null >>"$WORK/rerun.log" 2>&1 || log "rerun $tid failed"
+      "${IN_B[@]}" "$BIN" rerun -c "$WORK/beta.yaml" "$tid" </dev/null >>"$WORK/rerun.log" 2>&1 || log "rerun $tid failed"
       reruns=$((reruns + 1))
       k=$(runs_of "$tid" received)
     elif [[ $(field "$(grep -F "\"transfer_id\":\"$tid\"" <<<"$rx")" status) == hook_interrupted ]]; then
@@ -478,7 +574,7 @@ done < <(find "$WORK" -type f ! -path "$WORK/alpha/state/*" ! -path "$WORK/beta/
   ! -path "$WORK/beta/inbox/*" ! -path "$WORK/hooks/*" ! -path "$WORK/rmq/*" \
   ! -name '*.yaml' ! -name '*.log' ! -name manifest)
 
-log "seed $SEED: $KILLS_NODE node, $KILLS_ALPHA alpha, $KILLS_BETA beta kills; $FULL_DISKS full disks; $interrupted hooks interrupted ($reruns re-run by hand); $failed transfers failed, $EXITS agent exits"
+log "seed $SEED: $KILLS_NODE node, $KILLS_ALPHA alpha, $KILLS_BETA beta kills; $FULL_DISKS full disks; $CUTS_NODE + $CUTS_AGENT partitions; $RESTARTS nodes restarted after a hang; $interrupted hooks interrupted ($reruns re-run by hand); $failed transfers failed, $EXITS agent exits"
 echo "soak: $FAULTS faults injected, $FILES files, $lost lost, $corrupted corrupted, $dup duplicate hooks, $missed missed hooks, $outside writes outside inbox"
 if ((lost + corrupted + dup + outside + failed + missed + EXITS == 0)); then RESULT=0; else
   log "FAILED; last lines of the agents' logs:"
