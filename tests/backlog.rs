@@ -298,10 +298,12 @@ fn hooks_that_send_on_and_wait_get_their_receipts() {
             root.join("on-outbox").display()
         ),
     );
+    // Bounded: `send --wait` outlives a beta killed when the test fails
+    // (before its fix, 256 of them polled on for good).
     fs::write(
         &forward,
         format!(
-            "#!/bin/sh\n{bin} send -c {cfg} --file-id ON \"$HAKOBU_PATH\" --wait >/dev/null && echo \"$HAKOBU_TRANSFER_ID\" >> {done}\n",
+            "#!/bin/sh\ntimeout 300 {bin} send -c {cfg} --file-id ON \"$HAKOBU_PATH\" --wait >/dev/null && echo \"$HAKOBU_TRANSFER_ID\" >> {done}\n",
             bin = common::bin(),
             cfg = beta.config.display(),
             done = root.join("forwarded.log").display()
