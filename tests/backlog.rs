@@ -41,6 +41,20 @@ fn body(i: usize) -> Vec<u8> {
     line.as_bytes().iter().copied().cycle().take(4096).collect()
 }
 
+/// Writes `n` files into `outbox`, then all their `.done` markers (the
+/// files dropped at once); returns when the first marker was written.
+fn drop_all(outbox: &Path, n: usize) -> Instant {
+    fs::create_dir_all(outbox).unwrap();
+    for i in 0..n {
+        fs::write(outbox.join(format!("s{i}.dat")), body(i)).unwrap();
+    }
+    let t0 = Instant::now();
+    for i in 0..n {
+        fs::write(outbox.join(format!("s{i}.dat.done")), b"").unwrap();
+    }
+    t0
+}
+
 fn count_files(dir: &Path) -> usize {
     fs::read_dir(dir).map_or(0, |d| d.count())
 }
@@ -213,14 +227,7 @@ fn slow_hooks(side: &str, secs: u32, limit: usize) {
         beta.start();
     }
     alpha.start();
-    fs::create_dir_all(&outbox).unwrap();
-    for i in 0..N {
-        fs::write(outbox.join(format!("s{i}.dat")), body(i)).unwrap();
-    }
-    let t0 = Instant::now();
-    for i in 0..N {
-        fs::write(outbox.join(format!("s{i}.dat.done")), b"").unwrap();
-    }
+    let t0 = drop_all(&outbox, N);
     if burst {
         wait_until(
             Duration::from_secs(120),
@@ -323,14 +330,7 @@ fn hooks_that_send_on_and_wait_get_their_receipts() {
     gamma.start();
     beta.start();
     alpha.start();
-    fs::create_dir_all(&outbox).unwrap();
-    for i in 0..N {
-        fs::write(outbox.join(format!("s{i}.dat")), body(i)).unwrap();
-    }
-    let t0 = Instant::now();
-    for i in 0..N {
-        fs::write(outbox.join(format!("s{i}.dat.done")), b"").unwrap();
-    }
+    let t0 = drop_all(&outbox, N);
     let forwarded = || {
         fs::read_to_string(root.join("forwarded.log"))
             .unwrap_or_default()
