@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -431,7 +430,7 @@ async fn send(
     }
     println!("{tid}");
     if wait {
-        return wait_for(&store, &tid).await;
+        return wait_for(cfg, &store, &tid).await;
     }
     Ok(())
 }
@@ -458,14 +457,16 @@ async fn send_source(
     let store = open_store(cfg)?;
     for tid in &tids {
         println!("{tid}");
-        wait_for(&store, tid).await?;
+        wait_for(cfg, &store, tid).await?;
     }
     Ok(())
 }
 
-/// Polls the state database until every receiver of `tid` has settled it.
-async fn wait_for(store: &Store, tid: &TransferId) -> Result<(), Exit> {
+/// Polls the state database until every receiver of `tid` has settled it,
+/// or the agent has gone (`agent_stopped`).
+async fn wait_for(cfg: &Config, store: &Store, tid: &TransferId) -> Result<(), Exit> {
     let bar = Progress::new();
+    let mut waiter = crate::request_cmd::Waiter::new(cfg, None);
     loop {
         let rows = store.sending().rows_of(tid).await.map_err(failure)?;
         bar.show(&rows);
@@ -489,7 +490,10 @@ async fn wait_for(store: &Store, tid: &TransferId) -> Result<(), Exit> {
                 failed[0].error.as_deref().unwrap_or("the transfer failed")
             )));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Err((code, e)) = waiter.tick("the receipt did not come").await {
+            bar.finish();
+            return Err(Exit(code, e));
+        }
     }
 }
 

@@ -116,6 +116,9 @@ codes! {
     UnexpectedReceipt = "unexpected_receipt", Log;
     /// `hakobu request --wait` gave up: no reply, or the files not settled, in time.
     RequestTimeout = "request_timeout", Log;
+    /// `hakobu send --wait` or `request --wait` saw no agent on its state
+    /// directory for `AGENT_GONE_AFTER`: it stops waiting.
+    AgentStopped = "agent_stopped", Log;
     /// An HTTP request without the token (or a session), or a console
     /// change without its header.
     Unauthorized = "unauthorized", Log;

@@ -200,6 +200,10 @@ fn help(code: ErrorCode) -> (&'static str, &'static str) {
             "`hakobu request --wait` gave up before the reply or the files came.",
             "Check that the other node's agent runs; `hakobu history` shows what arrived later.",
         ),
+        AgentStopped => (
+            "`hakobu send --wait` or `hakobu request --wait` stopped waiting: no agent has run on its state directory for 10 s. Nothing is lost; the transfer goes on when the agent runs again.",
+            "Start the agent (`hakobu run -c FILE`, or its service), then follow the transfer with `hakobu history`.",
+        ),
         Unauthorized => (
             "The request had no valid token or session (or a console change lacked its header).",
             "Sign in with the token of http.token_file, or send it as `Authorization: Bearer TOKEN`.",

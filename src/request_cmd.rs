@@ -82,9 +82,9 @@ pub async fn run(args: RequestArgs) -> Result<(), Exit> {
     if !args.wait {
         return Ok(());
     }
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut waiter = Waiter::new(&cfg, timeout.map(|t| Instant::now() + t));
     let ledger = store.requests();
-    let tids = answered(&ledger, RequestDir::Out, &id, deadline).await?;
+    let tids = answered(&ledger, RequestDir::Out, &id, &mut waiter).await?;
     loop {
         let rows = ledger
             .received(&from, &tids)
@@ -93,7 +93,7 @@ pub async fn run(args: RequestArgs) -> Result<(), Exit> {
         if let Some(done) = settled(&tids, &rows) {
             return done;
         }
-        tick(deadline, "the files did not arrive").await?;
+        waiter.tick("the files did not arrive").await?;
     }
 }
 
@@ -126,17 +126,54 @@ async fn record(ledger: &RequestLedger, row: RequestRow) -> Result<(), Exit> {
     }
 }
 
-/// One wait between two looks at the database; `request_timeout` once the
-/// deadline has passed.
-async fn tick(deadline: Option<Instant>, what: &str) -> Result<(), Exit> {
-    if deadline.is_some_and(|d| Instant::now() >= d) {
-        return Err(failed(
-            ErrorCode::RequestTimeout.as_str(),
-            &format!("{what} before --timeout; `hakobu history` shows what came later"),
-        ));
+/// How long `--wait` goes on with no agent on its state directory: long
+/// enough for a service manager to restart one (systemd: 2 s).
+pub const AGENT_GONE_AFTER: Duration = Duration::from_secs(10);
+
+/// The pace of a `--wait`: one wait between two looks at the database,
+/// `request_timeout` once the deadline has passed, `agent_stopped` once no
+/// agent has held the state directory for `AGENT_GONE_AFTER` (nothing
+/// would settle the transfer then, and the command would wait for good).
+pub struct Waiter<'a> {
+    cfg: &'a Config,
+    deadline: Option<Instant>,
+    gone_since: Option<Instant>,
+}
+
+impl<'a> Waiter<'a> {
+    pub fn new(cfg: &'a Config, deadline: Option<Instant>) -> Waiter<'a> {
+        Waiter {
+            cfg,
+            deadline,
+            gone_since: None,
+        }
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    Ok(())
+
+    /// Waits before the next look; `what` says what did not come.
+    pub async fn tick(&mut self, what: &str) -> Result<(), Exit> {
+        let now = Instant::now();
+        if self.deadline.is_some_and(|d| now >= d) {
+            return Err(failed(
+                ErrorCode::RequestTimeout.as_str(),
+                &format!("{what} before --timeout; `hakobu history` shows what came later"),
+            ));
+        }
+        if StateLock::held(self.cfg) {
+            self.gone_since = None;
+        } else if now - *self.gone_since.get_or_insert(now) >= AGENT_GONE_AFTER {
+            return Err(failed(
+                ErrorCode::AgentStopped.as_str(),
+                &format!(
+                    "{what}, and no agent has run on {} for {} s: nothing is lost, the transfer goes on when `hakobu run -c {}` starts again; `hakobu history` shows it",
+                    self.cfg.state_dir.display(),
+                    AGENT_GONE_AFTER.as_secs(),
+                    self.cfg.file.display()
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(())
+    }
 }
 
 /// Waits for the request's answer: the transfers it started, or its code.
@@ -144,7 +181,7 @@ async fn answered(
     ledger: &RequestLedger,
     dir: RequestDir,
     id: &TransferId,
-    deadline: Option<Instant>,
+    waiter: &mut Waiter<'_>,
 ) -> Result<Vec<TransferId>, Exit> {
     loop {
         let row = ledger.get(dir, id).await.map_err(|e| (1, e.into()))?;
@@ -157,7 +194,7 @@ async fn answered(
                 )),
             };
         }
-        tick(deadline, "no reply came").await?;
+        waiter.tick("no reply came").await?;
     }
 }
 
@@ -224,5 +261,6 @@ pub async fn send_source(
         eprintln!("queued request {id}: the agent sends the source; `hakobu history` shows it");
         return Ok(Vec::new());
     }
-    answered(&store.requests(), RequestDir::Local, &id, None).await
+    let mut waiter = Waiter::new(cfg, None);
+    answered(&store.requests(), RequestDir::Local, &id, &mut waiter).await
 }

@@ -173,7 +173,10 @@ IFS=, read -r -a URLS <<<"$HAKOBU_TEST_AMQP_URLS"
 # The nodes local-cluster.sh controls must be the ones the URLs name.
 [[ $NETNS != 0 || $("$CLUSTER" urls | paste -sd,) == "$HAKOBU_TEST_AMQP_URLS" ]] ||
   die "local-cluster.sh (HAKOBU_RMQ_NAME/PORTS/BASE) does not control the cluster of HAKOBU_TEST_AMQP_URLS"
-"$CLUSTER" status >/dev/null || die "the cluster is not healthy: $("$CLUSTER" status 2>&1)"
+# A test that ran just before may have restarted a node that is still
+# rejoining: the soak waits up to 120 s for the cluster to be whole.
+for _ in $(seq 120); do "$CLUSTER" status >/dev/null 2>&1 && break; sleep 1; done
+"$CLUSTER" status >/dev/null || die "the cluster is not healthy after 120 s: $("$CLUSTER" status 2>&1)"
 
 # --- two agents --------------------------------------------------------------
 A=soak-alpha-$$

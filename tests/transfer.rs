@@ -192,6 +192,93 @@ fn one_shot_send_with_meta_waits_for_the_receipt() {
     assert!(src.exists(), "send must not consume the user's file");
 }
 
+/// `hakobu send --wait FILE` to `p`'s beta, in the background; its output
+/// is read once it has exited.
+fn send_wait(p: &Pair, name: &str) -> std::process::Child {
+    let src = p.tmp.path().join(name);
+    fs::write(&src, format!("{name}\n")).unwrap();
+    std::process::Command::new(common::bin())
+        .args(["send", "-c"])
+        .arg(&p.alpha.config)
+        .args(["--file-id", &p.file_id, "--wait"])
+        .arg(&src)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start hakobu send --wait")
+}
+
+/// Waits up to `limit` for `child` to exit; its output, or None (killed).
+fn exited_within(mut child: std::process::Child, limit: Duration) -> Option<std::process::Output> {
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(child.wait_with_output().unwrap())
+}
+
+#[test]
+fn send_wait_gives_up_when_the_agent_is_gone_not_when_it_restarts() {
+    // Beta is not started: no receipt comes while alpha is killed.
+    let mut p = Pair::new(PairOpts::default());
+    p.alpha.start();
+    let child = send_wait(&p, "first.txt");
+    wait_until(
+        Duration::from_secs(60),
+        "the transfer to await its receipt",
+        || !p.alpha.with_status("awaiting_receipt").is_empty(),
+    );
+    p.alpha.kill9();
+    // With the agent gone for good, --wait would otherwise poll for ever.
+    let out = exited_within(child, Duration::from_secs(60))
+        .expect("send --wait still waiting 60 s after its agent was killed");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stdout.lines().any(|l| l == "agent_stopped"),
+        "stdout: {stdout}"
+    );
+    assert!(stderr.contains("nothing is lost"), "stderr: {stderr}");
+
+    // An agent restarted at once (as its service manager does) is waited for.
+    p.alpha.start();
+    let child = send_wait(&p, "second.txt");
+    wait_until(
+        Duration::from_secs(60),
+        "both transfers to await receipts",
+        || p.alpha.with_status("awaiting_receipt").len() == 2,
+    );
+    p.alpha.kill9();
+    p.alpha.start();
+    p.beta.start();
+    let out = exited_within(child, Duration::from_secs(120))
+        .expect("send --wait across an agent restart did not end");
+    assert!(
+        out.status.success(),
+        "send --wait across a restart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first transfer, given up on by its command, was not lost.
+    p.wait_sent(2, Duration::from_secs(60));
+    assert_eq!(
+        fs::read_to_string(p.inbox.join("first.txt")).unwrap(),
+        "first.txt\n"
+    );
+}
+
 #[test]
 fn mode_new_refuses_to_overwrite_and_both_failure_hooks_run() {
     let mut p = Pair::new(PairOpts::default());
