@@ -284,6 +284,72 @@ fn receiver_state_dir_full_then_space_returns() {
     );
 }
 
+/// The receiving agent is killed while a success hook runs, and its state
+/// directory's disk is full when it starts again. Start-up recovery, which
+/// records the hook as interrupted, says `disk_full` and waits; the agent
+/// stays up (it exited before: the 30-minute soak's one failure); once
+/// space returns it finishes: the transfer is `hook_interrupted` on both
+/// sides, its hook is not run again, and the next file arrives.
+#[test]
+fn receiver_starts_on_a_full_state_disk_then_space_returns() {
+    let mut rig = Rig::new(Full::ReceiverState);
+    rig.beta.kill9();
+    let yaml = fs::read_to_string(&rig.beta.config).unwrap();
+    rig.beta = Agent::new("beta", &rig.beta.dir.clone(), &yaml).env("HOOK_SLEEP", "20");
+    rig.beta.start();
+    rig.write(&["slow.bin"]);
+    rig.mark("slow.bin");
+    wait_until(Duration::from_secs(60), "slow.bin's hook to run", || {
+        hook_runs(&rig.hooks).len() == 3
+    });
+    rig.beta.kill9();
+    let filler = fill(&rig.fs);
+    rig.beta.spawn();
+    wait_until(
+        Duration::from_secs(30),
+        "beta to say its disk is full, or exit",
+        || rig.beta.log().contains("start-up recovery waits for space") || !rig.beta.alive(),
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        rig.beta.alive(),
+        "beta exited on a full state disk:\n{}",
+        rig.beta.log()
+    );
+    fs::remove_file(&filler).unwrap();
+    let freed = Instant::now();
+    wait_until(
+        Duration::from_secs(60),
+        "start-up recovery to finish",
+        || {
+            rig.beta.log().contains("Agent running.")
+                && rig.beta.log().contains("start-up recovery done")
+        },
+    );
+    let recovered = freed.elapsed();
+    wait_until(
+        Duration::from_secs(60),
+        "alpha to hear of the interrupted hook",
+        || {
+            rig.alpha
+                .with_status("send_failed")
+                .iter()
+                .any(|r| r["error_code"] == "hook_interrupted")
+        },
+    );
+    assert_eq!(rig.beta.with_status("hook_interrupted").len(), 1);
+    let want = rig.write(&["after.bin"]);
+    rig.mark("after.bin");
+    wait_until(Duration::from_secs(60), "the next file", || {
+        rig.inbox.join("after.bin").exists()
+    });
+    assert_eq!(sha256_file(&rig.inbox.join("after.bin")), want[0]);
+    eprintln!(
+        "figures: receiver started on a full state disk, stayed up, recovered {:.1} s after space returned",
+        recovered.as_secs_f64()
+    );
+}
+
 /// The embedded broker's data directory fills: publishes are refused, the
 /// sender says so (`broker_nack`, once, not at every retry) and keeps its
 /// files; when space returns they go, once, and intact.

@@ -205,7 +205,19 @@ impl Agent {
         self
     }
 
+    /// Starts the agent and waits until it is up: it holds its state
+    /// directory and consumes its queue.
     pub fn start(&mut self) -> &mut Self {
+        let started_before = self.log().matches("Agent running.").count();
+        self.spawn();
+        wait_until(Duration::from_secs(60), "the agent to start", || {
+            self.log().matches("Agent running.").count() > started_before
+        });
+        self
+    }
+
+    /// Starts the agent without waiting for it to be up.
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "agent {} already running", self.node);
         let log = fs::OpenOptions::new()
             .create(true)
@@ -232,13 +244,7 @@ impl Agent {
             cmd.env(k, v);
         }
         self.enrol();
-        let started_before = self.log().matches("Agent running.").count();
         self.child = Some(cmd.spawn().expect("start hakobu run"));
-        // Up means it holds its state directory and consumes its queue.
-        wait_until(Duration::from_secs(60), "the agent to start", || {
-            self.log().matches("Agent running.").count() > started_before
-        });
-        self
     }
 
     pub fn pid(&self) -> u32 {
