@@ -35,8 +35,10 @@ impl StateLock {
         cfg.state_dir.join("agent.lock")
     }
 
-    /// Takes the lock, or says which state directory is taken.
-    pub fn acquire(cfg: &Config) -> anyhow::Result<StateLock> {
+    /// Takes the lock, or says which state directory is taken. A lock held
+    /// for less than a second is waited out: [`probe`](Self::probe) takes
+    /// it for an instant (a `--wait` command looking for its agent).
+    pub async fn acquire(cfg: &Config) -> anyhow::Result<StateLock> {
         let path = Self::lock_path(cfg);
         let f = std::fs::OpenOptions::new()
             .create(true)
@@ -44,21 +46,55 @@ impl StateLock {
             .write(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        let lock = lock_waiting(f, LOCK_PATIENCE).await.map_err(|e| {
             anyhow::anyhow!("another agent is running on {} ({e}); stop it first or give this one its own state_dir", cfg.state_dir.display())
         })?;
         Ok(StateLock(lock))
     }
 
-    /// True when an agent holds the state directory now.
+    /// True when an agent holds the state directory now (false also when
+    /// this user cannot tell).
     pub fn held(cfg: &Config) -> bool {
-        let Ok(f) = std::fs::OpenOptions::new()
-            .write(true)
-            .open(Self::lock_path(cfg))
-        else {
-            return false;
+        Self::probe(cfg) == Some(true)
+    }
+
+    /// Whether an agent holds the state directory now: `None` when this
+    /// user cannot tell (the lock file not readable, locks not supported).
+    /// Takes the lock for an instant when no agent holds it
+    /// ([`acquire`](Self::acquire) waits that out).
+    pub fn probe(cfg: &Config) -> Option<bool> {
+        let f = match std::fs::File::open(Self::lock_path(cfg)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(false),
+            Err(_) => return None,
         };
-        Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err()
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(_) => Some(false),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Some(true),
+            Err(_) => None,
+        }
+    }
+}
+
+/// How long [`StateLock::acquire`] waits out a lock held by someone else.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// An exclusive lock on `f`, tried every 50 ms for `patience` while
+/// another holds it; any other error at once.
+async fn lock_waiting(
+    mut f: std::fs::File,
+    patience: std::time::Duration,
+) -> Result<Flock<std::fs::File>, nix::errno::Errno> {
+    let until = std::time::Instant::now() + patience;
+    loop {
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < until => {
+                f = back;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err((_, e)) => return Err(e),
+        }
     }
 }
 
@@ -209,7 +245,7 @@ impl Agent {
         }
         cfg.keys.check()?;
         prepare_state_dir(&cfg)?;
-        let lock = StateLock::acquire(&cfg)?;
+        let lock = StateLock::acquire(&cfg).await?;
         let http_auth = match &cfg.http {
             Some(h) => Some(Arc::new(crate::http::Auth::load(h)?)),
             None => None,
@@ -355,6 +391,27 @@ mod tests {
     fn full() -> StoreError {
         let e = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL);
         StoreError::Sql(rusqlite::Error::SqliteFailure(e, None))
+    }
+
+    #[tokio::test]
+    async fn the_state_lock_waits_out_a_brief_holder_not_a_long_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.lock");
+        let open = || std::fs::File::create(&path).unwrap();
+        // Held for 300 ms (a `--wait` probing takes it for far less).
+        let held = Flock::lock(open(), FlockArg::LockExclusiveNonblock).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        assert!(lock_waiting(open(), LOCK_PATIENCE).await.is_ok());
+        release.join().unwrap();
+        // Held by another for good: refused once the patience is out.
+        let _other = Flock::lock(open(), FlockArg::LockExclusiveNonblock).unwrap();
+        let started = std::time::Instant::now();
+        let r = lock_waiting(open(), LOCK_PATIENCE).await;
+        assert_eq!(r.err(), Some(nix::errno::Errno::EWOULDBLOCK));
+        assert!(started.elapsed() >= LOCK_PATIENCE);
     }
 
     #[tokio::test]

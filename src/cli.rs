@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -13,7 +14,8 @@ use crate::agent::{self, StateLock};
 use crate::config::Config;
 use crate::domain::{FileName, NodeName, TransferId};
 use crate::progress::Progress;
-use crate::store::{Entry, SendRow, Store};
+use crate::request_cmd::Deadline;
+use crate::store::{Entry, Store};
 
 #[derive(Parser)]
 #[command(
@@ -77,6 +79,9 @@ enum Command {
         /// Wait for the receipt; exit 0 only on success.
         #[arg(long)]
         wait: bool,
+        /// With --wait, give up after this long (`request_timeout`), e.g. 10m.
+        #[arg(long, requires = "wait")]
+        timeout: Option<String>,
         /// The transfer that started this one (default: $HAKOBU_TRANSFER_ID, set for hooks); `none` for no parent.
         #[arg(long, value_name = "ID|none")]
         parent: Option<String>,
@@ -200,18 +205,17 @@ async fn dispatch(command: Command) -> Result<(), Exit> {
             to,
             meta,
             wait,
+            timeout,
             parent,
-        } => match path {
-            Some(path) => {
-                let parent = crate::chain_cmd::parent(parent.as_deref()).map_err(usage)?;
-                let cfg = load(&config)?;
-                send(&cfg, &file_id, (&path, parent), to, &meta, wait).await
+        } => {
+            let parent = crate::chain_cmd::parent(parent.as_deref()).map_err(usage)?;
+            let wait = wait.then(|| waiting(timeout.as_deref())).transpose()?;
+            let cfg = load(&config)?;
+            match path {
+                Some(path) => send(&cfg, &file_id, (&path, parent), to, &meta, wait).await,
+                None => send_source(&cfg, &file_id, (to, parent), &meta, wait).await,
             }
-            None => {
-                let parent = crate::chain_cmd::parent(parent.as_deref()).map_err(usage)?;
-                send_source(&load(&config)?, &file_id, (to, parent), &meta, wait).await
-            }
-        },
+        }
         Command::Request(args) => crate::request_cmd::run(args)
             .await
             .map_err(|(code, e)| Exit(code, e)),
@@ -385,7 +389,7 @@ async fn send(
     (path, parent): (&Path, Option<TransferId>),
     to: Option<String>,
     meta: &[String],
-    wait: bool,
+    wait: Option<Deadline>,
 ) -> Result<(), Exit> {
     let meta = parse_meta(meta)?;
     let to = to
@@ -398,7 +402,7 @@ async fn send(
         )));
     }
     let agent_running = StateLock::held(cfg);
-    if wait && !agent_running {
+    if wait.is_some() && !agent_running {
         return Err(usage(anyhow::anyhow!(
             "--wait needs the agent: none runs on {}; start it with `hakobu run -c {}`, or send without --wait to queue the file",
             cfg.state_dir.display(),
@@ -429,10 +433,10 @@ async fn send(
         );
     }
     println!("{tid}");
-    if wait {
-        return wait_for(cfg, &store, &tid).await;
+    match wait {
+        Some(deadline) => wait_for(cfg, &store, &tid, deadline).await,
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// `hakobu send` without a path: the profile's `source` (`request_cmd.rs`).
@@ -441,7 +445,7 @@ async fn send_source(
     file_id: &str,
     (to, parent): (Option<String>, Option<TransferId>),
     meta: &[String],
-    wait: bool,
+    wait: Option<Deadline>,
 ) -> Result<(), Exit> {
     if !meta.is_empty() {
         return Err(usage(anyhow::anyhow!(
@@ -457,43 +461,62 @@ async fn send_source(
     let store = open_store(cfg)?;
     for tid in &tids {
         println!("{tid}");
-        wait_for(cfg, &store, tid).await?;
+        wait_for(cfg, &store, tid, wait.flatten()).await?;
     }
     Ok(())
 }
 
-/// Polls the state database until every receiver of `tid` has settled it,
-/// or the agent has gone (`agent_stopped`).
-async fn wait_for(cfg: &Config, store: &Store, tid: &TransferId) -> Result<(), Exit> {
+/// `--wait [--timeout DUR]` as a deadline.
+fn waiting(timeout: Option<&str>) -> Result<Deadline, Exit> {
+    let timeout = timeout
+        .map(|t| {
+            crate::config::parse_duration(t).map_err(|e| usage(anyhow::anyhow!("--timeout: {e}")))
+        })
+        .transpose()?;
+    Ok(timeout.map(|t| Instant::now() + t))
+}
+
+/// Polls the state database until every receiver of `tid` has settled it;
+/// or stops at `deadline` (`request_timeout`) or once the agent has gone
+/// (`agent_stopped`), each row then printed with that code.
+async fn wait_for(
+    cfg: &Config,
+    store: &Store,
+    tid: &TransferId,
+    deadline: Deadline,
+) -> Result<(), Exit> {
     let bar = Progress::new();
-    let mut waiter = crate::request_cmd::Waiter::new(cfg, None);
+    let mut waiter = crate::request_cmd::Waiter::new(cfg, deadline);
     loop {
         let rows = store.sending().rows_of(tid).await.map_err(failure)?;
         bar.show(&rows);
-        if !rows.is_empty() && rows.iter().all(|r| r.status.is_final()) {
-            bar.finish();
-            let failed: Vec<&SendRow> = rows.iter().filter(|r| !r.delivered).collect();
-            for r in &rows {
-                println!(
-                    "{} {} {}",
-                    r.peer,
-                    r.status.as_str(),
-                    r.error_code.as_deref().unwrap_or("")
-                );
-            }
-            if failed.is_empty() {
-                return Ok(());
-            }
-            return Err(failure(anyhow::anyhow!(
-                "{}: {}",
-                failed[0].error_code.as_deref().unwrap_or("send_failed"),
-                failed[0].error.as_deref().unwrap_or("the transfer failed")
-            )));
+        let settled = !rows.is_empty() && rows.iter().all(|r| r.status.is_final());
+        let stopped = match settled {
+            true => None,
+            false => waiter.tick("the receipt did not come").await.err(),
+        };
+        if !settled && stopped.is_none() {
+            continue;
         }
-        if let Err((code, e)) = waiter.tick("the receipt did not come").await {
-            bar.finish();
-            return Err(Exit(code, e));
+        bar.finish();
+        for r in &rows {
+            let code = match &stopped {
+                Some(s) if !r.status.is_final() => Some(s.code.as_str()),
+                _ => r.error_code.as_deref(),
+            };
+            println!("{} {} {}", r.peer, r.status.as_str(), code.unwrap_or(""));
         }
+        if let Some(s) = stopped {
+            return Err(failure(anyhow::anyhow!("{}: {}", s.code, s.sentence)));
+        }
+        let Some(failed) = rows.iter().find(|r| !r.delivered) else {
+            return Ok(());
+        };
+        return Err(failure(anyhow::anyhow!(
+            "{}: {}",
+            failed.error_code.as_deref().unwrap_or("send_failed"),
+            failed.error.as_deref().unwrap_or("the transfer failed")
+        )));
     }
 }
 

@@ -114,7 +114,8 @@ codes! {
     AlertsSuppressed = "alerts_suppressed", Log;
     /// A receipt from a node the transfer was not sent to: acked away, no effect.
     UnexpectedReceipt = "unexpected_receipt", Log;
-    /// `hakobu request --wait` gave up: no reply, or the files not settled, in time.
+    /// `hakobu request --wait` gave up: no reply, or the files not settled,
+    /// in time (`hakobu send --wait --timeout`: no receipt in time).
     RequestTimeout = "request_timeout", Log;
     /// `hakobu send --wait` or `request --wait` saw no agent on its state
     /// directory for `AGENT_GONE_AFTER`: it stops waiting.

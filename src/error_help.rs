@@ -197,7 +197,7 @@ fn help(code: ErrorCode) -> (&'static str, &'static str) {
             "Nothing; look at who publishes to the broker if it repeats.",
         ),
         RequestTimeout => (
-            "`hakobu request --wait` gave up before the reply or the files came.",
+            "`hakobu request --wait --timeout` gave up before the reply or the files came (`hakobu send --wait --timeout`: before the receipt).",
             "Check that the other node's agent runs; `hakobu history` shows what arrived later.",
         ),
         AgentStopped => (

@@ -93,7 +93,10 @@ pub async fn run(args: RequestArgs) -> Result<(), Exit> {
         if let Some(done) = settled(&tids, &rows) {
             return done;
         }
-        waiter.tick("the files did not arrive").await?;
+        waiter
+            .tick("the files did not arrive")
+            .await
+            .map_err(Stopped::printed)?;
     }
 }
 
@@ -126,14 +129,32 @@ async fn record(ledger: &RequestLedger, row: RequestRow) -> Result<(), Exit> {
     }
 }
 
+/// With `--wait`: when to give up (`--timeout`), `None` for never.
+pub type Deadline = Option<Instant>;
+
 /// How long `--wait` goes on with no agent on its state directory: long
 /// enough for a service manager to restart one (systemd: 2 s).
 pub const AGENT_GONE_AFTER: Duration = Duration::from_secs(10);
 
+/// Why a `--wait` stopped waiting: its stable code and a sentence.
+pub struct Stopped {
+    pub code: ErrorCode,
+    pub sentence: String,
+}
+
+impl Stopped {
+    /// `request`'s form: the code alone on stdout, the sentence in the error.
+    fn printed(self) -> Exit {
+        failed(self.code.as_str(), &self.sentence)
+    }
+}
+
 /// The pace of a `--wait`: one wait between two looks at the database,
-/// `request_timeout` once the deadline has passed, `agent_stopped` once no
-/// agent has held the state directory for `AGENT_GONE_AFTER` (nothing
-/// would settle the transfer then, and the command would wait for good).
+/// `request_timeout` once the deadline (`--timeout`) has passed,
+/// `agent_stopped` once no agent has held the state directory for
+/// `AGENT_GONE_AFTER` (nothing would settle the transfer then, and the
+/// command would wait for good). A lock it cannot look at (no permission
+/// to open it) counts as neither.
 pub struct Waiter<'a> {
     cfg: &'a Config,
     deadline: Option<Instant>,
@@ -141,7 +162,7 @@ pub struct Waiter<'a> {
 }
 
 impl<'a> Waiter<'a> {
-    pub fn new(cfg: &'a Config, deadline: Option<Instant>) -> Waiter<'a> {
+    pub fn new(cfg: &'a Config, deadline: Deadline) -> Waiter<'a> {
         Waiter {
             cfg,
             deadline,
@@ -150,26 +171,31 @@ impl<'a> Waiter<'a> {
     }
 
     /// Waits before the next look; `what` says what did not come.
-    pub async fn tick(&mut self, what: &str) -> Result<(), Exit> {
+    pub async fn tick(&mut self, what: &str) -> Result<(), Stopped> {
         let now = Instant::now();
         if self.deadline.is_some_and(|d| now >= d) {
-            return Err(failed(
-                ErrorCode::RequestTimeout.as_str(),
-                &format!("{what} before --timeout; `hakobu history` shows what came later"),
-            ));
-        }
-        if StateLock::held(self.cfg) {
-            self.gone_since = None;
-        } else if now - *self.gone_since.get_or_insert(now) >= AGENT_GONE_AFTER {
-            return Err(failed(
-                ErrorCode::AgentStopped.as_str(),
-                &format!(
-                    "{what}, and no agent has run on {} for {} s: nothing is lost, the transfer goes on when `hakobu run -c {}` starts again; `hakobu history` shows it",
-                    self.cfg.state_dir.display(),
-                    AGENT_GONE_AFTER.as_secs(),
-                    self.cfg.file.display()
+            return Err(Stopped {
+                code: ErrorCode::RequestTimeout,
+                sentence: format!(
+                    "{what} before --timeout; the transfer goes on: `hakobu history` shows what came later"
                 ),
-            ));
+            });
+        }
+        match StateLock::probe(self.cfg) {
+            Some(false) => {
+                if now - *self.gone_since.get_or_insert(now) >= AGENT_GONE_AFTER {
+                    return Err(Stopped {
+                        code: ErrorCode::AgentStopped,
+                        sentence: format!(
+                            "{what}, and no agent has run on {} for {} s: nothing is lost, the transfer goes on when `hakobu run -c {}` starts again; `hakobu history` shows it",
+                            self.cfg.state_dir.display(),
+                            AGENT_GONE_AFTER.as_secs(),
+                            self.cfg.file.display()
+                        ),
+                    });
+                }
+            }
+            _ => self.gone_since = None,
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         Ok(())
@@ -194,7 +220,10 @@ async fn answered(
                 )),
             };
         }
-        waiter.tick("no reply came").await?;
+        waiter
+            .tick("no reply came")
+            .await
+            .map_err(Stopped::printed)?;
     }
 }
 
@@ -232,7 +261,7 @@ pub async fn send_source(
     cfg: &Config,
     file_id: &str,
     (to, parent): (Option<NodeName>, Option<TransferId>),
-    wait: bool,
+    wait: Option<Deadline>,
 ) -> Result<Vec<TransferId>, Exit> {
     let profile = cfg.send_profile(file_id).ok_or_else(|| {
         usage(format!(
@@ -251,16 +280,16 @@ pub async fn send_source(
             "the send profile `{file_id}` has no `to`: give --to NODE"
         )));
     }
-    let store = open(cfg, wait)?;
+    let store = open(cfg, wait.is_some())?;
     let id = TransferId::new();
     let peer = to.unwrap_or_else(|| cfg.node.clone());
     let mut row = RequestRow::new(id.clone(), RequestDir::Local, peer, profile.file_id.clone());
     row.parent_id = parent;
     record(&store.requests(), row).await?;
-    if !wait {
+    let Some(deadline) = wait else {
         eprintln!("queued request {id}: the agent sends the source; `hakobu history` shows it");
         return Ok(Vec::new());
-    }
-    let mut waiter = Waiter::new(cfg, None);
+    };
+    let mut waiter = Waiter::new(cfg, deadline);
     answered(&store.requests(), RequestDir::Local, &id, &mut waiter).await
 }

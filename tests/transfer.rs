@@ -192,15 +192,16 @@ fn one_shot_send_with_meta_waits_for_the_receipt() {
     assert!(src.exists(), "send must not consume the user's file");
 }
 
-/// `hakobu send --wait FILE` to `p`'s beta, in the background; its output
-/// is read once it has exited.
-fn send_wait(p: &Pair, name: &str) -> std::process::Child {
+/// `hakobu send --wait FILE` (and `extra` arguments) to `p`'s beta, in the
+/// background; its output is read once it has exited.
+fn send_wait(p: &Pair, name: &str, extra: &[&str]) -> std::process::Child {
     let src = p.tmp.path().join(name);
     fs::write(&src, format!("{name}\n")).unwrap();
     std::process::Command::new(common::bin())
         .args(["send", "-c"])
         .arg(&p.alpha.config)
         .args(["--file-id", &p.file_id, "--wait"])
+        .args(extra)
         .arg(&src)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -228,11 +229,22 @@ fn send_wait_gives_up_when_the_agent_is_gone_not_when_it_restarts() {
     // Beta is not started: no receipt comes while alpha is killed.
     let mut p = Pair::new(PairOpts::default());
     p.alpha.start();
-    let child = send_wait(&p, "first.txt");
+    // --timeout: given up on, the transfer goes on waiting for its receipt.
+    let out = exited_within(
+        send_wait(&p, "early.txt", &["--timeout", "2s"]),
+        Duration::from_secs(60),
+    )
+    .expect("send --wait --timeout 2s still waiting after 60 s");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "stdout: {stdout}");
+    // Its row as it stood (queued, sending or awaiting_receipt), with the code.
+    let timed_out = |l: &str| l.starts_with(&p.beta.node) && l.ends_with(" request_timeout");
+    assert!(stdout.lines().any(timed_out), "stdout: {stdout}");
+    let child = send_wait(&p, "first.txt", &[]);
     wait_until(
         Duration::from_secs(60),
-        "the transfer to await its receipt",
-        || !p.alpha.with_status("awaiting_receipt").is_empty(),
+        "both transfers to await their receipts",
+        || p.alpha.with_status("awaiting_receipt").len() == 2,
     );
     p.alpha.kill9();
     // With the agent gone for good, --wait would otherwise poll for ever.
@@ -247,19 +259,18 @@ fn send_wait_gives_up_when_the_agent_is_gone_not_when_it_restarts() {
         Some(1),
         "stdout: {stdout}\nstderr: {stderr}"
     );
-    assert!(
-        stdout.lines().any(|l| l == "agent_stopped"),
-        "stdout: {stdout}"
-    );
+    // The receiver's row, as at every end of --wait: PEER STATUS CODE.
+    let row = format!("{} awaiting_receipt agent_stopped", p.beta.node);
+    assert!(stdout.lines().any(|l| l == row), "stdout: {stdout}");
     assert!(stderr.contains("nothing is lost"), "stderr: {stderr}");
 
     // An agent restarted at once (as its service manager does) is waited for.
     p.alpha.start();
-    let child = send_wait(&p, "second.txt");
+    let child = send_wait(&p, "second.txt", &[]);
     wait_until(
         Duration::from_secs(60),
-        "both transfers to await receipts",
-        || p.alpha.with_status("awaiting_receipt").len() == 2,
+        "the three transfers to await their receipts",
+        || p.alpha.with_status("awaiting_receipt").len() == 3,
     );
     p.alpha.kill9();
     p.alpha.start();
@@ -271,12 +282,14 @@ fn send_wait_gives_up_when_the_agent_is_gone_not_when_it_restarts() {
         "send --wait across a restart: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The first transfer, given up on by its command, was not lost.
-    p.wait_sent(2, Duration::from_secs(60));
-    assert_eq!(
-        fs::read_to_string(p.inbox.join("first.txt")).unwrap(),
-        "first.txt\n"
-    );
+    // The transfers given up on by their commands were not lost.
+    p.wait_sent(3, Duration::from_secs(60));
+    for name in ["early.txt", "first.txt"] {
+        assert_eq!(
+            fs::read_to_string(p.inbox.join(name)).unwrap(),
+            format!("{name}\n")
+        );
+    }
 }
 
 #[test]
