@@ -326,6 +326,18 @@ start_nodes() {
   for i in "$@"; do await_node "$i"; done
 }
 
+# True when node N has exited: its pid file names no live node, still 2 s
+# later, and the node does not answer a ping. One look is not enough: a
+# booting node was once taken for gone (in CI), launched again over itself,
+# and the first one, its pid file removed by that launch, ran on unseen.
+exited() {
+  local i=$1
+  [[ -s $(pidfile "$i") ]] && ! node_pid "$i" >/dev/null || return 1
+  sleep 2
+  [[ -s $(pidfile "$i") ]] && ! node_pid "$i" >/dev/null || return 1
+  ! "$BIN/rabbitmq-diagnostics" -q -n "$(node "$i")" ping --timeout 5 </dev/null >/dev/null 2>&1
+}
+
 # Wait until node N has fully booted. (rabbitmqctl await_startup fails at once
 # on 3.10 until the node is registered with epmd, and once it is, re-checks
 # only every 10 s; check_running answers at once, so poll that.)
@@ -337,7 +349,7 @@ await_node() {
   n=$(node "$i")
   deadline=$((SECONDS + TIMEOUT))
   until "$BIN/rabbitmq-diagnostics" -q -n "$n" check_running </dev/null >/dev/null 2>&1; do
-    if [[ -s $(pidfile "$i") ]] && ! node_pid "$i" >/dev/null; then
+    if exited "$i"; then
       tail -n 20 "$(ndir "$i")/log/$n.log" >&2 2>/dev/null || true
       tail -n 20 "$(ndir "$i")/log/start.log" >&2 2>/dev/null || true
       if ((relaunches < 2)); then
