@@ -16,6 +16,11 @@ use crate::error_code::ErrorCode;
 
 const RX: Direction = Direction::Receive;
 
+/// The condition of the partial index `transfers_receiving` (schema
+/// migration 13), then ?1 the `seq` to read on after, ?2 the limit.
+pub(super) const RECEIVING: &str = "WHERE direction = 'receive' AND status = 'receiving'
+       AND seq > ?1 ORDER BY seq LIMIT ?2";
+
 /// One placement, recorded before the name appears.
 pub struct Placing {
     pub transfer_id: TransferId,
@@ -58,10 +63,11 @@ impl ReceiveLedger {
     pub fn completable(&self, after: i64, limit: usize) -> Call<Vec<(i64, Option<TransferId>)>> {
         self.store.call(move |db| {
             db.all(
-                "SELECT seq, transfer_id, chunks_have, sha256 IS NOT NULL, size, chunk_size
-                   FROM transfers WHERE direction = ?1 AND status = ?2 AND seq > ?3
-                  ORDER BY seq LIMIT ?4",
-                params![RX, Status::Receiving, after, limit as i64],
+                &format!(
+                    "SELECT seq, transfer_id, chunks_have, sha256 IS NOT NULL, size, chunk_size
+                       FROM transfers {RECEIVING}"
+                ),
+                params![after, limit as i64],
                 |r| {
                     let (have, digest, size, chunk): (i64, bool, i64, i64) =
                         (r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);

@@ -22,6 +22,7 @@ const MIGRATIONS: &[fn(&Transaction<'_>) -> rusqlite::Result<()>] = &[
     lean_indexes,
     receipt_timeouts,
     publish_backlog,
+    waiting_completions,
 ];
 
 /// The version this hakobu writes.
@@ -230,6 +231,20 @@ fn publish_backlog(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     )
 }
 
+/// 13 (issue 15): a complete transfer that finds every completion slot
+/// taken waits in the ledger, still `receiving`; a partial index of the
+/// receiving rows, in the order they were recorded, finds them a window
+/// at a time without reading the rest or sorting
+/// (`ReceiveLedger::completable`). It leads with the status and direction
+/// its condition fixes: indexed by `seq` alone, SQLite preferred
+/// `transfers_totals` and sorted every receiving row for each window.
+fn waiting_completions(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "CREATE INDEX transfers_receiving ON transfers(status, direction, seq)
+            WHERE direction = 'receive' AND status = 'receiving';",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,6 +429,16 @@ mod tests {
     fn rows_to_publish_use_their_partial_index() {
         let plan = plan_of(super::super::send_ledger::TO_PUBLISH, params!["SALES", 10]);
         assert!(plan.contains("USING INDEX transfers_to_publish"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+    }
+
+    /// The receiver finds the complete transfers waiting for a completion
+    /// slot through the partial index of migration 13, oldest first,
+    /// without a sort and without reading the table's other rows.
+    #[test]
+    fn waiting_completions_use_their_partial_index() {
+        let plan = plan_of(super::super::receive_ledger::RECEIVING, params![0, 256]);
+        assert!(plan.contains("USING INDEX transfers_receiving"), "{plan}");
         assert!(!plan.contains("TEMP B-TREE"), "{plan}");
     }
 }
