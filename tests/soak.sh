@@ -173,10 +173,15 @@ IFS=, read -r -a URLS <<<"$HAKOBU_TEST_AMQP_URLS"
 # The nodes local-cluster.sh controls must be the ones the URLs name.
 [[ $NETNS != 0 || $("$CLUSTER" urls | paste -sd,) == "$HAKOBU_TEST_AMQP_URLS" ]] ||
   die "local-cluster.sh (HAKOBU_RMQ_NAME/PORTS/BASE) does not control the cluster of HAKOBU_TEST_AMQP_URLS"
+# Waits up to $1 s for the cluster to be whole; 0 when it is.
+whole_within() {
+  local _
+  for _ in $(seq "$1"); do "$CLUSTER" status >/dev/null 2>&1 && return 0; sleep 1; done
+  return 1
+}
 # A test that ran just before may have restarted a node that is still
 # rejoining: the soak waits up to 120 s for the cluster to be whole.
-for _ in $(seq 120); do "$CLUSTER" status >/dev/null 2>&1 && break; sleep 1; done
-"$CLUSTER" status >/dev/null || die "the cluster is not healthy after 120 s: $("$CLUSTER" status 2>&1)"
+whole_within 120 || die "the cluster is not healthy after 120 s: $("$CLUSTER" status 2>&1)"
 
 # --- two agents --------------------------------------------------------------
 A=soak-alpha-$$
@@ -293,12 +298,6 @@ dropper() {
 # --- the faults ------------------------------------------------------------------
 KILLS_NODE=0 KILLS_ALPHA=0 KILLS_BETA=0 HANGS_NODE=0 HANGS_AGENT=0 ALARMS=0 FULL_DISKS=0
 CUTS_NODE=0 CUTS_AGENT=0 RESTARTS=0
-# Waits up to $1 s for the cluster to be whole; 0 when it is.
-whole_within() {
-  local _
-  for _ in $(seq "$1"); do "$CLUSTER" status >/dev/null 2>&1 && return 0; sleep 1; done
-  return 1
-}
 # Node $1, resumed (pid $2) but not back in the cluster: restarted as an
 # operator would, and the cluster waited for. Run in the node job.
 restart_node() {
